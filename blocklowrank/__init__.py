@@ -1,3 +1,21 @@
-"""blocklowrank: structured low-rank matrix approximation."""
+"""blocklowrank: structured low-rank matrix approximation.
+
+One block layout (:class:`BlockLayout`) describes every structure: global
+low rank (LoRA), diagonal blocks (MELoRA) and full K x K blocks (Localized
+LoRA / GraLoRA). One engine (:func:`approximate`) fits any layout with
+batched truncated SVDs.
+"""
 
 __version__ = "0.1.0"
+
+from .layout import BlockLayout, split_sizes
+from ._engine import Approximation, allocate_ranks, approximate, batched_svd
+
+__all__ = [
+    "BlockLayout",
+    "split_sizes",
+    "Approximation",
+    "approximate",
+    "allocate_ranks",
+    "batched_svd",
+]

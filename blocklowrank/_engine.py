@@ -1,0 +1,898 @@
+"""The numerical engine: batched truncated SVD over the blocks of a layout.
+
+Every active block of a :class:`~blocklowrank.layout.BlockLayout` is cut out
+of the matrix (or of every matrix of a stack) without a Python loop over
+blocks: consecutive equal-sized block-rows/columns form rectangular regions
+that reshape into stacks of blocks, and all blocks of one shape go through
+one batched SVD call.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .layout import BlockLayout, _check_int
+
+__all__ = [
+    "approximate",
+    "Approximation",
+    "allocate_ranks",
+    "batched_svd",
+    "svd_flip_v",
+    "validate_matrix",
+    "SVD_SOLVERS",
+    "choose_solver",
+]
+
+SVD_SOLVERS = ("auto", "full", "randomized")
+METHODS = ("global", "diagonal", "block")
+
+# Exact DP allocation is used for unequal block costs while
+# n_batch * sum(max ranks) * (budget units) stays below this many cell updates.
+_DP_LIMIT = 3e7
+
+
+# ---------------------------------------------------------------------------- input
+def validate_matrix(X, *, name="X", min_ndim=2, max_ndim=None, copy=False):
+    """Return ``X`` as a finite float array (float32 kept, other types to float64).
+
+    Raises a ValueError/TypeError that names the problem for sparse, complex,
+    non-numeric, empty, NaN/inf or wrongly-shaped input. The caller's array is
+    never modified (a copy is made when a conversion is needed or ``copy``).
+    """
+    if hasattr(X, "tocsr") or type(X).__module__.startswith("scipy.sparse"):
+        raise TypeError(
+            f"{name} is a sparse matrix; blocklowrank works on dense arrays. "
+            "Convert it with X.toarray() (dense blocks are needed for the SVD)."
+        )
+    try:
+        arr = np.asarray(X)
+    except Exception as exc:
+        raise TypeError(f"{name} could not be converted to an array: {exc}") from None
+    if arr.dtype == object or arr.dtype.kind in "USVOMm":
+        try:
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}") from None
+    if np.iscomplexobj(arr):
+        raise TypeError(f"{name} is complex; only real matrices are supported")
+    if arr.dtype.kind == "b" or arr.dtype.kind in "iu":
+        arr = arr.astype(np.float64)
+    elif arr.dtype == np.float16:
+        arr = arr.astype(np.float32)
+    elif arr.dtype not in (np.float32, np.float64):
+        arr = arr.astype(np.float64)
+    if arr.ndim < min_ndim or (max_ndim is not None and arr.ndim > max_ndim):
+        want = f"{min_ndim}-D" if max_ndim == min_ndim else f"at least {min_ndim}-D"
+        raise ValueError(f"{name} must be {want} (a matrix or a stack of matrices), got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty (shape {arr.shape})")
+    if not np.all(np.isfinite(arr)):
+        bad = "NaN" if np.isnan(arr).any() else "inf"
+        raise ValueError(f"{name} contains {bad}; remove or impute non-finite values first")
+    if copy and np.shares_memory(arr, X if isinstance(X, np.ndarray) else arr):
+        arr = arr.copy()
+    return arr
+
+
+# ---------------------------------------------------------------------------- SVD kernels
+def svd_flip_v(U, Vt):
+    """Deterministic signs: the largest-magnitude entry of every row of ``Vt`` is positive.
+
+    This is the convention of ``sklearn.utils.extmath.svd_flip(...,
+    u_based_decision=False)`` (used by ``TruncatedSVD`` and ``PCA``), applied
+    to stacks: ``U`` is ``(..., m, k)`` and ``Vt`` is ``(..., k, n)``. Works in
+    place and returns ``(U, Vt)``.
+    """
+    if Vt.shape[-2] == 0:
+        return U, Vt
+    idx = np.argmax(np.abs(Vt), axis=-1)
+    signs = np.sign(np.take_along_axis(Vt, idx[..., None], axis=-1))[..., 0]
+    signs[signs == 0] = 1
+    Vt *= signs[..., :, None]
+    U *= signs[..., None, :]
+    return U, Vt
+
+
+def _auto_n_iter(k, m, n):
+    # same rule as sklearn.utils.extmath.randomized_svd
+    return 7 if k < 0.1 * min(m, n) else 4
+
+
+def _exact_svd(A):
+    U, s, Vt = np.linalg.svd(A, full_matrices=False)
+    return U, s, Vt
+
+
+def _randomized_svd(A, k, n_oversamples, n_iter, omega):
+    """Batched randomized SVD (Halko et al.) of ``A`` (N, m, n) with QR normalisation."""
+    transpose = A.shape[-2] < A.shape[-1]
+    if transpose:
+        A = A.swapaxes(-1, -2)
+    At = A.swapaxes(-1, -2)
+    Q = A @ omega
+    for _ in range(n_iter):
+        Q, _ = np.linalg.qr(Q)
+        Q, _ = np.linalg.qr(At @ Q)
+        Q = A @ Q
+    Q, _ = np.linalg.qr(Q)
+    Bm = Q.swapaxes(-1, -2) @ A
+    Uh, s, Vt = np.linalg.svd(Bm, full_matrices=False)
+    U = Q @ Uh
+    U, s, Vt = U[..., :k], s[..., :k], Vt[..., :k, :]
+    if transpose:
+        U, Vt = Vt.swapaxes(-1, -2), U.swapaxes(-1, -2)
+    return np.ascontiguousarray(U), s, np.ascontiguousarray(Vt)
+
+
+def _resolve_n_jobs(n_jobs):
+    if n_jobs is None:
+        return 1
+    n_jobs = _check_int(n_jobs, "n_jobs")
+    if n_jobs == 0:
+        raise ValueError("n_jobs must be a non-zero integer (or None)")
+    import os
+
+    cpus = os.cpu_count() or 1
+    return cpus + 1 + n_jobs if n_jobs < 0 else n_jobs
+
+
+def _run_chunked(fn, arrays, n_jobs):
+    """Run ``fn(*chunk)`` over chunks of the leading axis in worker threads.
+
+    BLAS is held to one thread per worker so the workers do not oversubscribe
+    the cores; NumPy's linalg kernels release the GIL.
+    """
+    N = arrays[0].shape[0]
+    n_jobs = max(1, min(n_jobs, N))
+    if n_jobs == 1:
+        return fn(*arrays)
+    from threadpoolctl import threadpool_limits
+
+    bounds = np.linspace(0, N, n_jobs + 1).astype(int)
+    chunks = [tuple(a[bounds[t] : bounds[t + 1]] for a in arrays) for t in range(n_jobs)]
+    with threadpool_limits(limits=1, user_api="blas"):
+        with ThreadPoolExecutor(max_workers=n_jobs) as ex:
+            parts = list(ex.map(lambda c: fn(*c), chunks))
+    return tuple(np.concatenate([p[t] for p in parts], axis=0) for t in range(len(parts[0])))
+
+
+def batched_svd(
+    A,
+    k=None,
+    *,
+    svd_solver="full",
+    n_oversamples=10,
+    n_iter="auto",
+    random_state=None,
+    n_jobs=None,
+    full_spectrum=False,
+):
+    """Truncated SVD of every matrix of a stack ``A`` of shape ``(..., m, n)``.
+
+    Parameters
+    ----------
+    A : ndarray of shape (..., m, n)
+        Float32 or float64 stack.
+    k : int, optional
+        Number of components; all ``min(m, n)`` when None (exact solver only).
+    svd_solver : {"full", "randomized"}
+        "full" is LAPACK ``gesdd`` through :func:`numpy.linalg.svd`;
+        "randomized" is a batched version of
+        :func:`sklearn.utils.extmath.randomized_svd` (same knobs).
+    n_oversamples, n_iter, random_state
+        As in ``randomized_svd``; ``n_iter="auto"`` is 7 when
+        ``k < 0.1 min(m, n)``, else 4.
+    n_jobs : int, optional
+        Worker threads over the stack (BLAS held to one thread each).
+    full_spectrum : bool, default=False
+        With the exact solver, return all ``min(m, n)`` singular values in
+        ``s`` (``U`` and ``Vt`` are still truncated to ``k``).
+
+    Returns
+    -------
+    U : ndarray (..., m, k)
+    s : ndarray (..., k)
+    Vt : ndarray (..., k, n)
+        With the sign convention of :func:`svd_flip_v`.
+    """
+    A = np.asarray(A)
+    batch = A.shape[:-2]
+    m, n = A.shape[-2:]
+    L = min(m, n)
+    if k is None:
+        k = L
+    k = int(k)
+    flat = A.reshape((-1, m, n))
+    n_jobs = _resolve_n_jobs(n_jobs)
+    if svd_solver == "randomized":
+        from sklearn.utils import check_random_state
+
+        ell = min(k + int(n_oversamples), L)
+        if ell >= L:  # the sketch would be the whole space: exact is cheaper and exact
+            svd_solver = "full"
+        else:
+            rng = check_random_state(random_state)
+            it = _auto_n_iter(k, m, n) if n_iter == "auto" else int(n_iter)
+            inner = min(m, n)  # the sketch acts on the smaller side (after any transpose)
+            omega = rng.standard_normal((flat.shape[0], inner, ell)).astype(flat.dtype, copy=False)
+            U, s, Vt = _run_chunked(
+                lambda a, o: _randomized_svd(a, k, n_oversamples, it, o), (flat, omega), n_jobs
+            )
+    if svd_solver == "full":
+        U, s, Vt = _run_chunked(_exact_svd, (flat,), n_jobs)
+        U, Vt = np.ascontiguousarray(U[..., :k]), np.ascontiguousarray(Vt[..., :k, :])
+        if not full_spectrum:
+            s = s[..., :k]
+    elif svd_solver != "randomized":
+        raise ValueError(f"svd_solver must be 'full' or 'randomized' here, got {svd_solver!r}")
+    svd_flip_v(U, Vt)
+    return (
+        U.reshape(batch + U.shape[-2:]),
+        s.reshape(batch + s.shape[-1:]),
+        Vt.reshape(batch + Vt.shape[-2:]),
+    )
+
+
+def choose_solver(block_shape, k, n_oversamples=10):
+    """The rule behind ``svd_solver="auto"`` for one group of blocks.
+
+    Randomized is chosen when the block's smaller side is at least 512 and the
+    sketch (``k + n_oversamples``) is at most a tenth of it; everything else
+    uses the exact LAPACK SVD. ``benchmarks/bench_engine.py`` measures both
+    sides of this rule (time and captured-energy deficit).
+    """
+    L = min(block_shape)
+    if L >= 512 and (k + n_oversamples) * 10 <= L:
+        return "randomized"
+    return "full"
+
+
+# ---------------------------------------------------------------------------- allocation
+def _check_budget(budget):
+    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Real):
+        raise TypeError(f"budget must be a number of parameters (int), got {budget!r}")
+    if isinstance(budget, numbers.Real) and not isinstance(budget, numbers.Integral):
+        if not float(budget).is_integer():
+            raise TypeError(f"budget must be an integer number of parameters, got {budget!r}")
+    budget = int(budget)
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1 parameter, got {budget}")
+    return budget
+
+
+def _check_tol(tol):
+    if isinstance(tol, (bool, np.bool_)) or not isinstance(tol, numbers.Real):
+        raise TypeError(f"tol must be a float in (0, 1), got {tol!r}")
+    tol = float(tol)
+    if not (0.0 < tol < 1.0):
+        raise ValueError(f"tol must be in the open interval (0, 1), got {tol}")
+    return tol
+
+
+def allocate_ranks(gains, costs, max_ranks, *, budget=None, tol=None, fixed_loss=None, total=None):
+    """Choose per-block ranks from the blocks' spectra.
+
+    Parameters
+    ----------
+    gains : list of ndarray, each (B, L_b)
+        ``sigma_k^2`` of block ``b`` (descending) for ``B`` matrices.
+    costs : sequence of int
+        Parameters per rank of each block, ``m_i + n_j``.
+    max_ranks : sequence of int
+        Largest rank allowed per block.
+    budget : int, optional
+        Spend at most this many parameters, maximising the captured energy.
+    tol : float, optional
+        Use the fewest parameters for which the relative error is ``<= tol``.
+        Needs ``fixed_loss`` (energy no rank can capture, e.g. inactive
+        blocks), shape (B,), and ``total`` (``||X||_F^2``), shape (B,).
+
+    Returns
+    -------
+    ranks : ndarray of int, shape (B, n_blocks)
+    exact : bool
+        Whether the allocation is provably optimal (see Notes).
+
+    Notes
+    -----
+    The error of a layout is ``sum`` of the energies the blocks discard, and
+    block ``b`` at rank ``r`` keeps ``sigma_1^2 + ... + sigma_r^2`` (Eckart-
+    Young) for ``r (m_i + n_j)`` parameters. Choosing ranks is therefore a
+    knapsack over *components*: component ``k`` of block ``b`` gains
+    ``sigma_k^2`` and costs ``c_b``, and a block's components must be taken
+    as a prefix. Because each block's gains are sorted in decreasing order,
+    any set of components formed by thresholding the gain-per-parameter
+    ``sigma_k^2 / c_b`` is automatically a union of prefixes.
+
+    *Equal-sized blocks* (all ``c_b = c``): a budget ``P`` buys exactly
+    ``t = floor(P / c)`` components whatever the blocks, so the best choice
+    keeps the ``t`` largest ``sigma^2`` over all blocks. Exchange argument:
+    any feasible choice with a component smaller than an unchosen one is
+    improved (or tied) by swapping them, at equal cost. So water-filling by
+    gain per parameter is exactly optimal, and this function uses it.
+
+    *Unequal blocks* (uneven splits): the problem is a multiple-choice
+    knapsack; gain-per-parameter greedy can leave parameters unused. When
+    the dynamic programme over the budget is small (``B * sum(max ranks) *
+    budget`` below about 3e7 cell updates) it is solved exactly; otherwise
+    greedy water-filling is used and then every remaining component that
+    still fits is added (``exact`` is False then).
+    """
+    costs = np.asarray(costs, dtype=np.int64)
+    nb = len(gains)
+    B = gains[0].shape[0]
+    Ls = [int(min(g.shape[1], mr)) for g, mr in zip(gains, max_ranks)]
+    gains = [np.maximum(g[:, :L], 0.0).astype(np.float64) for g, L in zip(gains, Ls)]
+    block_id = np.concatenate([np.full(L, b) for b, L in enumerate(Ls)]).astype(np.int64)
+    G = np.concatenate(gains, axis=1) if block_id.size else np.zeros((B, 0))
+    item_cost = costs[block_id]
+    equal = bool(np.all(costs == costs[0]))
+    if budget is not None:
+        if equal:
+            return _take_top(G, block_id, nb, budget // int(costs[0])), True
+        units = int(np.gcd.reduce(costs))
+        cells = B * sum(min(L, budget // int(c)) for L, c in zip(Ls, costs)) * (budget // units + 1)
+        if cells <= _DP_LIMIT:
+            return _dp_budget(gains, costs, budget, units), True
+        return _greedy_budget(G, block_id, item_cost, nb, budget), False
+    # tol: minimal cost so that fixed_loss + discarded <= tol^2 * total
+    target = tol * tol * total  # allowed discarded energy, (B,)
+    if equal:
+        order = np.argsort(-G, axis=1, kind="stable")
+        Gs = np.take_along_axis(G, order, axis=1)
+        # tail[t] = energy discarded when the first t sorted components are kept
+        tail = np.concatenate([np.cumsum(Gs[:, ::-1], axis=1)[:, ::-1], np.zeros((B, 1))], axis=1)
+        ok = fixed_loss[:, None] + tail <= target[:, None] * (1 + 1e-12)
+        t = np.argmax(ok, axis=1)
+        ranks = np.zeros((B, nb), dtype=np.int64)
+        sel_mask = np.arange(G.shape[1])[None, :] < t[:, None]
+        chosen_block = block_id[order]
+        for b in range(nb):
+            ranks[:, b] = np.sum(sel_mask & (chosen_block == b), axis=1)
+        return ranks, True
+    ratio = G / item_cost[None, :]
+    order = np.argsort(-ratio, axis=1, kind="stable")
+    Gs = np.take_along_axis(G, order, axis=1)
+    tail = np.concatenate([np.cumsum(Gs[:, ::-1], axis=1)[:, ::-1], np.zeros((B, 1))], axis=1)
+    ok = fixed_loss[:, None] + tail <= target[:, None] * (1 + 1e-12)
+    t = np.argmax(ok, axis=1)
+    sel_mask = np.arange(G.shape[1])[None, :] < t[:, None]
+    chosen_block = block_id[order]
+    ranks = np.zeros((B, nb), dtype=np.int64)
+    for b in range(nb):
+        ranks[:, b] = np.sum(sel_mask & (chosen_block == b), axis=1)
+    return ranks, False
+
+
+def _take_top(G, block_id, nb, t):
+    B, n_items = G.shape
+    ranks = np.zeros((B, nb), dtype=np.int64)
+    t = min(int(t), n_items)
+    if t <= 0:
+        return ranks
+    order = np.argsort(-G, axis=1, kind="stable")[:, :t]
+    chosen = block_id[order]
+    positive = np.take_along_axis(G, order, axis=1) > 0  # never pay for a zero gain
+    for b in range(nb):
+        ranks[:, b] = np.sum((chosen == b) & positive, axis=1)
+    return ranks
+
+
+def _dp_budget(gains, costs, budget, units):
+    """Exact multiple-choice knapsack over blocks, vectorised over the batch."""
+    B = gains[0].shape[0]
+    P = budget // units
+    dp = np.zeros((B, P + 1))
+    choices = []
+    for g, c in zip(gains, costs):
+        cu = int(c) // units
+        R = min(g.shape[1], P // cu) if cu > 0 else 0
+        cum = np.concatenate([np.zeros((B, 1)), np.cumsum(g[:, :R], axis=1)], axis=1)
+        best = dp.copy()
+        arg = np.zeros((B, P + 1), dtype=np.int32)
+        for r in range(1, R + 1):
+            cand = np.full((B, P + 1), -np.inf)
+            cand[:, r * cu :] = dp[:, : P + 1 - r * cu] + cum[:, r : r + 1]
+            # a strictly larger energy is needed to spend more (ties keep the cheaper rank)
+            better = cand > best + 1e-300
+            better &= cum[:, r : r + 1] > cum[:, r - 1 : r]
+            best = np.where(better, cand, best)
+            arg = np.where(better, r, arg)
+        dp = best
+        choices.append((arg, cu))
+    ranks = np.zeros((B, len(gains)), dtype=np.int64)
+    p = np.full(B, P)
+    rows = np.arange(B)
+    for b in range(len(gains) - 1, -1, -1):
+        arg, cu = choices[b]
+        r = arg[rows, p]
+        ranks[:, b] = r
+        p = p - r * cu
+    return ranks
+
+
+def _greedy_budget(G, block_id, item_cost, nb, budget):
+    B, n_items = G.shape
+    ratio = G / item_cost[None, :]
+    order = np.argsort(-ratio, axis=1, kind="stable")
+    cost_sorted = item_cost[order]
+    pos = np.take_along_axis(G, order, axis=1) > 0
+    ranks = np.zeros((B, nb), dtype=np.int64)
+    remaining = np.full(B, budget, dtype=np.int64)
+    for t in range(n_items):  # items in a block share one cost, so "fits" keeps prefixes
+        c = cost_sorted[:, t]
+        take = (c <= remaining) & pos[:, t]
+        remaining -= np.where(take, c, 0)
+        np.add.at(ranks, (np.nonzero(take)[0], block_id[order[take, t]]), 1)
+        if not np.any(remaining >= item_cost.min()):
+            break
+    return ranks
+
+
+# ---------------------------------------------------------------------------- result
+@dataclass
+class _Group:
+    shape: tuple  # (m_i, n_j)
+    rows: np.ndarray  # block-row index of each block in the group
+    cols: np.ndarray
+    U: np.ndarray  # (batch..., g, m_i, k)
+    s: np.ndarray  # (batch..., g, k) kept singular values (zeros beyond each block's rank)
+    Vt: np.ndarray  # (batch..., g, k, n_j)
+    spectrum: np.ndarray  # (batch..., g, L) computed singular values
+    solver: str
+
+
+@dataclass(eq=False)
+class Approximation:
+    """The result of :func:`approximate`.
+
+    Attributes
+    ----------
+    layout : BlockLayout
+        The structure; its ranks are those of the single matrix, or the
+        largest over the stack when ranks differ between matrices.
+    ranks : ndarray of int, shape (..., K_rows, K_cols)
+        Rank of every block of every matrix (0 where inactive).
+    n_params : int or ndarray of int, shape (...)
+        Exact parameter count ``sum r_ij (m_i + n_j)``.
+    error : float or ndarray, shape (...)
+        Relative Frobenius error ``||X - X_hat||_F / ||X||_F`` (0.0 for X = 0).
+    discarded_energy : float or ndarray
+        ``||X - X_hat||_F^2``.
+    total_energy : float or ndarray
+        ``||X||_F^2``.
+    svd_solver : dict
+        Solver used for each block shape.
+    exact_allocation : bool or None
+        For ``budget``/``tol``: whether the rank allocation is provably
+        optimal (see :func:`allocate_ranks`); None for given ranks.
+    """
+
+    layout: BlockLayout
+    ranks: np.ndarray
+    n_params: object
+    error: object
+    discarded_energy: object
+    total_energy: object
+    svd_solver: dict
+    exact_allocation: object
+    dtype: np.dtype
+    batch_shape: tuple
+    _groups: list = field(repr=False)
+    _reconstruction: object = field(default=None, repr=False)
+
+    def _group_of(self, i, j):
+        for g in self._groups:
+            hit = np.nonzero((g.rows == i) & (g.cols == j))[0]
+            if hit.size:
+                return g, int(hit[0])
+        raise KeyError(f"block ({i}, {j}) is not active in this layout")
+
+    def block_factors(self, i, j):
+        """``(B_ij, A_ij)`` with ``B = U_r S_r`` (m_i x r) and ``A = V_r^T`` (r x n_j).
+
+        For a stack whose ranks differ between matrices, factors are padded
+        with zero columns/rows to the largest rank (the product is unchanged).
+        """
+        g, t = self._group_of(i, j)
+        r = int(self.ranks[(...,) + (i, j)].max()) if self.ranks.size else 0
+        U = g.U[..., t, :, :r]
+        s = g.s[..., t, :r]
+        Vt = g.Vt[..., t, :r, :]
+        return U * s[..., None, :], Vt.copy()
+
+    @property
+    def factors(self):
+        """``{(i, j): (B_ij, A_ij)}`` for every active block."""
+        out = {}
+        for g in self._groups:
+            for i, j in zip(g.rows.tolist(), g.cols.tolist()):
+                out[(i, j)] = self.block_factors(i, j)
+        return out
+
+    @property
+    def singular_values(self):
+        """``{(i, j): sigma}``: the singular values computed for each active block
+        (all of them with the exact solver, the leading ones with randomized)."""
+        out = {}
+        for g in self._groups:
+            for t, (i, j) in enumerate(zip(g.rows.tolist(), g.cols.tolist())):
+                out[(i, j)] = g.spectrum[..., t, :].copy()
+        return out
+
+    @property
+    def reconstruction(self):
+        """The dense approximation ``X_hat`` (built on first access, then cached)."""
+        if self._reconstruction is None:
+            self._reconstruction = _assemble(self.layout, self._groups, self.batch_shape, self.dtype)
+        return self._reconstruction
+
+    def to_dense(self):
+        """Alias of :attr:`reconstruction`."""
+        return self.reconstruction
+
+    def __repr__(self):
+        err = self.error if np.ndim(self.error) == 0 else f"array{np.shape(self.error)}"
+        return f"Approximation({self.layout.describe()}, error={err})"
+
+
+def _gather(X, layout, groups_idx):
+    """Stacks ``(..., g, m_i, n_j)`` of the active blocks of each shape group."""
+    batch = X.shape[:-2]
+    parts = {shp: [] for shp in groups_idx}
+    for r0, r1, c0, c1, bi0, bj0, kr, kc, shp in layout.regions():
+        sub = layout.active[bi0 : bi0 + kr, bj0 : bj0 + kc]
+        ii, jj = np.nonzero(sub)
+        if ii.size == 0:
+            continue
+        h, w = shp
+        reg = X[..., r0:r1, c0:c1].reshape(batch + (kr, h, kc, w)).swapaxes(-3, -2)
+        parts[shp].append(reg[..., ii, jj, :, :])
+    return {shp: (np.concatenate(p, axis=-3) if len(p) > 1 else p[0]) for shp, p in parts.items()}
+
+
+def _block_energies(X, layout):
+    """``||X_ij||_F^2`` for every block, shape (..., K_rows, K_cols), float64."""
+    batch = X.shape[:-2]
+    E = np.zeros(batch + layout.n_blocks)
+    for r0, r1, c0, c1, bi0, bj0, kr, kc, (h, w) in layout.regions():
+        reg = X[..., r0:r1, c0:c1].reshape(batch + (kr, h, kc, w))
+        sq = np.einsum("...ahbw,...ahbw->...ab", reg, reg, dtype=np.float64)
+        E[..., bi0 : bi0 + kr, bj0 : bj0 + kc] = sq
+    return E
+
+
+def _assemble(layout, groups, batch, dtype):
+    m, n = layout.shape
+    out = np.zeros(batch + (m, n), dtype=dtype)
+    by_shape = {g.shape: g for g in groups}
+    for r0, r1, c0, c1, bi0, bj0, kr, kc, shp in layout.regions():
+        g = by_shape.get(shp)
+        if g is None:
+            continue
+        inreg = (g.rows >= bi0) & (g.rows < bi0 + kr) & (g.cols >= bj0) & (g.cols < bj0 + kc)
+        sel = np.nonzero(inreg)[0]
+        if sel.size == 0:
+            continue
+        h, w = shp
+        blocks = np.matmul(g.U[..., sel, :, :] * g.s[..., sel, None, :], g.Vt[..., sel, :, :])
+        view = out[..., r0:r1, c0:c1].reshape(batch + (kr, h, kc, w)).swapaxes(-3, -2)
+        view[..., g.rows[sel] - bi0, g.cols[sel] - bj0, :, :] = blocks
+    return out
+
+
+# ---------------------------------------------------------------------------- public entry
+def _resolve_layout(shape, layout, method, n_blocks, cap_rank):
+    if layout is not None:
+        if not isinstance(layout, BlockLayout):
+            raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+        if tuple(layout.shape) != tuple(shape):
+            raise ValueError(f"layout is for shape {layout.shape} but X has shape {tuple(shape)}")
+        return layout
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "global":
+        return BlockLayout.global_(shape)
+    pattern = "diagonal" if method == "diagonal" else "full"
+    return BlockLayout.from_blocks(shape, n_blocks, pattern=pattern)
+
+
+def approximate(
+    X,
+    layout=None,
+    *,
+    method="block",
+    n_blocks=1,
+    rank=None,
+    budget=None,
+    tol=None,
+    svd_solver="auto",
+    n_oversamples=10,
+    n_iter="auto",
+    random_state=None,
+    cap_rank=False,
+    n_jobs=None,
+):
+    """Structured low-rank approximation of a matrix or a stack of matrices.
+
+    Every active block of the layout is replaced by its truncated SVD
+    (optimal per block by Eckart-Young); blocks of equal shape go through
+    one batched SVD call.
+
+    Parameters
+    ----------
+    X : array-like of shape (m, n) or (..., m, n)
+        Matrix, or stack of matrices sharing one layout. float32 stays
+        float32; integers and booleans become float64. Not modified.
+    layout : BlockLayout, optional
+        The structure. Its ranks are used unless ``rank``, ``budget`` or
+        ``tol`` is given. If None, built from ``method`` and ``n_blocks``.
+    method : {"global", "diagonal", "block"}, default="block"
+        Global LoRA (1 block), MELoRA (diagonal blocks) or Localized LoRA
+        (every block of the grid). With the default ``n_blocks=1`` all three
+        are the global truncated SVD.
+    n_blocks : int or (int, int), default=1
+        Block-rows and block-columns (``np.array_split`` cuts; uneven sizes
+        are fine).
+    rank : int or array-like of shape (K_rows, K_cols), optional
+        Rank of every active block (uniform) or of each block.
+    budget : int, optional
+        Parameter budget: per-block ranks that minimise the error under it
+        (see :func:`allocate_ranks`), per matrix of a stack.
+    tol : float in (0, 1), optional
+        Fewest parameters with relative error ``<= tol``.
+    svd_solver : {"auto", "full", "randomized"}, default="auto"
+        "full": exact LAPACK SVD. "randomized": batched randomized SVD with
+        ``n_oversamples``, ``n_iter`` and ``random_state`` as in
+        :func:`sklearn.utils.extmath.randomized_svd`. "auto": per block shape,
+        the rule of :func:`choose_solver` (randomized only for blocks whose
+        smaller side is >= 512 with ``rank + n_oversamples`` at most a tenth
+        of it); ``budget`` and ``tol`` use the exact solver under "auto".
+    n_oversamples : int, default=10
+    n_iter : int or "auto", default="auto"
+    random_state : int, RandomState instance or None, default=None
+    cap_rank : bool, default=False
+        Lower a rank above a block's smaller side to that side instead of
+        raising ValueError.
+    n_jobs : int, optional
+        Worker threads that split each stack of blocks (BLAS limited to one
+        thread per worker). None means 1; -1 means all cores.
+
+    Returns
+    -------
+    Approximation
+
+    Notes
+    -----
+    Signs: for every block and component, the largest-magnitude entry of the
+    right singular vector is positive (``svd_flip(u_based_decision=False)``,
+    the convention of ``TruncatedSVD``). The error is computed from the
+    discarded spectrum for the exact solver and from the residual for the
+    randomized one.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from blocklowrank import approximate
+    >>> X = np.random.default_rng(0).standard_normal((28, 28))
+    >>> res = approximate(X, method="block", n_blocks=2, rank=2)
+    >>> res.n_params, res.reconstruction.shape
+    (224, (28, 28))
+    >>> g = approximate(X, method="global", rank=4)
+    >>> bool(np.isclose(g.error, np.linalg.norm(X - g.reconstruction) / np.linalg.norm(X)))
+    True
+    """
+    X = validate_matrix(X)
+    batch = X.shape[:-2]
+    m, n = X.shape[-2:]
+    lay = _resolve_layout((m, n), layout, method, n_blocks, cap_rank)
+    given = [p for p, v in (("rank", rank), ("budget", budget), ("tol", tol)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give only one of rank, budget and tol (got {', '.join(given)})")
+    if svd_solver not in SVD_SOLVERS:
+        raise ValueError(f"svd_solver must be one of {SVD_SOLVERS}, got {svd_solver!r}")
+    if not given:
+        if layout is None or layout.n_params == 0:
+            raise ValueError("give one of rank, budget or tol (or a layout with ranks)")
+        mode = "layout"
+    else:
+        mode = given[0]
+    if mode == "rank":
+        if np.ndim(rank) == 0:
+            r = _check_int(rank, "rank", minimum=1)
+        else:
+            r = rank
+        over = None
+        if not cap_rank:
+            rr = np.where(lay.active, np.broadcast_to(np.asarray(r), lay.active.shape), 0)
+            over = np.argwhere(rr > lay.max_ranks)
+        if over is not None and over.size:
+            i, j = (int(v) for v in over[0])
+            raise ValueError(
+                f"rank {int(np.asarray(rr)[i, j])} exceeds the smaller side of block ({i}, {j}), "
+                f"which is {lay.row_sizes[i]}x{lay.col_sizes[j]} (max rank "
+                f"{int(lay.max_ranks[i, j])}); lower the rank, use fewer blocks, or pass "
+                "cap_rank=True to cap each block's rank at its smaller side"
+            )
+        lay = lay.with_ranks(r, cap_rank=cap_rank)
+        if np.ndim(rank) != 0 and np.any(lay.ranks[lay.active] < 1) and lay.n_params == 0:
+            raise ValueError("per-block ranks are all zero")
+    elif mode == "budget":
+        budget = _check_budget(budget)
+        cheapest = int(lay.block_costs[lay.active].min())
+        if budget < cheapest:
+            raise ValueError(
+                f"budget={budget} is below the cheapest configuration of this layout: one "
+                f"rank-1 block costs {cheapest} parameters"
+            )
+    elif mode == "tol":
+        tol = _check_tol(tol)
+
+    groups_idx = lay.groups()
+    # how many components each group needs, and with which solver
+    plan = {}
+    for shp, (ii, jj) in groups_idx.items():
+        L = min(shp)
+        if mode in ("rank", "layout"):
+            k = int(lay.ranks[ii, jj].max())
+        elif mode == "budget":
+            k = min(L, budget // (shp[0] + shp[1]))
+        else:
+            k = L
+        if svd_solver == "auto":
+            solver = "full" if mode == "tol" or mode == "budget" else choose_solver(shp, k, n_oversamples)
+        else:
+            solver = svd_solver
+        if solver == "randomized" and mode == "tol":
+            raise ValueError("tol needs every singular value: use svd_solver='full' or 'auto'")
+        if solver == "randomized" and k + int(n_oversamples) >= L:
+            solver = "full"
+        plan[shp] = (max(k, 0), solver)
+
+    blocks = _gather(X, lay, groups_idx)
+    from sklearn.utils import check_random_state
+
+    rng = check_random_state(random_state)
+    computed = {}
+    for shp, (ii, jj) in groups_idx.items():
+        k, solver = plan[shp]
+        A = blocks[shp]
+        if k == 0:
+            g = A.shape[:-2]
+            computed[shp] = (
+                np.zeros(g + (shp[0], 0), X.dtype),
+                np.zeros(g + (0,), X.dtype),
+                np.zeros(g + (0, shp[1]), X.dtype),
+                solver,
+            )
+            continue
+        kk = None if (solver == "full" and mode in ("budget", "tol")) else k
+        U, s, Vt = batched_svd(
+            A,
+            kk,
+            full_spectrum=True,
+            svd_solver=solver,
+            n_oversamples=n_oversamples,
+            n_iter=n_iter,
+            random_state=rng,
+            n_jobs=n_jobs,
+        )
+        computed[shp] = (U, s, Vt, solver)
+
+    # ranks per matrix
+    ranks = np.broadcast_to(lay.ranks, batch + lay.n_blocks).copy()
+    exact_alloc = None
+    E = _block_energies(X, lay)
+    total = E.sum(axis=(-2, -1))
+    if mode in ("budget", "tol"):
+        B = int(np.prod(batch)) if batch else 1
+        shapes = list(groups_idx)
+        gains, costs, maxr, where = [], [], [], []
+        for shp in shapes:
+            ii, jj = groups_idx[shp]
+            s = computed[shp][1].reshape((B, len(ii), -1)).astype(np.float64)
+            for t in range(len(ii)):
+                gains.append(s[:, t, :] ** 2)
+                costs.append(shp[0] + shp[1])
+                maxr.append(min(shp))
+                where.append((int(ii[t]), int(jj[t])))
+        inactive_loss = (E * ~lay.active).sum(axis=(-2, -1)).reshape(B)
+        if mode == "tol":
+            tot = total.reshape(B)
+            best = inactive_loss
+            bad = best > tol * tol * tot * (1 + 1e-12)
+            if np.any(bad):
+                worst = float(np.sqrt(best[bad] / np.where(tot[bad] > 0, tot[bad], 1)).max())
+                raise ValueError(
+                    f"tol={tol} cannot be reached with this structure: its inactive blocks alone "
+                    f"leave a relative error of {worst:.4g}"
+                )
+            alloc, exact_alloc = allocate_ranks(
+                gains, costs, maxr, tol=tol, fixed_loss=inactive_loss, total=tot
+            )
+        else:
+            alloc, exact_alloc = allocate_ranks(gains, costs, maxr, budget=budget)
+            if not exact_alloc:
+                alloc = _no_worse_than_uniform(alloc, gains, costs, maxr, budget)
+        flat_ranks = ranks.reshape((B,) + lay.n_blocks)
+        for t, (i, j) in enumerate(where):
+            flat_ranks[:, i, j] = alloc[:, t]
+        ranks = flat_ranks.reshape(batch + lay.n_blocks)
+        lay = lay.with_ranks(ranks.reshape((B,) + lay.n_blocks).max(axis=0))
+
+    # truncate each group to its largest rank, zero singular values past each block's rank
+    groups = []
+    discarded = (E * ~lay.active).sum(axis=(-2, -1))
+    for shp, (ii, jj) in groups_idx.items():
+        U, s, Vt, solver = computed[shp]
+        r_blocks = ranks[..., ii, jj]  # (batch..., g)
+        k = int(r_blocks.max()) if r_blocks.size else 0
+        keep = np.arange(k) < r_blocks[..., None]
+        s_k = np.where(keep, s[..., :k], 0).astype(X.dtype)
+        g = _Group(
+            shp,
+            ii,
+            jj,
+            np.ascontiguousarray(U[..., :k]),
+            s_k,
+            np.ascontiguousarray(Vt[..., :k, :]),
+            s,
+            solver,
+        )
+        groups.append(g)
+        Eb = E[..., ii, jj]
+        if solver == "full":
+            s64 = s.astype(np.float64)
+            drop = np.where(np.arange(s.shape[-1]) >= r_blocks[..., None], s64 * s64, 0.0)
+            discarded = discarded + drop.sum(axis=(-2, -1))
+        else:
+            A = blocks[shp]
+            R = A - np.matmul(g.U * g.s[..., None, :], g.Vt)
+            discarded = discarded + np.einsum("...gij,...gij->...", R, R, dtype=np.float64)
+        del Eb
+    with np.errstate(invalid="ignore", divide="ignore"):
+        err = np.where(total > 0, np.sqrt(np.maximum(discarded, 0) / np.where(total > 0, total, 1)), 0.0)
+    n_params = (ranks * lay.block_costs).sum(axis=(-2, -1))
+    scalar = not batch
+    return Approximation(
+        layout=lay,
+        ranks=ranks if not scalar else lay.ranks.copy(),
+        n_params=int(n_params) if scalar else n_params,
+        error=float(err) if scalar else err,
+        discarded_energy=float(discarded) if scalar else discarded,
+        total_energy=float(total) if scalar else total,
+        svd_solver={shp: computed[shp][3] for shp in groups_idx},
+        exact_allocation=exact_alloc,
+        dtype=X.dtype,
+        batch_shape=batch,
+        _groups=groups,
+    )
+
+
+def _no_worse_than_uniform(alloc, gains, costs, maxr, budget):
+    """Replace a greedy allocation by the best uniform one where that is better."""
+    costs = np.asarray(costs)
+    total_cost = int(costs.sum())
+    r_u = budget // total_cost
+    if r_u < 1:
+        return alloc
+    B = alloc.shape[0]
+    kept_alloc = np.zeros(B)
+    kept_unif = np.zeros(B)
+    unif = np.zeros_like(alloc)
+    for b, g in enumerate(gains):
+        cs = np.concatenate([np.zeros((B, 1)), np.cumsum(g, axis=1)], axis=1)
+        kept_alloc += cs[np.arange(B), np.minimum(alloc[:, b], g.shape[1])]
+        ru = min(r_u, maxr[b], g.shape[1])
+        unif[:, b] = ru
+        kept_unif += cs[:, ru]
+    better = kept_unif > kept_alloc
+    alloc = alloc.copy()
+    alloc[better] = unif[better]
+    return alloc

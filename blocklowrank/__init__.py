@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from .layout import BlockLayout, split_sizes
 from ._engine import Approximation, allocate_ranks, approximate, batched_svd
+from .estimators import BlockLowRank, DiagonalBlockLowRank, GlobalLowRank
 
 __all__ = [
     "BlockLayout",
@@ -18,4 +19,7 @@ __all__ = [
     "approximate",
     "allocate_ranks",
     "batched_svd",
+    "GlobalLowRank",
+    "DiagonalBlockLowRank",
+    "BlockLowRank",
 ]

@@ -497,6 +497,10 @@ class Approximation:
     def block_factors(self, i, j):
         """``(B_ij, A_ij)`` with ``B = U_r S_r`` (m_i x r) and ``A = V_r^T`` (r x n_j).
 
+        With a permuted layout the factors are in the permuted coordinates:
+        block ``(i, j)`` covers original rows ``row_perm[rows_i]`` and
+        columns ``col_perm[cols_j]``.
+
         For a stack whose ranks differ between matrices, factors are padded
         with zero columns/rows to the largest rank (the product is unchanged).
         """
@@ -530,7 +534,8 @@ class Approximation:
     def reconstruction(self):
         """The dense approximation ``X_hat`` (built on first access, then cached)."""
         if self._reconstruction is None:
-            self._reconstruction = _assemble(self.layout, self._groups, self.batch_shape, self.dtype)
+            Xp = _assemble(self.layout, self._groups, self.batch_shape, self.dtype)
+            self._reconstruction = self.layout.unpermute(Xp) if self.layout.permuted else Xp
         return self._reconstruction
 
     def to_dense(self):
@@ -692,6 +697,8 @@ def approximate(
     batch = X.shape[:-2]
     m, n = X.shape[-2:]
     lay = _resolve_layout((m, n), layout, method, n_blocks, cap_rank)
+    if lay.permuted:  # work in the permuted coordinates; the reconstruction is put back
+        X = lay.permute(X)
     given = [p for p, v in (("rank", rank), ("budget", budget), ("tol", tol)) if v is not None]
     if len(given) > 1:
         raise ValueError(f"give only one of rank, budget and tol (got {', '.join(given)})")

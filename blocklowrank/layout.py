@@ -148,6 +148,8 @@ class BlockLayout:
     col_sizes: tuple
     active: np.ndarray = field(repr=False)
     ranks: np.ndarray = field(repr=False)
+    row_perm: object = field(default=None, repr=False)
+    col_perm: object = field(default=None, repr=False)
 
     def __post_init__(self):
         m, n = (int(s) for s in self.shape)
@@ -182,6 +184,8 @@ class BlockLayout:
         ranks.setflags(write=False)
         object.__setattr__(self, "active", active)
         object.__setattr__(self, "ranks", ranks)
+        object.__setattr__(self, "row_perm", _check_perm(self.row_perm, m, "row_perm"))
+        object.__setattr__(self, "col_perm", _check_perm(self.col_perm, n, "col_perm"))
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -195,6 +199,8 @@ class BlockLayout:
         row_sizes=None,
         col_sizes=None,
         cap_rank=False,
+        row_perm=None,
+        col_perm=None,
     ):
         """Build a layout from block counts (``np.array_split`` cuts) or explicit sizes.
 
@@ -217,6 +223,9 @@ class BlockLayout:
         cap_rank : bool, default=False
             If True, a rank above a block's smaller side is lowered to it;
             if False (default) such a rank raises ValueError.
+        row_perm, col_perm : array-like of int, optional
+            Cut ``X[row_perm][:, col_perm]`` instead of ``X`` (see
+            :meth:`with_permutation`).
         """
         m, n = _check_shape(shape)
         kr, kc = _normalize_n_blocks(n_blocks)
@@ -239,7 +248,7 @@ class BlockLayout:
         maxr = cls._max_ranks(rs, cs, active)
         if cap_rank:
             ranks = np.minimum(ranks, maxr)
-        return cls((m, n), rs, cs, active, ranks)
+        return cls((m, n), rs, cs, active, ranks, row_perm, col_perm)
 
     @classmethod
     def global_(cls, shape, rank=0, *, cap_rank=False):
@@ -261,7 +270,45 @@ class BlockLayout:
         r = _expand_rank(ranks, self.active)
         if cap_rank:
             r = np.minimum(r, self.max_ranks)
-        return BlockLayout(self.shape, self.row_sizes, self.col_sizes, self.active, r)
+        return BlockLayout(
+            self.shape, self.row_sizes, self.col_sizes, self.active, r, self.row_perm, self.col_perm
+        )
+
+    def with_permutation(self, row_perm=None, col_perm=None):
+        """Same blocks and ranks, cutting ``X[row_perm][:, col_perm]`` instead of ``X``.
+
+        A permutation lists, in order, the original indices that make up the
+        permuted matrix: block-row 0 holds original rows ``row_perm[:m_0]``,
+        and so on. None keeps the natural order. See
+        :func:`blocklowrank.permutations.strided_permutation` and friends.
+        """
+        return BlockLayout(
+            self.shape, self.row_sizes, self.col_sizes, self.active, self.ranks, row_perm, col_perm
+        )
+
+    def without_permutation(self):
+        """The same layout in its own (permuted) coordinates."""
+        return BlockLayout(self.shape, self.row_sizes, self.col_sizes, self.active, self.ranks)
+
+    @property
+    def permuted(self):
+        return self.row_perm is not None or self.col_perm is not None
+
+    def permute(self, X):
+        """``X[..., row_perm, :][..., :, col_perm]`` (a view-free copy only when permuted)."""
+        if self.row_perm is not None:
+            X = X[..., self.row_perm, :]
+        if self.col_perm is not None:
+            X = X[..., :, self.col_perm]
+        return X
+
+    def unpermute(self, Xp):
+        """Inverse of :meth:`permute`: back to the original row and column order."""
+        if self.row_perm is not None:
+            Xp = Xp[..., np.argsort(self.row_perm), :]
+        if self.col_perm is not None:
+            Xp = Xp[..., :, np.argsort(self.col_perm)]
+        return Xp
 
     # ------------------------------------------------------------------ properties
     @staticmethod
@@ -377,9 +424,10 @@ class BlockLayout:
         )
 
     def __repr__(self):
+        perm = ", permuted" if self.permuted else ""
         return (
             f"BlockLayout(shape={self.shape}, n_blocks={self.n_blocks}, pattern={self.pattern!r}, "
-            f"ranks={self.ranks.tolist()}, n_params={self.n_params})"
+            f"ranks={self.ranks.tolist()}, n_params={self.n_params}{perm})"
         )
 
     def __eq__(self, other):
@@ -391,6 +439,8 @@ class BlockLayout:
             and self.col_sizes == other.col_sizes
             and np.array_equal(self.active, other.active)
             and np.array_equal(self.ranks, other.ranks)
+            and _perm_eq(self.row_perm, other.row_perm)
+            and _perm_eq(self.col_perm, other.col_perm)
         )
 
     __hash__ = None
@@ -403,6 +453,8 @@ class BlockLayout:
             "col_sizes": list(self.col_sizes),
             "active": self.active.astype(int).tolist(),
             "ranks": self.ranks.tolist(),
+            "row_perm": None if self.row_perm is None else self.row_perm.tolist(),
+            "col_perm": None if self.col_perm is None else self.col_perm.tolist(),
         }
 
     @classmethod
@@ -413,6 +465,8 @@ class BlockLayout:
             tuple(d["col_sizes"]),
             np.asarray(d["active"], dtype=bool),
             np.asarray(d["ranks"], dtype=np.int64),
+            d.get("row_perm"),
+            d.get("col_perm"),
         )
 
 
@@ -443,6 +497,27 @@ def _expand_rank(rank, active):
     if np.any(arr[active] < 0):
         raise ValueError("per-block ranks must be >= 0")
     return np.where(active, arr, 0).astype(np.int64)
+
+
+def _check_perm(perm, length, name):
+    if perm is None:
+        return None
+    arr = np.asarray(perm)
+    if arr.ndim != 1 or arr.shape[0] != length or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must be a permutation of range({length}) (1-D integers)")
+    if not np.array_equal(np.sort(arr), np.arange(length)):
+        raise ValueError(f"{name} must contain each index 0..{length - 1} exactly once")
+    if np.array_equal(arr, np.arange(length)):
+        return None  # the identity is no permutation
+    arr = arr.astype(np.intp)
+    arr.setflags(write=False)
+    return arr
+
+
+def _perm_eq(a, b):
+    if a is None or b is None:
+        return a is None and b is None
+    return np.array_equal(a, b)
 
 
 def _runs(sizes):

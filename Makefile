@@ -15,10 +15,13 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The real-data tests (Table I exactness) are required: fetch MNIST first.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m blocklowrank.datasets --quiet
+	BLOCKLOWRANK_TEST_REAL_DATA=1 $(PY) -m pytest -q -p no:cacheprovider
 
 reproduce: $(VENV)/.installed
+	$(PY) -m blocklowrank.datasets
 	$(PY) -m blocklowrank reproduce all --out $(OUT)
 
 bench: $(VENV)/.installed

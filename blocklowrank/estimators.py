@@ -15,6 +15,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._engine import approximate
 from .layout import BlockLayout, _normalize_n_blocks
+from .permutations import resolve_permutation
 
 __all__ = ["GlobalLowRank", "DiagonalBlockLowRank", "BlockLowRank", "BaseBlockLowRank"]
 
@@ -112,6 +113,12 @@ class BaseBlockLowRank(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=1)
         self._check_grid(X.shape)
         layout = self._make_layout(X.shape)
+        rps, cps = getattr(self, "row_perm", None), getattr(self, "col_perm", None)
+        diag = layout.pattern == "diagonal"
+        rp = resolve_permutation(rps, X, layout.n_blocks[0], 0, other=cps, diagonal=diag)
+        cp = resolve_permutation(cps, X, layout.n_blocks[1], 1, other=rps, diagonal=diag)
+        if rp is not None or cp is not None:
+            layout = layout.with_permutation(rp, cp)
         kwargs = self._rank_arguments()
         approx = approximate(
             X,
@@ -181,6 +188,8 @@ class BaseBlockLowRank(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
             off = int(lay.ranks[i, :j].sum())
             rs = lay.block_slice(i, j)[0]
             Z[rs, off : off + r] = B
+        if lay.row_perm is not None:
+            Z = Z[np.argsort(lay.row_perm)]
         return Z
 
     def transform(self, X):
@@ -199,12 +208,19 @@ class BaseBlockLowRank(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
         X = X.astype(self._proj.dtype, copy=False)
+        lay = self.layout_
+        if lay.col_perm is not None:
+            X = X[:, lay.col_perm]
         edges = self._row_blocks(X.shape[0], "transform")
         if edges is None:
             return X @ self._proj[0]
+        if lay.row_perm is not None:
+            X = X[lay.row_perm]
         Z = np.empty((X.shape[0], self.n_codes_), dtype=self._proj.dtype)
         for i in range(len(edges) - 1):
             Z[edges[i] : edges[i + 1]] = X[edges[i] : edges[i + 1]] @ self._proj[i]
+        if lay.row_perm is not None:
+            Z = Z[np.argsort(lay.row_perm)]
         return Z
 
     def inverse_transform(self, Z):
@@ -225,12 +241,20 @@ class BaseBlockLowRank(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         if Z.shape[1] != self.n_codes_:
             raise ValueError(f"Z has {Z.shape[1]} columns, expected n_codes_ = {self.n_codes_}")
         Z = Z.astype(self._proj.dtype, copy=False)
+        lay = self.layout_
         edges = self._row_blocks(Z.shape[0], "inverse_transform")
         if edges is None:
-            return Z @ self._proj[0].T
-        out = np.empty((Z.shape[0], self.n_features_in_), dtype=self._proj.dtype)
-        for i in range(len(edges) - 1):
-            out[edges[i] : edges[i + 1]] = Z[edges[i] : edges[i + 1]] @ self._proj[i].T
+            out = Z @ self._proj[0].T
+        else:
+            if lay.row_perm is not None:
+                Z = Z[lay.row_perm]
+            out = np.empty((Z.shape[0], self.n_features_in_), dtype=self._proj.dtype)
+            for i in range(len(edges) - 1):
+                out[edges[i] : edges[i + 1]] = Z[edges[i] : edges[i + 1]] @ self._proj[i].T
+            if lay.row_perm is not None:
+                out = out[np.argsort(lay.row_perm)]
+        if lay.col_perm is not None:
+            out = out[:, np.argsort(lay.col_perm)]
         return out
 
     def reconstruct(self, Z=None):
@@ -297,6 +321,16 @@ _COMMON_PARAMS_DOC = """
         raising ValueError.
     n_jobs : int, default=None
         Worker threads over each stack of equal-shaped blocks.
+"""
+
+_PERM_DOC = """    row_perm, col_perm : None, array-like of int, "strided" or "cluster", default=None
+        Cut ``X[row_perm][:, col_perm]`` into blocks instead of ``X``; applied
+        transparently in fit, transform and reconstruct (codes and
+        reconstructions are in the original order). "strided" groups index
+        ``t`` with ``t mod K`` (Monarch-style blocks); "cluster" orders by a
+        k-means clustering of the fitted X
+        (:func:`blocklowrank.permutations.cluster_permutation`). For image
+        tiles pass :func:`blocklowrank.permutations.image_patch_permutation`.
 """
 
 _COMMON_ATTRS_DOC = """
@@ -434,6 +468,7 @@ class DiagonalBlockLowRank(BaseBlockLowRank):
         when the off-diagonal blocks alone exceed it).
 """
         + _COMMON_PARAMS_DOC
+        + _PERM_DOC
         + """
     Attributes
     ----------"""
@@ -470,6 +505,8 @@ class DiagonalBlockLowRank(BaseBlockLowRank):
     _parameter_constraints = {
         **BaseBlockLowRank._parameter_constraints,
         "n_blocks": [Interval(Integral, 1, None, closed="left"), "array-like"],
+        "row_perm": [None, "array-like", StrOptions({"strided", "cluster"})],
+        "col_perm": [None, "array-like", StrOptions({"strided", "cluster"})],
     }
 
     def __init__(
@@ -485,7 +522,11 @@ class DiagonalBlockLowRank(BaseBlockLowRank):
         random_state=None,
         cap_rank=False,
         n_jobs=None,
+        row_perm=None,
+        col_perm=None,
     ):
+        self.row_perm = row_perm
+        self.col_perm = col_perm
         self.n_blocks = n_blocks
         self.rank = rank
         self.budget = budget
@@ -532,6 +573,7 @@ class BlockLowRank(BaseBlockLowRank):
         Fewest parameters whose relative error is ``<= tol``.
 """
         + _COMMON_PARAMS_DOC
+        + _PERM_DOC
         + """
     Attributes
     ----------"""
@@ -573,6 +615,8 @@ class BlockLowRank(BaseBlockLowRank):
     _parameter_constraints = {
         **BaseBlockLowRank._parameter_constraints,
         "n_blocks": [Interval(Integral, 1, None, closed="left"), "array-like"],
+        "row_perm": [None, "array-like", StrOptions({"strided", "cluster"})],
+        "col_perm": [None, "array-like", StrOptions({"strided", "cluster"})],
     }
 
     def __init__(
@@ -588,7 +632,11 @@ class BlockLowRank(BaseBlockLowRank):
         random_state=None,
         cap_rank=False,
         n_jobs=None,
+        row_perm=None,
+        col_perm=None,
     ):
+        self.row_perm = row_perm
+        self.col_perm = col_perm
         self.n_blocks = n_blocks
         self.rank = rank
         self.budget = budget

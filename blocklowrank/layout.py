@@ -506,7 +506,7 @@ def _check_perm(perm, length, name):
     if arr.ndim != 1 or arr.shape[0] != length or not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{name} must be a permutation of range({length}) (1-D integers)")
     if not np.array_equal(np.sort(arr), np.arange(length)):
-        raise ValueError(f"{name} must contain each index 0..{length - 1} exactly once")
+        raise ValueError(f"{name} must be a permutation: each index 0..{length - 1} exactly once")
     if np.array_equal(arr, np.arange(length)):
         return None  # the identity is no permutation
     arr = arr.astype(np.intp)

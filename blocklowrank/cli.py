@@ -1,0 +1,261 @@
+"""The ``blocklowrank`` command line (also ``python -m blocklowrank``).
+
+Subcommands
+-----------
+reproduce   the paper's experiments (Table I / Figure 1, the 10k-digit study, Figure 2)
+approximate fit one structure to a matrix or image file
+budget      configurations of each structure at a parameter budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+EXPERIMENTS = ("table1", "study", "figure2")
+
+
+class CLIError(Exception):
+    """An error reported as one line."""
+
+
+def _parse_shape(text):
+    try:
+        parts = [int(p) for p in text.lower().replace("*", "x").split("x")]
+    except ValueError:
+        raise CLIError(f"SHAPE must look like 28x28, got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise CLIError(f"SHAPE must look like 28x28, got {text!r}")
+    return tuple(parts)
+
+
+def _n_blocks(text):
+    try:
+        return _parse_shape(text) if "x" in text.lower() else int(text)
+    except (CLIError, ValueError):
+        raise argparse.ArgumentTypeError(f"--n-blocks must be K or RxC, got {text!r}") from None
+
+
+# ----------------------------------------------------------------------------- files
+def load_matrix(path, key=None):
+    """Read a matrix from .npy, .npz, .csv/.txt or an image file (as grayscale)."""
+    path = Path(path)
+    if not path.exists():
+        raise CLIError(f"no such file: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        X = np.load(path, allow_pickle=False)
+    elif suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            names = list(z.keys())
+            if not names:
+                raise CLIError(f"{path} holds no arrays")
+            name = key or names[0]
+            if name not in z:
+                raise CLIError(f"{path} has no array {name!r}; it has {names}")
+            X = z[name]
+    elif suffix in (".csv", ".txt", ".tsv"):
+        delim = "\t" if suffix == ".tsv" else ("," if suffix == ".csv" else None)
+        try:
+            X = np.loadtxt(path, delimiter=delim, ndmin=2)
+        except ValueError as exc:
+            raise CLIError(f"could not read {path} as numbers: {exc}") from None
+    elif suffix in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"):
+        import matplotlib.image as mpimg
+
+        try:
+            img = mpimg.imread(path)
+        except Exception as exc:  # Pillow/matplotlib errors vary
+            raise CLIError(f"could not read image {path}: {exc}") from None
+        img = np.asarray(img, dtype=np.float64)
+        if img.ndim == 3:
+            rgb = img[..., :3]
+            img = rgb @ np.array([0.299, 0.587, 0.114]) if rgb.shape[-1] == 3 else rgb[..., 0]
+        X = img
+    else:
+        raise CLIError(f"unsupported file type {suffix!r}: use .npy, .npz, .csv, .txt or an image")
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise CLIError(f"{path} holds an array of shape {X.shape}; a 2-D matrix is needed")
+    return X
+
+
+def save_matrix(path, X):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        np.save(path, X)
+    elif suffix == ".npz":
+        np.savez_compressed(path, reconstruction=X)
+    elif suffix in (".csv", ".txt"):
+        np.savetxt(path, X, delimiter="," if suffix == ".csv" else " ")
+    elif suffix == ".png":
+        import matplotlib.pyplot as plt
+
+        plt.imsave(path, X, cmap="gray")
+    else:
+        raise CLIError(f"unsupported output type {suffix!r}: use .npy, .npz, .csv, .txt or .png")
+    return path
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_approximate(args):
+    from ._engine import approximate
+
+    X = load_matrix(args.file, key=args.key)
+    given = [n for n in ("rank", "budget", "tol") if getattr(args, n) is not None]
+    if len(given) != 1:
+        raise CLIError("give exactly one of --rank, --budget and --tol")
+    kwargs = {given[0]: getattr(args, given[0])}
+    n_blocks = 1 if args.method == "global" else args.n_blocks
+    res = approximate(
+        X,
+        method=args.method,
+        n_blocks=n_blocks,
+        svd_solver=args.svd_solver,
+        random_state=args.random_state,
+        cap_rank=args.cap_rank,
+        **kwargs,
+    )
+    lay = res.layout
+    print(f"matrix      {X.shape[0]}x{X.shape[1]} from {args.file}")
+    print(f"structure   {args.method}, {lay.n_blocks[0]}x{lay.n_blocks[1]} blocks")
+    print(f"parameters  {res.n_params} (dense: {X.shape[0] * X.shape[1]})")
+    print(f"error       {res.error:.6f} (relative Frobenius)")
+    print("ranks")
+    for row in lay.ranks:
+        print("   " + " ".join(f"{int(r):3d}" for r in row))
+    out = args.out or f"{Path(args.file).stem}_{args.method}.npy"
+    path = save_matrix(out, res.reconstruction)
+    print(f"wrote       {path}")
+    return 0
+
+
+def cmd_budget(args):
+    from .budget import match_budget
+
+    shape = _parse_shape(args.shape)
+    records = match_budget(shape, args.budget, methods=tuple(args.methods))
+    print(f"configurations of a {shape[0]}x{shape[1]} matrix at budget {args.budget}")
+    print(f"{'method':<10}{'n_blocks':>9}{'rank':>6}{'n_params':>10}  exact")
+    for rec in records:
+        r = dict(rec)
+        nb = r["n_blocks"]
+        nb = f"{nb[0]}x{nb[1]}" if isinstance(nb, (tuple, list)) else str(nb)
+        flag = "yes" if r.get("exact", True) else "below"
+        print(f"{r['method']:<10}{nb:>9}{str(r['rank']):>6}{r['n_params']:>10}  {flag}")
+    return 0
+
+
+def cmd_reproduce(args):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    which = EXPERIMENTS if args.what == "all" else (args.what,)
+    written = []
+    for name in which:
+        if name == "table1":
+            from .experiments.table1 import run_table1
+
+            written += run_table1(out, progress=not args.quiet)
+        elif name == "study":
+            from .experiments.study import run_study
+
+            written += run_study(out, progress=not args.quiet)
+        elif name == "figure2":
+            from .experiments.figure2 import run_figure2_cli
+
+            written += run_figure2_cli(
+                out, seeds=args.seeds, epochs=args.epochs, n_jobs=args.n_jobs, progress=not args.quiet
+            )
+    print("\nresults:")
+    for p in written:
+        print(f"  {p}")
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="blocklowrank",
+        description="Structured low-rank approximation: global (LoRA), diagonal-block (MELoRA) "
+        "and full K x K block (Localized LoRA) structures at a parameter budget.",
+    )
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"blocklowrank {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    r = sub.add_parser(
+        "reproduce",
+        help="reproduce the paper's experiments",
+        description="Reproduce Table I and Figure 1 (table1), the 10,000-digit study (study), "
+        "Figure 2's adapter sweep (figure2), or all of them.",
+    )
+    r.add_argument("what", nargs="?", default="all", choices=("all",) + EXPERIMENTS)
+    r.add_argument("--out", default="results", help="output directory (default: results)")
+    r.add_argument("--seeds", type=int, default=3, help="figure2: seeds per configuration (default 3)")
+    r.add_argument("--epochs", type=int, default=None, help="figure2: training epochs (default: the converged default)")
+    r.add_argument("--n-jobs", type=int, default=1, help="figure2: parallel runs via joblib (default 1)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    r.set_defaults(func=cmd_reproduce)
+
+    a = sub.add_parser(
+        "approximate",
+        help="fit one structure to a matrix or image file",
+        description="Fit a structured low-rank approximation to a .npy/.npz/CSV matrix or an image "
+        "(read as grayscale); print the error, parameter count and per-block ranks; write the "
+        "reconstruction.",
+    )
+    a.add_argument("file")
+    a.add_argument("--method", choices=("global", "diagonal", "block"), default="block")
+    a.add_argument("--n-blocks", type=_n_blocks, default=2, help="K or RxC (default 2; ignored for global)")
+    g = a.add_mutually_exclusive_group(required=True)
+    g.add_argument("--rank", type=int, help="rank of every active block")
+    g.add_argument("--budget", type=int, help="parameter budget (optimal per-block ranks)")
+    g.add_argument("--tol", type=float, help="largest relative error (fewest parameters)")
+    a.add_argument("--svd-solver", choices=("auto", "full", "randomized"), default="auto")
+    a.add_argument("--random-state", type=int, default=0)
+    a.add_argument("--cap-rank", action="store_true", help="cap ranks at each block's smaller side")
+    a.add_argument("--key", help="array name inside an .npz file")
+    a.add_argument("--out", help="output file (.npy, .npz, .csv, .txt, .png); default FILE-stem_METHOD.npy")
+    a.set_defaults(func=cmd_approximate)
+
+    b = sub.add_parser(
+        "budget",
+        help="configurations of each structure at a parameter budget",
+        description="List every configuration of each method whose parameter count equals the "
+        "budget (or the nearest below, flagged), e.g. `blocklowrank budget 28x28 224`.",
+    )
+    b.add_argument("shape", help="matrix shape, e.g. 28x28")
+    b.add_argument("budget", type=int)
+    b.add_argument("--methods", nargs="+", default=["global", "diagonal", "block"],
+                   choices=("global", "diagonal", "block"))
+    b.set_defaults(func=cmd_budget)
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("blocklowrank: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, TypeError, OSError, RuntimeError) as exc:
+        msg = str(exc).strip().splitlines()
+        first = msg[0] if msg else type(exc).__name__
+        print(f"blocklowrank: error: {first}", file=sys.stderr)
+        for line in msg[1:]:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

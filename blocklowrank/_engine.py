@@ -371,16 +371,26 @@ def allocate_ranks(gains, costs, max_ranks, *, budget=None, tol=None, fixed_loss
 
 
 def _take_top(G, block_id, nb, t):
+    """Ranks that keep the ``t`` largest positive gains (items grouped by block, in order).
+
+    Selection by threshold instead of a sort: the t-th largest gain ``v``
+    (``np.partition``), every gain above ``v``, then ties at ``v`` in item
+    order until ``t`` are taken. Each block's gains are descending, so the
+    result is a prefix of every block.
+    """
     B, n_items = G.shape
     ranks = np.zeros((B, nb), dtype=np.int64)
     t = min(int(t), n_items)
     if t <= 0:
         return ranks
-    order = np.argsort(-G, axis=1, kind="stable")[:, :t]
-    chosen = block_id[order]
-    positive = np.take_along_axis(G, order, axis=1) > 0  # never pay for a zero gain
-    for b in range(nb):
-        ranks[:, b] = np.sum((chosen == b) & positive, axis=1)
+    starts = np.flatnonzero(np.r_[True, block_id[1:] != block_id[:-1]])
+    owners = block_id[starts]
+    v = -np.partition(-G, t - 1, axis=1)[:, t - 1 : t]  # (B, 1) t-th largest
+    above = G > v
+    need = t - above.sum(axis=1, keepdims=True)
+    ties = (G == v) & (v > 0)  # never pay for a zero gain
+    take = above | (ties & (np.cumsum(ties, axis=1) <= need))
+    ranks[:, owners] = np.add.reduceat(take, starts, axis=1)
     return ranks
 
 
@@ -903,3 +913,131 @@ def _no_worse_than_uniform(alloc, gains, costs, maxr, budget):
     alloc = alloc.copy()
     alloc[better] = unif[better]
     return alloc
+
+
+# ---------------------------------------------------------------------------- spectra only
+@dataclass(eq=False)
+class BlockSpectra:
+    """Singular values of every active block of a layout, for one matrix or a stack.
+
+    Cheaper than :func:`approximate` when only errors are needed (no singular
+    vectors are computed), and enough to evaluate any rank choice exactly:
+    by Eckart-Young the error of rank ``r`` on a block is the energy of its
+    singular values past ``r``.
+
+    Attributes
+    ----------
+    layout : BlockLayout
+    values : dict
+        ``{(i, j): sigma}`` with ``sigma`` of shape ``(..., min(m_i, n_j))``.
+    block_energy : ndarray, shape (..., K_rows, K_cols)
+        ``||X_ij||_F^2`` of every block (active or not).
+    total_energy : ndarray, shape (...)
+    """
+
+    layout: BlockLayout
+    values: dict
+    block_energy: np.ndarray
+    total_energy: np.ndarray
+
+    def _tails(self):
+        """(..., n_active, L_max + 1): energy past rank r of each active block."""
+        if getattr(self, "_tail_cache", None) is None:
+            keys = list(self.values)
+            batch = self.total_energy.shape
+            L = max(v.shape[-1] for v in self.values.values())
+            T = np.zeros(batch + (len(keys), L + 1))
+            for t, k in enumerate(keys):
+                s2 = self.values[k].astype(np.float64) ** 2
+                tail = np.cumsum(s2[..., ::-1], axis=-1)[..., ::-1]
+                T[..., t, : tail.shape[-1]] = tail
+            ii = np.array([k[0] for k in keys])
+            jj = np.array([k[1] for k in keys])
+            self._tail_cache = (T, ii, jj)
+        return self._tail_cache
+
+    def discarded(self, ranks):
+        """Energy left out by per-block ranks (int, (K_rows, K_cols) or (..., K_rows, K_cols))."""
+        lay = self.layout
+        batch = self.total_energy.shape
+        R = np.broadcast_to(np.where(lay.active, ranks, 0), batch + lay.n_blocks)
+        out = (self.block_energy * ~lay.active).sum(axis=(-2, -1))
+        T, ii, jj = self._tails()
+        r = np.minimum(R[..., ii, jj], T.shape[-1] - 1)
+        return out + np.take_along_axis(T, r[..., None], axis=-1)[..., 0].sum(axis=-1)
+
+    def error(self, ranks):
+        """Relative Frobenius error for the given per-block ranks (0 for X = 0)."""
+        d = self.discarded(ranks)
+        tot = self.total_energy
+        return np.where(tot > 0, np.sqrt(np.maximum(d, 0) / np.where(tot > 0, tot, 1)), 0.0)
+
+    def n_params(self, ranks):
+        lay = self.layout
+        batch = self.total_energy.shape
+        R = np.broadcast_to(np.where(lay.active, ranks, 0), batch + lay.n_blocks)
+        return (R * lay.block_costs).sum(axis=(-2, -1))
+
+    def allocate(self, budget):
+        """Budget-optimal per-block ranks, shape (..., K_rows, K_cols), and the exactness flag."""
+        lay = self.layout
+        budget = _check_budget(budget)
+        batch = self.total_energy.shape
+        B = int(np.prod(batch)) if batch else 1
+        keys = list(self.values)
+        if getattr(self, "_gain_cache", None) is None:
+            self._gain_cache = [self.values[k].reshape(B, -1).astype(np.float64) ** 2 for k in keys]
+        gains = self._gain_cache
+        costs = [int(lay.block_costs[k]) for k in keys]
+        maxr = [int(lay.max_ranks[k]) for k in keys]
+        alloc, exact = allocate_ranks(gains, costs, maxr, budget=budget)
+        if not exact:
+            alloc = _no_worse_than_uniform(alloc, gains, costs, maxr, budget)
+        R = np.zeros((B,) + lay.n_blocks, dtype=np.int64)
+        for t, (i, j) in enumerate(keys):
+            R[:, i, j] = alloc[:, t]
+        return R.reshape(batch + lay.n_blocks), exact
+
+
+def block_spectra(X, layout=None, *, method="block", n_blocks=1, n_jobs=None):
+    """Singular values of every active block, batched like :func:`approximate`.
+
+    Parameters
+    ----------
+    X : array-like of shape (m, n) or (..., m, n)
+    layout : BlockLayout, optional
+        Structure (ranks ignored); else built from ``method`` and ``n_blocks``.
+    method, n_blocks, n_jobs
+        As in :func:`approximate`.
+
+    Returns
+    -------
+    BlockSpectra
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from blocklowrank._engine import block_spectra, approximate
+    >>> X = np.random.default_rng(0).standard_normal((3, 12, 12))
+    >>> sp = block_spectra(X, method="block", n_blocks=2)
+    >>> bool(np.allclose(sp.error(2), approximate(X, method="block", n_blocks=2, rank=2).error))
+    True
+    """
+    X = validate_matrix(X)
+    m, n = X.shape[-2:]
+    lay = _resolve_layout((m, n), layout, method, n_blocks, False)
+    if lay.permuted:
+        X = lay.permute(X)
+    lay = lay.with_ranks(0)
+    groups_idx = lay.groups()
+    blocks = _gather(X, lay, groups_idx)
+    values = {}
+    for shp, (ii, jj) in groups_idx.items():
+        A = blocks[shp]
+        flat = A.reshape((-1,) + shp)
+        (s,) = _run_chunked(lambda a: (np.linalg.svd(a, compute_uv=False),), (flat,), _resolve_n_jobs(n_jobs))
+        s = s.reshape(A.shape[:-2] + (min(shp),))
+        for t, (i, j) in enumerate(zip(ii.tolist(), jj.tolist())):
+            values[(i, j)] = s[..., t, :]
+    E = _block_energies(X, lay)
+    return BlockSpectra(lay, values, E, E.sum(axis=(-2, -1)))

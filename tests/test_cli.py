@@ -1,0 +1,114 @@
+"""The command line: every subcommand, its --help, files in and out, one-line errors."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from blocklowrank.cli import main
+
+
+def run(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("sub", [[], ["reproduce"], ["approximate"], ["budget"]])
+def test_help(sub, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(sub + ["--help"])
+    assert exc.value.code == 0
+    assert "usage" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs():
+    proc = subprocess.run([sys.executable, "-m", "blocklowrank", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "blocklowrank" in proc.stdout
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".csv", ".npz"])
+def test_approximate_files(tmp_path, capsys, suffix):
+    X = np.random.default_rng(0).standard_normal((12, 10))
+    src = tmp_path / f"m{suffix}"
+    if suffix == ".npy":
+        np.save(src, X)
+    elif suffix == ".csv":
+        np.savetxt(src, X, delimiter=",")
+    else:
+        np.savez(src, W=X)
+    out = tmp_path / "rec.npy"
+    code, text, _ = run(["approximate", str(src), "--method", "block", "--n-blocks", "2",
+                         "--rank", "2", "--out", str(out)], capsys)
+    assert code == 0
+    assert "parameters  88" in text  # 2 * 2 * (12 + 10)
+    rec = np.load(out)
+    # independent reference: per-block truncated SVD
+    ref = np.zeros_like(X)
+    for rs in (slice(0, 6), slice(6, 12)):
+        for cs in (slice(0, 5), slice(5, 10)):
+            U, s, Vt = np.linalg.svd(X[rs, cs])
+            ref[rs, cs] = (U[:, :2] * s[:2]) @ Vt[:2]
+    assert np.allclose(rec, ref)
+    err = np.linalg.norm(X - ref) / np.linalg.norm(X)
+    assert f"{err:.6f}" in text
+
+
+def test_approximate_image_and_budget(tmp_path, capsys):
+    import matplotlib.pyplot as plt
+
+    img = np.random.default_rng(1).random((16, 16))
+    src = tmp_path / "img.png"
+    plt.imsave(src, img, cmap="gray")
+    code, text, _ = run(["approximate", str(src), "--method", "block", "--n-blocks", "2",
+                         "--budget", "128", "--out", str(tmp_path / "o.png")], capsys)
+    assert code == 0 and (tmp_path / "o.png").exists()
+    assert "ranks" in text
+
+
+def test_approximate_tol_and_global(tmp_path, capsys):
+    X = np.random.default_rng(2).standard_normal((10, 10))
+    np.save(tmp_path / "a.npy", X)
+    code, text, _ = run(["approximate", str(tmp_path / "a.npy"), "--method", "global", "--tol", "0.5",
+                         "--out", str(tmp_path / "b.npy")], capsys)
+    assert code == 0 and "structure   global, 1x1 blocks" in text
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["approximate", "nope.npy", "--rank", "1"], "no such file"),
+        (["approximate", "{bad}", "--rank", "99"], "exceeds"),
+        (["approximate", "{bad}", "--rank", "1", "--n-blocks", "50"], "n_blocks"),
+        (["approximate", "{bad}", "--tol", "1.5"], "tol"),
+        (["approximate", "{bad}", "--budget", "3"], "budget"),
+        (["budget", "28x", "224"], "SHAPE"),
+    ],
+)
+def test_errors_are_one_line(args, needle, tmp_path, capsys):
+    bad = tmp_path / "x.npy"
+    np.save(bad, np.ones((8, 8)))
+    args = [a.replace("{bad}", str(bad)) for a in args]
+    code, _, err = run(args, capsys)
+    assert code == 2
+    assert err.startswith("blocklowrank: error:")
+    assert needle in err
+    assert "Traceback" not in err
+
+
+def test_nan_file_is_a_clear_error(tmp_path, capsys):
+    X = np.ones((5, 5))
+    X[0, 0] = np.nan
+    np.save(tmp_path / "n.npy", X)
+    code, _, err = run(["approximate", str(tmp_path / "n.npy"), "--rank", "1"], capsys)
+    assert code == 2 and "NaN" in err
+
+
+def test_budget_paper_example(capsys):
+    code, text, _ = run(["budget", "28x28", "224"], capsys)
+    assert code == 0
+    lines = [l.split() for l in text.splitlines()]
+    assert ["global", "1", "4", "224", "yes"] in lines
+    assert ["diagonal", "4", "4", "224", "yes"] in lines
+    assert ["block", "2", "2", "224", "yes"] in lines

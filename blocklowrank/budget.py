@@ -168,15 +168,15 @@ def _rank_matrix(base, method, rank):
     return R
 
 
-def _layout_for(method, shape, n_blocks=1, rank=0):
-    """The BlockLayout of ``method`` on ``shape`` (``rank=0``: no ranks yet)."""
+def _layout_for(method, shape, n_blocks=1, rank=None):
+    """The BlockLayout of ``method`` on ``shape`` (``rank=None``: no ranks yet)."""
     method = _check_method(method)
     shape = _check_shape(shape)
     if method == "global":
         if not (np.ndim(n_blocks) == 0 and _check_int(n_blocks, "n_blocks") == 1):
             raise ValueError(f"the global method has a single block: n_blocks must be 1, got {n_blocks!r}")
     base = BlockLayout.from_blocks(shape, n_blocks, pattern=_PATTERN[method])
-    if np.ndim(rank) == 0 and not isinstance(rank, (bool, np.bool_)) and rank == 0:
+    if rank is None:
         return base
     return base.with_ranks(_rank_matrix(base, method, rank))
 

@@ -153,9 +153,10 @@ def _rank_matrix(base, method, rank):
         off = np.argwhere((R != 0) & ~active)
         if off.size:
             i, j = (int(v) for v in off[0])
+            only = " (only diagonal blocks are)" if method == "diagonal" else ""
             raise ValueError(
                 f"rank gives rank {int(R[i, j])} to block ({i}, {j}), which is not active in the "
-                f"{method} layout (only diagonal blocks are)"
+                f"{method} layout{only}"
             )
     over = np.argwhere(R > base.max_ranks)
     if over.size:
@@ -457,7 +458,12 @@ def match_budget(
             }
         )
     if not records:
-        sizes = [(mth, K, _ranks_le(ranks, rmax) * unit) for mth, K, unit, rmax in parts]
+        # largest configuration within the budget that is not over-parameterised (one exists:
+        # some partition fits the budget, and its largest valid rank is below its budget rank)
+        sizes = [
+            (mth, K, min(_spend(unit, budget, ranks), _ranks_le(ranks, rmax)) * unit)
+            for mth, K, unit, rmax in parts
+        ]
         best = max(sizes, key=lambda t: t[2])
         raise ValueError(
             f"budget={budget} is too large for shape {(m, n)}: every configuration that spends it "
@@ -625,9 +631,9 @@ def compare_at_budget(
 
     Notes
     -----
-    An allocation row is never worse than a uniform row of the same
-    partition: the uniform ranks are one of the allocations the optimiser
-    considers. With uneven block sizes and a large problem the allocation is
+    With the exact solver, an allocation row is never worse than a uniform
+    row of the same partition: the uniform ranks are one of the allocations
+    the optimiser considers. With uneven block sizes and a large problem the allocation is
     greedy (``proven_optimal=False``) but is still compared against the
     uniform allocation at the budget and replaced by it where that is better.
 

@@ -346,6 +346,9 @@ class TestMatchBudget:
     def test_budget_too_large(self):
         with pytest.raises(ValueError, match="too large.*global with n_blocks=1, 1512 parameters"):
             match_budget((28, 28), 1600)
+        # a partition that does not fit at all is not offered as the largest one
+        with pytest.raises(ValueError, match="too large.*block with n_blocks=2, 1456 parameters"):
+            match_budget((28, 28), 1600, methods=["block"], n_blocks=[2, 20])
 
     def test_no_configuration_below_full_rank(self):
         with pytest.raises(ValueError, match="no configuration below full rank"):

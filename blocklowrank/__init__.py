@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from .layout import BlockLayout, split_sizes
 from ._engine import Approximation, allocate_ranks, approximate, batched_svd
 from .estimators import BlockLowRank, DiagonalBlockLowRank, GlobalLowRank
+from .budget import RecordList, budget_sweep_points, compare_at_budget, count_params, match_budget
 
 __all__ = [
     "BlockLayout",
@@ -22,4 +23,9 @@ __all__ = [
     "GlobalLowRank",
     "DiagonalBlockLowRank",
     "BlockLowRank",
+    "count_params",
+    "match_budget",
+    "compare_at_budget",
+    "budget_sweep_points",
+    "RecordList",
 ]

@@ -25,7 +25,7 @@ import numbers
 
 import numpy as np
 
-from ._engine import METHODS, _check_budget, approximate, validate_matrix
+from ._engine import METHODS, _check_budget, approximate, block_spectra, validate_matrix
 from .layout import BlockLayout, _check_int, _check_shape, split_sizes
 
 __all__ = [
@@ -677,9 +677,9 @@ def compare_at_budget(
         n_jobs=n_jobs,
     )
 
-    def row(method, K, rank, allocation, res, block_ranks, proven):
-        n_each = res.n_params
-        err_each = res.error
+    def row(method, K, rank, allocation, n_each, err_each, block_ranks, proven):
+        if not batch:
+            n_each, err_each = int(n_each), float(err_each)
         return {
             "method": method,
             "n_blocks": K,
@@ -695,20 +695,41 @@ def compare_at_budget(
             "proven_optimal": proven,
         }
 
+    # With the exact solver, errors need only singular values (Eckart-Young): one spectrum
+    # per partition serves its uniform rows and its optimal allocation.
+    spectral = svd_solver in ("auto", "full")
+    cache = {}
+
+    def spectra(method, K):
+        if (method, K) not in cache:
+            cache[(method, K)] = block_spectra(X, _layout_for(method, shape, K), n_jobs=n_jobs)
+        return cache[(method, K)]
+
     rows = []
     partitions = []
     for rec in matched:
         method, K, r = rec["method"], rec["n_blocks"], rec["rank"]
         lay = _layout_for(method, shape, K, r)
-        res = approximate(X, lay, **opts)
-        rows.append(row(method, K, r, "uniform", res, np.array(lay.ranks), None))
+        if spectral:
+            sp = spectra(method, K)
+            n_each = np.broadcast_to(lay.n_params, batch).copy() if batch else lay.n_params
+            rows.append(row(method, K, r, "uniform", n_each, sp.error(lay.ranks), np.array(lay.ranks), None))
+        else:
+            res = approximate(X, lay, **opts)
+            rows.append(row(method, K, r, "uniform", res.n_params, res.error, np.array(lay.ranks), None))
         if (method, K) not in partitions:
             partitions.append((method, K))
     if include_optimal:
         for method, K in partitions:
-            lay = _layout_for(method, shape, K)
-            res = approximate(X, lay, budget=budget, **opts)
-            rows.append(row(method, K, "optimal", "optimal", res, res.ranks, bool(res.exact_allocation)))
+            if spectral:
+                sp = spectra(method, K)
+                R, proven = sp.allocate(budget)
+                rows.append(row(method, K, "optimal", "optimal", sp.n_params(R), sp.error(R), R, bool(proven)))
+            else:
+                lay = _layout_for(method, shape, K)
+                res = approximate(X, lay, budget=budget, **opts)
+                rows.append(row(method, K, "optimal", "optimal", res.n_params, res.error, res.ranks,
+                                bool(res.exact_allocation)))
     rows.sort(
         key=lambda d: (
             d["error"],

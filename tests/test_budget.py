@@ -566,8 +566,24 @@ class TestCompareAtBudget:
                 for t in range(4):
                     assert ref_count(r["method"], S.shape[1:], r["n_blocks"], r["block_ranks"][t]) == r["n_params_each"][t]
 
-    def test_one_batched_engine_call_per_configuration(self, monkeypatch):
-        """No loop over matrices: approximate is called once per row, on the whole stack."""
+    def test_one_batched_spectrum_per_partition(self, monkeypatch):
+        """No loop over matrices: with the exact solver, one batched spectrum per partition
+        (method, K) on the whole stack serves all its rows."""
+        calls = []
+        real = engine.block_spectra
+
+        def spy(X, *args, **kwargs):
+            calls.append(np.shape(X))
+            return real(X, *args, **kwargs)
+
+        monkeypatch.setattr("blocklowrank.budget.block_spectra", spy)
+        S = np.random.default_rng(0).standard_normal((50, 28, 28))
+        res = compare_at_budget(S, 224)
+        assert len(calls) == len({(r["method"], r["n_blocks"]) for r in res})
+        assert all(c == (50, 28, 28) for c in calls)
+
+    def test_one_batched_engine_call_per_configuration_randomized(self, monkeypatch):
+        """With the randomized solver, approximate is called once per row, on the whole stack."""
         calls = []
         real = engine.approximate
 
@@ -576,10 +592,10 @@ class TestCompareAtBudget:
             return real(X, *args, **kwargs)
 
         monkeypatch.setattr("blocklowrank.budget.approximate", spy)
-        S = np.random.default_rng(0).standard_normal((50, 28, 28))
-        res = compare_at_budget(S, 224)
+        S = np.random.default_rng(0).standard_normal((20, 28, 28))
+        res = compare_at_budget(S, 224, svd_solver="randomized", random_state=0)
         assert len(calls) == len(res)
-        assert all(c == (50, 28, 28) for c in calls)
+        assert all(c == (20, 28, 28) for c in calls)
 
     def test_float32_and_higher_dims(self):
         S = np.random.default_rng(6).standard_normal((2, 3, 12, 10)).astype(np.float32)

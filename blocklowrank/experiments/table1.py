@@ -71,7 +71,8 @@ def compute_table1(image, budget=BUDGET):
     res = approximate(X, method=best["method"], n_blocks=best["n_blocks"], svd_solver="full", **kw)
     rank_txt = str(res.ranks.tolist()) if "budget" in kw else str(best["rank"])
     rows.append(
-        dict(label=f"Best found: {best['method']} K={_fmt_nb(best['n_blocks'])} (ours)",
+        dict(label=f"Best found: {best['method']} K={_fmt_nb(best['n_blocks'])}, "
+             + ("optimal ranks" if "budget" in kw else f"r={best['rank']}") + " (ours)",
              method=best["method"], n_blocks=best["n_blocks"], rank=rank_txt,
              n_params=res.n_params, error=res.error, paper_error=None,
              reconstruction=res.reconstruction)
@@ -124,6 +125,12 @@ def plot_figure1(image, rows, path):
         axes[0, k].imshow(r["reconstruction"], cmap="gray", vmin=0, vmax=vmax)
         axes[0, k].set_title(f"{r['label']}\n{r['n_params']} params, err {r['error']:.4f}", fontsize=8)
         im = axes[1, k].imshow(np.abs(X - r["reconstruction"]), cmap="magma", vmin=0, vmax=emax)
+        K = r["n_blocks"]
+        if r["method"] != "global" and K > 1:  # the block grid, on both panels
+            for cut in np.cumsum([len(a) for a in np.array_split(np.arange(X.shape[0]), K)])[:-1] - 0.5:
+                for ax in (axes[0, k], axes[1, k]):
+                    ax.axhline(cut, color="#4fc3f7", lw=0.6, alpha=0.7)
+                    ax.axvline(cut, color="#4fc3f7", lw=0.6, alpha=0.7)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])

@@ -54,7 +54,12 @@ def validate_matrix(X, *, name="X", min_ndim=2, max_ndim=None, copy=False):
         arr = np.asarray(X)
     except Exception as exc:
         raise TypeError(f"{name} could not be converted to an array: {exc}") from None
-    if arr.dtype == object or arr.dtype.kind in "USVOMm":
+    if arr.dtype.kind in "USV":
+        raise TypeError(
+            f"{name} holds strings (dtype {arr.dtype}), not numbers; convert it to a "
+            "numeric array explicitly (e.g. X.astype(float)) if the strings are numbers"
+        )
+    if arr.dtype == object or arr.dtype.kind in "OMm":
         try:
             arr = arr.astype(np.float64)
         except (TypeError, ValueError):
@@ -201,7 +206,7 @@ def batched_svd(
     Vt : ndarray (..., k, n)
         With the sign convention of :func:`svd_flip_v`.
     """
-    A = np.asarray(A)
+    A = validate_matrix(A, name="A")
     batch = A.shape[:-2]
     m, n = A.shape[-2:]
     L = min(m, n)
@@ -255,11 +260,8 @@ def choose_solver(block_shape, k, n_oversamples=10):
 
 # ---------------------------------------------------------------------------- allocation
 def _check_budget(budget):
-    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Real):
-        raise TypeError(f"budget must be a number of parameters (int), got {budget!r}")
-    if isinstance(budget, numbers.Real) and not isinstance(budget, numbers.Integral):
-        if not float(budget).is_integer():
-            raise TypeError(f"budget must be an integer number of parameters, got {budget!r}")
+    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Integral):
+        raise TypeError(f"budget must be an integer number of parameters, got {budget!r}")
     budget = int(budget)
     if budget < 1:
         raise ValueError(f"budget must be >= 1 parameter, got {budget}")
@@ -864,7 +866,9 @@ def approximate(
         )
         groups.append(g)
         Eb = E[..., ii, jj]
-        if solver == "full":
+        if s.shape[-1] == 0:  # no component computed (rank 0 everywhere): all energy lost
+            discarded = discarded + Eb.sum(axis=-1)
+        elif solver == "full":
             s64 = s.astype(np.float64)
             drop = np.where(np.arange(s.shape[-1]) >= r_blocks[..., None], s64 * s64, 0.0)
             discarded = discarded + drop.sum(axis=(-2, -1))

@@ -20,6 +20,18 @@ from .permutations import resolve_permutation
 __all__ = ["GlobalLowRank", "DiagonalBlockLowRank", "BlockLowRank", "BaseBlockLowRank"]
 
 
+def _reject_strings(X, name="X"):
+    """scikit-learn's rule for dtype="numeric": arrays of strings are not numbers."""
+    dt = getattr(X, "dtype", None)
+    if dt is None and isinstance(X, (list, tuple)):
+        dt = np.asarray(X).dtype
+    if dt is not None and isinstance(dt, np.dtype) and dt.kind in "USV":
+        raise TypeError(
+            f"{name} holds strings (dtype {dt}), not numbers; convert it to a numeric "
+            "array explicitly (e.g. X.astype(float)) if the strings are numbers"
+        )
+
+
 class BaseBlockLowRank(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Shared base: fit a block layout by truncated SVD; transform to per-block codes.
 
@@ -110,6 +122,7 @@ class BaseBlockLowRank(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
 
     def _fit(self, X):
         self._validate_params()
+        _reject_strings(X)
         X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=1)
         self._check_grid(X.shape)
         layout = self._make_layout(X.shape)
@@ -206,6 +219,7 @@ class BaseBlockLowRank(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         Z : ndarray of shape (n_samples, n_codes_)
         """
         check_is_fitted(self)
+        _reject_strings(X)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
         X = X.astype(self._proj.dtype, copy=False)
         lay = self.layout_

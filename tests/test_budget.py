@@ -386,8 +386,11 @@ class TestMatchBudget:
         with pytest.raises(TypeError, match=r"shape\[0\]"):
             match_budget((2.5, 4), 224)
 
-    def test_float_integer_budget_accepted(self):
-        assert as_tuples(match_budget((28, 28), 224.0, methods="global")) == [("global", 1, 4, 224)]
+    def test_float_budget_rejected(self):
+        """A budget counts parameters: floats (even 224.0) are rejected everywhere, as the
+        estimators' scikit-learn parameter validation does."""
+        with pytest.raises(TypeError, match="budget"):
+            match_budget((28, 28), 224.0, methods="global")
 
     @PROFILE
     @given(st.integers(2, 24), st.integers(2, 24), st.integers(1, 600), st.booleans())

@@ -123,7 +123,8 @@ class HybridFit:
     error_trace : ndarray
         Relative error after every accepted step (see :func:`fit_hybrid`).
     n_iter : int
-        Completed alternations (one global and one block step each).
+        Alternations run (one global and one block step each), the initial
+        pass included; 1 when one part is empty.
     stop_reason : str
         "tol", "max_iter", "increase" (a step would have increased the
         error beyond rounding and was discarded; only possible with the
@@ -261,7 +262,7 @@ def fit_hybrid(
     global_rank : int
         ``r_g >= 0``; 0 gives the plain block structure (one step).
     max_iter : int, default=100
-        Largest number of alternations.
+        Largest number of alternations, the initial pass included.
     tol : float, default=1e-6
         Stop when an alternation improves the relative error by a fraction
         ``<= tol`` of its value (0 runs until no improvement or max_iter).
@@ -339,7 +340,7 @@ def fit_hybrid(
         for i, j in zip(*np.nonzero(layout.active))
     }
     trace = []
-    n_done = 0
+    n_done = 1
     if not has_blocks or r_g == 0:
         if has_blocks:
             P, bf = block_step(Xd)
@@ -360,7 +361,7 @@ def fit_hybrid(
             state[which] = run(which)
             trace.append(rel_err(state["global"][0], state["blocks"][0]))
         stop = "max_iter"
-        for _ in range(max_iter):
+        for _ in range(max_iter - 1):
             before = trace[-1]
             if before <= STEP_TOL:
                 stop = "tol"
@@ -451,7 +452,8 @@ class HybridLowRank(LinearCodesBase):
         Rank ``r_g`` of the global term (0: the plain block structure).
     pattern : {"full", "diagonal"}, default="full"
     max_iter : int, default=100
-        Largest number of alternations (one global + one block step).
+        Largest number of alternations (one global + one block step), the
+        initial pass included.
     tol : float, default=1e-6
         Stop when an alternation improves the relative error by a fraction
         ``<= tol`` (a convergence tolerance, not a target error).
@@ -475,7 +477,7 @@ class HybridLowRank(LinearCodesBase):
     error_trace_ : ndarray
         Relative error after each accepted step; non-increasing.
     n_iter_ : int
-        Alternations run.
+        Alternations run, the initial pass included.
     stop_reason_ : str
         Why the alternation stopped (see :class:`HybridFit`).
     ranks_ : ndarray of int, shape (K_rows, K_cols)

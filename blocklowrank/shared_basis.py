@@ -109,7 +109,7 @@ class SharedBasisFit:
     error_trace : ndarray
         Relative error after the initialisation and after every sweep.
     n_iter : int
-        Sweeps run.
+        Passes run, the initialisation counted as the first.
     stop_reason : str
         "tol", "max_iter" or "increase" (a sweep would have raised the
         error beyond rounding; it is discarded).
@@ -284,7 +284,8 @@ def fit_shared_basis(
     rank : int
         ``r``, at most the smallest block side.
     max_iter : int, default=100
-        Largest number of sweeps.
+        Largest number of passes, the initialisation counted as the first
+        (so ``max_iter - 1`` sweeps at most).
     tol : float, default=1e-6
         Stop when a sweep improves the relative error by a fraction
         ``<= tol`` of its value.
@@ -362,8 +363,8 @@ def fit_shared_basis(
     U = _u_step(TV, V, S)  # U always ends as the least-squares codes
     trace = [rel(_residual_sq(T, U, V, S))]
     stop = "max_iter"
-    n_done = 0
-    for _ in range(max_iter):
+    n_done = 1  # the initialisation (SVD bases, s step, U step) is the first pass
+    for _ in range(max_iter - 1):
         before = trace[-1]
         if before <= STEP_TOL:
             stop = "tol"
@@ -430,7 +431,7 @@ class SharedBasisLowRank(LinearCodesBase):
     rank : int, default=1
         Shared rank ``r`` (at most the smallest block side).
     max_iter : int, default=100
-        Largest number of sweeps.
+        Largest number of passes, the initialisation counted as the first.
     tol : float, default=1e-6
         Stop when a sweep improves the relative error by a fraction
         ``<= tol`` (a convergence tolerance, not a target error).
@@ -447,6 +448,7 @@ class SharedBasisLowRank(LinearCodesBase):
         Relative error after the initialisation and each sweep;
         non-increasing.
     n_iter_ : int
+        Passes run, the initialisation counted as the first.
     stop_reason_ : str
     ranks_ : ndarray of int, shape (K_rows, K_cols)
         Nominal rank ``r`` of every block.

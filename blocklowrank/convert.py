@@ -586,6 +586,11 @@ def load_factors(path):
                 f"{path!s} is not a blocklowrank factors file (no format field "
                 f"'{FORMAT_NAME}'); write one with blocklowrank.convert.save_factors"
             )
+        missing = {"format_version", "library_version", "kind", "layout", "meta"} - keys
+        if missing:
+            raise IncompatibleFactorsFile(
+                f"{path!s} is a damaged blocklowrank factors file: missing {sorted(missing)}"
+            )
         fv = int(z["format_version"])
         wrote = str(z["library_version"])
         ours = _library_version()

@@ -322,6 +322,9 @@ def test_load_refuses_incompatible_files(tmp_path):
     _rewrite(good, bad, library_version="7.0.0")
     with pytest.raises(IncompatibleFactorsFile, match="major version"):
         load_factors(bad)
+    _rewrite(good, bad, layout=None)
+    with pytest.raises(IncompatibleFactorsFile, match="missing \\['layout'\\]"):
+        load_factors(bad)
     _rewrite(good, bad, format=None)
     with pytest.raises(IncompatibleFactorsFile, match="not a blocklowrank factors file"):
         load_factors(bad)

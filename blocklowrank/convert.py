@@ -323,8 +323,9 @@ def to_gralora(obj, *, scaling=1.0):
     ``r = K * r_block``; a hybrid (global rank ``r_g`` added) is Hybrid
     GraLoRA with ``hybrid_r = r_g``.
 
-    Layout (checked against PEFT 0.21.2, ``peft/tuners/gralora/layer.py``,
-    the same on PEFT's main branch when written): with ``N = gralora_k``,
+    Layout (checked against PEFT 0.21.2, ``peft/tuners/gralora/layer.py``;
+    the test suite assembles ``Delta W`` with a NumPy transcription of that
+    file's ``forward`` and ``get_delta_weight``): with ``N = gralora_k``,
     ``s = r / N`` and ``fan_in_fan_out=False`` (``nn.Linear``),
 
     - ``gralora_A`` has shape ``[N, in_features // N, r]``;

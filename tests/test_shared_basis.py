@@ -1,0 +1,201 @@
+"""Shared-basis block structure (BLAST)."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blocklowrank import BlockLayout, BlockLowRank, GlobalLowRank
+from blocklowrank._factors import STEP_TOL, psd_solve
+from blocklowrank.shared_basis import (
+    SharedBasisLowRank,
+    _pad,
+    _s_step,
+    _u_step,
+    _v_step,
+    fit_shared_basis,
+    shared_basis_params,
+    shared_basis_rank_for_budget,
+)
+
+
+def _random_state(layout, r, rng):
+    kr, kc = layout.n_blocks
+    mb, nb = max(layout.row_sizes), max(layout.col_sizes)
+    U = np.zeros((kr, mb, r))
+    V = np.zeros((kc, nb, r))
+    for i, h in enumerate(layout.row_sizes):
+        U[i, :h] = rng.standard_normal((h, r))
+    for j, w in enumerate(layout.col_sizes):
+        V[j, :w] = rng.standard_normal((w, r))
+    S = rng.standard_normal((kr, kc, r))
+    return U, V, S
+
+
+def _W(layout, V, S, i):
+    """Decoder of block-row i: [diag(s_i1) V_1^T, ..., diag(s_iK) V_K^T] (r x n)."""
+    return np.concatenate(
+        [S[i, j][:, None] * V[j, :w].T for j, w in enumerate(layout.col_sizes)], axis=1
+    )
+
+
+# ---------------------------------------------------------------------------- counting
+def test_params():
+    assert shared_basis_params((28, 28), 2, 3) == 3 * 56 + 3 * 4
+    assert shared_basis_params((10, 7), (3, 2), 2) == 2 * 17 + 2 * 6
+    assert shared_basis_rank_for_budget((28, 28), 2, 224) == 3
+    assert shared_basis_rank_for_budget((256, 256), 4, 8192) == 15
+    assert shared_basis_rank_for_budget((4, 4), 2, 10_000) == 2  # capped at the block side
+    X = np.random.default_rng(0).standard_normal((10, 7))
+    est = SharedBasisLowRank(n_blocks=(3, 2), rank=2).fit(X)
+    counted = sum(u.size for u in est.U_) + sum(v.size for v in est.V_) + est.S_.size
+    assert est.n_params_ == counted == shared_basis_params((10, 7), (3, 2), 2)
+
+
+# ---------------------------------------------------------------------------- exact steps
+@pytest.mark.parametrize("shape, grid, r", [((9, 7), (2, 3), 2), ((12, 12), (3, 3), 3), ((6, 8), (1, 2), 2)])
+def test_each_step_is_the_exact_least_squares_solution(shape, grid, r):
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal(shape)
+    lay = BlockLayout.from_blocks(shape, grid)
+    T = _pad(X, lay)
+    U, V, S = _random_state(lay, r, rng)
+    re, ce = lay.row_edges, lay.col_edges
+    # U step: U_i = argmin ||X_i - U_i W_i||
+    S_new, TV = _s_step(T, U, V)
+    Un = _u_step(TV, V, S)
+    for i, h in enumerate(lay.row_sizes):
+        W = _W(lay, V, S, i)
+        ref = np.linalg.lstsq(W.T, X[re[i] : re[i + 1]].T, rcond=None)[0].T
+        np.testing.assert_allclose(Un[i, :h], ref, atol=1e-10)
+        assert np.all(Un[i, h:] == 0)
+    # V step: V_j = argmin ||X_{:,j} - [U_i diag(s_ij)]_i V_j^T||
+    Vn = _v_step(T, U, S)
+    for j, w in enumerate(lay.col_sizes):
+        L = np.concatenate([U[i, :h] * S[i, j] for i, h in enumerate(lay.row_sizes)], axis=0)
+        ref = np.linalg.lstsq(L, X[:, ce[j] : ce[j + 1]], rcond=None)[0].T
+        np.testing.assert_allclose(Vn[j, :w], ref, atol=1e-10)
+        assert np.all(Vn[j, w:] == 0)
+    # s step: s_ij = argmin ||X_ij - sum_k s_k u_k v_k^T|| over the r couplings
+    for i, h in enumerate(lay.row_sizes):
+        for j, w in enumerate(lay.col_sizes):
+            design = np.stack([np.outer(U[i, :h, k], V[j, :w, k]).ravel() for k in range(r)], axis=1)
+            ref = np.linalg.lstsq(design, X[re[i] : re[i + 1], ce[j] : ce[j + 1]].ravel(), rcond=None)[0]
+            np.testing.assert_allclose(S_new[i, j], ref, atol=1e-10)
+
+
+def test_psd_solve_singular_is_min_norm_least_squares():
+    rng = np.random.default_rng(2)
+    W = rng.standard_normal((4, 2)) @ rng.standard_normal((2, 9))  # rank 2, 4 rows
+    y = rng.standard_normal((9, 3))
+    x = psd_solve(W @ W.T, W @ y)
+    np.testing.assert_allclose(x, np.linalg.pinv(W.T) @ y, atol=1e-8)
+    assert np.all(psd_solve(np.zeros((3, 3)), np.zeros((3, 1))) == 0)
+
+
+# ---------------------------------------------------------------------------- monotone trace
+@st.composite
+def _problems(draw):
+    m = draw(st.integers(2, 14))
+    n = draw(st.integers(2, 14))
+    kr = draw(st.integers(1, min(3, m)))
+    kc = draw(st.integers(1, min(3, n)))
+    lay = BlockLayout.from_blocks((m, n), (kr, kc))
+    side = min(min(lay.row_sizes), min(lay.col_sizes))
+    r = draw(st.integers(1, side))
+    seed = draw(st.integers(0, 2**31 - 1))
+    init = draw(st.sampled_from(["svd", "random"]))
+    kind = draw(st.sampled_from(["gaussian", "low_rank", "sparse"]))
+    rng = np.random.default_rng(seed)
+    if kind == "gaussian":
+        X = rng.standard_normal((m, n))
+    elif kind == "low_rank":
+        X = rng.standard_normal((m, 1)) @ rng.standard_normal((1, n))
+    else:
+        X = rng.standard_normal((m, n)) * (rng.random((m, n)) < 0.2)
+    return X, (kr, kc), r, init, seed
+
+
+@settings(max_examples=40, deadline=None)
+@given(_problems())
+def test_error_trace_never_increases(problem):
+    X, grid, r, init, seed = problem
+    res = fit_shared_basis(X, grid, r, init=init, random_state=seed, max_iter=25, tol=0.0)
+    tr = res.error_trace
+    assert np.all(np.isfinite(tr))
+    # exact block-coordinate descent: monotone up to rounding (1e-12 of ||X||)
+    assert np.all(np.diff(tr) <= STEP_TOL)
+    assert res.stop_reason != "increase"
+    nx = np.linalg.norm(X)
+    direct = 0.0 if nx == 0 else np.linalg.norm(X - res.reconstruction) / nx
+    assert res.error == pytest.approx(direct, rel=1e-8, abs=1e-10)
+
+
+# ---------------------------------------------------------------------------- structure
+def test_one_block_is_truncated_svd():
+    X = np.random.default_rng(3).standard_normal((15, 12))
+    est = SharedBasisLowRank(n_blocks=1, rank=3).fit(X)
+    assert est.error_ == pytest.approx(GlobalLowRank(rank=3).fit(X).error_, rel=1e-10)
+
+
+def test_never_better_than_independent_blocks_of_same_rank():
+    X = np.random.default_rng(4).standard_normal((20, 20))
+    sb = SharedBasisLowRank(n_blocks=2, rank=3, tol=0, max_iter=200).fit(X)
+    bl = BlockLowRank(n_blocks=2, rank=3).fit(X)
+    assert sb.error_ >= bl.error_ - 1e-12
+    assert sb.n_params_ < bl.n_params_
+
+
+def test_planted_shared_basis_improves_far_over_init():
+    rng = np.random.default_rng(5)
+    K, h, r = 2, 12, 2
+    U = [rng.standard_normal((h, r)) for _ in range(K)]
+    V = [rng.standard_normal((h, r)) for _ in range(K)]
+    X = np.block([[(U[i] * rng.standard_normal(r)) @ V[j].T for j in range(K)] for i in range(K)])
+    res = fit_shared_basis(X, K, r, tol=0, max_iter=500)
+    assert res.error < 1e-3 * res.error_trace[0] + 1e-6
+    assert res.error < 1e-3
+
+
+def test_codes_reconstruct_the_approximation():
+    X = np.random.default_rng(6).standard_normal((13, 11))
+    est = SharedBasisLowRank(n_blocks=(3, 2), rank=2)
+    Z = est.fit_transform(X)
+    assert Z.shape == (13, 2) and est.n_codes_ == 2
+    np.testing.assert_allclose(est.reconstruct(Z), est.reconstruct(), atol=1e-12)
+    np.testing.assert_allclose(est.transform(X), Z, atol=1e-9)
+    np.testing.assert_allclose(Z[:5], est.U_[0], atol=1e-12)
+    assert est.score(X) == pytest.approx(-est.error_, rel=1e-8)
+    dense = np.zeros_like(X)
+    for (i, j), (B, A) in est.factors_.items():
+        rs, cs = est.layout_.block_slice(i, j)
+        dense[rs, cs] = B @ A
+        np.testing.assert_allclose(B, est.U_[i] * est.S_[i, j], atol=1e-12)
+    np.testing.assert_allclose(dense, est.reconstruct(), atol=1e-12)
+    assert est.ranks_.tolist() == [[2, 2]] * 3
+
+
+def test_degenerate_data_stays_finite():
+    X = np.zeros((8, 8))
+    X[:4, :4] = np.random.default_rng(7).standard_normal((4, 4))  # three zero blocks
+    res = fit_shared_basis(X, 2, 2, max_iter=20, tol=0)
+    assert np.all(np.isfinite(res.S)) and np.all(np.diff(res.error_trace) <= STEP_TOL)
+    assert fit_shared_basis(np.zeros((6, 6)), 2, 1).error == 0.0
+
+
+def test_float32_preserved():
+    X = np.random.default_rng(8).standard_normal((12, 10)).astype(np.float32)
+    est = SharedBasisLowRank(n_blocks=2, rank=2)
+    Z = est.fit_transform(X)
+    assert Z.dtype == np.float32 and est.transform(X).dtype == np.float32
+    assert est.reconstruct().dtype == np.float32 and est.S_.dtype == np.float32
+
+
+def test_errors():
+    X = np.random.default_rng(9).standard_normal((10, 7))
+    with pytest.raises(ValueError, match="exceeds the smallest block side"):
+        SharedBasisLowRank(n_blocks=2, rank=4).fit(X)
+    with pytest.raises(ValueError, match="block-columns"):
+        SharedBasisLowRank(n_blocks=(1, 8)).fit(X)
+    with pytest.raises(ValueError, match="init"):
+        fit_shared_basis(X, 2, 1, init="nope")

@@ -491,7 +491,12 @@ def pretrain(X, y, *, sizes=(784, 64, 5), random_state=None, lr=1e-3, epochs=20,
 
     ``random_state`` seeds both the initialisation and the shuffling.
     """
-    ss = np.random.SeedSequence(random_state)
+    if isinstance(random_state, np.random.SeedSequence):
+        ss = random_state
+    elif isinstance(random_state, np.random.Generator):
+        ss = np.random.SeedSequence(int(random_state.integers(2**63)))
+    else:
+        ss = np.random.SeedSequence(random_state)
     init_seed, shuffle_seed = ss.spawn(2)
     mlp = MLP.init(sizes, random_state=np.random.default_rng(init_seed))
     return train(

@@ -1,0 +1,2 @@
+"""Reproductions of the paper's experiments: each a function returning data,
+with a separate plotting function."""

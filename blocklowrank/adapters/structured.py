@@ -50,6 +50,35 @@ def _as_rng(random_state):
     return np.random.default_rng(random_state)
 
 
+def _swap_blocks(T, a, n, b, R):
+    """``(a, n, b*R) -> (b, n, a*R)``: swap the block axes, moving rank vectors whole.
+
+    Each length-``R`` rank vector is viewed as one opaque item (a void
+    dtype), so the copy's inner loop moves ``R`` numbers at a time; this is
+    3-4x faster than the element-wise transpose when ``R`` is small.
+    """
+    out = np.empty((b, n, a * R), dtype=T.dtype)
+    if R == 1:
+        out.reshape(b, n, a)[...] = T.reshape(a, n, b).transpose(2, 1, 0)
+        return out
+    item = np.dtype((np.void, R * T.dtype.itemsize))
+    src = np.ascontiguousarray(T).view(item).reshape(a, n, b)
+    out.view(item).reshape(b, n, a)[...] = src.transpose(2, 1, 0)
+    return out
+
+
+def _add_rows(H, r0, Y):
+    """``H[:, r0:r0 + k*h] += Y`` for ``Y`` of shape ``(k, n, h)`` (block-row major)."""
+    k, n, h = Y.shape
+    if k == 1:
+        H[:, r0 : r0 + h] += Y[0]
+        return
+    item = np.dtype((np.void, h * Y.dtype.itemsize))
+    Yt = np.empty((n, k * h), dtype=Y.dtype)
+    Yt.view(item).reshape(n, k)[...] = np.ascontiguousarray(Y).view(item).reshape(k, n).T
+    H[:, r0 : r0 + k * h] += Yt
+
+
 class StructuredAdapter:
     """Trainable low-rank factors on the active blocks of a layout.
 
@@ -313,18 +342,18 @@ class StructuredAdapter:
             A, B = self.params[f"A{k}"], self.params[f"B{k}"]
             kr, kc, h, w, R = g.kr, g.kc, g.h, g.w, g.R
             Xv = X[:, g.c0 : g.c1].reshape(n, kc, w).transpose(1, 0, 2)  # (kc, n, w) view
-            Hv = H[:, g.r0 : g.r1].reshape(n, kr, h).transpose(1, 0, 2)  # (kr, n, h) view
             if g.kind == "full":
                 T = np.matmul(Xv, A)  # (kc, n, kr*R)
-                T2 = T.reshape(kc, n, kr, R).transpose(2, 1, 0, 3).reshape(kr, n, kc * R)
-                Hv += np.matmul(T2, B)  # (kr, n, h)
+                T2 = _swap_blocks(T, kc, n, kr, R) if kc > 1 or kr > 1 else T
+                _add_rows(H, g.r0, np.matmul(T2, B))  # (kr, n, h)
                 cache.append((Xv, T2))
             else:
                 Xg = Xv if g.cols_all else Xv[g.jj]
                 T = np.matmul(Xg, A)  # (g, n, R)
                 Y = np.matmul(T, B)  # (g, n, h)
+                Hv = H[:, g.r0 : g.r1].reshape(n, kr, h).transpose(1, 0, 2)  # (kr, n, h) view
                 if g.rows_all:
-                    Hv += Y
+                    _add_rows(H, g.r0, Y)
                 elif g.rows_unique:
                     Hv[g.ii] += Y
                 else:
@@ -344,7 +373,7 @@ class StructuredAdapter:
             if g.kind == "full":
                 np.matmul(T.transpose(0, 2, 1), Gv, out=dB)  # (kr, kc*R, h)
                 dT2 = np.matmul(Gv, B.transpose(0, 2, 1))  # (kr, n, kc*R)
-                dT = dT2.reshape(kr, n, kc, R).transpose(2, 1, 0, 3).reshape(kc, n, kr * R)
+                dT = _swap_blocks(dT2, kr, n, kc, R) if kc > 1 or kr > 1 else dT2
                 np.matmul(Xv.transpose(0, 2, 1), dT, out=dA)  # (kc, w, kr*R)
             else:
                 Gg = Gv if g.rows_all else Gv[g.ii]

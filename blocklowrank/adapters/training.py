@@ -420,7 +420,8 @@ def train(
         raise TypeError("callback must be callable")
 
     t_start = time.perf_counter()
-    with _blas_limit(blas_threads):
+    # overflow is reported as TrainingDivergedError below, not as warnings
+    with _blas_limit(blas_threads), np.errstate(over="ignore", invalid="ignore"):
         model = _Model(mlp, adapter, mode, train_head, dtype)
         data = _Data(model, X, y)
         val = _Data(model, X_val, y_val) if has_val else None

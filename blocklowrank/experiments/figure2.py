@@ -212,6 +212,7 @@ def _summ(x, k=6):
 def _adapt_task(task, *, data, pretrained, progress=False, live=False):
     """One adaptation run (a module-level function so joblib can pickle it)."""
     seed = task["seed"]
+    cpu0 = time.process_time()
     mlp = MLP(**pretrained[seed])
     X = _float(data["ad_X"])
     y = data["ad_y"]
@@ -247,6 +248,7 @@ def _adapt_task(task, *, data, pretrained, progress=False, live=False):
         "test_acc": te_acc,
         "final_val_loss": h.val_loss[-1],
         "seconds": res.seconds,
+        "cpu_seconds": time.process_time() - cpu0,
         "history": {k: _summ(v) for k, v in h.to_dict().items()},
         "summary": f"val_loss {h.val_loss[b]:.4f} test_acc {100 * te_acc:.2f}% (best epoch {res.best_epoch})",
     }
@@ -395,6 +397,18 @@ def _summary_text(selected, ft, comps, skipped, settings):
         lines.append(
             f"Full fine-tuning ({N_MODEL_PARAMS} params, lr={ft['lr']:g}): test accuracy "
             f"{100 * ft['test_acc_mean']:.2f} +- {100 * ft['test_acc_std']:.2f}% (paper: 97.59%)"
+        )
+    cpu = settings.get("cpu_seconds")
+    if cpu:
+        lines.append(
+            f"Compute: {settings['n_runs']} runs, {cpu:.0f} CPU-seconds in the runs "
+            f"({cpu / max(settings['n_runs'], 1):.1f} s per run); this call took {settings['seconds']:.0f} s."
+        )
+    last = [r for r in selected if r.get("best_epoch_mean") == settings["epochs"]]
+    if last:
+        lines.append(
+            f"Note: {len(last)} selected configuration(s) had their best validation loss at the last "
+            "epoch (may improve with more epochs): " + ", ".join(f"{r['label']} {r['config']}" for r in last)
         )
     lines.append("")
     lines.append(f"{'method':<15}{'config':<10}{'lr':>8}{'params':>8}{'frac %':>8}{'test acc %':>16}{'drop pp':>16}")
@@ -567,6 +581,8 @@ def run_figure2(
         ft["drop_mean"], ft["drop_std"] = 0.0, 0.0
     comps = _compare(best)
     settings["seconds"] = time.perf_counter() - t0
+    settings["n_runs"] = len(runs)
+    settings["cpu_seconds"] = float(sum(r.get("cpu_seconds") or 0.0 for r in runs))
     text = _summary_text(selected, ft, comps, skipped, settings)
     _write_csv(os.path.join(out_dir, "sweep.csv"), table)
     with open(os.path.join(out_dir, "figure2_summary.txt"), "w", encoding="utf-8") as f:

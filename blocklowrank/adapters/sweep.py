@@ -68,8 +68,12 @@ class RunLog:
     >>> log.append({"id": "a", "acc": 0.9})
     >>> with open(log.path, "a") as f:
     ...     _ = f.write('{"id": "b", "ac')   # a run killed while writing
-    >>> sorted(log.load())
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     sorted(log.load())   # the torn line is dropped, with a RuntimeWarning
     ['a']
+    >>> len(caught)
+    1
     """
 
     def __init__(self, path):

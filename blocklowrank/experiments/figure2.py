@@ -368,7 +368,12 @@ def _compare(best):
                 continue
             la, ls = 100 * L["test_acc_mean"], 100 * L["test_acc_std"]
             oa, os_ = 100 * O["test_acc_mean"], 100 * O["test_acc_std"]
-            if la - ls > oa + os_:
+            n_seeds = min(L["n_seeds"], O["n_seeds"])
+            if n_seeds < 2:
+                verdict = ("higher" if la > oa else "lower" if la < oa else "equal") + (
+                    " (one seed: the spread is unknown)"
+                )
+            elif la - ls > oa + os_:
                 verdict = "better, beyond the seed spread"
             elif la + ls < oa - os_:
                 verdict = "worse, beyond the seed spread"
@@ -655,7 +660,8 @@ def plot_figure2(result, path=None, *, ax=None, title=None):
     ax.axhline(0, color="k", lw=0.8, ls=":")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.set_xlabel("trainable parameters (% of the 50,565 of the MLP)")
+    ax.set_xlabel("trainable parameters: adapter + output layer (% of the MLP's 50,565)"
+                  if TRAIN_HEAD else "trainable parameters (% of the MLP's 50,565)")
     ax.set_ylabel("accuracy drop from full fine-tuning (pp)")
     ft = result.full_ft
     n = len(result.settings.get("seeds", [])) if result.settings else 0

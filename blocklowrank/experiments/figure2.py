@@ -659,7 +659,9 @@ def plot_figure2(result, path=None, *, ax=None, title=None):
         ax.step(fx, fy, where="post", color=st["color"], lw=1.2, alpha=0.7)
     ax.axhline(0, color="k", lw=0.8, ls=":")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([0.5, 1, 2, 5, 10, 20, 50, 100]))
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("trainable parameters: adapter + output layer (% of the MLP's 50,565)"
                   if TRAIN_HEAD else "trainable parameters (% of the MLP's 50,565)")
     ax.set_ylabel("accuracy drop from full fine-tuning (pp)")
@@ -668,7 +670,7 @@ def plot_figure2(result, path=None, *, ax=None, title=None):
     if title is None:
         title = "MNIST 0-4 -> 5-9: structured adapters on the first layer"
         if ft:
-            title += f"\nfull FT {100 * ft['test_acc_mean']:.2f}±{100 * ft['test_acc_std']:.2f}% ({n} seeds); lines: Pareto frontiers"
+            title += f"\nfull FT {100 * ft['test_acc_mean']:.2f}±{100 * ft['test_acc_std']:.2f}% ({n} seed{'s' if n != 1 else ''}); lines: Pareto frontiers"
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)

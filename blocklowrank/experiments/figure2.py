@@ -28,6 +28,16 @@ written down here):
    (per-seed paired differences) against the fraction of trainable
    parameters ``(adapter + head) / 50,565``.
 
+Epochs (measured on MNIST, batch 64, one seed, the full grid): at lr
+5e-4 every run reaches its lowest validation loss before epoch 100
+(median epoch 58); at 2e-4, 20 of 26 runs and at 1e-4, 25 of 26 runs are
+still improving at epoch 95-100 (for lr 1e-4 the validation loss falls
+another 6-23 % between epochs 100 and 200). Model selection is over the
+learning rates, so 11 of the 14 selected configurations are converged
+5e-4 runs and 3 are 2e-4 runs whose best epoch is 93-96. The default of 100
+epochs keeps the sweep near 5 minutes on 2 cores; pass ``epochs=200`` to
+let lr 1e-4 converge too (twice the time).
+
 Beyond the paper: several seeds (each seed redoes pretraining, the
 validation split, the adapter initialisation and the shuffling), and a
 plain statement per budget of whether Localized LoRA beats LoRA and
@@ -75,7 +85,7 @@ GRID = {
     "block": [{"n_blocks": k, "rank": r} for k in (2, 4, 8, 16) for r in (2, 4, 8, 16)],
 }
 LABELS = {"global": "LoRA", "diagonal": "MELoRA", "block": "Localized LoRA", "full": "Full FT"}
-#: Epochs of every adaptation run (measured: see the module notes / README).
+#: Epochs of every adaptation run (see the module notes for the convergence measurement).
 DEFAULT_EPOCHS = 100
 BATCH_SIZE = 64
 VAL_FRACTION = 0.1

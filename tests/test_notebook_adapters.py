@@ -1,7 +1,6 @@
 """Execute notebooks/02_adapters.ipynb on a small subset (no Jupyter kernel needed)."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -1,0 +1,299 @@
+"""Resumable, parallel sweeps of training runs.
+
+- :class:`RunLog`: one JSON line per finished run, appended with flush and
+  fsync. Reading it repairs a torn last line (a run killed mid-write is
+  simply run again) and never yields a run twice.
+- :func:`run_sweep`: runs the tasks not yet in the log through
+  :class:`joblib.Parallel`, appending each result as it arrives, with a
+  text progress report on stderr. Because it only uses ``joblib.Parallel``,
+  any joblib backend works without code change, e.g. on a cluster::
+
+      from dask.distributed import Client
+      import joblib
+      client = Client("scheduler:8786")
+      with joblib.parallel_config(backend="dask"):
+          run_figure2("results", n_jobs=-1)
+
+  (Ray: ``from ray.util.joblib import register_ray; register_ray()`` then
+  ``backend="ray"``.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+
+from .training import TrainingDivergedError
+
+__all__ = ["RunLog", "run_sweep", "ProgressPrinter", "jsonable"]
+
+
+def jsonable(obj):
+    """Plain-JSON version of ``obj``: numpy scalars/arrays to Python, NaN/inf to None."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    return obj
+
+
+class RunLog:
+    """An append-only JSON-lines file of finished runs, keyed by ``record["id"]``.
+
+    Parameters
+    ----------
+    path : str or path-like
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> from blocklowrank.adapters.sweep import RunLog
+    >>> d = tempfile.mkdtemp()
+    >>> log = RunLog(os.path.join(d, "runs.jsonl"))
+    >>> log.append({"id": "a", "acc": 0.9})
+    >>> with open(log.path, "a") as f:
+    ...     _ = f.write('{"id": "b", "ac')   # a run killed while writing
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     sorted(log.load())   # the torn line is dropped, with a RuntimeWarning
+    ['a']
+    >>> len(caught)
+    1
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+
+    def load(self):
+        """``{id: record}`` of the finished runs; truncates a torn last line.
+
+        A malformed line that is not the last one means the file was edited
+        or corrupted otherwise: that raises ``ValueError`` (nothing is
+        discarded silently). A repeated id keeps the first record.
+        """
+        if not os.path.exists(self.path):
+            return {}
+        with open(self.path, "rb") as f:
+            raw = f.read()
+        records = {}
+        pos = 0
+        good_end = 0
+        n = len(raw)
+        lineno = 0
+        while pos < n:
+            nl = raw.find(b"\n", pos)
+            end = n if nl < 0 else nl
+            line = raw[pos:end]
+            lineno += 1
+            is_last = nl < 0 or nl + 1 >= n
+            try:
+                if nl < 0:
+                    raise ValueError("no newline")
+                rec = json.loads(line) if line.strip() else None
+                if rec is not None and (not isinstance(rec, dict) or "id" not in rec):
+                    raise ValueError("not a run record")
+            except ValueError:
+                if is_last:
+                    warnings.warn(
+                        f"{self.path}: line {lineno} is incomplete (a run interrupted while "
+                        "being written); it is discarded and that run will be redone",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    with open(self.path, "r+b") as f:
+                        f.truncate(good_end)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    break
+                raise ValueError(
+                    f"{self.path}: line {lineno} is not a valid run record; "
+                    "fix or remove that line (only a torn last line is repaired automatically)"
+                ) from None
+            if rec is not None:
+                records.setdefault(rec["id"], rec)
+            pos = end + 1
+            good_end = pos
+        return records
+
+    def append(self, record):
+        """Append one record as a JSON line, then flush and fsync."""
+        line = json.dumps(jsonable(record), sort_keys=True, allow_nan=False)
+        if "\n" in line:  # pragma: no cover - json.dumps never emits raw newlines
+            raise ValueError("record serialises with a newline")
+        d = os.path.dirname(self.path)
+        if d:
+            os.makedirs(d, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _fmt_time(s):
+    if s is None or not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def _bar(frac, width=20):
+    k = int(round(max(0.0, min(1.0, frac)) * width))
+    return "[" + "#" * k + "-" * (width - k) + "]"
+
+
+class ProgressPrinter:
+    """Overall progress of a sweep, one line per finished run, on stderr."""
+
+    def __init__(self, total, done, *, name="sweep", stream=None, enabled=True):
+        self.total, self.done0 = total, done
+        self.done, self.failed = done, 0
+        self.name = name
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+
+    def start(self):
+        if self.enabled:
+            todo = self.total - self.done0
+            msg = f"[{self.name}] {self.total} runs: {self.done0} already done, {todo} to run"
+            print(msg, file=self.stream, flush=True)
+
+    def update(self, record, label=""):
+        self.done += 1
+        if record.get("status") != "ok":
+            self.failed += 1
+        if not self.enabled:
+            return
+        el = time.perf_counter() - self.t0
+        new = self.done - self.done0
+        rem = self.total - self.done
+        eta = el / new * rem if new else None
+        status = record.get("status")
+        tail = record.get("summary") or ("FAILED: " + str(record.get("error", ""))[:80] if status != "ok" else "")
+        print(
+            f"[{self.name}] {_bar(self.done / max(self.total, 1))} {self.done}/{self.total} runs"
+            f"{f' ({self.failed} failed)' if self.failed else ''} | elapsed {_fmt_time(el)}"
+            f" | eta {_fmt_time(eta)} | {label} {tail}",
+            file=self.stream,
+            flush=True,
+        )
+
+
+class RunProgress:
+    """Per-run progress callback (``callback(epoch, history)`` of :func:`train`).
+
+    With ``live=True`` (one run at a time on a terminal) a bar is redrawn in
+    place every epoch; otherwise a line is printed at 25 %, 50 %, 75 % and
+    100 % of the epochs (readable when parallel workers share stderr).
+    """
+
+    def __init__(self, label, epochs, *, live=False, stream=None, enabled=True):
+        self.label, self.epochs, self.live = label, epochs, live
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.marks = {max(1, int(round(epochs * q))) for q in (0.25, 0.5, 0.75, 1.0)}
+
+    def __call__(self, epoch, hist):
+        if not self.enabled:
+            return
+        val = f" val_loss {hist.val_loss[-1]:.4f}" if hist.val_loss else ""
+        msg = f"  {self.label} {_bar(epoch / self.epochs, 10)} epoch {epoch}/{self.epochs}{val}"
+        if self.live:
+            end = "\n" if epoch == self.epochs else ""
+            print("\r" + msg + "\033[K", end=end, file=self.stream, flush=True)
+        elif epoch in self.marks:
+            self.stream.write(msg + "\n")  # one write: parallel workers share stderr
+            self.stream.flush()
+
+
+def _call(fn, task, progress_live, progress):
+    """Run one task in a worker; a diverged run becomes a 'failed' record."""
+    t0 = time.perf_counter()
+    try:
+        rec = fn(task, progress=progress, live=progress_live)
+        rec.setdefault("status", "ok")
+    except TrainingDivergedError as exc:
+        rec = {"status": "failed", "error": str(exc), "failed_epoch": exc.epoch}
+    rec["id"] = task["id"]
+    rec["task"] = task
+    rec.setdefault("seconds", time.perf_counter() - t0)
+    return rec
+
+
+def run_sweep(tasks, fn, log, *, n_jobs=1, progress=True, name="sweep", label=None):
+    """Run every task whose id is not in ``log``; return ``{id: record}`` for all tasks.
+
+    Parameters
+    ----------
+    tasks : list of dict
+        Each with a unique ``"id"``; passed to ``fn``.
+    fn : callable
+        ``fn(task, progress=bool, live=bool) -> dict`` (picklable, e.g. a
+        module-level function or a ``functools.partial`` of one). It may
+        raise :class:`TrainingDivergedError`: the run is then recorded with
+        ``status="failed"``. Any other exception stops the sweep (runs
+        already finished stay in the log).
+    log : RunLog
+    n_jobs : int, default=1
+        Passed to :class:`joblib.Parallel`; the backend comes from
+        ``joblib.parallel_config`` (loky processes by default).
+    progress : bool, default=True
+    label : callable, optional
+        ``label(task) -> str`` for progress lines.
+    """
+    from joblib import Parallel, delayed
+
+    ids = [t["id"] for t in tasks]
+    if len(set(ids)) != len(ids):
+        raise ValueError("task ids must be unique")
+    done = log.load()
+    todo = [t for t in tasks if t["id"] not in done]
+    label = label or (lambda t: t["id"])
+    pp = ProgressPrinter(len(tasks), len(tasks) - len(todo), name=name, enabled=progress)
+    pp.start()
+    results = {i: done[i] for i in ids if i in done}
+    if not todo:
+        return results
+    live = bool(progress) and n_jobs == 1 and getattr(sys.stderr, "isatty", lambda: False)()
+    by_id = {t["id"]: t for t in todo}
+
+    def _consume(recs):
+        for rec in recs:
+            log.append(rec)
+            results[rec["id"]] = rec
+            pp.update(rec, label(by_id[rec["id"]]))
+
+    jobs = (delayed(_call)(fn, t, live, progress) for t in todo)
+    try:
+        gen = Parallel(n_jobs=n_jobs, return_as="generator_unordered", batch_size=1)(jobs)
+    except ValueError as exc:  # backend without result generators: run in chunks
+        if "return_as" not in str(exc):
+            raise
+        par = Parallel(n_jobs=n_jobs, batch_size=1)
+        from joblib import effective_n_jobs
+
+        step = 2 * max(1, effective_n_jobs(n_jobs))
+        for s in range(0, len(todo), step):
+            _consume(par(delayed(_call)(fn, t, live, progress) for t in todo[s : s + step]))
+        return results
+    _consume(gen)
+    return results

@@ -168,11 +168,18 @@ def cmd_reproduce(args):
 
             written += run_study(out, progress=not args.quiet)
         elif name == "figure2":
-            from .experiments.figure2 import run_figure2_cli
+            from .experiments.figure2 import DEFAULT_EPOCHS, plot_figure2, run_figure2
 
-            written += run_figure2_cli(
-                out, seeds=args.seeds, epochs=args.epochs, n_jobs=args.n_jobs, progress=not args.quiet
+            res = run_figure2(
+                out,
+                seeds=args.seeds,
+                epochs=args.epochs or DEFAULT_EPOCHS,
+                n_jobs=args.n_jobs,
+                progress=not args.quiet,
+                subset=args.subset,
             )
+            plot_figure2(res, out / "figure2.png")
+            written += [out / "sweep.csv", out / "figure2_summary.txt", out / "figure2.png"]
     print("\nresults:")
     for p in written:
         print(f"  {p}")
@@ -200,8 +207,11 @@ def build_parser():
     r.add_argument("what", nargs="?", default="all", choices=("all",) + EXPERIMENTS)
     r.add_argument("--out", default="results", help="output directory (default: results)")
     r.add_argument("--seeds", type=int, default=3, help="figure2: seeds per configuration (default 3)")
-    r.add_argument("--epochs", type=int, default=None, help="figure2: training epochs (default: the converged default)")
+    r.add_argument("--epochs", type=int, default=None,
+                   help="figure2: most epochs per run, with early stopping (default 200)")
     r.add_argument("--n-jobs", type=int, default=1, help="figure2: parallel runs via joblib (default 1)")
+    r.add_argument("--subset", type=int, default=None,
+                   help="figure2: use only the first N images of each split (quick checks)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     r.set_defaults(func=cmd_reproduce)
 

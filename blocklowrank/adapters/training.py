@@ -342,6 +342,7 @@ def train(
     dtype=np.float32,
     blas_threads=1,
     optimizer_kw=None,
+    patience=None,
 ):
     """Train an adapter on the first layer, the whole MLP, or its head.
 
@@ -379,6 +380,10 @@ def train(
         core count. None leaves BLAS alone.
     optimizer_kw : dict, optional
         Extra arguments of the optimiser (``betas``, ``eps``; ``momentum``).
+    patience : int, optional
+        Early stopping: end training once the validation loss has not
+        improved for ``patience`` epochs (needs a validation set). ``epochs``
+        is then an upper bound; ``len(history)`` tells where it stopped.
 
     Returns
     -------
@@ -421,6 +426,10 @@ def train(
         X_val, y_val = _check_data(X_val, y_val, n_in, n_out, dtype, name="X_val")
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable")
+    if patience is not None:
+        patience = _check_positive_int(patience, "patience")
+        if not has_val:
+            raise ValueError("patience (early stopping) needs a validation set: give X_val and y_val")
 
     t_start = time.perf_counter()
     # overflow is reported as TrainingDivergedError below, not as warnings
@@ -466,12 +475,14 @@ def train(
                     )
                 hist.val_loss.append(v_loss)
                 hist.val_acc.append(v_acc)
-                if restore_best and v_loss < best[0]:
-                    best = (v_loss, store.theta.copy(), epoch)
+                if v_loss < best[0]:
+                    best = (v_loss, store.theta.copy() if restore_best else None, epoch)
             hist.seconds.append(time.perf_counter() - t_start)
             if callback is not None:
                 callback(epoch, hist)
-        best_epoch = epochs
+            if patience is not None and epoch - best[2] >= patience:
+                break
+        best_epoch = len(hist.epoch)
         if restore_best and best[1] is not None:
             store.theta[...] = best[1]
             best_epoch = best[2]

@@ -1,4 +1,7 @@
-"""Writes notebooks/01_structured_approximation.ipynb (no outputs are committed)."""
+"""Writes notebooks/01_structured_approximation.ipynb (no outputs are committed).
+
+Run: python notebooks/build_01_structured_approximation.py
+"""
 
 import json
 from pathlib import Path
@@ -149,6 +152,6 @@ nb = {
     "nbformat": 4,
     "nbformat_minor": 5,
 }
-out = Path(__file__).resolve().parents[1] / "notebooks" / "01_structured_approximation.ipynb"
+out = Path(__file__).resolve().parent / "01_structured_approximation.ipynb"
 out.write_text(json.dumps(nb, indent=1) + "\n")
 print("wrote", out)

@@ -130,23 +130,59 @@ def _randomized_svd(A, k, n_oversamples, n_iter, omega):
     return np.ascontiguousarray(U), s, np.ascontiguousarray(Vt)
 
 
-def _resolve_n_jobs(n_jobs):
+# ``n_jobs=None`` splits a stack over threads only when it holds at least this
+# much work, counted as m*n*min(m, n) per matrix for the exact SVD and
+# m*n*(k + n_oversamples)*(2 n_iter + 2) for the randomized one. Below it the
+# fixed cost of the workers (about 0.5 ms: the pool and the BLAS thread
+# limit) eats the gain; measured by benchmarks/bench_engine.py.
+_THREAD_MIN_WORK = 4e6
+# Chunks handed out per worker: a few, so that a worker slowed down by
+# another process does not hold the others back.
+_CHUNKS_PER_WORKER = 4
+
+
+def _resolve_n_jobs(n_jobs, n_tasks=None, work=None):
+    """Number of worker threads for a stack of ``n_tasks`` matrices.
+
+    An int is used as given; a negative one counts back from the usable
+    CPUs as in joblib (-1: all of them). ``None`` is the number of threads
+    the BLAS would use anyway (all cores by default, 1 inside
+    ``threadpool_limits(1)`` or with ``OMP_NUM_THREADS=1``) when the stack has
+    two or more matrices and at least ``_THREAD_MIN_WORK`` of ``work``, and
+    1 otherwise (also when ``n_tasks`` is not given). The same cores are
+    busy either way; splitting the stack over them is faster than BLAS's
+    own threads, which do not speed up many small SVDs.
+    """
+    import os
+
+    try:
+        cpus = max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
     if n_jobs is None:
-        return 1
+        if n_tasks is None or n_tasks < 2 or (work is not None and work < _THREAD_MIN_WORK):
+            return 1
+        try:  # the threads BLAS would use now: honours threadpool_limits and *_NUM_THREADS
+            from threadpoolctl import threadpool_info
+
+            blas = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
+        except Exception:  # threadpoolctl unable to inspect the BLAS
+            blas = []
+        return max(1, min(max(blas, default=1), cpus, int(n_tasks)))
     n_jobs = _check_int(n_jobs, "n_jobs")
     if n_jobs == 0:
         raise ValueError("n_jobs must be a non-zero integer (or None)")
-    import os
-
-    cpus = os.cpu_count() or 1
-    return cpus + 1 + n_jobs if n_jobs < 0 else n_jobs
+    return max(1, cpus + 1 + n_jobs) if n_jobs < 0 else n_jobs
 
 
 def _run_chunked(fn, arrays, n_jobs):
     """Run ``fn(*chunk)`` over chunks of the leading axis in worker threads.
 
     BLAS is held to one thread per worker so the workers do not oversubscribe
-    the cores; NumPy's linalg kernels release the GIL.
+    the cores; NumPy's linalg kernels release the GIL. The stack is cut into
+    up to ``_CHUNKS_PER_WORKER`` chunks per worker, handed out on demand, and
+    the results are concatenated in order: each matrix goes through the same
+    kernel whatever ``n_jobs``.
     """
     N = arrays[0].shape[0]
     n_jobs = max(1, min(n_jobs, N))
@@ -154,8 +190,9 @@ def _run_chunked(fn, arrays, n_jobs):
         return fn(*arrays)
     from threadpoolctl import threadpool_limits
 
-    bounds = np.linspace(0, N, n_jobs + 1).astype(int)
-    chunks = [tuple(a[bounds[t] : bounds[t + 1]] for a in arrays) for t in range(n_jobs)]
+    n_chunks = min(N, n_jobs * _CHUNKS_PER_WORKER)
+    bounds = np.linspace(0, N, n_chunks + 1).astype(int)
+    chunks = [tuple(a[bounds[t] : bounds[t + 1]] for a in arrays) for t in range(n_chunks)]
     with threadpool_limits(limits=1, user_api="blas"):
         with ThreadPoolExecutor(max_workers=n_jobs) as ex:
             parts = list(ex.map(lambda c: fn(*c), chunks))
@@ -189,7 +226,12 @@ def batched_svd(
         As in ``randomized_svd``; ``n_iter="auto"`` is 7 when
         ``k < 0.1 min(m, n)``, else 4.
     n_jobs : int, optional
-        Worker threads over the stack (BLAS held to one thread each).
+        Worker threads over the stack (BLAS held to one thread each); -1
+        means all CPUs. None (default): as many workers as the BLAS has
+        threads when the stack holds two or more matrices and enough work
+        to pay for the threads, else 1 (see ``_resolve_n_jobs``). Every
+        matrix goes through the same kernel whatever ``n_jobs``: results
+        agree to rounding (bit for bit at equal BLAS thread counts).
     full_spectrum : bool, default=False
         With the exact solver, return all ``min(m, n)`` singular values in
         ``s`` (``U`` and ``Vt`` are still truncated to ``k``).
@@ -209,7 +251,7 @@ def batched_svd(
         k = L
     k = int(k)
     flat = A.reshape((-1, m, n))
-    n_jobs = _resolve_n_jobs(n_jobs)
+    N = flat.shape[0]
     if svd_solver == "randomized":
         from sklearn.utils import check_random_state
 
@@ -220,15 +262,24 @@ def batched_svd(
             rng = check_random_state(random_state)
             it = _auto_n_iter(k, m, n) if n_iter == "auto" else int(n_iter)
             inner = min(m, n)  # the sketch acts on the smaller side (after any transpose)
-            omega = rng.standard_normal((flat.shape[0], inner, ell)).astype(flat.dtype, copy=False)
+            # drawn for the whole stack before any split: the result does not depend on n_jobs
+            omega = rng.standard_normal((N, inner, ell)).astype(flat.dtype, copy=False)
+            jobs = _resolve_n_jobs(n_jobs, N, float(N) * m * n * ell * (2 * it + 2))
             U, s, Vt = _run_chunked(
-                lambda a, o: _randomized_svd(a, k, n_oversamples, it, o), (flat, omega), n_jobs
+                lambda a, o: _randomized_svd(a, k, n_oversamples, it, o), (flat, omega), jobs
             )
     if svd_solver == "full":
-        U, s, Vt = _run_chunked(_exact_svd, (flat,), n_jobs)
-        U, Vt = np.ascontiguousarray(U[..., :k]), np.ascontiguousarray(Vt[..., :k, :])
-        if not full_spectrum:
-            s = s[..., :k]
+
+        def exact_k(a):  # truncate inside the worker: only k vectors are copied and joined
+            U, s, Vt = _exact_svd(a)
+            return (
+                np.ascontiguousarray(U[..., :k]),
+                s if full_spectrum else np.ascontiguousarray(s[..., :k]),
+                np.ascontiguousarray(Vt[..., :k, :]),
+            )
+
+        jobs = _resolve_n_jobs(n_jobs, N, float(N) * m * n * L)
+        U, s, Vt = _run_chunked(exact_k, (flat,), jobs)
     elif svd_solver != "randomized":
         raise ValueError(f"svd_solver must be 'full' or 'randomized' here, got {svd_solver!r}")
     svd_flip_v(U, Vt)
@@ -662,7 +713,11 @@ def approximate(
         raising ValueError.
     n_jobs : int, optional
         Worker threads that split each stack of blocks (BLAS limited to one
-        thread per worker). None means 1; -1 means all cores.
+        thread per worker); -1 means all cores. None (default): as many
+        workers as the BLAS has threads (the cores it would use anyway; 1
+        inside ``threadpool_limits(1)``) for stacks of two or more blocks
+        with enough work, else 1. Results agree to rounding whatever ``n_jobs``
+        (the random sketch is drawn before the stack is split).
 
     Returns
     -------

@@ -110,17 +110,25 @@ def _exact_svd(A):
 
 
 def _randomized_svd(A, k, n_oversamples, n_iter, omega):
-    """Batched randomized SVD (Halko et al.) of ``A`` (N, m, n) with QR normalisation."""
+    """Batched randomized SVD (Halko et al.) of ``A`` (N, m, n) with QR normalisation.
+
+    Subspace iteration on ``A A^T`` with one Householder QR per power
+    iteration (``n_iter + 1`` in all). sklearn normalises (LU) after every
+    product; for a stack of small blocks the QR calls cost as much as the
+    products, and halving them keeps the captured energy unchanged on flat
+    and decaying spectra (benchmarks/bench_engine.py): only directions with
+    ``sigma_i < sqrt(eps) sigma_1``, whose energy is below rounding, could be
+    lost between two normalisations. numpy has no batched LU.
+    """
     transpose = A.shape[-2] < A.shape[-1]
     if transpose:
         A = A.swapaxes(-1, -2)
     At = A.swapaxes(-1, -2)
-    Q = A @ omega
+    Y = A @ omega
     for _ in range(n_iter):
-        Q, _ = np.linalg.qr(Q)
-        Q, _ = np.linalg.qr(At @ Q)
-        Q = A @ Q
-    Q, _ = np.linalg.qr(Q)
+        Q, _ = np.linalg.qr(Y)
+        Y = A @ (At @ Q)
+    Q, _ = np.linalg.qr(Y)
     Bm = Q.swapaxes(-1, -2) @ A
     Uh, s, Vt = np.linalg.svd(Bm, full_matrices=False)
     U = Q @ Uh

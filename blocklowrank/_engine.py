@@ -139,14 +139,31 @@ def _randomized_svd(A, k, n_oversamples, n_iter, omega):
 
 
 # ``n_jobs=None`` splits a stack over threads only when it holds at least this
-# much work, counted as m*n*min(m, n) per matrix for the exact SVD and
-# m*n*(k + n_oversamples)*(2 n_iter + 2) for the randomized one. Below it the
-# fixed cost of the workers (about 0.5 ms: the pool and the BLAS thread
-# limit) eats the gain; measured by benchmarks/bench_engine.py.
-_THREAD_MIN_WORK = 4e6
+# much work. Work is counted per matrix as m*n*min(m, n) + 1e4 for the exact
+# SVD and m*n*(k + n_oversamples)*(2 n_iter + 2)/16 + 1e4 (n_iter + 1) for the
+# randomized one; on the benchmark machine a unit is about 3 ns, so the
+# threshold is ~3 ms of single-thread work. Below it the fixed cost of the
+# workers (~0.3 ms: the pool and the BLAS limit) eats the gain. Measured by
+# benchmarks/bench_engine.py.
+_THREAD_MIN_WORK = 1e6
 # Chunks handed out per worker: a few, so that a worker slowed down by
 # another process does not hold the others back.
 _CHUNKS_PER_WORKER = 4
+_BLAS_CONTROLLER = []  # threadpoolctl controller of the BLAS libraries, made on first use
+
+
+def _blas_controller():
+    """Controller of the BLAS libraries loaded when first needed (numpy's, which
+    runs every kernel here), or None when threadpoolctl cannot inspect them."""
+    if not _BLAS_CONTROLLER:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            ctl = ThreadpoolController().select(user_api="blas")
+        except Exception:
+            ctl = None
+        _BLAS_CONTROLLER.append(ctl)
+    return _BLAS_CONTROLLER[0]
 
 
 def _resolve_n_jobs(n_jobs, n_tasks=None, work=None):
@@ -170,12 +187,8 @@ def _resolve_n_jobs(n_jobs, n_tasks=None, work=None):
     if n_jobs is None:
         if n_tasks is None or n_tasks < 2 or (work is not None and work < _THREAD_MIN_WORK):
             return 1
-        try:  # the threads BLAS would use now: honours threadpool_limits and *_NUM_THREADS
-            from threadpoolctl import threadpool_info
-
-            blas = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
-        except Exception:  # threadpoolctl unable to inspect the BLAS
-            blas = []
+        ctl = _blas_controller()  # the threads BLAS would use now (honours threadpool_limits)
+        blas = [lib.num_threads for lib in ctl.lib_controllers] if ctl is not None else []
         return max(1, min(max(blas, default=1), cpus, int(n_tasks)))
     n_jobs = _check_int(n_jobs, "n_jobs")
     if n_jobs == 0:
@@ -196,12 +209,13 @@ def _run_chunked(fn, arrays, n_jobs):
     n_jobs = max(1, min(n_jobs, N))
     if n_jobs == 1:
         return fn(*arrays)
-    from threadpoolctl import threadpool_limits
+    from contextlib import nullcontext
 
+    ctl = _blas_controller()
     n_chunks = min(N, n_jobs * _CHUNKS_PER_WORKER)
     bounds = np.linspace(0, N, n_chunks + 1).astype(int)
     chunks = [tuple(a[bounds[t] : bounds[t + 1]] for a in arrays) for t in range(n_chunks)]
-    with threadpool_limits(limits=1, user_api="blas"):
+    with ctl.limit(limits=1) if ctl is not None else nullcontext():
         with ThreadPoolExecutor(max_workers=n_jobs) as ex:
             parts = list(ex.map(lambda c: fn(*c), chunks))
     return tuple(np.concatenate([p[t] for p in parts], axis=0) for t in range(len(parts[0])))
@@ -272,7 +286,8 @@ def batched_svd(
             inner = min(m, n)  # the sketch acts on the smaller side (after any transpose)
             # drawn for the whole stack before any split: the result does not depend on n_jobs
             omega = rng.standard_normal((N, inner, ell)).astype(flat.dtype, copy=False)
-            jobs = _resolve_n_jobs(n_jobs, N, float(N) * m * n * ell * (2 * it + 2))
+            work = N * (m * n * ell * (2 * it + 2) / 16 + 1e4 * (it + 1))
+            jobs = _resolve_n_jobs(n_jobs, N, work)
             U, s, Vt = _run_chunked(
                 lambda a, o: _randomized_svd(a, k, n_oversamples, it, o), (flat, omega), jobs
             )
@@ -286,7 +301,7 @@ def batched_svd(
                 np.ascontiguousarray(Vt[..., :k, :]),
             )
 
-        jobs = _resolve_n_jobs(n_jobs, N, float(N) * m * n * L)
+        jobs = _resolve_n_jobs(n_jobs, N, N * (float(m) * n * L + 1e4))
         U, s, Vt = _run_chunked(exact_k, (flat,), jobs)
     elif svd_solver != "randomized":
         raise ValueError(f"svd_solver must be 'full' or 'randomized' here, got {svd_solver!r}")

@@ -72,7 +72,10 @@ def _clock(fn, number):
         gc.enable()
 
 
-def alternate(fns, repeats, min_sample=0.05, max_call=5.0):
+MIN_SAMPLE = 0.05  # seconds per timing sample (0.02 with --quick)
+
+
+def alternate(fns, repeats, min_sample=None, max_call=5.0):
     """Median seconds per call of each ``(name, fn)``, run alternately in one process.
 
     A first pass calibrates how many calls make one sample (at least
@@ -82,6 +85,7 @@ def alternate(fns, repeats, min_sample=0.05, max_call=5.0):
     so that a slow drift of the machine hits every method alike. A
     calibration call longer than 0.5 s already counts as a sample.
     """
+    min_sample = MIN_SAMPLE if min_sample is None else min_sample
     number, samples = {}, {name: [] for name, _ in fns}
     for name, fn in fns:
         t = _clock(fn, 1)
@@ -188,7 +192,13 @@ def header(args):
         nj = _resolve_n_jobs(None)
     lines.append(f"- default n_jobs=None resolves to {nj} worker thread(s) on a large stack")
     try:
-        lines.append("- load average at start: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
+        load = os.getloadavg()
+        lines.append("- load average at start: " + ", ".join(f"{v:.2f}" for v in load))
+        if load[0] > 0.5 * (os.cpu_count() or 1):
+            lines.append(
+                "- **warning**: other processes are busy; timings that use BLAS threads "
+                "(loop, n_jobs=1, sk-loop, recon) can be 10-100x slower than on an idle machine"
+            )
     except OSError:
         pass
     mode = "quick" if args.quick else "full"
@@ -507,6 +517,9 @@ def main(argv=None):
     if args.repeats is None:
         args.repeats = 3 if args.quick else 5
     args.repeats_big = min(args.repeats, 3)
+    if args.quick:
+        global MIN_SAMPLE
+        MIN_SAMPLE = 0.02
     args.blocks = [2, 4, 8, 16]
     args.ranks = [2, 8]
 

@@ -23,19 +23,21 @@ __all__ = ["assemble_block_factors", "psd_solve", "spd_solve", "LinearCodesBase"
 STEP_TOL = 1e-12
 
 
-def assemble_block_factors(layout, factors, dtype=np.float64):
+def assemble_block_factors(layout, factors, dtype=np.float64, *, batch=()):
     """Dense ``m x n`` matrix with block ``(i, j)`` equal to ``B_ij @ A_ij``.
 
     ``factors`` is ``{(i, j): (B_ij, A_ij)}``; blocks not in it are zero.
-    One matmul per block: this is for assembling a result once, not for a
-    hot loop.
+    With ``batch`` (leading dimensions), the factors are stacks
+    ``(*batch, m_i, r)`` / ``(*batch, r, n_j)`` and so is the result. One
+    matmul per block: this is for assembling a result once, not for a hot
+    loop.
     """
-    out = np.zeros(layout.shape, dtype=dtype)
+    out = np.zeros(tuple(batch) + tuple(layout.shape), dtype=dtype)
     for (i, j), (B, A) in factors.items():
         if B.shape[-1] == 0:
             continue
         rs, cs = layout.block_slice(i, j)
-        out[rs, cs] = B @ A
+        out[..., rs, cs] = B @ A
     return out
 
 

@@ -4,6 +4,15 @@ Usage (from the repository root)::
 
     python benchmarks/bench_structures.py            # 28x28 and 256x256
     python benchmarks/bench_structures.py --repeat 5 --threads 2
+    python benchmarks/bench_structures.py --stack 500 --sizes   # iterative fits on MNIST stacks only
+    python benchmarks/bench_structures.py --experiment          # time the structures experiment
+
+``--stack N`` times the iterative structures (hybrid, BLAST) on the first N MNIST
+test digits fitted as one stack against a Python loop of single fits (on the
+first ``--loop-n`` digits; the per-digit errors of the two are compared).
+``--experiment`` runs :func:`blocklowrank.experiments.structures.compute_structures`
+(the ``blocklowrank reproduce structures`` computation) and prints its time per
+dataset.
 
 Compares, on the same matrices and at the same parameter budget, global low
 rank (LoRA), diagonal blocks (MELoRA, N=4), full blocks (Localized LoRA,
@@ -191,16 +200,59 @@ def header(threads):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[28, 256])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[28, 256])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--repeat-large", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--stack", type=int, default=0, help="MNIST digits for the stack-vs-loop timing")
+    ap.add_argument("--loop-n", type=int, default=50, help="digits fitted one by one in the loop")
+    ap.add_argument("--experiment", action="store_true", help="time the structures experiment")
     args = ap.parse_args(argv)
     header(args.threads)
     with threadpool_limits(limits=args.threads, user_api="blas"):
         for d in args.sizes:
             run_size(d, args.repeat if d < 128 else args.repeat_large)
+        if args.stack:
+            run_stack(args.stack, args.loop_n)
+    if args.experiment:
+        run_experiment()
     return 0
+
+
+def run_stack(n, loop_n):
+    """Hybrid and BLAST on a stack of MNIST digits: one vectorised fit vs a loop of single fits."""
+    from blocklowrank.datasets import load_mnist_split
+
+    images, _ = load_mnist_split("test")
+    S = images[:n].astype(np.float64)
+    print(f"\n## Iterative fits on {n} MNIST digits at budget 224: stack vs loop (loop on {loop_n})\n")
+    print("| structure | stack: s | ms/digit | loop: ms/digit | loop/stack | max error diff | mean passes |")
+    print("|---|--:|--:|--:|--:|--:|--:|")
+    cases = [
+        ("hybrid K=2 r=1 + global r=2", lambda X: fit_hybrid(X, BlockLayout.block((28, 28), 2, rank=1), 2)),
+        ("BLAST K=2 r=3", lambda X: fit_shared_basis(X, 2, 3)),
+        ("BLAST K=4 r=3", lambda X: fit_shared_basis(X, 4, 3)),
+    ]
+    for name, fit in cases:
+        t0 = time.perf_counter()
+        stack = fit(S)
+        ts = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        singles = [fit(x) for x in S[:loop_n]]
+        tl = (time.perf_counter() - t0) / loop_n
+        diff = max(abs(a.error - b) for a, b in zip(singles, stack.error[:loop_n]))
+        print(f"| {name} | {ts:.2f} | {1e3 * ts / n:.2f} | {1e3 * tl:.1f} | {tl * n / ts:.1f}x | {diff:.1e} "
+              f"| {np.mean(stack.n_iter):.1f} |", flush=True)
+
+
+def run_experiment():
+    from blocklowrank.datasets import load_mnist_split
+    from blocklowrank.experiments.structures import compute_structures
+
+    images, labels = load_mnist_split("test")
+    print("\n## The structures experiment (blocklowrank reproduce structures)\n")
+    res = compute_structures(images, labels, progress=True)
+    print(f"\ntotal {res['seconds']:.1f} s")
 
 
 def run_size(d, repeat):

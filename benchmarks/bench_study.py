@@ -1,8 +1,8 @@
 """How long the 10,000-digit study takes, against fitting digit by digit.
 
 Prints, from one process:
-- the whole study (`compute_study`: spectra of every partition, the budget-224 comparison
-  and the budget sweep) on all 10,000 MNIST test digits;
+- the whole study (`compute_study`: spectra of every partition, the budget-224 comparison,
+  the budget sweep, and BLAST on its subsets) on all 10,000 MNIST test digits;
 - the batched engine vs a Python loop over digits for one configuration
   (Localized K=2, r_block=2 at budget 224), measured on the same digits, alternating runs.
 
@@ -50,7 +50,12 @@ def main():
         t.append(time.perf_counter() - t0)
     tm = st["timings"]
     print(f"\nwhole study on {args.n} digits: median {statistics.median(t):.2f} s over {args.repeats} runs "
-          f"(last run: spectra {tm['spectra']:.2f} s, allocation {tm['allocation']:.2f} s, sweep {tm['sweep']:.2f} s)")
+          f"(last run: spectra {tm['spectra']:.2f} s, allocation {tm['allocation']:.2f} s, sweep {tm['sweep']:.2f} s, "
+          f"BLAST {tm.get('blast', 0.0):.2f} s)")
+    if st.get("blast"):
+        bl = st["blast"]
+        print(f"  BLAST: curve on {bl['curve_n']} digits, K={bl['n_blocks']} r={bl['rank']} fitted on {bl['n']} digits "
+              f"in {bl['seconds']:.2f} s")
 
     S = images[: args.loop_n].astype(np.float64)
     batched, loop = [], []

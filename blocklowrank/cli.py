@@ -2,7 +2,8 @@
 
 Subcommands
 -----------
-reproduce   the paper's experiments (Table I / Figure 1, the 10k-digit study, Figure 2)
+reproduce   the paper's experiments (Table I / Figure 1, the 10k-digit study, Figure 2) and the
+            structures beyond the paper at matched budgets
 approximate fit one structure to a matrix or image file
 budget      configurations of each structure at a parameter budget
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-EXPERIMENTS = ("table1", "study", "figure2")
+EXPERIMENTS = ("table1", "study", "structures", "figure2")  # quick ones first
 
 
 class CLIError(Exception):
@@ -167,6 +168,10 @@ def cmd_reproduce(args):
             from .experiments.study import run_study
 
             written += run_study(out, progress=not args.quiet)
+        elif name == "structures":
+            from .experiments.structures import run_structures
+
+            written += run_structures(out, progress=not args.quiet)
         elif name == "figure2":
             from .experiments.figure2 import DEFAULT_EPOCHS, plot_figure2, run_figure2
 
@@ -202,7 +207,8 @@ def build_parser():
         "reproduce",
         help="reproduce the paper's experiments",
         description="Reproduce Table I and Figure 1 (table1), the 10,000-digit study (study), "
-        "Figure 2's adapter sweep (figure2), or all of them.",
+        "Figure 2's adapter sweep (figure2), every structure at matched budgets (structures), "
+        "or all of them.",
     )
     r.add_argument("what", nargs="?", default="all", choices=("all",) + EXPERIMENTS)
     r.add_argument("--out", default="results", help="output directory (default: results)")

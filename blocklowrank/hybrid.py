@@ -131,27 +131,35 @@ class HybridFit:
         randomized solver) or "exact" (one part is empty, one step is the
         optimum).
     n_params : int
+        Per matrix.
+    batch_shape : tuple
+        ``()`` for one matrix; for a stack ``X`` of shape ``(..., m, n)``,
+        ``X.shape[:-2]``: every factor, ``error``, ``n_iter`` and
+        ``stop_reason`` then carry these leading dimensions, and
+        ``error_trace`` is ``(..., longest trace)``, NaN past each matrix's
+        own last entry.
     """
 
     layout: BlockLayout
     global_rank: int
     factors: dict
     global_factors: tuple
-    error: float
+    error: object
     error_trace: np.ndarray
-    n_iter: int
-    stop_reason: str
+    n_iter: object
+    stop_reason: object
     n_params: int
     dtype: np.dtype
+    batch_shape: tuple = ()
     _reconstruction: object = field(default=None, repr=False)
 
     @property
     def reconstruction(self):
         """Dense approximation ``B_g A_g + sum_blocks B_ij A_ij`` (cached)."""
         if self._reconstruction is None:
-            P = assemble_block_factors(self.layout, self.factors, np.float64)
+            P = assemble_block_factors(self.layout, self.factors, np.float64, batch=self.batch_shape)
             Bg, Ag = self.global_factors
-            if Bg.shape[1]:
+            if Bg.shape[-1]:
                 P += Bg.astype(np.float64) @ Ag.astype(np.float64)
             self._reconstruction = P.astype(self.dtype, copy=False)
         return self._reconstruction
@@ -167,30 +175,32 @@ class HybridFit:
 
 
 def _decoders(layout, A_g, factors, dtype):
+    """Decoders (..., K_rows, n_codes, n) from A_g (..., r_g, n) and the block factors."""
     kr, _ = layout.n_blocks
-    r_g = A_g.shape[0]
+    batch = A_g.shape[:-2]
+    r_g = A_g.shape[-2]
     n = layout.shape[1]
     c = r_g + int(layout.ranks.sum(axis=1).max())
-    D = np.zeros((kr, max(c, 1), n), dtype=dtype)
-    D[:, :r_g, :] = A_g
+    D = np.zeros(batch + (kr, max(c, 1), n), dtype=dtype)
+    D[..., :r_g, :] = A_g[..., None, :, :]
     for (i, j), (_, A) in factors.items():
-        r = A.shape[0]
+        r = A.shape[-2]
         if r == 0:
             continue
         off = r_g + int(layout.ranks[i, :j].sum())
-        D[i, off : off + r, layout.block_slice(i, j)[1]] = A
+        D[..., i, off : off + r, layout.block_slice(i, j)[1]] = A
     return D
 
 
 def _split_codes(layout, Z_rows, r_g):
-    """Codes (m, c) -> (B_g, {(i, j): B_ij}) following the decoder order."""
-    B_g = Z_rows[:, :r_g].copy()
+    """Codes (..., m, c) -> (B_g, {(i, j): B_ij}) following the decoder order."""
+    B_g = Z_rows[..., :r_g].copy()
     out = {}
     for i, j in zip(*np.nonzero(layout.active)):
         i, j = int(i), int(j)
         r = int(layout.ranks[i, j])
         off = r_g + int(layout.ranks[i, :j].sum())
-        out[(i, j)] = Z_rows[layout.block_slice(i, j)[0], off : off + r].copy()
+        out[(i, j)] = Z_rows[..., layout.block_slice(i, j)[0], off : off + r].copy()
     return B_g, out
 
 
@@ -255,8 +265,14 @@ def fit_hybrid(
 
     Parameters
     ----------
-    X : array-like of shape (m, n)
-        float32 stays float32 in the results (computation is in float64).
+    X : array-like of shape (m, n) or (..., m, n)
+        float32 stays float32 in the results (computation is in float64). A
+        stack is fitted in one alternation: every step is one batched
+        :func:`~blocklowrank.approximate` call on the matrices still running,
+        and each matrix keeps its own trace, stopping rule and monotone
+        guarantee, so with the exact solver its result is that of fitting it
+        alone (to rounding; with the randomized solver the random draws
+        depend on the stack).
     layout : BlockLayout
         Block part with its ranks (may have no ranks if ``global_rank > 0``).
     global_rank : int
@@ -277,6 +293,7 @@ def fit_hybrid(
     Returns
     -------
     HybridFit
+        For a stack, with arrays over the leading dimensions.
 
     Examples
     --------
@@ -291,11 +308,22 @@ def fit_hybrid(
     True
     >>> bool(np.isclose(res.error, np.linalg.norm(X - res.reconstruction) / np.linalg.norm(X)))
     True
+
+    A stack, each matrix as if fitted alone:
+
+    >>> S = np.random.default_rng(1).standard_normal((20, 28, 28))
+    >>> lay = BlockLayout.block((28, 28), 2, rank=1)
+    >>> batch = fit_hybrid(S, lay, global_rank=2)
+    >>> batch.error.shape, batch.global_factors[0].shape
+    ((20,), (20, 28, 2))
+    >>> bool(np.isclose(batch.error[3], fit_hybrid(S[3], lay, 2).error))
+    True
     """
-    X = validate_matrix(X, max_ndim=2)
+    X = validate_matrix(X)
     dtype = X.dtype
-    Xd = np.asarray(X, dtype=np.float64)
-    m, n = Xd.shape
+    batch = X.shape[:-2]
+    m, n = X.shape[-2:]
+    Xd = np.asarray(X, dtype=np.float64).reshape((-1, m, n))
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
     if tuple(layout.shape) != (m, n):
@@ -317,107 +345,163 @@ def fit_hybrid(
 
     rng = check_random_state(random_state)
     svd_kw = dict(svd_solver=svd_solver, n_oversamples=n_oversamples, n_iter=n_iter, random_state=rng)
-    glob_layout = BlockLayout.global_((m, n), r_g) if r_g else None
-    norm_x = float(np.linalg.norm(Xd))
-
-    def rel_err(G, P):
-        if norm_x == 0:
-            return 0.0
-        return float(np.linalg.norm(Xd - G - P)) / norm_x
-
-    def global_step(R):
-        a = approximate(R, glob_layout, **svd_kw)
-        return a.reconstruction, a.factors[(0, 0)]
-
-    def block_step(R):
-        a = approximate(R, layout, **svd_kw)
-        return a.reconstruction, a.factors
-
-    zero = np.zeros((m, n))
-    G, gf = zero, (np.zeros((m, 0)), np.zeros((0, n)))
-    P, bf = zero, {
-        (int(i), int(j)): (np.zeros((layout.row_sizes[i], 0)), np.zeros((0, layout.col_sizes[j])))
-        for i, j in zip(*np.nonzero(layout.active))
-    }
-    trace = []
-    n_done = 1
-    if not has_blocks or r_g == 0:
-        if has_blocks:
-            P, bf = block_step(Xd)
-        else:
-            G, gf = global_step(Xd)
-        trace.append(rel_err(G, P))
-        stop = "exact"
-    else:
-        order = ("global", "blocks") if init == "global" else ("blocks", "global")
-        state = {"global": (G, gf), "blocks": (P, bf)}
-
-        def run(which):
-            if which == "global":
-                return global_step(Xd - state["blocks"][0])
-            return block_step(Xd - state["global"][0])
-
-        for which in order:  # initial pass: each part once
-            state[which] = run(which)
-            trace.append(rel_err(state["global"][0], state["blocks"][0]))
-        stop = "max_iter"
-        for _ in range(max_iter - 1):
-            before = trace[-1]
-            if before <= STEP_TOL:
-                stop = "tol"
-                break
-            increased = False
-            for which in order:
-                cand = run(which)
-                trial = dict(state)
-                trial[which] = cand
-                e = rel_err(trial["global"][0], trial["blocks"][0])
-                if e > trace[-1] + STEP_TOL:
-                    increased = True
-                    break
-                state = trial
-                trace.append(e)
-            if increased:
-                stop = "increase"
-                break
-            n_done += 1
-            if (before - trace[-1]) <= tol * before:
-                stop = "tol"
-                break
-        G, gf = state["global"]
-        P, bf = state["blocks"]
-
-    # final exact step: least-squares refit of all left factors given the right ones
-    A_g = np.asarray(gf[1], dtype=np.float64)
-    bf64 = {k: (np.asarray(B, np.float64), np.asarray(A, np.float64)) for k, (B, A) in bf.items()}
-    D = _decoders(layout, A_g, bf64, np.float64)
-    E = np.linalg.pinv(D)
-    edges = layout.row_edges
-    Z = np.empty((m, D.shape[1]))
-    for i in range(layout.n_blocks[0]):
-        Z[edges[i] : edges[i + 1]] = Xd[edges[i] : edges[i + 1]] @ E[i]
-    B_g, Bs = _split_codes(layout, Z, r_g)
-    factors = {k: (Bs[k], bf64[k][1]) for k in bf64}
-    approx = assemble_block_factors(layout, factors, np.float64)
-    if r_g:
-        approx += B_g @ A_g
-    err = 0.0 if norm_x == 0 else float(np.linalg.norm(Xd - approx)) / norm_x
-    trace.append(err)
+    res = _hybrid_stack(Xd, layout, r_g, max_iter, tol, init, svd_kw)
+    B_g, A_g, factors, approx, err, trace, n_done, stop = res
 
     cast = lambda a: np.ascontiguousarray(a, dtype=dtype)  # noqa: E731
+
+    def shaped(a):
+        return cast(a.reshape(batch + a.shape[1:]))
+
+    width = int(np.sum(~np.isnan(trace), axis=1).max())
+    if batch:
+        error, n_iter_out, stop_out = err.reshape(batch), n_done.reshape(batch), stop.reshape(batch)
+        error_trace = trace[:, :width].reshape(batch + (width,))
+    else:
+        error, n_iter_out, stop_out = float(err[0]), int(n_done[0]), str(stop[0])
+        error_trace = trace[0, :width]
     return HybridFit(
         layout=layout,
         global_rank=r_g,
-        factors={k: (cast(B), cast(A)) for k, (B, A) in factors.items()},
-        global_factors=(cast(B_g), cast(A_g)),
-        error=err,
-        error_trace=np.asarray(trace, dtype=np.float64),
-        n_iter=n_done,
-        stop_reason=stop,
+        factors={k: (shaped(B), shaped(A)) for k, (B, A) in factors.items()},
+        global_factors=(shaped(B_g), shaped(A_g)),
+        error=error,
+        error_trace=error_trace,
+        n_iter=n_iter_out,
+        stop_reason=stop_out,
         n_params=int(layout.n_params + r_g * (m + n)),
         dtype=dtype,
-        _reconstruction=approx.astype(dtype, copy=False),
+        batch_shape=batch,
+        _reconstruction=shaped(approx),
     )
+
+
+def _hybrid_stack(Xd, layout, r_g, max_iter, tol, init, svd_kw):
+    """The alternation of :func:`fit_hybrid` on a stack Xd (N, m, n), matrix by matrix.
+
+    Every step is one :func:`~blocklowrank.approximate` call on the matrices still
+    running (a batched SVD); each matrix keeps its own trace and stopping rule, so
+    its result is that of fitting it alone. Returns ``(B_g, A_g, factors, approx,
+    error, trace, n_done, stop)`` with a leading axis of length N.
+    """
+    N, m, n = Xd.shape
+    has_blocks = layout.n_params > 0
+    glob_layout = BlockLayout.global_((m, n), r_g) if r_g else None
+    sq_x = np.einsum("nab,nab->n", Xd, Xd)
+
+    def rel_err(idx, G, P):
+        R = Xd[idx] - G - P
+        sq = np.einsum("nab,nab->n", R, R)
+        tot = sq_x[idx]
+        return np.where(tot > 0, np.sqrt(sq / np.where(tot > 0, tot, 1.0)), 0.0)
+
+    # state: dense parts and factors of every matrix
+    G = np.zeros((N, m, n))
+    P = np.zeros((N, m, n))
+    gf = [np.zeros((N, m, r_g)), np.zeros((N, r_g, n))]
+    bf = {
+        (int(i), int(j)): [
+            np.zeros((N, layout.row_sizes[i], int(layout.ranks[i, j]))),
+            np.zeros((N, int(layout.ranks[i, j]), layout.col_sizes[j])),
+        ]
+        for i, j in zip(*np.nonzero(layout.active))
+    }
+
+    def step(which, idx):
+        """Candidate (dense part, factors) of one step for the matrices idx."""
+        if which == "global":
+            a = approximate(Xd[idx] - P[idx], glob_layout, **svd_kw)
+            return a.reconstruction, {"g": a.factors[(0, 0)]}
+        a = approximate(Xd[idx] - G[idx], layout, **svd_kw)
+        return a.reconstruction, a.factors
+
+    def accept(which, idx, dense, facs, sel):
+        """Store the candidate of step ``which`` for the matrices idx[sel]."""
+        ids = idx[sel]
+        if which == "global":
+            G[ids] = dense[sel]
+            B, A = facs["g"]
+            gf[0][ids], gf[1][ids] = B[sel], A[sel]
+        else:
+            P[ids] = dense[sel]
+            for k, (B, A) in facs.items():
+                if k in bf and bf[k][0].shape[-1]:
+                    r = bf[k][0].shape[-1]
+                    bf[k][0][ids] = B[sel][..., :r]
+                    bf[k][1][ids] = A[sel][..., :r, :]
+
+    width = 3 + 2 * max(max_iter - 1, 0)
+    trace = np.full((N, width), np.nan)
+    tl = np.zeros(N, dtype=np.int64)  # trace length of every matrix
+    n_done = np.ones(N, dtype=np.int64)
+    stop = np.full(N, "max_iter", dtype="<U8")
+    everyone = np.arange(N)
+    allsel = np.ones(N, dtype=bool)
+
+    def record(ids, e):
+        trace[ids, tl[ids]] = e
+        tl[ids] += 1
+
+    if not has_blocks or r_g == 0:
+        which = "blocks" if has_blocks else "global"
+        dense, facs = step(which, everyone)
+        accept(which, everyone, dense, facs, allsel)
+        record(everyone, rel_err(everyone, G, P))
+        stop[:] = "exact"
+    else:
+        order = ("global", "blocks") if init == "global" else ("blocks", "global")
+        for which in order:  # initial pass: each part once, on every matrix
+            dense, facs = step(which, everyone)
+            accept(which, everyone, dense, facs, allsel)
+            record(everyone, rel_err(everyone, G, P))
+        active = everyone
+        for _ in range(max_iter - 1):
+            before = trace[active, tl[active] - 1]
+            done = before <= STEP_TOL
+            if done.any():
+                stop[active[done]] = "tol"
+                active, before = active[~done], before[~done]
+            if active.size == 0:
+                break
+            increased = np.zeros(active.size, dtype=bool)
+            for which in order:
+                sub = active[~increased]
+                if sub.size == 0:
+                    break
+                dense, facs = step(which, sub)
+                if which == "global":
+                    e = rel_err(sub, dense, P[sub])
+                else:
+                    e = rel_err(sub, G[sub], dense)
+                up = e > trace[sub, tl[sub] - 1] + STEP_TOL
+                accept(which, sub, dense, facs, ~up)
+                record(sub[~up], e[~up])
+                increased[np.flatnonzero(~increased)[up]] = True
+            stop[active[increased]] = "increase"
+            good, before = active[~increased], before[~increased]
+            n_done[good] += 1
+            conv = (before - trace[good, tl[good] - 1]) <= tol * before
+            stop[good[conv]] = "tol"
+            active = good[~conv]
+            if active.size == 0:
+                break
+
+    # final exact step: least-squares refit of all left factors given the right ones
+    A_g = gf[1]
+    D = _decoders(layout, A_g, {k: (B, A) for k, (B, A) in bf.items()}, np.float64)  # (N, kr, c, n)
+    E = np.linalg.pinv(D)  # (N, kr, n, c)
+    edges = layout.row_edges
+    Z = np.empty((N, m, D.shape[-2]))
+    for i in range(layout.n_blocks[0]):
+        Z[:, edges[i] : edges[i + 1]] = Xd[:, edges[i] : edges[i + 1]] @ E[:, i]
+    B_g, Bs = _split_codes(layout, Z, r_g)
+    factors = {k: (Bs[k], bf[k][1]) for k in bf}
+    approx = assemble_block_factors(layout, factors, np.float64, batch=(N,))
+    if r_g:
+        approx += B_g @ A_g
+    err = rel_err(everyone, approx, 0.0)
+    record(everyone, err)
+    return B_g, A_g, factors, approx, err, trace, n_done, stop
 
 
 # ---------------------------------------------------------------------------- estimator

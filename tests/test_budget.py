@@ -674,3 +674,164 @@ class TestCompareAtBudget:
             if r["allocation"] == "uniform":
                 o = opt[(r["method"], r["n_blocks"])]
                 assert np.all(o["errors"] <= r["errors"] + 1e-12)
+
+
+# ---------------------------------------------------------------------------- beyond the paper
+from blocklowrank.budget import ALL_METHODS  # noqa: E402
+from blocklowrank.hybrid import fit_hybrid  # noqa: E402
+from blocklowrank.shared_basis import fit_shared_basis  # noqa: E402
+
+
+def ref_shared_count(shape, k, r):
+    """BLAST: bases U_i (m_i x r) and V_j (n_j x r), r couplings per block."""
+    m, n = shape
+    return sum(h * r for h in sizes(m, k)) + sum(w * r for w in sizes(n, k)) + r * k * k
+
+
+def ref_hybrid_count(shape, k, r_b, r_g):
+    m, n = shape
+    return ref_count("block", shape, k, r_b) + r_g * m + r_g * n
+
+
+def ref_min_side_full(shape, k):
+    return min(min(sizes(shape[0], k)), min(sizes(shape[1], k)))
+
+
+class TestBeyondThePaper:
+    def test_all_methods(self):
+        assert ALL_METHODS == ("global", "diagonal", "block", "hybrid", "shared_basis")
+
+    def test_counts_at_the_paper_budget(self):
+        assert count_params("hybrid", (28, 28), n_blocks=2, rank=1, global_rank=2) == 224
+        assert count_params("hybrid", (28, 28), n_blocks=3, rank=1, global_rank=1) == 224
+        assert count_params("hybrid", (28, 28), n_blocks=2, rank=1, global_rank=0) == 112
+        assert count_params("shared_basis", (28, 28), n_blocks=2, rank=3) == 3 * 56 + 3 * 4 == 180
+        assert count_params("shared_basis", (28, 28), n_blocks=4, rank=3) == 3 * 56 + 3 * 16 == 216
+        assert count_params("shared_basis", (10, 7), n_blocks=(3, 2), rank=2) == 2 * 17 + 2 * 6
+        assert count_params("hybrid", (10, 7), n_blocks=(2, 3), rank=1, global_rank=1) == 3 * 10 + 2 * 7 + 17
+
+    @PROFILE
+    @given(st.integers(1, 30), st.integers(1, 30), st.data())
+    def test_counts_match_independent_formulas(self, m, n, data):
+        k = data.draw(st.integers(1, min(m, n, 8)))
+        side = ref_min_side_full((m, n), k)
+        r = data.draw(st.integers(1, side))
+        assert count_params("shared_basis", (m, n), n_blocks=k, rank=r) == ref_shared_count((m, n), k, r)
+        r_g = data.draw(st.integers(0, min(m, n)))
+        assert count_params("hybrid", (m, n), n_blocks=k, rank=r, global_rank=r_g) == ref_hybrid_count(
+            (m, n), k, r, r_g
+        )
+
+    @pytest.mark.parametrize(
+        "kwargs, exc, match",
+        [
+            (dict(method="hybrid", shape=(8, 8), rank=1, n_blocks=2), TypeError, "global_rank"),
+            (dict(method="block", shape=(8, 8), rank=1, n_blocks=2, global_rank=1), TypeError, "hybrid"),
+            (dict(method="hybrid", shape=(8, 8), rank=1, n_blocks=2, global_rank=9), ValueError, "exceeds"),
+            (dict(method="hybrid", shape=(8, 8), rank=1, n_blocks=2, global_rank=-1), ValueError, "global_rank"),
+            (dict(method="hybrid", shape=(8, 8), rank=5, n_blocks=2, global_rank=1), ValueError, "smaller side"),
+            (dict(method="shared_basis", shape=(8, 8), rank=5, n_blocks=2), ValueError, "smallest block"),
+            (dict(method="shared_basis", shape=(8, 8), rank=[1, 2], n_blocks=2), TypeError, "rank"),
+            (dict(method="shared_basis", shape=(8, 8), rank=0, n_blocks=2), ValueError, "rank"),
+            (dict(method="shared_basis", shape=(8, 8), rank=1, n_blocks=9), ValueError, "n_blocks"),
+        ],
+    )
+    def test_bad_input(self, kwargs, exc, match):
+        with pytest.raises(exc, match=match):
+            count_params(**kwargs)
+
+    def test_match_at_the_paper_budget(self):
+        recs = match_budget((28, 28), 224, methods=["shared_basis", "hybrid"])
+        assert recs.columns == MATCH_COLUMNS + ("global_rank",)
+        hyb = [(r["n_blocks"], r["rank"], r["global_rank"], r["n_params"]) for r in recs if r["method"] == "hybrid"]
+        assert hyb == [(2, 1, 2, 224), (3, 1, 1, 224)]
+        sb = {r["n_blocks"]: (r["rank"], r["n_params"], r["exact"]) for r in recs if r["method"] == "shared_basis"}
+        assert sb[2] == (3, 180, False) and sb[4] == (3, 216, False) and sb[7] == (2, 210, False)
+        # K = 12: rank 1 costs 56 + 144 = 200; K = 13: 56 + 169 = 225 > 224
+        assert max(sb) == 12 and sb[12] == (1, 200, False)
+        # default methods unchanged: no global_rank column, the paper's three only
+        assert match_budget((28, 28), 224).columns == MATCH_COLUMNS
+
+    @PROFILE
+    @given(st.integers(2, 20), st.integers(2, 20), st.integers(1, 700), st.booleans())
+    def test_records_are_correct_and_complete(self, m, n, budget, exact):
+        """BLAST and hybrid records: count equal to the independent formula and within the
+        budget, ranks below every block side (and r_g below min(m, n)), the largest rank that
+        fits (nearest below), exact flag right; every valid configuration whose count equals
+        the budget is listed."""
+        L = min(m, n)
+        try:
+            recs = match_budget((m, n), budget, methods=["hybrid", "shared_basis"], exact=exact)
+        except ValueError:
+            recs = []
+        seen = set()
+        for r in recs:
+            k, rank = r["n_blocks"], r["rank"]
+            side = ref_min_side_full((m, n), k)
+            assert k >= 2 and 1 <= rank < side
+            if r["method"] == "shared_basis":
+                count = ref_shared_count((m, n), k, rank)
+                assert r["global_rank"] is None
+                assert ref_shared_count((m, n), k, rank + 1) > budget
+                seen.add(("shared_basis", k, rank, None))
+            else:
+                r_g = r["global_rank"]
+                assert 1 <= r_g < L
+                count = ref_hybrid_count((m, n), k, rank, r_g)
+                assert ref_hybrid_count((m, n), k, rank, r_g + 1) > budget
+                seen.add(("hybrid", k, rank, r_g))
+            assert r["n_params"] == count <= budget and r["exact"] == (count == budget)
+            if exact:
+                assert r["exact"]
+        for k in range(2, L + 1):
+            side = ref_min_side_full((m, n), k)
+            for rank in range(1, side):
+                if ref_shared_count((m, n), k, rank) == budget:
+                    assert ("shared_basis", k, rank, None) in seen
+                for r_g in range(1, L):
+                    if ref_hybrid_count((m, n), k, rank, r_g) == budget:
+                        assert ("hybrid", k, rank, r_g) in seen
+
+    def test_sweep_points_are_for_the_paper_methods(self):
+        with pytest.raises(ValueError, match="methods"):
+            budget_sweep_points((28, 28), methods=["hybrid"])
+
+    def test_compare_equals_direct_fits_on_a_stack(self):
+        """compare_at_budget's errors for hybrid and BLAST rows are those of fit_hybrid and
+        fit_shared_basis on the same stack, matrix by matrix."""
+        S = np.stack([tiny_matrix(s, (12, 12)) for s in range(5)])
+        res = compare_at_budget(S, 96, methods=ALL_METHODS, n_blocks=[2, 3], fit_options={"max_iter": 30})
+        assert res.columns == COMPARE_COLUMNS + ("global_rank",)
+        kinds = {r["method"] for r in res}
+        assert kinds == set(ALL_METHODS)
+        for r in res:
+            k = r["n_blocks"]
+            if r["method"] == "shared_basis":
+                want = fit_shared_basis(S, k, r["rank"], max_iter=30).error
+                assert r["n_params"] == ref_shared_count((12, 12), k, r["rank"])
+                assert r["global_rank"] is None and np.all(r["block_ranks"] == r["rank"])
+            elif r["method"] == "hybrid":
+                want = fit_hybrid(S, BlockLayout.block((12, 12), k, rank=r["rank"]), r["global_rank"], max_iter=30).error
+                assert r["n_params"] == ref_hybrid_count((12, 12), k, r["rank"], r["global_rank"])
+                for t in range(len(S)):  # and the single-matrix fit
+                    one = fit_hybrid(S[t], BlockLayout.block((12, 12), k, rank=r["rank"]), r["global_rank"], max_iter=30)
+                    assert r["errors"][t] == pytest.approx(one.error, rel=1e-10)
+            else:
+                assert r["global_rank"] is None
+                continue
+            np.testing.assert_allclose(r["errors"], want, rtol=1e-12)
+            assert r["error"] == pytest.approx(np.mean(want))
+            assert r["allocation"] == "uniform" and r["proven_optimal"] is None
+            assert np.all(r["n_params_each"] == r["n_params"]) and r["n_params"] <= 96
+        errs = [r["error"] for r in res]
+        assert errs == sorted(errs)
+
+    def test_compare_single_matrix_and_options(self):
+        X = tiny_matrix(3, (12, 10))
+        res = compare_at_budget(X, 88, methods=["shared_basis"], n_blocks=[2])
+        (row,) = res
+        assert isinstance(row["error"], float) and row["errors"] == row["error"]
+        assert row["error"] == pytest.approx(fit_shared_basis(X, 2, row["rank"]).error, rel=1e-12)
+        assert res.columns == COMPARE_COLUMNS
+        with pytest.raises(ValueError, match="fit_options"):
+            compare_at_budget(X, 88, methods=["hybrid"], fit_options={"init": "blocks"})

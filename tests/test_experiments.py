@@ -57,9 +57,11 @@ def test_study_on_a_slice(mnist_test, tmp_path):
     from blocklowrank import approximate
     from blocklowrank.experiments.study import compute_study, plot_budget, plot_study, summarize, write_study
 
+    from blocklowrank.shared_basis import fit_shared_basis
+
     images, labels = mnist_test
     imgs, labs = images[:300], labels[:300]
-    st = compute_study(imgs, labs, block_counts=(1, 2, 4, 7), progress=False)
+    st = compute_study(imgs, labs, block_counts=(1, 2, 4, 7), progress=False, blast_n=120, blast_curve_n=30)
     S = imgs.astype(float)
     assert np.allclose(st["at_budget"]["LoRA"], approximate(S, method="global", rank=4).error)
     assert np.allclose(st["at_budget"]["MELoRA"], approximate(S, method="diagonal", n_blocks=4, rank=4).error)
@@ -68,13 +70,26 @@ def test_study_on_a_slice(mnist_test, tmp_path):
     assert np.all(st["at_budget"]["Optimal 2x2"] <= st["at_budget"]["Localized"] + 1e-12)
     budgets = sorted({r["budget"] for r in st["sweep"]})
     assert budgets[0] == 56 and budgets[-1] == 28 * 56
+    # BLAST: the best K (largest rank within 224) on the first 30 digits, fitted on the first 120
+    bl = st["blast"]
+    direct = {K: fit_shared_basis(S[:30], K, r).error.mean() for K, r in ((2, 3), (4, 3), (7, 2))}
+    assert bl["n_blocks"] == min(direct, key=direct.get)
+    assert bl["n_params"] == bl["rank"] * 56 + bl["rank"] * bl["n_blocks"] ** 2 <= 224
+    np.testing.assert_allclose(bl["errors"], fit_shared_basis(S[:120], bl["n_blocks"], bl["rank"]).error, rtol=1e-9)
+    curve = [r for r in st["sweep"] if r["method"] == "BLAST"]
+    assert [r["budget"] for r in curve] == [112, 224, 336, 448, 560, 672, 784]  # K=2 stops at r=13
+    r224 = [r for r in curve if r["budget"] == 224][0]
+    assert r224["n"] == 30 and r224["mean"] == pytest.approx(min(direct.values()))
     lines = summarize(st)
     assert any("beats LoRA" in l for l in lines)
+    assert any("BLAST at budget 224" in l for l in lines)
     write_study(st, tmp_path)
     plot_study(st, tmp_path / "s.png")
     plot_budget(st, tmp_path / "b.png")
     rows = list(csv.DictReader(open(tmp_path / "study.csv")))
     assert {r["section"] for r in rows} == {"at_budget", "sweep"}
+    blast_rows = [r for r in rows if r["method"] == "BLAST" and r["section"] == "at_budget" and r["digit"] == "all"]
+    assert len(blast_rows) == 1 and blast_rows[0]["n"] == "120" and "first 120 digits" in blast_rows[0]["config"]
 
 
 def test_cli_reproduce_figure2_wiring(tmp_path, capsys):

@@ -210,3 +210,44 @@ def test_fit_hybrid_argument_errors():
 def test_zero_matrix():
     res = fit_hybrid(np.zeros((6, 6)), BlockLayout.block((6, 6), 2, rank=1), 1)
     assert res.error == 0.0 and np.all(res.reconstruction == 0)
+
+
+# ---------------------------------------------------------------------------- stacks
+@pytest.mark.parametrize(
+    "grid, rank, rg, pattern, init",
+    [(2, 1, 2, "full", "global"), ((3, 2), 1, 1, "full", "blocks"), (3, 2, 1, "diagonal", "global"),
+     (2, 1, 0, "full", "global"), (2, 0, 2, "full", "global")],
+)
+def test_stack_equals_per_matrix_fits(grid, rank, rg, pattern, init):
+    """A stack is fitted matrix by matrix within one alternation: each matrix gets the
+    error, passes, stop reason, trace and factors of its own fit; traces never increase."""
+    rng = np.random.default_rng(21)
+    S = np.stack([_planted(rng, 12, 13, K=2, rg=1, rb=1) + 0.3 * rng.standard_normal((12, 13))
+                  for _ in range(9)] + [np.zeros((12, 13))])
+    lay = BlockLayout.from_blocks((12, 13), grid, rank=rank, pattern=pattern)
+    batch = fit_hybrid(S, lay, rg, init=init, max_iter=25, svd_solver="full")
+    assert batch.error.shape == (10,) and batch.reconstruction.shape == S.shape
+    assert batch.global_factors[0].shape == (10, 12, rg)
+    for t in range(len(S)):
+        one = fit_hybrid(S[t], lay, rg, init=init, max_iter=25, svd_solver="full")
+        assert batch.error[t] == pytest.approx(one.error, rel=1e-10, abs=1e-13)
+        assert batch.n_iter[t] == one.n_iter and batch.stop_reason[t] == one.stop_reason
+        tr = batch.error_trace[t]
+        k = len(one.error_trace)
+        assert np.all(np.isnan(tr[k:]))
+        np.testing.assert_allclose(tr[:k], one.error_trace, rtol=1e-10, atol=1e-13)
+        assert np.all(np.diff(tr[:k]) <= STEP_TOL)
+        np.testing.assert_allclose(batch.reconstruction[t], one.reconstruction, atol=1e-10)
+        for key, (B, A) in one.factors.items():
+            np.testing.assert_allclose(batch.factors[key][0][t] @ batch.factors[key][1][t], B @ A, atol=1e-10)
+    nx = np.linalg.norm(S, axis=(1, 2))
+    direct = np.where(nx > 0, np.linalg.norm(S - batch.reconstruction, axis=(1, 2)) / np.where(nx > 0, nx, 1), 0)
+    np.testing.assert_allclose(batch.error, direct, rtol=1e-9, atol=1e-12)
+
+
+def test_stack_leading_dimensions():
+    S = np.random.default_rng(22).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    res = fit_hybrid(S, BlockLayout.block((8, 8), 2, rank=1), 1, max_iter=5)
+    assert res.error.shape == (2, 3) and res.n_iter.shape == (2, 3)
+    assert res.reconstruction.shape == S.shape and res.reconstruction.dtype == np.float32
+    assert res.decoders().shape == (2, 3, 2, 3, 8)

@@ -199,3 +199,85 @@ def test_errors():
         SharedBasisLowRank(n_blocks=(1, 8)).fit(X)
     with pytest.raises(ValueError, match="init"):
         fit_shared_basis(X, 2, 1, init="nope")
+
+
+# ---------------------------------------------------------------------------- stacks
+def _mixed_stack(n, shape, seed):
+    """Gaussian, rank-1, sparse and all-zero matrices (degenerate Grams included)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in range(n):
+        kind = t % 4
+        if kind == 0:
+            X = rng.standard_normal(shape)
+        elif kind == 1:
+            X = rng.standard_normal((shape[0], 1)) @ rng.standard_normal((1, shape[1]))
+        elif kind == 2:
+            X = rng.standard_normal(shape) * (rng.random(shape) < 0.2)
+        else:
+            X = np.zeros(shape)
+            if t % 8 == 7:
+                X[: shape[0] // 2, : shape[1] // 2] = rng.standard_normal((shape[0] // 2, shape[1] // 2))
+        out.append(X)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("grid, r", [((2, 3), 2), (2, 3), (1, 1)])
+def test_stack_equals_per_matrix_fits(grid, r):
+    """A stack (more matrices than the small-stack threshold, so the vectorised solver
+    runs) gives, matrix by matrix, the fit of that matrix alone: same error to 1e-9,
+    same number of passes and stop reason, same reconstruction; each trace is
+    non-increasing."""
+    S = _mixed_stack(80, (12, 13), seed=11)
+    batch = fit_shared_basis(S, grid, r, max_iter=40)
+    assert batch.error.shape == (80,) and batch.S.shape == (80,) + tuple(np.broadcast_to(grid, 2)) + (r,)
+    rec = batch.reconstruction
+    for t in range(len(S)):
+        one = fit_shared_basis(S[t], grid, r, max_iter=40)
+        assert batch.error[t] == pytest.approx(one.error, rel=1e-9, abs=1e-12)
+        assert batch.n_iter[t] == one.n_iter and batch.stop_reason[t] == one.stop_reason
+        np.testing.assert_allclose(rec[t], one.reconstruction, atol=1e-8 * (1 + np.abs(S[t]).max()))
+        tr = batch.error_trace[t]
+        assert np.all(np.isnan(tr[one.n_iter :])) and not np.any(np.isnan(tr[: one.n_iter]))
+        np.testing.assert_allclose(tr[: one.n_iter], one.error_trace, rtol=1e-9, atol=1e-12)
+        assert np.all(np.diff(tr[: one.n_iter]) <= STEP_TOL)
+    nx = np.linalg.norm(S, axis=(1, 2))
+    direct = np.where(nx > 0, np.linalg.norm(S - rec, axis=(1, 2)) / np.where(nx > 0, nx, 1), 0)
+    np.testing.assert_allclose(batch.error, direct, rtol=1e-8, atol=1e-10)
+    assert not np.any(batch.stop_reason == "increase")
+
+
+def test_stack_threads_and_shapes():
+    """n_jobs splits the stack (same results), leading dimensions are kept, random init
+    on a stack keeps every trace non-increasing."""
+    S = _mixed_stack(70, (10, 10), seed=12).reshape(7, 10, 10, 10)
+    one = fit_shared_basis(S, 2, 2, max_iter=15)
+    two = fit_shared_basis(S, 2, 2, max_iter=15, n_jobs=2)
+    assert one.error.shape == (7, 10) and one.U[0].shape == (7, 10, 5, 2)
+    assert one.error_trace.shape[:2] == (7, 10) and one.reconstruction.shape == S.shape
+    np.testing.assert_allclose(two.error, one.error, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(two.n_iter, one.n_iter)
+    rnd = fit_shared_basis(S, 2, 2, init="random", random_state=0, max_iter=15, tol=0)
+    d = np.diff(rnd.error_trace, axis=-1)
+    assert np.all(d[~np.isnan(d)] <= STEP_TOL)
+    W = one.decoders()
+    assert W.shape == (7, 10, 2, 2, 10)
+    np.testing.assert_allclose(
+        one.U[0][3, 4] @ W[3, 4, 0], one.reconstruction[3, 4, :5], atol=1e-10
+    )
+
+
+def test_spd_solve_matches_solve_and_pinv():
+    from blocklowrank._factors import SMALL_STACK, spd_solve
+
+    rng = np.random.default_rng(13)
+    n = SMALL_STACK + 40
+    W = rng.standard_normal((n, 4, 7))
+    W[::5, 3] = W[::5, 0]  # singular Grams on every fifth matrix
+    G = W @ W.swapaxes(-1, -2)
+    y = rng.standard_normal((n, 7, 2))
+    want = np.linalg.pinv(W.swapaxes(-1, -2)) @ y
+    for stack in (G, G[:3]):  # the vectorised path and the LAPACK path
+        k = len(stack)
+        np.testing.assert_allclose(spd_solve(stack, (W @ y)[:k]), want[:k], atol=1e-8)
+    assert np.all(spd_solve(np.zeros((n, 3, 3)), np.ones((n, 3, 1))) == 0)

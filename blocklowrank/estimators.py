@@ -459,7 +459,47 @@ class GlobalLowRank(BaseBlockLowRank):
         self.components_ = self.factors_[(0, 0)][1]
 
 
-class DiagonalBlockLowRank(BaseBlockLowRank):
+class _GridLowRank(BaseBlockLowRank):
+    """Shared parameters of the estimators on a grid of blocks (diagonal and full)."""
+
+    _parameter_constraints = {
+        **BaseBlockLowRank._parameter_constraints,
+        "n_blocks": [Interval(Integral, 1, None, closed="left"), "array-like"],
+        "row_perm": [None, "array-like", StrOptions({"strided", "cluster"})],
+        "col_perm": [None, "array-like", StrOptions({"strided", "cluster"})],
+    }
+
+    def __init__(
+        self,
+        *,
+        n_blocks=2,
+        rank=None,
+        budget=None,
+        tol=None,
+        svd_solver="auto",
+        n_oversamples=10,
+        n_iter="auto",
+        random_state=None,
+        cap_rank=False,
+        n_jobs=None,
+        row_perm=None,
+        col_perm=None,
+    ):
+        self.row_perm = row_perm
+        self.col_perm = col_perm
+        self.n_blocks = n_blocks
+        self.rank = rank
+        self.budget = budget
+        self.tol = tol
+        self.svd_solver = svd_solver
+        self.n_oversamples = n_oversamples
+        self.n_iter = n_iter
+        self.random_state = random_state
+        self.cap_rank = cap_rank
+        self.n_jobs = n_jobs
+
+
+class DiagonalBlockLowRank(_GridLowRank):
     __doc__ = (
         """Diagonal-block low-rank approximation (MELoRA structure).
 
@@ -516,41 +556,6 @@ class DiagonalBlockLowRank(BaseBlockLowRank):
     """
     )
 
-    _parameter_constraints = {
-        **BaseBlockLowRank._parameter_constraints,
-        "n_blocks": [Interval(Integral, 1, None, closed="left"), "array-like"],
-        "row_perm": [None, "array-like", StrOptions({"strided", "cluster"})],
-        "col_perm": [None, "array-like", StrOptions({"strided", "cluster"})],
-    }
-
-    def __init__(
-        self,
-        *,
-        n_blocks=2,
-        rank=None,
-        budget=None,
-        tol=None,
-        svd_solver="auto",
-        n_oversamples=10,
-        n_iter="auto",
-        random_state=None,
-        cap_rank=False,
-        n_jobs=None,
-        row_perm=None,
-        col_perm=None,
-    ):
-        self.row_perm = row_perm
-        self.col_perm = col_perm
-        self.n_blocks = n_blocks
-        self.rank = rank
-        self.budget = budget
-        self.tol = tol
-        self.svd_solver = svd_solver
-        self.n_oversamples = n_oversamples
-        self.n_iter = n_iter
-        self.random_state = random_state
-        self.cap_rank = cap_rank
-        self.n_jobs = n_jobs
 
     def _n_blocks_pair(self):
         kr, kc = _normalize_n_blocks(self.n_blocks)
@@ -562,7 +567,7 @@ class DiagonalBlockLowRank(BaseBlockLowRank):
         return BlockLayout.from_blocks(shape, self._n_blocks_pair(), pattern="diagonal")
 
 
-class BlockLowRank(BaseBlockLowRank):
+class BlockLowRank(_GridLowRank):
     __doc__ = (
         """Full block low-rank approximation (Localized LoRA / GraLoRA structure).
 
@@ -626,41 +631,6 @@ class BlockLowRank(BaseBlockLowRank):
     """
     )
 
-    _parameter_constraints = {
-        **BaseBlockLowRank._parameter_constraints,
-        "n_blocks": [Interval(Integral, 1, None, closed="left"), "array-like"],
-        "row_perm": [None, "array-like", StrOptions({"strided", "cluster"})],
-        "col_perm": [None, "array-like", StrOptions({"strided", "cluster"})],
-    }
-
-    def __init__(
-        self,
-        *,
-        n_blocks=2,
-        rank=None,
-        budget=None,
-        tol=None,
-        svd_solver="auto",
-        n_oversamples=10,
-        n_iter="auto",
-        random_state=None,
-        cap_rank=False,
-        n_jobs=None,
-        row_perm=None,
-        col_perm=None,
-    ):
-        self.row_perm = row_perm
-        self.col_perm = col_perm
-        self.n_blocks = n_blocks
-        self.rank = rank
-        self.budget = budget
-        self.tol = tol
-        self.svd_solver = svd_solver
-        self.n_oversamples = n_oversamples
-        self.n_iter = n_iter
-        self.random_state = random_state
-        self.cap_rank = cap_rank
-        self.n_jobs = n_jobs
 
     def _n_blocks_pair(self):
         return _normalize_n_blocks(self.n_blocks)

@@ -1,8 +1,14 @@
-"""scikit-learn's estimator checks over every estimator of the library."""
+"""scikit-learn's estimator checks over every estimator of the library, in one module."""
 
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from blocklowrank import BlockLowRank, DiagonalBlockLowRank, GlobalLowRank
+from blocklowrank import (
+    BlockLowRank,
+    DiagonalBlockLowRank,
+    GlobalLowRank,
+    HybridLowRank,
+    SharedBasisLowRank,
+)
 
 _ROW_POSITION = (
     "with several block-rows a row's block-row is fixed by its position, so transform "
@@ -33,6 +39,14 @@ ESTIMATORS = [
     BlockLowRank(n_blocks=2, budget=1000),
     BlockLowRank(n_blocks=2, tol=0.5),
     DiagonalBlockLowRank(n_blocks=2, rank=1),
+    DiagonalBlockLowRank(n_blocks=2, rank=1, row_perm="strided", col_perm="strided"),
+    HybridLowRank(n_blocks=2, rank=1, global_rank=1),
+    HybridLowRank(n_blocks=(1, 2), rank=1, global_rank=1),
+    HybridLowRank(n_blocks=2, rank=1, global_rank=1, pattern="diagonal", init="blocks"),
+    HybridLowRank(n_blocks=1, rank=1, global_rank=0),
+    SharedBasisLowRank(n_blocks=2, rank=1),
+    SharedBasisLowRank(n_blocks=(1, 2), rank=1),
+    SharedBasisLowRank(n_blocks=1, rank=1, init="random", random_state=0),
 ]
 
 

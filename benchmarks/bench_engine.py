@@ -43,7 +43,7 @@ except ImportError:  # run from a source checkout without installing
 
 import sklearn
 from sklearn.utils.extmath import randomized_svd
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_info
 
 from blocklowrank import approximate
 from blocklowrank._engine import _resolve_n_jobs, choose_solver
@@ -105,9 +105,18 @@ def alternate(fns, repeats, min_sample=None, max_call=5.0):
     return {name: float(np.median(v)) for name, v in samples.items()}
 
 
+_BLAS = []
+
+
 def one_thread(fn):
+    """``fn`` with BLAS held to one thread. The controller is made once: a fresh
+    ``threadpool_limits`` rescans every loaded library (about 2 ms per call
+    once scikit-learn is imported), which would inflate the small cases."""
+
     def run():
-        with threadpool_limits(limits=1, user_api="blas"):
+        if not _BLAS:
+            _BLAS.append(ThreadpoolController().select(user_api="blas"))
+        with _BLAS[0].limit(limits=1):
             return fn()
 
     return run

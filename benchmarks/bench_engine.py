@@ -43,7 +43,7 @@ except ImportError:  # run from a source checkout without installing
 
 import sklearn
 from sklearn.utils.extmath import randomized_svd
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_info
 
 from blocklowrank import approximate
 from blocklowrank._engine import _resolve_n_jobs, choose_solver
@@ -80,7 +80,8 @@ def alternate(fns, repeats, min_sample=None, max_call=5.0):
 
     A first pass calibrates how many calls make one sample (at least
     ``min_sample`` seconds, so that tiny calls are not lost in timer noise);
-    a call longer than ``max_call`` seconds lowers the repeats to two;
+    a call longer than ``max_call`` seconds lowers the repeats to two (to one
+    above ``4 max_call``);
     passes then alternate in forward and reverse order (A B C, C B A, ...)
     so that a slow drift of the machine hits every method alike. A
     calibration call longer than 0.5 s already counts as a sample.
@@ -92,8 +93,10 @@ def alternate(fns, repeats, min_sample=None, max_call=5.0):
         number[name] = max(1, int(np.ceil(min_sample / max(t, 1e-7))))
         if t > 0.5:
             samples[name].append(t)
-        if t > max_call:  # keep the full run bounded: a median of two for the longest calls
-            repeats = min(repeats, 2)
+        if t > max_call:  # keep the full run bounded: a median of two for the longest calls,
+            repeats = min(repeats, 2)  # a single run for calls over 4 max_call
+        if t > 4 * max_call:
+            repeats = 1
     for rep in range(repeats):
         order = fns if rep % 2 == 0 else fns[::-1]
         for name, fn in order:
@@ -102,9 +105,18 @@ def alternate(fns, repeats, min_sample=None, max_call=5.0):
     return {name: float(np.median(v)) for name, v in samples.items()}
 
 
+_BLAS = []
+
+
 def one_thread(fn):
+    """``fn`` with BLAS held to one thread. The controller is made once: a fresh
+    ``threadpool_limits`` rescans every loaded library (about 2 ms per call
+    once scikit-learn is imported), which would inflate the small cases."""
+
     def run():
-        with threadpool_limits(limits=1, user_api="blas"):
+        if not _BLAS:
+            _BLAS.append(ThreadpoolController().select(user_api="blas"))
+        with _BLAS[0].limit(limits=1):
             return fn()
 
     return run
@@ -204,14 +216,17 @@ def header(args):
     mode = "quick" if args.quick else "full"
     lines.append(
         f"- mode {mode}: d in {args.sizes}, K in {args.blocks}, ranks {args.ranks}; medians of "
-        f"{args.repeats} alternating runs ({args.repeats_big} for d >= 4096, 2 where one call "
-        "takes over 5 s)"
+        f"{args.repeats} alternating runs ({args.repeats_big} for d >= 4096; 2 where one call "
+        "takes over 5 s, 1 over 20 s)"
     )
     return lines
 
 
 # ---------------------------------------------------------------------------- one case
-def run_case(X, Xd, d, K, r, repeats, sv_flat, sv_decay, results):
+def run_case(X, Xd, d, K, r, repeats, sv_flat, sv_decay, results, shared=None):
+    """One (d, K, r) row. With ``shared`` (a dict per (d, K)), the exact-path
+    columns, whose cost does not depend on r, are measured at the first rank
+    only and reused (used at d = 4096 to keep the run bounded)."""
     blocks = block_views(X, K)
     b = d // K
     ell = r + N_OVERSAMPLES
@@ -242,16 +257,22 @@ def run_case(X, Xd, d, K, r, repeats, sv_flat, sv_decay, results):
         ]
         return keep["sk"]
 
-    fns = [
+    exact = [
         ("ours", ours_full),
         ("loop", loop_full),
         ("1thr", one_thread(ours_full_nj(1))),
         ("nj2", ours_full_nj(2)),
         ("nj1", ours_full_nj(1)),
-        ("rand", ours_rand),
-        ("sk", sk_loop),
     ]
-    t = alternate(fns, repeats)
+    rand = [("rand", ours_rand), ("sk", sk_loop)]
+    reused = shared is not None and "exact" in shared
+    if reused:
+        t = alternate(rand, repeats)
+        t.update(shared["exact"])
+    else:
+        t = alternate(exact + rand, repeats)
+        if shared is not None:
+            shared["exact"] = {name: t[name] for name, _ in exact}
 
     # energies: exact from the blocks' full spectra, randomized from the computed ones
     ex_flat = float(np.sum(sv_flat[:, :r] ** 2))
@@ -264,8 +285,8 @@ def run_case(X, Xd, d, K, r, repeats, sv_flat, sv_decay, results):
     cap_decay = captured_rand(res_d, r)
     rand_is_full = ell >= b  # the engine falls back to the exact SVD
 
-    # reconstruction against a fresh fill
-    res = keep["full"]
+    # reconstruction against a fresh fill (its cost depends on the shapes and ranks only)
+    res = keep["rand"]
 
     def recon():
         res._reconstruction = None
@@ -296,6 +317,7 @@ def run_case(X, Xd, d, K, r, repeats, sv_flat, sv_decay, results):
         def_flat_sk=deficit(ex_flat, cap_sk),
         def_decay=deficit(ex_decay, cap_decay),
         rand_is_full=rand_is_full,
+        reused=reused,
         auto=choose_solver((b, b), r, N_OVERSAMPLES),
         old_auto="randomized" if _old_rule(b, r) else "full",
     )
@@ -355,6 +377,11 @@ def table(head, rows):
     return out
 
 
+def _rank_label(x, results):
+    same = [y["r"] for y in results if (y["d"], y["K"]) == (x["d"], x["K"]) and y["reused"]]
+    return ", ".join(str(r) for r in [x["r"]] + same) + "†" if same else x["r"]
+
+
 def report(results, glob, args):
     L = []
     L += ["", "## Exact path (`svd_solver=\"full\"`)", ""]
@@ -369,12 +396,17 @@ def report(results, glob, args):
         ["d", "K", "r", "block", "ours", "loop", "loop/ours", "1 thread", "n_jobs=2",
          "2 threads speedup", "n_jobs=1", "n_jobs=1/ours"],
         [
-            [x["d"], x["K"], x["r"], f"{x['b']}²", ms(x["t_ours"]), ms(x["t_loop"]),
-             f"{x['t_loop'] / x['t_ours']:.2f}", ms(x["t_1thr"]), ms(x["t_nj2"]),
-             f"{x['t_1thr'] / x['t_nj2']:.2f}", ms(x["t_nj1"]), f"{x['t_nj1'] / x['t_ours']:.2f}"]
+            [x["d"], x["K"], _rank_label(x, results), f"{x['b']}²", ms(x["t_ours"]),
+             ms(x["t_loop"]), f"{x['t_loop'] / x['t_ours']:.2f}", ms(x["t_1thr"]),
+             ms(x["t_nj2"]), f"{x['t_1thr'] / x['t_nj2']:.2f}", ms(x["t_nj1"]),
+             f"{x['t_nj1'] / x['t_ours']:.2f}"]
             for x in results
+            if not x["reused"]
         ],
     )
+    if any(x["reused"] for x in results):
+        L += ["", "†: measured once for both ranks (the exact solver computes every singular "
+              "vector, so its cost does not depend on r)."]
     L += ["", "## Randomized path (`svd_solver=\"randomized\"`)", ""]
     L += [
         "ours-rand = `approximate(..., svd_solver=\"randomized\", random_state=0)` (default "
@@ -383,7 +415,7 @@ def report(results, glob, args):
         "energy of the randomized rank-r blocks / that of the exact ones (flat: Gaussian X; "
         "decay: singular values ~ 1/i). `*`: sketch r+10 >= block side, the engine uses the "
         "exact SVD. auto = what `svd_solver=\"auto\"` picks (old = the rule before this "
-        "benchmark). Times in ms.",
+        "benchmark). †: exact timed in the run of the other rank. Times in ms.",
         "",
     ]
     L += table(
@@ -391,7 +423,8 @@ def report(results, glob, args):
          "exact/rand", "deficit flat", "deficit flat (sklearn)", "deficit decay", "auto", "old auto"],
         [
             [x["d"], x["K"], x["r"], f"{x['b']}²" + ("*" if x["rand_is_full"] else ""),
-             ms(x["t_rand"]), ms(x["t_sk"]), f"{x['t_sk'] / x['t_rand']:.2f}", ms(x["t_ours"]),
+             ms(x["t_rand"]), ms(x["t_sk"]), f"{x['t_sk'] / x['t_rand']:.2f}",
+             ms(x["t_ours"]) + ("†" if x["reused"] else ""),
              f"{x['t_ours'] / x['t_rand']:.2f}", sci(x["def_flat"]), sci(x["def_flat_sk"]),
              sci(x["def_decay"]), x["auto"], x["old_auto"]]
             for x in results
@@ -535,8 +568,9 @@ def main(argv=None):
         reps = args.repeats_big if d >= 4096 else args.repeats
         for K in args.blocks:
             sv_flat, sv_decay = block_svdvals(X, K), block_svdvals(Xd, K)
+            shared = {} if d >= 4096 else None
             for r in args.ranks:
-                row = run_case(X, Xd, d, K, r, reps, sv_flat, sv_decay, results)
+                row = run_case(X, Xd, d, K, r, reps, sv_flat, sv_decay, results, shared)
                 print(
                     f"  d={d} K={K} r={r}: ours {ms(row['t_ours'])} ms, loop/ours "
                     f"{row['t_loop'] / row['t_ours']:.2f}, 2thr {row['t_1thr'] / row['t_nj2']:.2f}, "

@@ -93,3 +93,35 @@ def test_resolve_n_jobs():
 @pytest.mark.parametrize("k", [1, 2, 8, 32])
 def test_choose_solver_returns_a_solver(shape, k):
     assert choose_solver(shape, k) in ("full", "randomized")
+
+
+def test_concurrent_calls_restore_the_blas_limit():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return sorted(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+    before = blas_threads()
+    A = _stack(5, (16, 40, 40))
+    ref = batched_svd(A, 3, n_jobs=2)
+    with ThreadPoolExecutor(4) as ex:
+        outs = list(ex.map(lambda _: batched_svd(A, 3, n_jobs=2), range(8)))
+    for out in outs:
+        for a, b in zip(ref, out):
+            np.testing.assert_allclose(a, b, atol=1e-12)
+    assert blas_threads() == before
+
+
+@pytest.mark.parametrize("solver", ["full", "randomized"])
+def test_chunking_on_one_thread_changes_nothing(monkeypatch, solver):
+    import blocklowrank._engine as engine
+
+    A = _stack(6, (10, 24, 20))
+    kw = dict(svd_solver=solver, random_state=3, full_spectrum=solver == "full", n_jobs=1)
+    ref = batched_svd(A, 3, **kw)
+    monkeypatch.setattr(engine, "_CHUNK_ELEMS", 2 * 24 * 20)  # chunks of two matrices
+    out = batched_svd(A, 3, **kw)
+    for a, b in zip(ref, out):
+        np.testing.assert_array_equal(a, b)

@@ -792,10 +792,10 @@ def approximate(
     svd_solver : {"auto", "full", "randomized"}, default="auto"
         "full": exact LAPACK SVD. "randomized": batched randomized SVD with
         ``n_oversamples``, ``n_iter`` and ``random_state`` as in
-        :func:`sklearn.utils.extmath.randomized_svd`. "auto": per block shape,
-        the rule of :func:`choose_solver` (randomized only for blocks whose
-        smaller side is >= 512 with ``rank + n_oversamples`` at most a tenth
-        of it); ``budget`` and ``tol`` use the exact solver under "auto".
+        :func:`sklearn.utils.extmath.randomized_svd`. "auto": the rule of
+        :func:`choose_solver`, which is currently always the exact SVD (the
+        benchmark found the randomized solver unsafe on flat spectra wherever
+        it is faster); pass "randomized" when the spectrum is known to decay.
     n_oversamples : int, default=10
     n_iter : int or "auto", default="auto"
     random_state : int, RandomState instance or None, default=None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .estimators import BaseBlockLowRank
+from .estimators import BaseBlockLowRank, _by_block_rows
 
 __all__ = ["assemble_block_factors", "psd_solve", "spd_solve", "LinearCodesBase", "STEP_TOL"]
 
@@ -301,15 +301,12 @@ class LinearCodesBase(BaseBlockLowRank):
         Z : ndarray of shape (n_samples, n_codes_)
         """
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        X = self._validate_X(X, reset=False)
         X = X.astype(self._encoders.dtype, copy=False)
         edges = self._row_blocks(X.shape[0], "transform")
         if edges is None:
             return X @ self._encoders[0]
-        Z = np.empty((X.shape[0], self.n_codes_), dtype=self._encoders.dtype)
-        for i in range(len(edges) - 1):
-            Z[edges[i] : edges[i + 1]] = X[edges[i] : edges[i + 1]] @ self._encoders[i]
-        return Z
+        return _by_block_rows(X, edges, self._encoders, self.n_codes_)
 
     def inverse_transform(self, Z):
         """The dense rows that codes ``Z`` encode.
@@ -332,10 +329,7 @@ class LinearCodesBase(BaseBlockLowRank):
         edges = self._row_blocks(Z.shape[0], "inverse_transform")
         if edges is None:
             return Z @ self._decoders[0]
-        out = np.empty((Z.shape[0], self.n_features_in_), dtype=self._decoders.dtype)
-        for i in range(len(edges) - 1):
-            out[edges[i] : edges[i + 1]] = Z[edges[i] : edges[i + 1]] @ self._decoders[i]
-        return out
+        return _by_block_rows(Z, edges, self._decoders, self.n_features_in_)
 
     def reconstruct(self, Z=None):
         """Dense approximation: of the fitted ``X`` (no argument) or encoded by ``Z``.

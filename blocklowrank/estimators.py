@@ -32,6 +32,14 @@ def _reject_strings(X, name="X"):
         )
 
 
+def _by_block_rows(M, edges, mats, n_out):
+    """``M @ mats[i]`` for the rows of each block-row ``i`` (``edges``: row cut points)."""
+    out = np.empty((M.shape[0], n_out), dtype=mats.dtype)
+    for i in range(len(edges) - 1):
+        out[edges[i] : edges[i + 1]] = M[edges[i] : edges[i + 1]] @ mats[i]
+    return out
+
+
 class BaseBlockLowRank(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Shared base: fit a block layout by truncated SVD; transform to per-block codes.
 
@@ -81,6 +89,13 @@ class BaseBlockLowRank(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
             )
 
     # ------------------------------------------------------------------ fitting
+    def _validate_X(self, X, *, reset):
+        """One input check for every estimator: numbers only (no strings), finite, 2-D."""
+        _reject_strings(X)
+        if reset:
+            return validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=1)
+        return validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+
     def _rank_arguments(self):
         given = [k for k in ("rank", "budget", "tol") if getattr(self, k) is not None]
         if len(given) > 1:
@@ -122,8 +137,7 @@ class BaseBlockLowRank(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
 
     def _fit(self, X):
         self._validate_params()
-        _reject_strings(X)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=1)
+        X = self._validate_X(X, reset=True)
         self._check_grid(X.shape)
         layout = self._make_layout(X.shape)
         rps, cps = getattr(self, "row_perm", None), getattr(self, "col_perm", None)
@@ -219,8 +233,7 @@ class BaseBlockLowRank(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         Z : ndarray of shape (n_samples, n_codes_)
         """
         check_is_fitted(self)
-        _reject_strings(X)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        X = self._validate_X(X, reset=False)
         X = X.astype(self._proj.dtype, copy=False)
         lay = self.layout_
         if lay.col_perm is not None:
@@ -230,9 +243,7 @@ class BaseBlockLowRank(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
             return X @ self._proj[0]
         if lay.row_perm is not None:
             X = X[lay.row_perm]
-        Z = np.empty((X.shape[0], self.n_codes_), dtype=self._proj.dtype)
-        for i in range(len(edges) - 1):
-            Z[edges[i] : edges[i + 1]] = X[edges[i] : edges[i + 1]] @ self._proj[i]
+        Z = _by_block_rows(X, edges, self._proj, self.n_codes_)
         if lay.row_perm is not None:
             Z = Z[np.argsort(lay.row_perm)]
         return Z
@@ -262,9 +273,7 @@ class BaseBlockLowRank(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         else:
             if lay.row_perm is not None:
                 Z = Z[lay.row_perm]
-            out = np.empty((Z.shape[0], self.n_features_in_), dtype=self._proj.dtype)
-            for i in range(len(edges) - 1):
-                out[edges[i] : edges[i + 1]] = Z[edges[i] : edges[i + 1]] @ self._proj[i].T
+            out = _by_block_rows(Z, edges, self._proj.swapaxes(1, 2), self.n_features_in_)
             if lay.row_perm is not None:
                 out = out[np.argsort(lay.row_perm)]
         if lay.col_perm is not None:
@@ -305,7 +314,7 @@ class BaseBlockLowRank(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         score : float
         """
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        X = self._validate_X(X, reset=False)
         R = X - self.inverse_transform(self.transform(X))
         nx = float(np.linalg.norm(X))
         return 0.0 if nx == 0 else -float(np.linalg.norm(R)) / nx

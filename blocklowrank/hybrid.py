@@ -662,7 +662,7 @@ class HybridLowRank(LinearCodesBase):
 
     def _fit(self, X):
         self._validate_params()
-        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=1)
+        X = self._validate_X(X, reset=True)
         self._check_grid(X.shape)
         layout = BlockLayout.from_blocks(
             X.shape, self._n_blocks_pair(), rank=self.rank, pattern=self.pattern

@@ -719,7 +719,7 @@ class SharedBasisLowRank(LinearCodesBase):
 
     def _fit(self, X):
         self._validate_params()
-        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=1)
+        X = self._validate_X(X, reset=True)
         self._check_grid(X.shape)
         res = fit_shared_basis(
             X,

@@ -409,3 +409,40 @@ def test_input_never_modified(name, call, variant):
         assert not np.shares_memory(out, A), name
         out[...] = 0  # writing into a result leaves the input alone
     np.testing.assert_array_equal(A, A0)
+
+
+# --- the structures beyond the paper share the estimators' input check -------------------
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: __import__("blocklowrank").HybridLowRank(n_blocks=2, rank=1, global_rank=1),
+        lambda: __import__("blocklowrank").SharedBasisLowRank(n_blocks=2, rank=1),
+    ],
+    ids=["hybrid", "shared_basis"],
+)
+def test_hybrid_and_shared_basis_reject_garbage(make):
+    """Strings, NaN, 1-D, empty, complex and sparse input give a clear error, in fit and transform."""
+    import scipy.sparse as sparse
+
+    garbage = {
+        "strings": (TypeError, "strings"),
+        "nan": (ValueError, "NaN"),
+        "1d": (ValueError, "2D"),
+        "empty": (ValueError, "0 sample"),
+        "complex": (ValueError, "[Cc]omplex"),
+        "sparse": (TypeError, "[Ss]parse"),
+    }
+    inputs = {
+        "strings": np.array([["1", "2"], ["3", "4"]]),
+        "nan": np.array([[np.nan, 1.0], [1.0, 1.0]]),
+        "1d": np.ones(4),
+        "empty": np.zeros((0, 3)),
+        "complex": np.ones((3, 3)) + 1j,
+        "sparse": sparse.eye(4).tocsr(),
+    }
+    for key, (exc, msg) in garbage.items():
+        with pytest.raises(exc, match=msg):
+            make().fit(inputs[key])
+    est = make().fit(np.random.default_rng(0).standard_normal((6, 6)))
+    with pytest.raises(TypeError, match="strings"):
+        est.transform(np.full((6, 6), "1"))

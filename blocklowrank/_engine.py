@@ -562,7 +562,7 @@ class _Group:
     shape: tuple  # (m_i, n_j)
     rows: np.ndarray  # block-row index of each block in the group
     cols: np.ndarray
-    U: np.ndarray  # (batch..., g, m_i, k)
+    B: np.ndarray  # (batch..., g, m_i, k) = U_k diag(s_k), made once (zero columns beyond a block's rank)
     s: np.ndarray  # (batch..., g, k) kept singular values (zeros beyond each block's rank)
     Vt: np.ndarray  # (batch..., g, k, n_j)
     spectrum: np.ndarray  # (batch..., g, L) computed singular values
@@ -627,10 +627,7 @@ class Approximation:
         """
         g, t = self._group_of(i, j)
         r = int(self.ranks[(...,) + (i, j)].max()) if self.ranks.size else 0
-        U = g.U[..., t, :, :r]
-        s = g.s[..., t, :r]
-        Vt = g.Vt[..., t, :r, :]
-        return U * s[..., None, :], Vt.copy()
+        return g.B[..., t, :, :r].copy(), g.Vt[..., t, :r, :].copy()
 
     @property
     def factors(self):
@@ -697,10 +694,13 @@ def _block_energies(X, layout):
 def _assemble(layout, groups, batch, dtype):
     """Dense ``X_hat`` from the factors, written region by region into one array.
 
-    A region whose blocks are all active gets its products straight from
-    ``np.matmul(..., out=view)`` in row chunks of about 2 MB (no temporary
-    stack of blocks, no scatter, no zero fill); other regions (the
-    diagonal pattern) are zeroed and get their active blocks assigned.
+    A region whose blocks are all active gets ``B_ij A_ij`` straight from
+    ``np.matmul(B, A, out=view)``, where ``view`` is the region of the output
+    seen as a (k_r, k_c, m_i, n_j) stack: one call per region, no temporary
+    stack of blocks, no scatter, no zero fill. Regions larger than
+    ``_ASSEMBLE_ROWS`` output elements are cut into row bands so that each call's
+    output stays in cache. Other regions (the diagonal pattern) are zeroed
+    and get their active blocks assigned.
     """
     m, n = layout.shape
     out = np.empty(batch + (m, n), dtype=dtype)
@@ -710,23 +710,39 @@ def _assemble(layout, groups, batch, dtype):
         h, w = shp
         view = out[..., r0:r1, c0:c1].reshape(batch + (kr, h, kc, w)).swapaxes(-3, -2)
         g = by_shape.get(shp)
-        sel = np.zeros(0, dtype=int)
-        if g is not None:
-            inreg = (g.rows >= bi0) & (g.rows < bi0 + kr) & (g.cols >= bj0) & (g.cols < bj0 + kc)
-            sel = np.nonzero(inreg)[0]
-        if sel.size == kr * kc:  # every block active, in row-major order (see BlockLayout.groups)
-            Us = (g.U[..., sel, :, :] * g.s[..., sel, None, :]).reshape(batch + (kr, kc, h, -1))
-            Vt = g.Vt[..., sel, :, :].reshape(batch + (kr, kc, -1, w))
-            step = max(1, min(h, (1 << 18) // max(1, nbatch * kr * kc * w)))
-            for i in range(0, h, step):
-                np.matmul(Us[..., i : i + step, :], Vt, out=view[..., i : i + step, :])
+        nblk = kr * kc
+        if g is not None and g.rows.size == nblk and g.rows[0] == bi0 and g.cols[0] == bj0 \
+                and g.rows[-1] == bi0 + kr - 1 and g.cols[-1] == bj0 + kc - 1:
+            # the group is exactly this region, in row-major order (see BlockLayout.groups)
+            sel = None
+        else:
+            sel = np.zeros(0, dtype=int)
+            if g is not None:
+                inreg = (g.rows >= bi0) & (g.rows < bi0 + kr) & (g.cols >= bj0) & (g.cols < bj0 + kc)
+                sel = np.nonzero(inreg)[0]
+        if sel is None or sel.size == nblk:  # every block active
+            B = g.B if sel is None else g.B[..., sel, :, :]
+            A = g.Vt if sel is None else g.Vt[..., sel, :, :]
+            B = B.reshape(batch + (kr, kc, h, B.shape[-1]))
+            A = A.reshape(batch + (kr, kc, A.shape[-2], w))
+            size = nbatch * nblk * h * w
+            if size <= _ASSEMBLE_ROWS:
+                np.matmul(B, A, out=view)
+            else:
+                step = max(1, (_ASSEMBLE_ROWS * h) // size)
+                for i in range(0, h, step):
+                    np.matmul(B[..., i : i + step, :], A, out=view[..., i : i + step, :])
             continue
         out[..., r0:r1, c0:c1] = 0
         if sel.size == 0:
             continue
-        blocks = np.matmul(g.U[..., sel, :, :] * g.s[..., sel, None, :], g.Vt[..., sel, :, :])
+        blocks = np.matmul(g.B[..., sel, :, :], g.Vt[..., sel, :, :])
         view[..., g.rows[sel] - bi0, g.cols[sel] - bj0, :, :] = blocks
     return out
+
+
+#: Output elements per ``np.matmul`` call in :func:`_assemble` (about 2 MB of float64).
+_ASSEMBLE_ROWS = 1 << 18
 
 
 # ---------------------------------------------------------------------------- public entry
@@ -987,7 +1003,7 @@ def approximate(
             shp,
             ii,
             jj,
-            np.ascontiguousarray(U[..., :k]),
+            U[..., :k] * s_k[..., None, :],
             s_k,
             np.ascontiguousarray(Vt[..., :k, :]),
             s,
@@ -1003,7 +1019,7 @@ def approximate(
             discarded = discarded + drop.sum(axis=(-2, -1))
         else:
             A = blocks[shp]
-            R = A - np.matmul(g.U * g.s[..., None, :], g.Vt)
+            R = A - np.matmul(g.B, g.Vt)
             discarded = discarded + np.einsum("...gij,...gij->...", R, R, dtype=np.float64)
         del Eb
     with np.errstate(invalid="ignore", divide="ignore"):

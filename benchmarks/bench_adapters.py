@@ -160,12 +160,15 @@ def time_sweep(args):
     n_runs = 3 * (len(kept) + 1)
     out = args.sweep_out or tempfile.mkdtemp(prefix="bench_fig2_")
     print(f"\nFigure 2 sweep: {len(kept)} adapter configurations + full FT, x 3 lrs, 1 seed "
-          f"= {n_runs} runs of {DEFAULT_EPOCHS} epochs, n_jobs={args.n_jobs}, out={out}")
+          f"= {n_runs} runs of at most {DEFAULT_EPOCHS} epochs (early stopping), "
+          f"n_jobs={args.n_jobs}, out={out}")
     t0 = time.perf_counter()
     res = run_figure2(out, seeds=1, n_jobs=args.n_jobs, progress=not args.quiet)
     dt = time.perf_counter() - t0
-    print(f"whole sweep: {dt:.1f} s ({dt / 60:.2f} min) for {len(res.runs)} runs "
-          f"(includes pretraining; target < 5 min)")
+    ep = [len(r["history"]["epoch"]) for r in res.runs if r.get("status") == "ok"]
+    print(f"whole sweep: {dt:.1f} s ({dt / 60:.2f} min) wall for {len(res.runs)} runs, "
+          f"{res.settings['cpu_seconds']:.0f} CPU-s in the runs, {sum(ep)} epochs in all, longest run "
+          f"{max(ep)} epochs (includes pretraining; target < 5 min)")
 
 
 def main():

@@ -214,7 +214,7 @@ def build_parser():
     r.add_argument("--out", default="results", help="output directory (default: results)")
     r.add_argument("--seeds", type=int, default=3, help="figure2: seeds per configuration (default 3)")
     r.add_argument("--epochs", type=int, default=None,
-                   help="figure2: most epochs per run, with early stopping (default 200)")
+                   help="figure2: most epochs per run; runs end earlier by early stopping (default 1000)")
     r.add_argument("--n-jobs", type=int, default=1, help="figure2: parallel runs via joblib (default 1)")
     r.add_argument("--subset", type=int, default=None,
                    help="figure2: use only the first N images of each split (quick checks)")

@@ -535,3 +535,21 @@ def test_randomized_recovers_planted_blocks(seed, grid, r):
     assert res.error == pytest.approx(e1.error_, abs=1e-12)
     assert exact.error - 1e-12 <= e1.error_ <= exact.error + 1e-6
     np.testing.assert_array_equal(e1.reconstruct(), e2.reconstruct())
+
+
+@given(matrices(min_side=4, max_side=40), st.sampled_from([1, 2, 3]), st.sampled_from([1, 2, 4]),
+       st.sampled_from([np.float64, np.float32]), st.integers(0, 2**31 - 1))
+def test_randomized_error_is_the_error_of_its_reconstruction(X, K, r, dtype, seed):
+    """Claim: the error reported by the randomized solver (computed as ||A||^2 - sum s^2 per
+    block, the factors being a projection of the block, or from the residual where that
+    difference is near rounding) equals ||X - X_hat||_F / ||X||_F computed independently from
+    the reconstruction, on any matrix (flat, low-rank or zero) and in float32 too."""
+    X = X.astype(dtype)
+    K = min(K, *X.shape)
+    lay = BlockLayout.block(X.shape, K)
+    r = min(r, int(lay.max_ranks[lay.active].min()))
+    res = approximate(X, method="block", n_blocks=K, rank=r, svd_solver="randomized",
+                      random_state=seed, n_oversamples=2)
+    want = ref.rel_error(X.astype(np.float64), res.reconstruction.astype(np.float64))
+    tol = 1e-9 if dtype == np.float64 else 2e-3 * max(want, 1e-2)
+    assert res.error == pytest.approx(want, abs=tol)

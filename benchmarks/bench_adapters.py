@@ -5,6 +5,7 @@ Usage (from the repository root)::
     python benchmarks/bench_adapters.py             # NumPy only (torch optional)
     /path/to/venv-with-torch/bin/python benchmarks/bench_adapters.py
     python benchmarks/bench_adapters.py --sweep     # also time the whole Figure 2 sweep
+    python benchmarks/bench_adapters.py --parts     # where a training step's time goes
 
 Both sides train the same model (784 -> 64 (ReLU) -> 5, first layer frozen,
 structured adapter added before the ReLU, head trained) with Adam, the same
@@ -150,6 +151,73 @@ def blas_header():
     return "; ".join(blas) or "unknown"
 
 
+PART_CONFIGS = [
+    ("LoRA r=2", "global", 1, 2),
+    ("MELoRA N=8 r=2", "diagonal", 8, 2),
+    ("LoRA r=32", "global", 1, 32),
+    ("Localized K=16 r=2", "block", 16, 2),
+]
+
+
+def step_parts(X, y, bs, repeats=400):
+    """Microseconds per part of one adapter training step (batch ``bs``), each part timed
+    alone on the same minibatch (min over 5 rounds of ``repeats`` calls): what the step
+    costs, and how much of it is the adapter's products and Adam (real work) rather
+    than the fixed per-call cost of the other small NumPy operations."""
+    import timeit
+
+    from blocklowrank.adapters import training as T
+    from blocklowrank.adapters.mlp import nll_and_grad
+
+    mlp = MLP.init((784, 64, 5), random_state=0)
+    rng = np.random.default_rng(0)
+
+    def tm(f):
+        return min(timeit.repeat(f, number=repeats, repeat=5)) / repeats * 1e6
+
+    rows = []
+    for name, method, K, r in PART_CONFIGS:
+        ad = StructuredAdapter.from_method(method, (64, 784), rank=r, n_blocks=K, random_state=0)
+        model = T._Model(mlp, ad, "adapter", True, np.float32)
+        data = T._Data(model, X, y)
+        opt = T.make_optimizer("adam", model.store.theta, model.store.grad, 1e-4)
+        idx = rng.permutation(X.shape[0])[:bs]
+        Xb, yb, Pb = X.take(idx, axis=0), y.take(idx), data.P.take(idx, axis=0)
+        H = Pb.copy()
+        cache = ad.forward(Xb, H)
+        np.maximum(H, 0, out=H)
+        Z = H @ model.W2.T + model.b2
+        dZ = nll_and_grad(Z.copy(), yb)[2]
+        dH = (dZ @ model.W2) * (H > 0)
+        g = model.store.grads
+
+        def head():
+            Z = H @ model.W2.T
+            Z += model.b2
+            np.matmul(dZ.T, H, out=g["W2"])
+            dZ.sum(axis=0, out=g["b2"])
+            d = dZ @ model.W2
+            d *= H > 0
+            return Z, d
+
+        def step():
+            T._loss_grad(model, data, idx)
+            opt.step()
+
+        parts = {
+            "gather": tm(lambda: (X.take(idx, axis=0), y.take(idx), data.P.take(idx, axis=0))),
+            "adapter fwd": tm(lambda: ad.forward(Xb, Pb.copy())),
+            "adapter bwd": tm(lambda: ad.backward(dH, cache, g)),
+            "adam": tm(opt.step),
+            "head+relu": tm(head) + tm(lambda: np.maximum(H, 0, out=H)),
+            "nll": tm(lambda: nll_and_grad(Z.copy(), yb)),
+        }
+        total = tm(step)
+        real = parts["adapter fwd"] + parts["adapter bwd"] + parts["adam"]
+        rows.append((name, model.store.theta.size, total, parts, real))
+    return rows
+
+
 def time_sweep(args):
     """Time the whole Figure 2 sweep: all configurations x 3 lrs, one seed, default epochs."""
     import tempfile
@@ -181,6 +249,7 @@ def main():
     p.add_argument("--sweep-out", default=None)
     p.add_argument("--n-jobs", type=int, default=2)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--parts", action="store_true", help="also time the parts of one training step")
     args = p.parse_args()
 
     X, y, src = load_data(args.n)
@@ -207,6 +276,16 @@ def main():
             else:
                 tts, ratio = f"{'-':>16}", f"{'-':>10}"
             print(f"{name:<22}{1000 * tn:16.1f}{tts}{ratio}{1000 * setup:16.1f}", flush=True)
+    if args.parts:
+        with threadpool_limits(args.threads):
+            rows = step_parts(X, y, args.batch_size)
+        names = list(rows[0][3])
+        print(f"\nOne training step, batch {args.batch_size}, microseconds (each part timed alone):")
+        print(f"{'config':<22}{'params':>8}{'step':>8}" + "".join(f"{n:>13}" for n in names)
+              + f"{'products+adam':>15}")
+        for name, n_par, total, parts, real in rows:
+            print(f"{name:<22}{n_par:>8}{total:>8.0f}" + "".join(f"{parts[n]:>13.1f}" for n in names)
+                  + f"{real:>9.0f} ({100 * real / total:.0f}%)")
     if args.sweep:
         time_sweep(args)
 

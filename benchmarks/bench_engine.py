@@ -10,7 +10,8 @@ Compares, on square d x d matrices cut into K x K blocks of rank r,
   ``sklearn.utils.extmath.randomized_svd`` per block, and with our exact
   path (time, and captured-energy deficit on a flat and a decaying
   spectrum);
-* ``Approximation.reconstruction`` with filling a fresh d x d array;
+* ``Approximation.reconstruction`` with filling a fresh d x d array, and with
+  one BLAS call doing the same flops (the floor of any reconstruction);
 * one global truncated SVD of the whole matrix, for scale.
 
 Every group of competing methods runs in the same process, alternating

@@ -215,7 +215,8 @@ def build_parser():
     r.add_argument("--seeds", type=int, default=3, help="figure2: seeds per configuration (default 3)")
     r.add_argument("--epochs", type=int, default=None,
                    help="figure2: most epochs per run; runs end earlier by early stopping (default 1000)")
-    r.add_argument("--n-jobs", type=int, default=1, help="figure2: parallel runs via joblib (default 1)")
+    r.add_argument("--n-jobs", type=int, default=-1,
+                   help="figure2: parallel runs via joblib, one BLAS thread each (default -1: every core)")
     r.add_argument("--subset", type=int, default=None,
                    help="figure2: use only the first N images of each split (quick checks)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress output")

@@ -112,3 +112,12 @@ def test_budget_paper_example(capsys):
     assert ["global", "1", "4", "224", "yes"] in lines
     assert ["diagonal", "4", "4", "224", "yes"] in lines
     assert ["block", "2", "2", "224", "yes"] in lines
+
+
+def test_reproduce_defaults_use_every_core_and_converge():
+    """`make reproduce` runs `reproduce all` with no options: the adapter sweep must use every
+    core (one BLAS thread per run) and the protocol's own epoch cap (early stopping)."""
+    from blocklowrank.cli import build_parser
+
+    args = build_parser().parse_args(["reproduce"])
+    assert args.what == "all" and args.n_jobs == -1 and args.epochs is None and args.seeds == 3

@@ -304,8 +304,6 @@ class LinearCodesBase(BaseBlockLowRank):
         X = self._validate_X(X, reset=False)
         X = X.astype(self._encoders.dtype, copy=False)
         edges = self._row_blocks(X.shape[0], "transform")
-        if edges is None:
-            return X @ self._encoders[0]
         return _by_block_rows(X, edges, self._encoders, self.n_codes_)
 
     def inverse_transform(self, Z):
@@ -320,15 +318,8 @@ class LinearCodesBase(BaseBlockLowRank):
         X_hat : ndarray of shape (n_samples, n_features_in_)
         """
         check_is_fitted(self)
-        from sklearn.utils import check_array
-
-        Z = check_array(Z, dtype=[np.float64, np.float32], input_name="Z")
-        if Z.shape[1] != self.n_codes_:
-            raise ValueError(f"Z has {Z.shape[1]} columns, expected n_codes_ = {self.n_codes_}")
-        Z = Z.astype(self._decoders.dtype, copy=False)
+        Z = self._validate_codes(Z, self._decoders.dtype)
         edges = self._row_blocks(Z.shape[0], "inverse_transform")
-        if edges is None:
-            return Z @ self._decoders[0]
         return _by_block_rows(Z, edges, self._decoders, self.n_features_in_)
 
     def reconstruct(self, Z=None):

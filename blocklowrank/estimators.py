@@ -33,7 +33,10 @@ def _reject_strings(X, name="X"):
 
 
 def _by_block_rows(M, edges, mats, n_out):
-    """``M @ mats[i]`` for the rows of each block-row ``i`` (``edges``: row cut points)."""
+    """``M @ mats[i]`` for the rows of each block-row ``i`` (``edges``: row cut points;
+    None for a single block-row)."""
+    if edges is None:
+        return M @ mats[0]
     out = np.empty((M.shape[0], n_out), dtype=mats.dtype)
     for i in range(len(edges) - 1):
         out[edges[i] : edges[i + 1]] = M[edges[i] : edges[i + 1]] @ mats[i]
@@ -204,6 +207,15 @@ class BaseBlockLowRank(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
             )
         return lay.row_edges
 
+    def _validate_codes(self, Z, dtype):
+        """Codes ``Z`` checked like ``X`` (finite, 2-D, numeric) with ``n_codes_`` columns."""
+        from sklearn.utils import check_array
+
+        Z = check_array(Z, dtype=[np.float64, np.float32], input_name="Z")
+        if Z.shape[1] != self.n_codes_:
+            raise ValueError(f"Z has {Z.shape[1]} columns, expected n_codes_ = {self.n_codes_}")
+        return Z.astype(dtype, copy=False)
+
     def _codes_from_factors(self, approx):
         lay = approx.layout
         m = lay.shape[0]
@@ -239,14 +251,11 @@ class BaseBlockLowRank(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         if lay.col_perm is not None:
             X = X[:, lay.col_perm]
         edges = self._row_blocks(X.shape[0], "transform")
-        if edges is None:
-            return X @ self._proj[0]
-        if lay.row_perm is not None:
-            X = X[lay.row_perm]
+        perm = lay.row_perm if edges is not None else None  # one block-row: order is irrelevant
+        if perm is not None:
+            X = X[perm]
         Z = _by_block_rows(X, edges, self._proj, self.n_codes_)
-        if lay.row_perm is not None:
-            Z = Z[np.argsort(lay.row_perm)]
-        return Z
+        return Z if perm is None else Z[np.argsort(perm)]
 
     def inverse_transform(self, Z):
         """The dense matrix that codes ``Z`` encode (same as :meth:`reconstruct`).
@@ -260,22 +269,15 @@ class BaseBlockLowRank(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         X_hat : ndarray of shape (n_samples, n_features_in_)
         """
         check_is_fitted(self)
-        from sklearn.utils import check_array
-
-        Z = check_array(Z, dtype=[np.float64, np.float32], input_name="Z")
-        if Z.shape[1] != self.n_codes_:
-            raise ValueError(f"Z has {Z.shape[1]} columns, expected n_codes_ = {self.n_codes_}")
-        Z = Z.astype(self._proj.dtype, copy=False)
+        Z = self._validate_codes(Z, self._proj.dtype)
         lay = self.layout_
         edges = self._row_blocks(Z.shape[0], "inverse_transform")
-        if edges is None:
-            out = Z @ self._proj[0].T
-        else:
-            if lay.row_perm is not None:
-                Z = Z[lay.row_perm]
-            out = _by_block_rows(Z, edges, self._proj.swapaxes(1, 2), self.n_features_in_)
-            if lay.row_perm is not None:
-                out = out[np.argsort(lay.row_perm)]
+        perm = lay.row_perm if edges is not None else None
+        if perm is not None:
+            Z = Z[perm]
+        out = _by_block_rows(Z, edges, self._proj.swapaxes(1, 2), self.n_features_in_)
+        if perm is not None:
+            out = out[np.argsort(perm)]
         if lay.col_perm is not None:
             out = out[:, np.argsort(lay.col_perm)]
         return out

@@ -245,20 +245,12 @@ def _adapt_task(task, *, data, pretrained, progress=False, live=False):
         res = train(mlp, X[tr], y[tr], mode="full", **kw)
         n_params = N_MODEL_PARAMS
     else:
-        ad = _initial_adapter(task)
+        ad = StructuredAdapter(
+            _layout(task["method"], task["n_blocks"], task["rank"]),
+            random_state=np.random.SeedSequence([seed, 1]),
+        )
         res = train(mlp, X[tr], y[tr], adapter=ad, mode="adapter", train_head=TRAIN_HEAD, **kw)
         n_params = ad.n_params
-    return _record(res, n_params, data, time.process_time() - cpu0)
-
-
-def _initial_adapter(task):
-    return StructuredAdapter(
-        _layout(task["method"], task["n_blocks"], task["rank"]),
-        random_state=np.random.SeedSequence([task["seed"], 1]),
-    )
-
-
-def _record(res, n_params, data, cpu_seconds):
     te_loss, te_acc = res.evaluate(_float(data["te_X"]), data["te_y"])
     h = res.history
     b = res.best_epoch - 1
@@ -274,7 +266,7 @@ def _record(res, n_params, data, cpu_seconds):
         "test_acc": te_acc,
         "final_val_loss": h.val_loss[-1],
         "seconds": res.seconds,
-        "cpu_seconds": cpu_seconds,
+        "cpu_seconds": time.process_time() - cpu0,
         "history": {k: _summ(v) for k, v in h.to_dict().items()},
         "summary": f"val_loss {h.val_loss[b]:.4f} test_acc {100 * te_acc:.2f}% (best epoch {res.best_epoch})",
     }
@@ -452,12 +444,6 @@ def _summary_text(selected, ft, comps, skipped, settings):
             f"{settings['epochs']} epochs; the longest took {conv['longest']} epochs ({conv['longest_label']})"
             + (f"; {len(conv['capped'])} reached the cap: " + ", ".join(conv["capped"]) if conv["capped"] else "")
             + "."
-        )
-    last = [r for r in selected if r.get("best_epoch_mean") == settings["epochs"]]
-    if last:
-        lines.append(
-            f"Note: {len(last)} selected configuration(s) had their best validation loss at the last "
-            "epoch (may improve with more epochs): " + ", ".join(f"{r['label']} {r['config']}" for r in last)
         )
     lines.append("")
     lines.append(f"{'method':<15}{'config':<10}{'lr':>8}{'params':>8}{'frac %':>8}{'test acc %':>16}{'drop pp':>16}")

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from threadpoolctl import threadpool_info  # noqa: E402
 
 from blocklowrank.datasets import load_mnist_split  # noqa: E402
-from blocklowrank.shared_basis import fit_shared_basis, shared_basis_params  # noqa: E402
+from blocklowrank import fit_shared_basis, shared_basis_params  # noqa: E402
 
 CONFIGS = ((2, 3), (4, 3), (7, 2))
 
@@ -64,7 +64,7 @@ def main(argv=None):
         diff = max(abs(a.error - b) for a, b in zip(loop, batch.error[: args.loop_n]))
         per_b = 1e3 * wall / len(S)
         per_l = 1e3 * lwall / args.loop_n
-        print(f"| {K} | {r} | {shared_basis_params((28, 28), K, r)} | {wall:.2f} | {cpu:.2f} | {per_b:.2f} "
+        print(f"| {K} | {r} | {shared_basis_params((28, 28), n_blocks=K, rank=r)} | {wall:.2f} | {cpu:.2f} | {per_b:.2f} "
               f"| {batch.n_iter.mean():.1f} | {per_l:.1f} | {per_l / per_b:.1f}x | {diff:.1e} |", flush=True)
 
 

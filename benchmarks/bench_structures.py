@@ -55,8 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
 from blocklowrank import BlockLayout, approximate  # noqa: E402
-from blocklowrank.hybrid import fit_hybrid, hybrid_ranks_for_budget  # noqa: E402
-from blocklowrank.shared_basis import fit_shared_basis, shared_basis_rank_for_budget  # noqa: E402
+from blocklowrank import fit_hybrid, fit_shared_basis, match_budget  # noqa: E402
 
 BUDGETS = {28: 224, 256: 8192}
 
@@ -142,9 +141,10 @@ def methods(shape, budget):
     r = budget // (m + n)
     rb2 = budget // (2 * (m + n))
     rb4 = budget // (4 * (m + n))
-    hr, hg = hybrid_ranks_for_budget(shape, 2, budget)
-    s2 = shared_basis_rank_for_budget(shape, 2, budget)
-    s4 = shared_basis_rank_for_budget(shape, 4, budget)
+    hyb = match_budget(shape, budget, methods="hybrid", n_blocks=2)
+    hr, hg = min(((h["rank"], h["global_rank"]) for h in hyb), key=lambda t: abs(t[0] * 2 - t[1]))
+    s2 = match_budget(shape, budget, methods="shared_basis", n_blocks=2)[0]["rank"]
+    s4 = match_budget(shape, budget, methods="shared_basis", n_blocks=4)[0]["rank"]
     full = dict(svd_solver="full")
 
     def approx(**kw):

@@ -1,26 +1,49 @@
 """blocklowrank: structured low-rank matrix approximation.
 
-One block layout (:class:`BlockLayout`) describes every structure: global
+One block layout (:class:`BlockLayout`) describes the grid structures: global
 low rank (LoRA), diagonal blocks (MELoRA) and full K x K blocks (Localized
-LoRA / GraLoRA). One engine (:func:`approximate`) fits any layout with
-batched truncated SVDs.
+LoRA / GraLoRA); one engine fits them with batched truncated SVDs; one
+registry (:mod:`blocklowrank.structures`) declares every structure, the hybrid
+(blocks plus a global term) and BLAST (shared bases) included; and every fit
+returns its factors in one container (:class:`StructuredFactors`).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .layout import BlockLayout, split_sizes
-from ._engine import Approximation, allocate_ranks, approximate, batched_svd
-from .estimators import BlockLowRank, DiagonalBlockLowRank, GlobalLowRank
-from .hybrid import HybridLowRank, fit_hybrid, hybrid_params
-from .shared_basis import SharedBasisLowRank, fit_shared_basis, shared_basis_params
-from .convert import load_factors, rank_report, save_factors
-from .budget import RecordList, budget_sweep_points, compare_at_budget, count_params, match_budget
+from ._engine import Approximation, FitReport, block_spectra, fit_layout
+from ._allocation import allocate_ranks
+from ._svd import batched_svd
+from .factors import FactorsFileError, StructuredFactors, load_factors
+from .structures import (
+    BlockLowRank,
+    DiagonalBlockLowRank,
+    GlobalLowRank,
+    HybridLowRank,
+    SharedBasisLowRank,
+    approximate,
+    fit_hybrid,
+    fit_shared_basis,
+    get_structure,
+    hybrid_params,
+    register,
+    shared_basis_params,
+    structure_names,
+)
+from .estimators import single_fit_cv
+from .convert import rank_report, save_factors
+from .budget import RecordList, budget_sweep_points, count_params, match_budget
+from .compare import compare_at_budget
 
 __all__ = [
     "BlockLayout",
     "split_sizes",
     "Approximation",
+    "FitReport",
+    "StructuredFactors",
     "approximate",
+    "fit_layout",
+    "block_spectra",
     "allocate_ranks",
     "batched_svd",
     "GlobalLowRank",
@@ -32,8 +55,13 @@ __all__ = [
     "fit_shared_basis",
     "hybrid_params",
     "shared_basis_params",
+    "get_structure",
+    "structure_names",
+    "register",
+    "single_fit_cv",
     "save_factors",
     "load_factors",
+    "FactorsFileError",
     "rank_report",
     "count_params",
     "match_budget",

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .structures import get_structure, structure_names
+
 EXPERIMENTS = ("table1", "study", "structures", "figure2")  # quick ones first
 
 
@@ -107,14 +109,14 @@ def save_matrix(path, X):
 
 # ----------------------------------------------------------------------------- commands
 def cmd_approximate(args):
-    from ._engine import approximate
+    from .structures import approximate
 
     X = load_matrix(args.file, key=args.key)
-    given = [n for n in ("rank", "budget", "tol") if getattr(args, n) is not None]
+    given = [n for n in ("rank", "budget", "max_error") if getattr(args, n) is not None]
     if len(given) != 1:
-        raise CLIError("give exactly one of --rank, --budget and --tol")
+        raise CLIError("give exactly one of --rank, --budget and --max-error")
     kwargs = {given[0]: getattr(args, given[0])}
-    n_blocks = 1 if args.method == "global" else args.n_blocks
+    n_blocks = get_structure(args.method).fixed_blocks or args.n_blocks
     res = approximate(
         X,
         method=args.method,
@@ -230,12 +232,12 @@ def build_parser():
         "reconstruction.",
     )
     a.add_argument("file")
-    a.add_argument("--method", choices=("global", "diagonal", "block"), default="block")
+    a.add_argument("--method", choices=structure_names(spectral=True), default="block")
     a.add_argument("--n-blocks", type=_n_blocks, default=2, help="K or RxC (default 2; ignored for global)")
     g = a.add_mutually_exclusive_group(required=True)
     g.add_argument("--rank", type=int, help="rank of every active block")
     g.add_argument("--budget", type=int, help="parameter budget (optimal per-block ranks)")
-    g.add_argument("--tol", type=float, help="largest relative error (fewest parameters)")
+    g.add_argument("--max-error", type=float, help="largest relative error (fewest parameters)")
     a.add_argument("--svd-solver", choices=("auto", "full", "randomized"), default="auto")
     a.add_argument("--random-state", type=int, default=0)
     a.add_argument("--cap-rank", action="store_true", help="cap ranks at each block's smaller side")
@@ -251,8 +253,7 @@ def build_parser():
     )
     b.add_argument("shape", help="matrix shape, e.g. 28x28")
     b.add_argument("budget", type=int)
-    b.add_argument("--methods", nargs="+", default=["global", "diagonal", "block"],
-                   choices=("global", "diagonal", "block"))
+    b.add_argument("--methods", nargs="+", default=list(structure_names(paper=True)), choices=structure_names())
     b.set_defaults(func=cmd_budget)
     return p
 

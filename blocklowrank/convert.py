@@ -1,18 +1,20 @@
-"""Conversions between structured factors and the layouts other tools use; saving/loading.
+"""Conversions between structured factors and the layouts other tools use.
 
-Every fitted object of the library (an :class:`~blocklowrank.Approximation`,
-a fitted estimator, a :class:`~blocklowrank.hybrid.HybridFit`, a
-:class:`~blocklowrank.shared_basis.SharedBasisFit`) converts to one small
-container, :class:`StructuredFactors` (:func:`as_factors`), and from there to
+Every fitted object of the library (an :class:`~blocklowrank._engine.Approximation`,
+a fitted estimator, a :class:`~blocklowrank.factors.StructuredFactors`) converts
+to the one container (:func:`as_factors`), and from there to
 
 - GraLoRA's tensors as PEFT stores them (:func:`to_gralora` /
   :func:`from_gralora`, :func:`gralora_delta_weight`);
 - MELoRA's list of per-block pairs (:func:`to_melora` / :func:`from_melora`);
 - a dense update (:func:`to_dense`) and its refit as a global LoRA of rank r
   (:func:`refit_global`);
-- a rank report (:func:`rank_report`): nominal ranks against the numerical
-  rank of the assembled update;
+- a rank report (:func:`rank_report`);
 - an ``.npz`` file (:func:`save_factors` / :func:`load_factors`), no pickle.
+
+Every conversion round-trips exactly or refuses: a permuted layout densifies
+and saves in the original order, but cannot be GraLoRA or MELoRA tensors (their
+blocks are contiguous), so those refuse it.
 
 Weight convention. Our matrices are ``W`` of shape ``(m, n)``; for a
 PyTorch ``nn.Linear`` layer that is ``(out_features, in_features)``: rows
@@ -22,13 +24,10 @@ input block ``j`` to output block ``i``.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-
 import numpy as np
 
-from ._engine import Approximation, approximate
-from ._factors import assemble_block_factors
+from ._engine import Approximation, fit_layout
+from .factors import FactorsFileError, StructuredFactors, load_factors
 from .layout import BlockLayout
 
 __all__ = [
@@ -44,160 +43,49 @@ __all__ = [
     "from_melora",
     "save_factors",
     "load_factors",
-    "FORMAT_NAME",
-    "FORMAT_VERSION",
-    "IncompatibleFactorsFile",
+    "FactorsFileError",
 ]
-
-#: Value of the ``format`` field of files written by :func:`save_factors`.
-FORMAT_NAME = "blocklowrank-factors"
-#: Version of the file layout; bumped on any incompatible change of the keys.
-FORMAT_VERSION = 1
-
-KINDS = ("blocks", "hybrid", "shared_basis")
-
-
-class IncompatibleFactorsFile(ValueError):
-    """A factors file that this version of blocklowrank cannot read."""
-
-
-# ---------------------------------------------------------------------------- container
-@dataclass(eq=False)
-class StructuredFactors:
-    """Factors of a structured low-rank matrix, independent of how they were fitted.
-
-    Attributes
-    ----------
-    layout : BlockLayout
-        Cuts, active blocks and per-block ranks.
-    factors : dict
-        ``{(i, j): (B_ij, A_ij)}`` with ``B_ij`` of shape ``(m_i, r_ij)`` and
-        ``A_ij`` of shape ``(r_ij, n_j)``, for every active block.
-    global_factors : (ndarray, ndarray) or None
-        ``(B_g, A_g)`` of a global term (hybrid structures).
-    shared : (list, list, ndarray) or None
-        ``(U, V, S)`` of a shared-basis structure; ``factors`` then holds
-        ``B_ij = U_i diag(s_ij)``, ``A_ij = V_j^T``.
-    meta : dict
-        Free JSON-serialisable information (error, estimator, ...).
-    """
-
-    layout: BlockLayout
-    factors: dict
-    global_factors: tuple = None
-    shared: tuple = None
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def kind(self):
-        """"shared_basis", "hybrid" or "blocks"."""
-        if self.shared is not None:
-            return "shared_basis"
-        if self.global_factors is not None and self.global_rank > 0:
-            return "hybrid"
-        return "blocks"
-
-    @property
-    def shape(self):
-        return self.layout.shape
-
-    @property
-    def global_rank(self):
-        return 0 if self.global_factors is None else int(self.global_factors[0].shape[1])
-
-    @property
-    def n_params(self):
-        """Exact parameter count of the structure."""
-        m, n = self.layout.shape
-        if self.shared is not None:
-            U, V, S = self.shared
-            r = S.shape[-1]
-            return int(r * (m + n) + S.shape[0] * S.shape[1] * r)
-        return int(self.layout.n_params + self.global_rank * (m + n))
-
-    @property
-    def dtype(self):
-        for B, _ in self.factors.values():
-            return B.dtype
-        return self.global_factors[0].dtype
-
-    def to_dense(self, dtype=None):
-        """The dense ``m x n`` matrix (``Delta W``)."""
-        out = assemble_block_factors(self.layout, self.factors, np.float64)
-        if self.global_rank:
-            Bg, Ag = self.global_factors
-            out += np.asarray(Bg, np.float64) @ np.asarray(Ag, np.float64)
-        return out.astype(self.dtype if dtype is None else dtype, copy=False)
-
-    def __repr__(self):
-        g = f", global_rank={self.global_rank}" if self.global_rank else ""
-        return f"StructuredFactors({self.kind}: {self.layout.describe()}{g}, n_params={self.n_params})"
-
-
-def _factors_dict(layout, factors):
-    out = {}
-    for i, j in zip(*np.nonzero(layout.active)):
-        key = (int(i), int(j))
-        if key not in factors:
-            raise ValueError(f"factors are missing active block {key}")
-        B, A = factors[key]
-        B, A = np.asarray(B), np.asarray(A)
-        mi, nj = layout.block_shape(*key)
-        r = int(layout.ranks[key])
-        if B.shape != (mi, r) or A.shape != (r, nj):
-            raise ValueError(
-                f"block {key}: expected B of shape {(mi, r)} and A of shape {(r, nj)}, "
-                f"got {B.shape} and {A.shape}"
-            )
-        out[key] = (B, A)
-    return out
 
 
 def as_factors(obj):
-    """Convert any fitted object of the library to :class:`StructuredFactors`.
+    """The :class:`~blocklowrank.factors.StructuredFactors` of any fitted object of the library.
 
-    Accepts a :class:`StructuredFactors`, an :class:`~blocklowrank.Approximation`
-    (single matrix), a fitted estimator (``GlobalLowRank``,
-    ``DiagonalBlockLowRank``, ``BlockLowRank``, ``HybridLowRank``,
-    ``SharedBasisLowRank``), a ``HybridFit``, a ``SharedBasisFit`` or a
-    ``(layout, {(i, j): (B, A)})`` pair.
+    Accepts the container itself, an :class:`~blocklowrank._engine.Approximation`
+    of one matrix, a fitted estimator, or a ``(layout, {(i, j): (B, A)})`` pair.
     """
-    from .hybrid import HybridFit
-    from .shared_basis import SharedBasisFit
-
     if isinstance(obj, StructuredFactors):
         return obj
     if isinstance(obj, Approximation):
-        if obj.batch_shape:
+        if obj.factors.batch_shape:
             raise ValueError("as_factors takes the approximation of one matrix, not of a stack")
-        return StructuredFactors(obj.layout, obj.factors, meta={"error": float(obj.error)})
-    if isinstance(obj, HybridFit):
-        return StructuredFactors(
-            obj.layout, obj.factors, global_factors=obj.global_factors, meta={"error": obj.error}
-        )
-    if isinstance(obj, SharedBasisFit):
-        return StructuredFactors(
-            obj.layout, obj.factors, shared=(obj.U, obj.V, obj.S), meta={"error": obj.error}
-        )
+        return obj.factors
     if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], BlockLayout):
-        return StructuredFactors(obj[0], _factors_dict(obj[0], obj[1]))
+        return StructuredFactors(obj[0], obj[1])
     if hasattr(obj, "get_params") and hasattr(obj, "fit"):
         from sklearn.utils.validation import check_is_fitted
 
         check_is_fitted(obj)
-        res = getattr(obj, "_result", None)
-        if isinstance(res, (HybridFit, SharedBasisFit)):
-            sf = as_factors(res)
-        elif hasattr(obj, "layout_") and hasattr(obj, "factors_"):
-            sf = StructuredFactors(obj.layout_, obj.factors_, meta={"error": float(obj.error_)})
-        else:
-            raise TypeError(f"cannot read factors from {type(obj).__name__}")
-        sf.meta = {**sf.meta, "estimator": type(obj).__name__}
-        return sf
+        if isinstance(getattr(obj, "factors_", None), StructuredFactors):
+            return obj.factors_
     raise TypeError(
-        "expected StructuredFactors, an Approximation, a fitted blocklowrank estimator, a "
-        f"HybridFit/SharedBasisFit or a (layout, factors) pair; got {type(obj).__name__}"
+        "expected StructuredFactors, an Approximation, a fitted blocklowrank estimator or a "
+        f"(layout, factors) pair; got {type(obj).__name__}"
     )
+
+
+def save_factors(path, obj):
+    """Save the factors of any fitted object to an ``.npz`` file (see
+    :meth:`~blocklowrank.factors.StructuredFactors.save`); returns the path written."""
+    return as_factors(obj).save(path)
+
+
+def _contiguous(sf, what):
+    """Refuse layouts whose blocks are not contiguous in the original coordinates."""
+    if sf.layout.permuted:
+        raise ValueError(
+            f"{what} holds contiguous blocks, but this layout permutes rows or columns; convert "
+            "the dense update (to_dense) instead, or fit without a permutation"
+        )
 
 
 def to_dense(obj, dtype=None):
@@ -223,9 +111,8 @@ def refit_global(obj, rank, *, cap_rank=False):
     so it tells how much a structured update loses when forced to global
     low rank.
     """
-    return approximate(
-        to_dense(obj), method="global", rank=rank, svd_solver="full", cap_rank=cap_rank
-    )
+    D = to_dense(obj)
+    return fit_layout(D, BlockLayout.global_(D.shape), rank=rank, svd_solver="full", cap_rank=cap_rank)
 
 
 def rank_report(obj, *, rtol=None):
@@ -269,7 +156,7 @@ def rank_report(obj, *, rtol=None):
     m, n = lay.shape
     D = sf.to_dense(np.float64)
     s = np.linalg.svd(D, compute_uv=False)
-    eps = np.finfo(sf.dtype).eps if np.issubdtype(sf.dtype, np.floating) else np.finfo(float).eps
+    eps = np.finfo(sf.dtype).eps
     tol = (max(m, n) * eps if rtol is None else float(rtol)) * (s[0] if s.size else 0.0)
     num = int(np.sum(s > tol)) if s.size and s[0] > 0 else 0
     ranks = lay.ranks
@@ -378,10 +265,11 @@ def to_gralora(obj, *, scaling=1.0):
     True
     """
     sf = as_factors(obj)  # a shared basis converts through its per-block factors
+    _contiguous(sf, "GraLoRA")
     K, rb = _gralora_grid(sf)
     scaling = float(scaling)
-    if scaling == 0:
-        raise ValueError("scaling must be non-zero")
+    if not np.isfinite(scaling) or scaling == 0:
+        raise ValueError(f"scaling must be a finite non-zero number, got {scaling}")
     lay = sf.layout
     mb, nb = lay.row_sizes[0], lay.col_sizes[0]
     dtype = sf.dtype
@@ -479,6 +367,7 @@ def to_melora(obj):
     active blocks are exactly the diagonal of a square grid.
     """
     sf = as_factors(obj)
+    _contiguous(sf, "MELoRA")
     lay = sf.layout
     kr, kc = lay.n_blocks
     if kr != kc or not np.array_equal(lay.active, np.eye(kr, dtype=bool)) or sf.global_rank:
@@ -507,124 +396,3 @@ def from_melora(pairs):
     ranks = np.diag([B.shape[1] for B, _ in pairs]).astype(np.int64)
     lay = BlockLayout((sum(rs), sum(cs)), tuple(rs), tuple(cs), np.eye(N, dtype=bool), ranks)
     return StructuredFactors(lay, {(i, i): pairs[i] for i in range(N)})
-
-
-# ---------------------------------------------------------------------------- files
-def _library_version():
-    from . import __version__
-
-    return __version__
-
-
-def _major(version):
-    try:
-        return int(str(version).split(".")[0])
-    except ValueError:
-        return None
-
-
-def save_factors(path, obj):
-    """Save fitted factors to an ``.npz`` file (no pickle).
-
-    The file holds the layout (JSON of :meth:`BlockLayout.to_dict`), the
-    kind of structure, the library version, a format name and version, the
-    factor arrays and a JSON ``meta`` (error, estimator name). Keys:
-    ``B_i_j``/``A_i_j`` per active block (kinds "blocks" and "hybrid"),
-    ``global_B``/``global_A`` (hybrid), ``U_i``, ``V_j``, ``S`` (shared
-    basis).
-
-    Parameters
-    ----------
-    path : str or path-like or file
-        NumPy appends ``.npz`` to a name without it.
-    obj : fitted structure (see :func:`as_factors`)
-    """
-    sf = as_factors(obj)
-    arrays = {
-        "format": np.array(FORMAT_NAME),
-        "format_version": np.array(FORMAT_VERSION, dtype=np.int64),
-        "library_version": np.array(_library_version()),
-        "kind": np.array(sf.kind),
-        "layout": np.array(json.dumps(sf.layout.to_dict())),
-        "meta": np.array(json.dumps(sf.meta, default=float)),
-    }
-    if sf.shared is not None:
-        U, V, S = sf.shared
-        for i, Ui in enumerate(U):
-            arrays[f"U_{i}"] = np.asarray(Ui)
-        for j, Vj in enumerate(V):
-            arrays[f"V_{j}"] = np.asarray(Vj)
-        arrays["S"] = np.asarray(S)
-    else:
-        for (i, j), (B, A) in sf.factors.items():
-            arrays[f"B_{i}_{j}"] = np.asarray(B)
-            arrays[f"A_{i}_{j}"] = np.asarray(A)
-        if sf.global_rank:
-            arrays["global_B"] = np.asarray(sf.global_factors[0])
-            arrays["global_A"] = np.asarray(sf.global_factors[1])
-    np.savez(path, **arrays)
-
-
-def load_factors(path):
-    """Load factors saved by :func:`save_factors`.
-
-    Raises
-    ------
-    IncompatibleFactorsFile
-        (a ValueError) if the file is not a blocklowrank factors file, was
-        written with another format version, or by a library of another
-        major version.
-
-    Returns
-    -------
-    StructuredFactors
-        ``meta`` gains ``library_version`` (of the writer).
-    """
-    with np.load(path, allow_pickle=False) as z:
-        keys = set(z.files)
-        if "format" not in keys or str(z["format"]) != FORMAT_NAME:
-            raise IncompatibleFactorsFile(
-                f"{path!s} is not a blocklowrank factors file (no format field "
-                f"'{FORMAT_NAME}'); write one with blocklowrank.convert.save_factors"
-            )
-        missing = {"format_version", "library_version", "kind", "layout", "meta"} - keys
-        if missing:
-            raise IncompatibleFactorsFile(
-                f"{path!s} is a damaged blocklowrank factors file: missing {sorted(missing)}"
-            )
-        fv = int(z["format_version"])
-        wrote = str(z["library_version"])
-        ours = _library_version()
-        if fv != FORMAT_VERSION:
-            raise IncompatibleFactorsFile(
-                f"{path!s} uses factors format version {fv} (written by blocklowrank {wrote}); "
-                f"this blocklowrank {ours} reads format version {FORMAT_VERSION} only"
-            )
-        if _major(wrote) != _major(ours):
-            raise IncompatibleFactorsFile(
-                f"{path!s} was written by blocklowrank {wrote}, whose major version differs "
-                f"from this blocklowrank {ours}; load it with a {_major(wrote)}.x release"
-            )
-        kind = str(z["kind"])
-        if kind not in KINDS:
-            raise IncompatibleFactorsFile(f"{path!s}: unknown kind of structure {kind!r}")
-        lay = BlockLayout.from_dict(json.loads(str(z["layout"])))
-        meta = json.loads(str(z["meta"]))
-        meta["library_version"] = wrote
-        if kind == "shared_basis":
-            kr, kc = lay.n_blocks
-            U = [z[f"U_{i}"] for i in range(kr)]
-            V = [z[f"V_{j}"] for j in range(kc)]
-            S = z["S"]
-            factors = {
-                (i, j): (U[i] * S[i, j][None, :], np.ascontiguousarray(V[j].T))
-                for i in range(kr)
-                for j in range(kc)
-            }
-            return StructuredFactors(lay, factors, shared=(U, V, S), meta=meta)
-        factors = {}
-        for i, j in zip(*np.nonzero(lay.active)):
-            factors[(int(i), int(j))] = (z[f"B_{i}_{j}"], z[f"A_{i}_{j}"])
-        factors = _factors_dict(lay, factors)
-        gf = (z["global_B"], z["global_A"]) if kind == "hybrid" else None
-        return StructuredFactors(lay, factors, global_factors=gf, meta=meta)

@@ -14,29 +14,17 @@ The exact parameter count is ``sum over active (i, j) of r_ij * (m_i + n_j)``.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from ._validation import check_int as _check_int
+from ._validation import check_shape as _check_shape
 
 __all__ = ["BlockLayout", "split_sizes", "PATTERNS"]
 
 #: Names accepted for the active-block pattern.
 PATTERNS = ("full", "diagonal")
-
-
-def _check_int(value, name, *, minimum=None):
-    """Return ``value`` as a Python int or raise a TypeError/ValueError naming it."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        if isinstance(value, numbers.Real) and float(value).is_integer() and not isinstance(
-            value, (bool, np.bool_)
-        ):
-            raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def split_sizes(length, n_parts, *, name="n_blocks", axis="rows"):
@@ -413,14 +401,14 @@ class BlockLayout:
             g[1].append(jj + bj0)
         return {k: (np.concatenate(v[0]), np.concatenate(v[1])) for k, v in groups.items()}
 
-    def describe(self):
-        """A one-line human description."""
+    def describe(self, *, params=True):
+        """A one-line human description (``params=False``: without the parameter count)."""
         kr, kc = self.n_blocks
         ur = self.uniform_rank
         rank = f"rank {ur}" if ur is not None else "ranks " + str(self.ranks[self.active].tolist())
         return (
             f"{self.pattern} {kr}x{kc} layout of a {self.shape[0]}x{self.shape[1]} matrix, "
-            f"{rank}, {self.n_params} parameters"
+            f"{rank}" + (f", {self.n_params} parameters" if params else "")
         )
 
     def __repr__(self):
@@ -468,16 +456,6 @@ class BlockLayout:
             d.get("row_perm"),
             d.get("col_perm"),
         )
-
-
-def _check_shape(shape):
-    try:
-        m, n = shape
-    except (TypeError, ValueError):
-        raise ValueError(f"shape must be a pair (m, n), got {shape!r}") from None
-    m = _check_int(m, "shape[0]", minimum=1)
-    n = _check_int(n, "shape[1]", minimum=1)
-    return m, n
 
 
 def _expand_rank(rank, active):

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layout import _check_int, split_sizes
+from ._validation import check_int as _check_int
+from ._validation import validate_matrix
+from .layout import split_sizes
 
 __all__ = [
     "strided_permutation",
@@ -103,7 +105,6 @@ def cluster_permutation(X, n_groups, *, axis=0, n_components=None, random_state=
     """
     from sklearn.cluster import KMeans
 
-    from ._engine import validate_matrix
 
     X = validate_matrix(X, min_ndim=2, max_ndim=2)
     if axis not in (0, 1):
@@ -139,7 +140,6 @@ def cocluster_permutations(X, n_groups, *, random_state=0):
     """
     from scipy.optimize import linear_sum_assignment
 
-    from ._engine import validate_matrix
 
     X = validate_matrix(X, min_ndim=2, max_ndim=2)
     kr, kc = (n_groups, n_groups) if np.ndim(n_groups) == 0 else n_groups

@@ -23,7 +23,7 @@ For a layout with row blocks ``m_i`` and column blocks ``n_j``:
   rank ``r_i``; off-diagonal blocks are zero;
 - ``"block"``: every block ``(i, j)`` is an independent rank-``r_ij``
   matrix ``U_ij diag(s_ij) V_ij^T``;
-- ``"shared"``: block ``(i, j)`` is ``U_i diag(s_ij) V_j^T`` with ``U_i``
+- ``"shared_basis"``: block ``(i, j)`` is ``U_i diag(s_ij) V_j^T`` with ``U_i``
   shared along block-row ``i`` and ``V_j`` along block-column ``j`` (the
   GraLoRA / Localized-LoRA picture of a weight update whose blocks share
   subspaces). Every block has rank ``r``; the whole matrix has rank at most
@@ -62,7 +62,7 @@ the planted ranks recovers it to noise level.
 >>> from blocklowrank import BlockLowRank
 >>> from blocklowrank.testing import planted_matrices
 >>> @settings(max_examples=15, deadline=None, derandomize=True, database=None)
-... @given(planted_matrices(structures=("block", "shared"), noise=0.05))
+... @given(planted_matrices(structures=("block", "shared_basis"), noise=0.05))
 ... def test_recovers_planted_blocks(planted):
 ...     X, info = planted
 ...     est = BlockLowRank(n_blocks=info.layout.n_blocks, rank=info.layout.ranks,
@@ -95,7 +95,7 @@ __all__ = [
 ]
 
 #: Names of the planted structures accepted by :func:`planted_matrix`.
-STRUCTURES = ("global", "diagonal", "block", "shared")
+STRUCTURES = ("global", "diagonal", "block", "shared_basis")
 
 _CUTS = ("array_split", "random", "any")
 
@@ -175,7 +175,7 @@ class PlantedInfo:
         (up to the rounding of ``X`` to its dtype).
     factors : dict
         ``{(i, j): (B_ij, A_ij)}`` (float64) with ``B_ij @ A_ij`` equal to
-        block ``(i, j)`` of ``clean``; for ``"shared"``, ``B_ij = U_i
+        block ``(i, j)`` of ``clean``; for ``"shared_basis"``, ``B_ij = U_i
         diag(s_ij)`` and ``A_ij = V_j^T``.
     """
 
@@ -203,14 +203,14 @@ def planted_matrix(
     ----------
     shape : (int, int), optional
         Shape ``(m, n)``. Needed unless ``layout`` is given.
-    structure : {"global", "diagonal", "block", "shared"}, default="block"
+    structure : {"global", "diagonal", "block", "shared_basis"}, default="block"
         The planted structure (see the module docstring).
     n_blocks : int or (int, int), optional
         Grid of the layout (``np.array_split`` cuts). Defaults to 1 for
         ``"global"`` (which accepts nothing else) and 2 otherwise;
         ``"diagonal"`` needs a square grid.
     rank : int or array-like of shape (K_rows, K_cols), default=1
-        Rank of every active block, or one rank per block (``"shared"``
+        Rank of every active block, or one rank per block (``"shared_basis"``
         needs a single int). A rank above a block's smaller side raises
         ValueError.
     noise : float, default=0.0
@@ -219,7 +219,7 @@ def planted_matrix(
         Plant exactly this layout's active blocks and ranks (any cuts, any
         active pattern with "block"). Replaces ``n_blocks`` and ``rank``;
         "global" then needs a 1 x 1 layout, "diagonal" a diagonal one and
-        "shared" one rank for every active block.
+        "shared_basis" one rank for every active block.
     random_state : int, Generator, RandomState or None, default=None
         Seed; the same seed gives the same matrix.
     dtype : {np.float64, np.float32}, default=np.float64
@@ -240,7 +240,7 @@ def planted_matrix(
     ('diagonal', 16)
     >>> bool(np.all(X[:2, 2:] == 0))  # off-diagonal blocks are empty without noise
     True
-    >>> X32, info = planted_matrix((6, 9), structure="shared", n_blocks=(2, 3), rank=2,
+    >>> X32, info = planted_matrix((6, 9), structure="shared_basis", n_blocks=(2, 3), rank=2,
     ...                            noise=0.1, random_state=1, dtype=np.float32)
     >>> X32.dtype, info.layout.ranks.tolist()
     (dtype('float32'), [[2, 2, 2], [2, 2, 2]])
@@ -286,11 +286,11 @@ def planted_matrix(
     m, n = lay.shape
     clean = np.zeros((m, n))
     factors = {}
-    if structure == "shared":
+    if structure == "shared_basis":
         r = lay.uniform_rank
         if r is None:
             raise ValueError(
-                "the shared structure needs one rank for every active block, got "
+                "the shared_basis structure needs one rank for every active block, got "
                 f"{lay.ranks[lay.active].tolist()}"
             )
         kr, kc = lay.n_blocks
@@ -567,7 +567,7 @@ def planted_matrices(
 ):
     """Hypothesis strategy for ``(X, info)`` pairs from :func:`planted_matrix`.
 
-    Structure, grid, per-block ranks (uniform for "global" and "shared") and
+    Structure, grid, per-block ranks (uniform for "global" and "shared_basis") and
     the seed are drawn; the numbers come from :func:`planted_matrix`.
 
     Parameters
@@ -610,7 +610,7 @@ def planted_matrices(
         pattern = "diagonal" if structure == "diagonal" else "full"
         lay = BlockLayout.from_blocks((m, n), (kr, kc), pattern=pattern)
         cap = np.minimum(lay.max_ranks, max_rank)
-        if structure in ("global", "shared"):
+        if structure in ("global", "shared_basis"):
             r = draw(st.integers(1, int(cap[lay.active].min())))
             ranks = np.where(lay.active, r, 0)
         else:
@@ -628,3 +628,103 @@ def planted_matrices(
         )
 
     return _planted()
+
+
+# ---------------------------------------------------------------------------- structure checks
+_ROW_POSITION = (
+    "with several block-rows a row's block-row is fixed by its position, so transform "
+    "needs all fitted rows in their fitted order"
+)
+
+
+def expected_failed_checks(estimator):
+    """scikit-learn checks that cannot apply to ``estimator``, each with its reason.
+
+    With several block-rows a row's codes depend on its position, so the
+    checks that transform held-out or reordered rows cannot pass; everything
+    else must.
+    """
+    nb = getattr(estimator, "n_blocks", 1)
+    kr = nb[0] if isinstance(nb, (tuple, list)) else nb
+    if kr > 1:
+        return {
+            "check_methods_subset_invariance": _ROW_POSITION,
+            "check_methods_sample_order_invariance": _ROW_POSITION,
+            "check_fit_idempotent": _ROW_POSITION + " (it transforms held-out rows)",
+        }
+    return {}
+
+
+def structure_estimators(structure):
+    """Estimators of a structure for the shared checks: its defaults, a 2 x 2 and a 1 x 2 grid."""
+    from .structures import get_structure
+
+    s = get_structure(structure)
+    out = [s.estimator()]
+    if "n_blocks" in s.estimator().get_params() and s.fixed_blocks is None:
+        out.append(s.estimator(n_blocks=2))
+        try:
+            s.layout((4, 4), (1, 2))
+            out.append(s.estimator(n_blocks=(1, 2)))
+        except ValueError:  # square grids only (e.g. diagonal blocks)
+            pass
+    return out
+
+
+def check_structure(structure, *, shape=(12, 10), random_state=0, sklearn=True):
+    """The checks every registered structure passes (raises AssertionError on the first failure).
+
+    1. scikit-learn compliance of its estimator (``check_estimator``, with
+       :func:`expected_failed_checks`), on its defaults and on small grids;
+    2. budget: every configuration :func:`~blocklowrank.budget.match_budget`
+       lists for it is counted by its ``count`` as the record says, within the
+       budget, and fitting it gives factors holding exactly that many numbers'
+       worth of parameters (``factors.n_params``);
+    3. round trip: the fit's dense matrix survives save/load exactly, the
+       estimator's ``inverse_transform(fit_transform(X))`` equals its
+       reconstruction, and the fitted error is the error of that reconstruction.
+
+    Parameters
+    ----------
+    structure : str or Structure
+    shape : (int, int), default=(12, 10)
+        Shape of the random test matrix (uneven splits on purpose).
+    random_state : int, default=0
+    sklearn : bool, default=True
+        Run the scikit-learn checks (the slow part).
+    """
+    import tempfile
+    from pathlib import Path
+
+    from .budget import count_params, match_budget
+    from .factors import load_factors
+    from .structures import get_structure
+
+    s = get_structure(structure)
+    X = _rng(random_state).standard_normal(shape)
+    if sklearn:
+        from sklearn.utils.estimator_checks import check_estimator
+
+        for est in structure_estimators(s):
+            check_estimator(est, expected_failed_checks=expected_failed_checks(est))
+    cheapest = s.budget_rule.cheapest(shape, [s.fixed_blocks or 2], None)
+    assert cheapest is not None, f"{s.name}: no configuration below full rank on {shape}"
+    recs = match_budget(shape, 2 * cheapest[0], methods=[s.name], n_blocks=[s.fixed_blocks or 2])
+    assert recs, f"{s.name}: match_budget found no configuration at twice its cheapest count"
+    for rec in recs:
+        config = {k: rec[k] for k in ("n_blocks", "rank", *s.extra)}
+        assert count_params(s.name, shape, **config) == rec["n_params"] <= rec["budget"]
+        res = s.fit(X, **config)
+        f = res.factors
+        assert f.n_params == rec["n_params"], (s.name, f.n_params, rec)
+        dense = f.to_dense()
+        err = np.linalg.norm(X - dense) / np.linalg.norm(X)
+        assert abs(err - res.error) <= 1e-8 * max(1.0, err), (s.name, err, res.error)
+        with tempfile.TemporaryDirectory() as tmp:
+            back = load_factors(f.save(Path(tmp) / "f"))
+        assert back.n_params == f.n_params and np.array_equal(back.to_dense(), dense)
+        params = set(s.estimator().get_params())
+        est = s.estimator(**{k: v for k, v in config.items() if k in params})
+        Z = est.fit_transform(X)
+        np.testing.assert_allclose(est.inverse_transform(Z), est.reconstruct(), atol=1e-10)
+        assert est.n_params_ == est.factors_.n_params

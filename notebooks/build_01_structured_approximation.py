@@ -114,7 +114,7 @@ code("""
 est = BlockLowRank(n_blocks=4, budget=224).fit(digit)
 print(est.ranks_)
 print("error", round(est.error_, 4), "vs uniform rank 1:", round(BlockLowRank(n_blocks=4, rank=1).fit(digit).error_, 4))
-tol = BlockLowRank(n_blocks=2, tol=0.1).fit(digit)
+tol = BlockLowRank(n_blocks=2, max_error=0.1).fit(digit)
 print("fewest parameters for 10% error:", tol.n_params_, tol.ranks_.tolist())
 """)
 md("""

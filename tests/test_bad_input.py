@@ -221,36 +221,36 @@ def test_bad_budget(fit, budget):
 @pytest.mark.parametrize("fit", ALL, ids=_ids(ALL))
 @pytest.mark.parametrize("tol", [0, 1, -0.1, 1.5, 0.0, 1.0, np.nan, "0.5"])
 def test_tol_outside_open_unit_interval(fit, tol):
-    with pytest.raises((TypeError, ValueError), match="tol"):
-        fit(X, rank=None, tol=tol)
+    with pytest.raises((TypeError, ValueError), match="max_error"):
+        fit(X, rank=None, max_error=tol)
 
 
 def test_tol_needs_the_exact_solver():
-    with pytest.raises(ValueError, match="tol"):
-        approximate(RNG.standard_normal((40, 40)), tol=0.5, svd_solver="randomized")
+    with pytest.raises(ValueError, match="max_error"):
+        approximate(RNG.standard_normal((40, 40)), max_error=0.5, svd_solver="randomized")
 
 
 def test_tol_out_of_reach_of_the_structure():
     """The off-diagonal blocks alone leave error 1 on an anti-diagonal matrix."""
     A = np.fliplr(np.eye(6))
-    with pytest.raises(ValueError, match="tol"):
-        approximate(A, method="diagonal", n_blocks=2, tol=0.5)
-    with pytest.raises(ValueError, match="tol"):
-        DiagonalBlockLowRank(n_blocks=2, tol=0.5).fit(A)
+    with pytest.raises(ValueError, match="max_error"):
+        approximate(A, method="diagonal", n_blocks=2, max_error=0.5)
+    with pytest.raises(ValueError, match="max_error"):
+        DiagonalBlockLowRank(n_blocks=2, max_error=0.5).fit(A)
 
 
 # ---------------------------------------------------------------------------- combinations
 @pytest.mark.parametrize("fit", ALL, ids=_ids(ALL))
 @pytest.mark.parametrize(
-    "kw", [dict(rank=1, budget=20), dict(rank=1, tol=0.5), dict(rank=None, budget=20, tol=0.5)]
+    "kw", [dict(rank=1, budget=20), dict(rank=1, max_error=0.5), dict(rank=None, budget=20, max_error=0.5)]
 )
 def test_only_one_of_rank_budget_tol(fit, kw):
-    with pytest.raises(ValueError, match=r"only one of rank, budget and tol"):
+    with pytest.raises(ValueError, match=r"only one of rank, budget and max_error"):
         fit(X, **kw)
 
 
 def test_approximate_needs_a_rank_rule():
-    with pytest.raises(ValueError, match="rank, budget or tol"):
+    with pytest.raises(ValueError, match="rank, budget or max_error"):
         approximate(X)
 
 
@@ -371,7 +371,7 @@ def _calls():
     calls = [
         ("approximate-rank", lambda A: approximate(A, method="block", n_blocks=2, rank=2)),
         ("approximate-budget", lambda A: approximate(A, method="block", n_blocks=(2, 3), budget=30)),
-        ("approximate-tol", lambda A: approximate(A, method="diagonal", n_blocks=2, tol=0.9)),
+        ("approximate-tol", lambda A: approximate(A, method="diagonal", n_blocks=2, max_error=0.9)),
         ("approximate-randomized", lambda A: approximate(A, rank=1, svd_solver="randomized",
                                                          n_oversamples=1, random_state=0)),
         ("approximate-stack", lambda A: approximate(np.stack([A, A]), n_blocks=2, rank=1)),
@@ -383,7 +383,7 @@ def _calls():
     calls += est_calls("GlobalLowRank", lambda: GlobalLowRank(rank=2))
     calls += est_calls("BlockLowRank", lambda: BlockLowRank(n_blocks=2, rank=1))
     calls += est_calls("BlockLowRank-budget", lambda: BlockLowRank(n_blocks=(2, 3), budget=30))
-    calls += est_calls("DiagonalBlockLowRank", lambda: DiagonalBlockLowRank(n_blocks=2, tol=0.9))
+    calls += est_calls("DiagonalBlockLowRank", lambda: DiagonalBlockLowRank(n_blocks=2, max_error=0.9))
     return calls
 
 

@@ -14,16 +14,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import blocklowrank._allocation as allocation
 import blocklowrank._engine as engine
 from blocklowrank.budget import (
-    COMPARE_COLUMNS,
     MATCH_COLUMNS,
     RecordList,
     budget_sweep_points,
-    compare_at_budget,
     count_params,
     match_budget,
 )
+from blocklowrank.compare import COMPARE_COLUMNS, compare_at_budget
 from blocklowrank.layout import BlockLayout
 
 # Deterministic, modest hypothesis settings (set here, not in conftest).
@@ -498,7 +498,7 @@ class TestCompareAtBudget:
                 assert r["rank"] == int(r["block_ranks"].max())
                 want = ref_error(X, mth, k, r["rank"])
             else:
-                assert r["rank"] == "optimal"
+                assert r["rank"] is None
                 want = ref_error(X, mth, k, r["block_ranks"])
                 best = ref_best_allocation(X, mth, k, budget)
                 if r["proven_optimal"]:
@@ -579,7 +579,7 @@ class TestCompareAtBudget:
             calls.append(np.shape(X))
             return real(X, *args, **kwargs)
 
-        monkeypatch.setattr("blocklowrank.budget.block_spectra", spy)
+        monkeypatch.setattr("blocklowrank.compare.block_spectra", spy)
         S = np.random.default_rng(0).standard_normal((50, 28, 28))
         res = compare_at_budget(S, 224)
         assert len(calls) == len({(r["method"], r["n_blocks"]) for r in res})
@@ -588,13 +588,13 @@ class TestCompareAtBudget:
     def test_one_batched_engine_call_per_configuration_randomized(self, monkeypatch):
         """With the randomized solver, approximate is called once per row, on the whole stack."""
         calls = []
-        real = engine.approximate
+        real = engine.fit_layout
 
         def spy(X, *args, **kwargs):
             calls.append(np.shape(X))
             return real(X, *args, **kwargs)
 
-        monkeypatch.setattr("blocklowrank.budget.approximate", spy)
+        monkeypatch.setattr("blocklowrank.compare.fit_layout", spy)
         S = np.random.default_rng(0).standard_normal((20, 28, 28))
         res = compare_at_budget(S, 224, svd_solver="randomized", random_state=0)
         assert len(calls) == len(res)
@@ -613,7 +613,7 @@ class TestCompareAtBudget:
     def test_solver_options_are_passed(self):
         X = np.random.default_rng(7).standard_normal((40, 40))
         full = compare_at_budget(X, 320, methods=["global"], svd_solver="full")
-        rnd = compare_at_budget(X, 320, methods=["global"], svd_solver="randomized", random_state=0, n_iter=7)
+        rnd = compare_at_budget(X, 320, methods=["global"], svd_solver="randomized", random_state=0, iterated_power=7)
         assert rnd[0]["error"] == pytest.approx(full[0]["error"], rel=0.05)
         with pytest.raises(ValueError, match="svd_solver"):
             compare_at_budget(X, 320, svd_solver="arpack")
@@ -635,7 +635,7 @@ class TestCompareAtBudget:
         """When the engine falls back to a greedy allocation (uneven blocks, large problem;
         forced here by lowering its DP limit), the optimal row is still no worse than the
         uniform row of the same partition, matrix by matrix."""
-        monkeypatch.setattr(engine, "_DP_LIMIT", 0)
+        monkeypatch.setattr(allocation, "_DP_LIMIT", 0)
         rng = np.random.default_rng(11)
         S = rng.standard_normal((30, 28, 28)) * rng.uniform(0.1, 3, size=28)
         res = compare_at_budget(S, 224, n_blocks=[3, 5])
@@ -677,9 +677,9 @@ class TestCompareAtBudget:
 
 
 # ---------------------------------------------------------------------------- beyond the paper
-from blocklowrank.budget import ALL_METHODS  # noqa: E402
-from blocklowrank.hybrid import fit_hybrid  # noqa: E402
-from blocklowrank.shared_basis import fit_shared_basis  # noqa: E402
+from blocklowrank import fit_hybrid, fit_shared_basis, structure_names  # noqa: E402
+
+ALL_METHODS = structure_names()
 
 
 def ref_shared_count(shape, k, r):
@@ -792,9 +792,10 @@ class TestBeyondThePaper:
                     if ref_hybrid_count((m, n), k, rank, r_g) == budget:
                         assert ("hybrid", k, rank, r_g) in seen
 
-    def test_sweep_points_are_for_the_paper_methods(self):
-        with pytest.raises(ValueError, match="methods"):
-            budget_sweep_points((28, 28), methods=["hybrid"])
+    def test_sweep_points_for_every_registered_structure(self):
+        """Every structure's budget rule lists its reachable counts: the hybrid's include 224."""
+        pts = budget_sweep_points((28, 28), methods=["hybrid", "global"], n_blocks=[2])
+        assert 224 in pts and all(p % 56 == 0 for p in pts)
 
     def test_compare_equals_direct_fits_on_a_stack(self):
         """compare_at_budget's errors for hybrid and BLAST rows are those of fit_hybrid and

@@ -70,7 +70,7 @@ def test_approximate_image_and_budget(tmp_path, capsys):
 def test_approximate_tol_and_global(tmp_path, capsys):
     X = np.random.default_rng(2).standard_normal((10, 10))
     np.save(tmp_path / "a.npy", X)
-    code, text, _ = run(["approximate", str(tmp_path / "a.npy"), "--method", "global", "--tol", "0.5",
+    code, text, _ = run(["approximate", str(tmp_path / "a.npy"), "--method", "global", "--max-error", "0.5",
                          "--out", str(tmp_path / "b.npy")], capsys)
     assert code == 0 and "structure   global, 1x1 blocks" in text
 
@@ -81,7 +81,7 @@ def test_approximate_tol_and_global(tmp_path, capsys):
         (["approximate", "nope.npy", "--rank", "1"], "no such file"),
         (["approximate", "{bad}", "--rank", "99"], "exceeds"),
         (["approximate", "{bad}", "--rank", "1", "--n-blocks", "50"], "n_blocks"),
-        (["approximate", "{bad}", "--tol", "1.5"], "tol"),
+        (["approximate", "{bad}", "--max-error", "1.5"], "max_error"),
         (["approximate", "{bad}", "--budget", "3"], "budget"),
         (["budget", "28x", "224"], "SHAPE"),
     ],

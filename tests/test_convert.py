@@ -11,9 +11,9 @@ from blocklowrank import (
     GlobalLowRank,
     approximate,
 )
+from blocklowrank.factors import FORMAT_VERSION
 from blocklowrank.convert import (
-    FORMAT_VERSION,
-    IncompatibleFactorsFile,
+    FactorsFileError,
     StructuredFactors,
     as_factors,
     from_gralora,
@@ -27,8 +27,8 @@ from blocklowrank.convert import (
     to_gralora,
     to_melora,
 )
-from blocklowrank.hybrid import HybridLowRank, fit_hybrid
-from blocklowrank.shared_basis import SharedBasisLowRank, fit_shared_basis
+from blocklowrank import HybridLowRank, fit_hybrid
+from blocklowrank import SharedBasisLowRank, fit_shared_basis
 
 
 # ---------------------------------------------------------------------------- PEFT reference
@@ -317,16 +317,16 @@ def test_load_refuses_incompatible_files(tmp_path):
     save_factors(good, approximate(X, method="block", n_blocks=2, rank=1))
     bad = tmp_path / "bad.npz"
     _rewrite(good, bad, format_version=FORMAT_VERSION + 1)
-    with pytest.raises(IncompatibleFactorsFile, match="format version 2"):
+    with pytest.raises(FactorsFileError, match="format version 2"):
         load_factors(bad)
     _rewrite(good, bad, library_version="7.0.0")
-    with pytest.raises(IncompatibleFactorsFile, match="major version"):
+    with pytest.raises(FactorsFileError, match="major version"):
         load_factors(bad)
     _rewrite(good, bad, layout=None)
-    with pytest.raises(IncompatibleFactorsFile, match="missing \\['layout'\\]"):
+    with pytest.raises(FactorsFileError, match="missing \\['layout'\\]"):
         load_factors(bad)
     _rewrite(good, bad, format=None)
-    with pytest.raises(IncompatibleFactorsFile, match="not a blocklowrank factors file"):
+    with pytest.raises(FactorsFileError, match="not a blocklowrank factors file"):
         load_factors(bad)
     np.savez(bad, x=np.ones(3))
     with pytest.raises(ValueError, match="not a blocklowrank factors file"):

@@ -8,7 +8,8 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from blocklowrank import approximate, batched_svd
-from blocklowrank._engine import _resolve_n_jobs, choose_solver, svd_flip_v
+from blocklowrank._parallel import resolve_n_jobs as _resolve_n_jobs
+from blocklowrank._svd import svd_flip_v
 
 
 def _stack(seed, shape, dtype=np.float64):
@@ -89,12 +90,6 @@ def test_resolve_n_jobs():
         _resolve_n_jobs(1.5)
 
 
-@pytest.mark.parametrize("shape", [(16, 16), (256, 256), (2048, 2048), (4096, 300)])
-@pytest.mark.parametrize("k", [1, 2, 8, 32])
-def test_choose_solver_returns_a_solver(shape, k):
-    assert choose_solver(shape, k) in ("full", "randomized")
-
-
 def test_concurrent_calls_restore_the_blas_limit():
     from concurrent.futures import ThreadPoolExecutor
 
@@ -116,7 +111,7 @@ def test_concurrent_calls_restore_the_blas_limit():
 
 @pytest.mark.parametrize("solver", ["full", "randomized"])
 def test_chunking_on_one_thread_changes_nothing(monkeypatch, solver):
-    import blocklowrank._engine as engine
+    import blocklowrank._parallel as engine
 
     A = _stack(6, (10, 24, 20))
     kw = dict(svd_solver=solver, random_state=3, full_spectrum=solver == "full", n_jobs=1)

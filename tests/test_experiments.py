@@ -57,7 +57,7 @@ def test_study_on_a_slice(mnist_test, tmp_path):
     from blocklowrank import approximate
     from blocklowrank.experiments.study import compute_study, plot_budget, plot_study, summarize, write_study
 
-    from blocklowrank.shared_basis import fit_shared_basis
+    from blocklowrank import fit_shared_basis
 
     images, labels = mnist_test
     imgs, labs = images[:300], labels[:300]

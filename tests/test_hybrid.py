@@ -6,13 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blocklowrank import BlockLayout, BlockLowRank, GlobalLowRank, approximate
-from blocklowrank._factors import STEP_TOL
-from blocklowrank.hybrid import (
-    HybridLowRank,
-    fit_hybrid,
-    hybrid_params,
-    hybrid_ranks_for_budget,
-)
+from blocklowrank._linalg import STEP_TOL
+from blocklowrank.budget import match_budget
+from blocklowrank.structures.hybrid import HybridLowRank, fit_hybrid, hybrid_params
 
 
 def _planted(rng, m=24, n=24, K=2, rg=2, rb=1):
@@ -38,23 +34,25 @@ def test_params_exact(shape, n_blocks, rank, rg, pattern):
     expected = sum(
         rank * (lay.row_sizes[i] + lay.col_sizes[j]) for i, j in zip(*np.nonzero(lay.active))
     ) + rg * (m + n)
-    assert hybrid_params(shape, n_blocks, rank, rg, pattern=pattern) == expected
+    assert hybrid_params(shape, n_blocks=n_blocks, rank=rank, global_rank=rg, pattern=pattern) == expected
     X = np.random.default_rng(0).standard_normal(shape)
     est = HybridLowRank(n_blocks=n_blocks, rank=rank, global_rank=rg, pattern=pattern).fit(X)
     assert est.n_params_ == expected
-    Bg, Ag = est.global_factors_
+    Bg, Ag = est.factors_.global_factors
     counted = Bg.size + Ag.size + sum(B.size + A.size for B, A in est.factors_.values())
     assert counted == expected
 
 
 def test_ranks_for_budget():
-    r, rg = hybrid_ranks_for_budget((28, 28), 2, 224)
-    assert (r, rg) == (1, 2) and hybrid_params((28, 28), 2, r, rg) == 224
-    for budget in (150, 500, 3000):
-        r, rg = hybrid_ranks_for_budget((30, 20), 3, budget)
-        assert r >= 1 and hybrid_params((30, 20), 3, r, rg) <= budget
-    with pytest.raises(ValueError, match="below the cost"):
-        hybrid_ranks_for_budget((28, 28), 2, 100)
+    """The registry's budget rule (through match_budget) agrees with the count."""
+    recs = match_budget((28, 28), 224, methods="hybrid", n_blocks=2)
+    assert [(r["rank"], r["global_rank"]) for r in recs] == [(1, 2)]
+    for budget in (200, 500, 1000):
+        for r in match_budget((30, 20), budget, methods="hybrid", n_blocks=3):
+            count = hybrid_params((30, 20), n_blocks=3, rank=r["rank"], global_rank=r["global_rank"])
+            assert r["rank"] >= 1 and count == r["n_params"] <= budget
+    with pytest.raises(ValueError, match="below the cheapest"):
+        match_budget((28, 28), 100, methods="hybrid", n_blocks=2)
 
 
 # ---------------------------------------------------------------------------- monotone trace
@@ -80,7 +78,7 @@ def _problems(draw):
 @given(_problems())
 def test_error_trace_never_increases(problem):
     X, lay, rg, init = problem
-    res = fit_hybrid(X, lay, rg, init=init, max_iter=30, tol=0.0, svd_solver="full")
+    res = fit_hybrid(X, lay, rg, first_step=init, max_iter=30, tol=0.0, svd_solver="full")
     tr = res.error_trace
     # the claim: every accepted step keeps or lowers the error (rounding: STEP_TOL)
     assert np.all(np.diff(tr) <= STEP_TOL)
@@ -113,7 +111,7 @@ def test_planted_hybrid_is_recovered():
 def test_randomized_solver_keeps_monotone_trace():
     X = np.random.default_rng(3).standard_normal((40, 30))
     res = fit_hybrid(
-        X, BlockLayout.block(X.shape, 2, rank=2), 2, svd_solver="randomized", random_state=0, n_iter=1,
+        X, BlockLayout.block(X.shape, 2, rank=2), 2, svd_solver="randomized", random_state=0, iterated_power=1,
         n_oversamples=1, tol=0, max_iter=20,
     )
     assert np.all(np.diff(res.error_trace) <= STEP_TOL)
@@ -148,10 +146,10 @@ def test_codes_reconstruct_the_approximation():
     # transform of the fitted rows gives the same (least-squares) codes
     np.testing.assert_allclose(est.transform(X), Z, atol=1e-10)
     # the first r_g columns are the global codes
-    np.testing.assert_allclose(Z[:, :2], est.global_factors_[0], atol=1e-12)
+    np.testing.assert_allclose(Z[:, :2], est.factors_.global_factors[0], atol=1e-12)
     np.testing.assert_allclose(Z[14:, 3:4], est.factors_[(1, 1)][0], atol=1e-12)
     assert est.score(X) == pytest.approx(-est.error_, rel=1e-9)
-    Bg, Ag = est.global_factors_
+    Bg, Ag = est.factors_.global_factors
     dense = Bg @ Ag
     for (i, j), (B, A) in est.factors_.items():
         rs, cs = est.layout_.block_slice(i, j)
@@ -176,7 +174,7 @@ def test_float32_preserved():
     Z = est.fit_transform(X)
     assert Z.dtype == np.float32 and est.transform(X).dtype == np.float32
     assert est.reconstruct().dtype == np.float32
-    assert est.global_factors_[0].dtype == np.float32
+    assert est.factors_.global_factors[0].dtype == np.float32
 
 
 @pytest.mark.parametrize(
@@ -201,8 +199,8 @@ def test_fit_hybrid_argument_errors():
         fit_hybrid(X, BlockLayout.block((6, 6), 2), 0)
     with pytest.raises(ValueError, match="layout is for shape"):
         fit_hybrid(np.ones((5, 6)), lay, 1)
-    with pytest.raises(ValueError, match="init"):
-        fit_hybrid(X, lay, 1, init="nope")
+    with pytest.raises(ValueError, match="first_step"):
+        fit_hybrid(X, lay, 1, first_step="nope")
     with pytest.raises(ValueError, match="tol"):
         fit_hybrid(X, lay, 1, tol=-1)
 
@@ -225,11 +223,11 @@ def test_stack_equals_per_matrix_fits(grid, rank, rg, pattern, init):
     S = np.stack([_planted(rng, 12, 13, K=2, rg=1, rb=1) + 0.3 * rng.standard_normal((12, 13))
                   for _ in range(9)] + [np.zeros((12, 13))])
     lay = BlockLayout.from_blocks((12, 13), grid, rank=rank, pattern=pattern)
-    batch = fit_hybrid(S, lay, rg, init=init, max_iter=25, svd_solver="full")
+    batch = fit_hybrid(S, lay, rg, first_step=init, max_iter=25, svd_solver="full")
     assert batch.error.shape == (10,) and batch.reconstruction.shape == S.shape
     assert batch.global_factors[0].shape == (10, 12, rg)
     for t in range(len(S)):
-        one = fit_hybrid(S[t], lay, rg, init=init, max_iter=25, svd_solver="full")
+        one = fit_hybrid(S[t], lay, rg, first_step=init, max_iter=25, svd_solver="full")
         assert batch.error[t] == pytest.approx(one.error, rel=1e-10, abs=1e-13)
         assert batch.n_iter[t] == one.n_iter and batch.stop_reason[t] == one.stop_reason
         tr = batch.error_trace[t]

@@ -447,11 +447,11 @@ def test_tol_reaches_tol_with_fewest_parameters(uneven, data):
     mask = ref.full_mask(k, k) if pattern == "block" else ref.diag_mask(k)
     gains, inactive, total = ref.spectra_and_energies(X, rc, cc, mask)
     if np.sqrt(inactive / total) > tol * (1 + 1e-9):
-        with pytest.raises(ValueError, match="tol"):
-            approximate(X, method=pattern, n_blocks=k, tol=tol)
+        with pytest.raises(ValueError, match="max_error"):
+            approximate(X, method=pattern, n_blocks=k, max_error=tol)
         return
     assume(np.sqrt(inactive / total) < tol * (1 - 1e-9))
-    res = approximate(X, method=pattern, n_blocks=k, tol=tol)
+    res = approximate(X, method=pattern, n_blocks=k, max_error=tol)
     got = {b: int(res.ranks[b]) for b in gains}
     err = ref.error_from_spectra(gains, inactive, total, got)
     assert err <= tol * (1 + 1e-9)

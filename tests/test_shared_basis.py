@@ -6,16 +6,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blocklowrank import BlockLayout, BlockLowRank, GlobalLowRank
-from blocklowrank._factors import STEP_TOL, psd_solve
-from blocklowrank.shared_basis import (
+from blocklowrank._linalg import STEP_TOL, psd_solve
+from blocklowrank.budget import match_budget
+from blocklowrank.structures._als import _gram, _pad, _s_solve, _u_solve, _v_solve
+from blocklowrank.structures.shared_basis import (
     SharedBasisLowRank,
-    _pad,
-    _s_step,
-    _u_step,
-    _v_step,
     fit_shared_basis,
     shared_basis_params,
-    shared_basis_rank_for_budget,
 )
 
 
@@ -41,15 +38,17 @@ def _W(layout, V, S, i):
 
 # ---------------------------------------------------------------------------- counting
 def test_params():
-    assert shared_basis_params((28, 28), 2, 3) == 3 * 56 + 3 * 4
-    assert shared_basis_params((10, 7), (3, 2), 2) == 2 * 17 + 2 * 6
-    assert shared_basis_rank_for_budget((28, 28), 2, 224) == 3
-    assert shared_basis_rank_for_budget((256, 256), 4, 8192) == 15
-    assert shared_basis_rank_for_budget((4, 4), 2, 10_000) == 2  # capped at the block side
+    assert shared_basis_params((28, 28), n_blocks=2, rank=3) == 3 * 56 + 3 * 4
+    assert shared_basis_params((10, 7), n_blocks=(3, 2), rank=2) == 2 * 17 + 2 * 6
+    # the budget rule (match_budget) and the count agree: one rule, no separate helper
+    rec = match_budget((28, 28), 224, methods="shared_basis", n_blocks=2)[0]
+    assert rec["rank"] == 3
+    assert match_budget((256, 256), 8192, methods="shared_basis", n_blocks=4)[0]["rank"] == 15
     X = np.random.default_rng(0).standard_normal((10, 7))
     est = SharedBasisLowRank(n_blocks=(3, 2), rank=2).fit(X)
-    counted = sum(u.size for u in est.U_) + sum(v.size for v in est.V_) + est.S_.size
-    assert est.n_params_ == counted == shared_basis_params((10, 7), (3, 2), 2)
+    U, V, S = est.factors_.shared
+    counted = sum(u.size for u in U) + sum(v.size for v in V) + S.size
+    assert est.n_params_ == counted == shared_basis_params((10, 7), n_blocks=(3, 2), rank=2)
 
 
 # ---------------------------------------------------------------------------- exact steps
@@ -62,15 +61,15 @@ def test_each_step_is_the_exact_least_squares_solution(shape, grid, r):
     U, V, S = _random_state(lay, r, rng)
     re, ce = lay.row_edges, lay.col_edges
     # U step: U_i = argmin ||X_i - U_i W_i||
-    S_new, TV = _s_step(T, U, V)
-    Un = _u_step(TV, V, S)
+    S_new, TV = _s_solve(T, U, V, _gram(U), _gram(V))
+    Un = _u_solve(TV, S, _gram(V))[0]
     for i, h in enumerate(lay.row_sizes):
         W = _W(lay, V, S, i)
         ref = np.linalg.lstsq(W.T, X[re[i] : re[i + 1]].T, rcond=None)[0].T
         np.testing.assert_allclose(Un[i, :h], ref, atol=1e-10)
         assert np.all(Un[i, h:] == 0)
     # V step: V_j = argmin ||X_{:,j} - [U_i diag(s_ij)]_i V_j^T||
-    Vn = _v_step(T, U, S)
+    Vn = _v_solve(T, U, S, _gram(U))
     for j, w in enumerate(lay.col_sizes):
         L = np.concatenate([U[i, :h] * S[i, j] for i, h in enumerate(lay.row_sizes)], axis=0)
         ref = np.linalg.lstsq(L, X[:, ce[j] : ce[j + 1]], rcond=None)[0].T
@@ -164,13 +163,13 @@ def test_codes_reconstruct_the_approximation():
     assert Z.shape == (13, 2) and est.n_codes_ == 2
     np.testing.assert_allclose(est.reconstruct(Z), est.reconstruct(), atol=1e-12)
     np.testing.assert_allclose(est.transform(X), Z, atol=1e-9)
-    np.testing.assert_allclose(Z[:5], est.U_[0], atol=1e-12)
+    np.testing.assert_allclose(Z[:5], est.factors_.shared[0][0], atol=1e-12)
     assert est.score(X) == pytest.approx(-est.error_, rel=1e-8)
     dense = np.zeros_like(X)
     for (i, j), (B, A) in est.factors_.items():
         rs, cs = est.layout_.block_slice(i, j)
         dense[rs, cs] = B @ A
-        np.testing.assert_allclose(B, est.U_[i] * est.S_[i, j], atol=1e-12)
+        np.testing.assert_allclose(B, est.factors_.shared[0][i] * est.factors_.shared[2][i, j], atol=1e-12)
     np.testing.assert_allclose(dense, est.reconstruct(), atol=1e-12)
     assert est.ranks_.tolist() == [[2, 2]] * 3
 
@@ -179,7 +178,7 @@ def test_degenerate_data_stays_finite():
     X = np.zeros((8, 8))
     X[:4, :4] = np.random.default_rng(7).standard_normal((4, 4))  # three zero blocks
     res = fit_shared_basis(X, 2, 2, max_iter=20, tol=0)
-    assert np.all(np.isfinite(res.S)) and np.all(np.diff(res.error_trace) <= STEP_TOL)
+    assert np.all(np.isfinite(res.shared[2])) and np.all(np.diff(res.error_trace) <= STEP_TOL)
     assert fit_shared_basis(np.zeros((6, 6)), 2, 1).error == 0.0
 
 
@@ -188,12 +187,12 @@ def test_float32_preserved():
     est = SharedBasisLowRank(n_blocks=2, rank=2)
     Z = est.fit_transform(X)
     assert Z.dtype == np.float32 and est.transform(X).dtype == np.float32
-    assert est.reconstruct().dtype == np.float32 and est.S_.dtype == np.float32
+    assert est.reconstruct().dtype == np.float32 and est.factors_.shared[2].dtype == np.float32
 
 
 def test_errors():
     X = np.random.default_rng(9).standard_normal((10, 7))
-    with pytest.raises(ValueError, match="exceeds the smallest block side"):
+    with pytest.raises(ValueError, match="exceeds the smaller side of the smallest block"):
         SharedBasisLowRank(n_blocks=2, rank=4).fit(X)
     with pytest.raises(ValueError, match="block-columns"):
         SharedBasisLowRank(n_blocks=(1, 8)).fit(X)
@@ -230,7 +229,7 @@ def test_stack_equals_per_matrix_fits(grid, r):
     non-increasing."""
     S = _mixed_stack(80, (12, 13), seed=11)
     batch = fit_shared_basis(S, grid, r, max_iter=40)
-    assert batch.error.shape == (80,) and batch.S.shape == (80,) + tuple(np.broadcast_to(grid, 2)) + (r,)
+    assert batch.error.shape == (80,) and batch.shared[2].shape == (80,) + tuple(np.broadcast_to(grid, 2)) + (r,)
     rec = batch.reconstruction
     for t in range(len(S)):
         one = fit_shared_basis(S[t], grid, r, max_iter=40)
@@ -253,7 +252,7 @@ def test_stack_threads_and_shapes():
     S = _mixed_stack(70, (10, 10), seed=12).reshape(7, 10, 10, 10)
     one = fit_shared_basis(S, 2, 2, max_iter=15)
     two = fit_shared_basis(S, 2, 2, max_iter=15, n_jobs=2)
-    assert one.error.shape == (7, 10) and one.U[0].shape == (7, 10, 5, 2)
+    assert one.error.shape == (7, 10) and one.shared[0][0].shape == (7, 10, 5, 2)
     assert one.error_trace.shape[:2] == (7, 10) and one.reconstruction.shape == S.shape
     np.testing.assert_allclose(two.error, one.error, rtol=1e-9, atol=1e-12)
     np.testing.assert_array_equal(two.n_iter, one.n_iter)
@@ -263,12 +262,12 @@ def test_stack_threads_and_shapes():
     W = one.decoders()
     assert W.shape == (7, 10, 2, 2, 10)
     np.testing.assert_allclose(
-        one.U[0][3, 4] @ W[3, 4, 0], one.reconstruction[3, 4, :5], atol=1e-10
+        one.shared[0][0][3, 4] @ W[3, 4, 0], one.reconstruction[3, 4, :5], atol=1e-10
     )
 
 
 def test_spd_solve_matches_solve_and_pinv():
-    from blocklowrank._factors import SMALL_STACK, spd_solve
+    from blocklowrank._linalg import SMALL_STACK, spd_solve
 
     rng = np.random.default_rng(13)
     n = SMALL_STACK + 40

@@ -7,9 +7,9 @@ import pytest
 
 from blocklowrank import BlockLayout, approximate
 from blocklowrank.datasets import MNISTNotAvailableError, load_mnist_split
-from blocklowrank.hybrid import fit_hybrid
+from blocklowrank import fit_hybrid
 from blocklowrank.permutations import cluster_permutation, strided_permutation
-from blocklowrank.shared_basis import fit_shared_basis
+from blocklowrank import fit_shared_basis
 
 
 @pytest.fixture(scope="module")

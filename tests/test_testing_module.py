@@ -66,10 +66,10 @@ def test_planted_diagonal_blocks_and_zero_off_diagonal():
 
 
 def test_planted_shared_bases():
-    """Claim: "shared" blocks are U_i diag(s_ij) V_j^T: rank r per block, and a whole
+    """Claim: "shared_basis" blocks are U_i diag(s_ij) V_j^T: rank r per block, and a whole
     block-row (block-column) still has rank r because U_i (V_j) is shared along it."""
     r = 2
-    X, info = planted_matrix((12, 15), structure="shared", n_blocks=(3, 3), rank=r,
+    X, info = planted_matrix((12, 15), structure="shared_basis", n_blocks=(3, 3), rank=r,
                              random_state=5)
     rc, cc = cuts(12, 3), cuts(15, 3)
     np.testing.assert_array_equal(block_ranks(X, rc, cc), np.full((3, 3), r))
@@ -119,7 +119,7 @@ def test_planted_singular_values_in_range():
 
 def test_planted_is_deterministic_for_a_seed():
     """Claim: the same seed gives the same matrix; another seed another matrix."""
-    kw = dict(structure="shared", n_blocks=2, rank=2, noise=0.1)
+    kw = dict(structure="shared_basis", n_blocks=2, rank=2, noise=0.1)
     X1, i1 = planted_matrix((10, 10), random_state=7, **kw)
     X2, i2 = planted_matrix((10, 10), random_state=7, **kw)
     X3, _ = planted_matrix((10, 10), random_state=8, **kw)
@@ -152,7 +152,7 @@ def test_planted_from_a_layout_with_explicit_cuts():
         (dict(structure="block", noise=-0.1), ValueError, "noise"),
         (dict(structure="block", noise="x"), TypeError, "noise"),
         (dict(structure="block", dtype=np.int64), ValueError, "dtype"),
-        (dict(structure="shared", rank=np.array([[1, 2], [2, 2]])), ValueError, "shared"),
+        (dict(structure="shared_basis", rank=np.array([[1, 2], [2, 2]])), ValueError, "shared_basis"),
         (dict(structure="diagonal", n_blocks=(2, 3)), ValueError, "diagonal"),
         (dict(structure="block", random_state="seed"), TypeError, "random_state"),
     ],
@@ -273,13 +273,13 @@ def test_planted_matrices_strategy_ranks(planted):
         assert lay.n_blocks == (1, 1)
     if info.structure == "diagonal":
         assert np.array_equal(lay.active, np.eye(lay.n_blocks[0], dtype=bool))
-    if info.structure == "shared":
+    if info.structure == "shared_basis":
         r = lay.uniform_rank
         for rs in rc:
             assert np.linalg.matrix_rank(X[rs]) == r
 
 
-@given(planted_matrices(structures=("block", "shared"), noise=st.floats(0.0, 0.2),
+@given(planted_matrices(structures=("block", "shared_basis"), noise=st.floats(0.0, 0.2),
                         dtype=np.float32, max_side=10))
 def test_planted_matrices_strategy_noise(planted):
     X, info = planted
@@ -298,7 +298,7 @@ def test_strategy_argument_errors():
 
 
 # ---------------------------------------------------------------------------- the example property
-@given(planted_matrices(structures=("block", "shared"), noise=st.floats(0.0, 0.1),
+@given(planted_matrices(structures=("block", "shared_basis"), noise=st.floats(0.0, 0.1),
                         max_side=16))
 def test_block_low_rank_recovers_planted_blocks(planted):
     """Claim (the module's example property): on a planted K x K block-low-rank matrix,

@@ -13,7 +13,7 @@
 
 from .mlp import MLP
 from .optim import SGD, Adam
-from .structured import METHODS, StructuredAdapter
+from .structured import StructuredAdapter
 from .training import (
     MODES,
     History,
@@ -30,7 +30,6 @@ from .training import (
 __all__ = [
     "MLP",
     "StructuredAdapter",
-    "METHODS",
     "MODES",
     "Adam",
     "SGD",

@@ -29,10 +29,7 @@ import numpy as np
 
 from ..layout import BlockLayout
 
-__all__ = ["StructuredAdapter", "METHODS"]
-
-#: Adapter kinds and the paper's names for them.
-METHODS = {"global": "LoRA", "diagonal": "MELoRA", "block": "Localized LoRA", "full": "Full FT"}
+__all__ = ["StructuredAdapter"]
 
 
 class _Region:
@@ -156,16 +153,13 @@ class StructuredAdapter:
 
     @classmethod
     def from_method(cls, method, shape, *, rank, n_blocks=1, **kw):
-        """``method`` in {"global", "diagonal", "block"} (LoRA, MELoRA, Localized LoRA)."""
-        if method == "global":
-            if n_blocks not in (1, None):
-                raise ValueError("the global method has a single block; n_blocks must be 1")
-            return cls.lora(shape, rank, **kw)
-        if method == "diagonal":
-            return cls.melora(shape, n_blocks, rank, **kw)
-        if method == "block":
-            return cls.localized(shape, n_blocks, rank, **kw)
-        raise ValueError(f"method must be one of 'global', 'diagonal', 'block', got {method!r}")
+        """The adapter of any registered layout structure (``"global"``, ``"diagonal"``, ``"block"``, ...)."""
+        from ..structures import get_structure
+
+        s = get_structure(method)
+        if not s.spectral:
+            raise ValueError(f"adapters train layout structures; {method!r} is not one")
+        return cls(s.layout(shape, n_blocks).with_ranks(rank), **kw)
 
     # ------------------------------------------------------------------ plan
     @staticmethod

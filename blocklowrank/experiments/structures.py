@@ -54,9 +54,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .._engine import approximate, block_spectra
+from .._engine import block_spectra
 from ..budget import match_budget
-from ..hybrid import fit_hybrid
 from ..layout import BlockLayout
 from ..permutations import (
     cluster_permutation,
@@ -64,7 +63,7 @@ from ..permutations import (
     image_patch_permutation,
     strided_permutation,
 )
-from ..shared_basis import fit_shared_basis
+from ..structures import approximate, fit_hybrid, fit_shared_basis, get_structure
 
 DIGIT_BUDGET = 224
 N_DIGITS = 200
@@ -138,14 +137,14 @@ def _planted(d, budget, seed):
         ("global", dict(structure="global", rank=r_glob)),
         ("diagonal", dict(structure="diagonal", n_blocks=4, rank=r_glob)),  # 2 d r = budget
         ("block", dict(structure="block", n_blocks=2, rank=r_glob // 2)),  # 2 * 2 d r = budget
-        ("shared", dict(structure="shared", n_blocks=2, rank=sb)),
+        ("shared_basis", dict(structure="shared_basis", n_blocks=2, rank=sb)),
     ]
     out = []
     for t, (name, kw) in enumerate(specs):
         X, info = planted_matrix((d, d), noise=NOISE, random_state=seed + t, **kw)
         r = info.layout.uniform_rank
         desc = {"global": f"rank {r}", "diagonal": f"4 diagonal blocks of rank {r}",
-                "block": f"2x2 blocks of rank {r}", "shared": f"2x2 shared bases, rank {r}"}[name]
+                "block": f"2x2 blocks of rank {r}", "shared_basis": f"2x2 shared bases, rank {r}"}[name]
         out.append((f"planted {name} {d}x{d}", X, f"{desc} + {NOISE:.0%} noise"))
         if name == "diagonal":
             rng = np.random.default_rng(seed + 100)
@@ -157,7 +156,7 @@ def _planted(d, budget, seed):
 
 # ---------------------------------------------------------------------------- helpers
 def _layout(method, shape, K):
-    return BlockLayout.diagonal(shape, K) if method == "diagonal" else BlockLayout.block(shape, K)
+    return get_structure(method).layout(shape, K)
 
 
 def _uniform_rank(method, shape, K, budget):

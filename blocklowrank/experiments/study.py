@@ -41,7 +41,7 @@ import numpy as np
 from .._engine import block_spectra
 from ..budget import match_budget
 from ..layout import BlockLayout
-from ..shared_basis import fit_shared_basis
+from ..structures import fit_shared_basis, get_structure
 
 BUDGET = 224
 PAPER_CONFIGS = {
@@ -112,17 +112,14 @@ def compute_study(images, labels, *, budget=BUDGET, block_counts=BLOCK_COUNTS, n
     for K in block_counts:
         if K > min(m, n):
             continue
-        spectra[K] = block_spectra(S, method="block", n_blocks=K, n_jobs=n_jobs)
+        spectra[K] = block_spectra(S, BlockLayout.block((m, n), K), n_jobs=n_jobs)
         _say(progress, f"  spectra of {K}x{K} blocks on {S.shape[0]} images "
              f"({time.perf_counter() - t0:.1f} s)")
     t_spectra = time.perf_counter() - t0
 
-    def diag_err(K, r):
-        # the diagonal structure: rank r on the diagonal, off-diagonal blocks dropped (rank 0)
-        return spectra[K].error(np.where(np.eye(K, dtype=bool), r, 0))
-
-    def block_err(K, r):
-        return spectra[K].error(r)
+    def err(method, K, r):
+        # any pattern on the K x K grid: rank r on its active blocks, the others dropped (rank 0)
+        return spectra[K].error(get_structure(method).layout((m, n), K).with_ranks(r).ranks)
 
     def min_side(K):
         return min(min(np.array_split(np.arange(m), K), key=len).size,
@@ -131,8 +128,7 @@ def compute_study(images, labels, *, budget=BUDGET, block_counts=BLOCK_COUNTS, n
     # ---- part 1: the paper's budget
     at_budget, configs = {}, {}
     for name, (method, K, r) in PAPER_CONFIGS.items():
-        err = block_err(1, r) if method == "global" else (diag_err(K, r) if method == "diagonal" else block_err(K, r))
-        at_budget[name] = err
+        at_budget[name] = err(method, K, r)
         configs[name] = f"{method} K={K} r={r}"
     t1 = time.perf_counter()
     R, exact = spectra[2].allocate(budget)
@@ -146,10 +142,10 @@ def compute_study(images, labels, *, budget=BUDGET, block_counts=BLOCK_COUNTS, n
     t2 = time.perf_counter()
     for t in range(1, min(m, n) + 1):
         P = unit * t
-        cand = {"LoRA": [(f"r={t}", block_err(1, t))]}
-        cand["MELoRA"] = [(f"N={K} r={t}", diag_err(K, t)) for K in spectra if K >= 2 and t < min_side(K)]
+        cand = {"LoRA": [(f"r={t}", err("global", 1, t))]}
+        cand["MELoRA"] = [(f"N={K} r={t}", err("diagonal", K, t)) for K in spectra if K >= 2 and t < min_side(K)]
         cand["Localized"] = [
-            (f"K={K} r={t // K}", block_err(K, t // K))
+            (f"K={K} r={t // K}", err("block", K, t // K))
             for K in spectra if K >= 2 and t % K == 0 and t // K < min_side(K)
         ]
         opt = []
@@ -161,9 +157,9 @@ def compute_study(images, labels, *, budget=BUDGET, block_counts=BLOCK_COUNTS, n
         for method, options in cand.items():
             if not options:
                 continue
-            cfg, err = min(options, key=lambda o: float(np.mean(o[1])))
-            sweep.append(dict(budget=P, method=method, config=cfg, n_options=len(options), **_stats(err)))
-            chosen[(P, method)] = err
+            cfg, e = min(options, key=lambda o: float(np.mean(o[1])))
+            sweep.append(dict(budget=P, method=method, config=cfg, n_options=len(options), **_stats(e)))
+            chosen[(P, method)] = e
     t_sweep = time.perf_counter() - t2
 
     # ---- parts 3 and 4: BLAST on subsets (iterative fits)

@@ -5,7 +5,7 @@ The paper approximates the first "2" of the MNIST test set (index 1; a
 Localized LoRA (K=2, r_block=2) -- all 224 parameters -- and reports the
 normalised Frobenius errors 0.2313, 0.9071 and 0.2119. We add two rows: the
 budget-optimal rank allocation on the 2 x 2 partition and the best
-configuration :func:`blocklowrank.budget.compare_at_budget` finds.
+configuration :func:`blocklowrank.compare.compare_at_budget` finds.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._engine import approximate
+from ..structures import approximate
 
 #: The paper's Table I (arXiv 2506.00236), for comparison in the output.
 PAPER_TABLE1 = {
@@ -43,7 +43,7 @@ def compute_table1(image, budget=BUDGET):
         ``label, method, n_blocks, rank, n_params, error, paper_error``
         plus ``reconstruction`` (ndarray) for plotting.
     """
-    from ..budget import compare_at_budget
+    from ..compare import compare_at_budget
 
     X = np.asarray(image, dtype=np.float64)
     rows = []
@@ -67,7 +67,7 @@ def compute_table1(image, budget=BUDGET):
     )
     ranking = list(compare_at_budget(X, budget))
     best = dict(ranking[0])
-    kw = {"budget": budget} if best.get("optimal") or not isinstance(best["rank"], (int, np.integer)) else {"rank": int(best["rank"])}
+    kw = {"budget": budget} if best["allocation"] == "optimal" else {"rank": int(best["rank"])}
     res = approximate(X, method=best["method"], n_blocks=best["n_blocks"], svd_solver="full", **kw)
     rank_txt = str(res.ranks.tolist()) if "budget" in kw else str(best["rank"])
     rows.append(

@@ -1,0 +1,176 @@
+"""Input checks shared by every public entry point (the floor of the library).
+
+Each check either returns a clean value or raises a ``TypeError``/``ValueError``
+whose message names the argument and says what to do. Public functions call
+these once, at their boundary; private functions trust their input.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+__all__ = [
+    "check_int",
+    "check_shape",
+    "check_budget",
+    "check_max_error",
+    "check_nonneg_float",
+    "check_choice",
+    "validate_matrix",
+    "refuse_meaningless",
+    "pow2_scale",
+]
+
+
+def check_int(value, name, *, minimum=None, maximum=None):
+    """``value`` as a Python int, or a TypeError/ValueError naming ``name``.
+
+    Booleans and floats are refused, even integral floats (``2.0``): a rank or
+    a block count given as a float is almost always a slip.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_shape(shape):
+    """A matrix shape ``(m, n)`` of positive ints."""
+    try:
+        m, n = shape
+    except (TypeError, ValueError):
+        raise ValueError(f"shape must be a pair (m, n), got {shape!r}") from None
+    return check_int(m, "shape[0]", minimum=1), check_int(n, "shape[1]", minimum=1)
+
+
+def check_budget(budget):
+    """A parameter budget: an int >= 1."""
+    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Integral):
+        raise TypeError(f"budget must be an integer number of parameters, got {budget!r}")
+    return check_int(budget, "budget", minimum=1)
+
+
+def check_max_error(max_error):
+    """A target relative error in the open interval (0, 1)."""
+    if isinstance(max_error, (bool, np.bool_)) or not isinstance(max_error, numbers.Real):
+        raise TypeError(f"max_error must be a float in (0, 1), got {max_error!r}")
+    max_error = float(max_error)
+    if not (0.0 < max_error < 1.0):
+        raise ValueError(f"max_error must be in the open interval (0, 1), got {max_error}")
+    return max_error
+
+
+def check_nonneg_float(value, name):
+    """A finite float >= 0 (stopping tolerances, noise levels)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float >= 0, got {value!r}")
+    value = float(value)
+    if not (np.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite float >= 0, got {value}")
+    return value
+
+
+def check_choice(value, name, choices):
+    """``value`` if it is one of ``choices`` (strings), else a ValueError listing them."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def refuse_meaningless(X, name="X"):
+    """Refuse inputs whose meaning NumPy would silently drop, with what to do instead.
+
+    Sparse matrices (densify), masked arrays (their mask cannot be honoured),
+    and arrays of strings, records, dates or times (not numbers).
+    """
+    if hasattr(X, "tocsr") or type(X).__module__.startswith("scipy.sparse"):
+        raise TypeError(
+            f"{name} is a sparse matrix; blocklowrank works on dense arrays. "
+            "Convert it with X.toarray() (dense blocks are needed for the SVD)."
+        )
+    if isinstance(X, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a masked array; its mask cannot be honoured by a low-rank fit. "
+            "Fill the masked entries explicitly (X.filled(value)) or impute them first."
+        )
+    dt = getattr(X, "dtype", None)
+    if dt is None and isinstance(X, (list, tuple)):
+        dt = np.asarray(X).dtype
+    if not isinstance(dt, np.dtype):
+        return
+    if dt.names is not None:
+        raise TypeError(f"{name} holds records (structured dtype {dt}), not numbers; pass one numeric field")
+    if dt.kind in "USV":
+        raise TypeError(
+            f"{name} holds strings (dtype {dt}), not numbers; convert it to a numeric array "
+            "explicitly (e.g. X.astype(float)) if the strings are numbers"
+        )
+    if dt.kind in "Mm":
+        raise TypeError(f"{name} holds dates or times (dtype {dt}), not numbers; convert them explicitly")
+    if dt == object:
+        flat = np.asarray(X, dtype=object).ravel()
+        if any(isinstance(v, (str, bytes)) for v in flat[:1000]):
+            raise TypeError(f"{name} holds strings inside an object array, not numbers; convert it explicitly")
+
+
+def validate_matrix(X, *, name="X", min_ndim=2, max_ndim=None):
+    """``X`` as a finite float array: float32 kept, float16 to float32, other numbers to float64.
+
+    Raises a ValueError/TypeError that names the problem for sparse, masked,
+    complex, non-numeric, empty, NaN/inf or wrongly-shaped input. The caller's
+    array is never modified (converted arrays are new; others are used read-only).
+    """
+    refuse_meaningless(X, name)
+    try:
+        arr = np.asarray(X)
+    except Exception as exc:
+        raise TypeError(f"{name} could not be converted to an array: {exc}") from None
+    refuse_meaningless(arr, name)
+    if arr.dtype == object:
+        try:
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}") from None
+    if np.iscomplexobj(arr):
+        raise TypeError(f"{name} is complex; only real matrices are supported")
+    if arr.dtype == np.float16:
+        arr = arr.astype(np.float32)
+    elif arr.dtype not in (np.float32, np.float64):
+        arr = arr.astype(np.float64)
+    if arr.ndim < min_ndim or (max_ndim is not None and arr.ndim > max_ndim):
+        want = f"{min_ndim}-D" if max_ndim == min_ndim else f"at least {min_ndim}-D"
+        raise ValueError(f"{name} must be {want} (a matrix or a stack of matrices), got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty (shape {arr.shape})")
+    if not np.all(np.isfinite(arr)):
+        bad = "NaN" if np.isnan(arr).any() else "inf"
+        raise ValueError(f"{name} contains {bad}; remove or impute non-finite values first")
+    return arr
+
+
+def pow2_scale(X):
+    """Per-matrix power-of-two factors that keep sums of squares in range, or None.
+
+    Energies (sums of squares) of entries near the top of the float range
+    overflow, and of tiny entries underflow, while the relative error they
+    feed is scale-free. Multiplying a matrix by a power of two is exact, so a
+    fit on ``X * c`` with its factors divided by ``c`` is the fit of ``X``.
+    Returns ``c`` of shape ``X.shape[:-2] + (1, 1)``, or None when every matrix
+    is already safe (the common case: no copy is made).
+    """
+    fi = np.finfo(X.dtype)
+    amax = np.max(np.abs(X), axis=(-2, -1), keepdims=True)
+    # sums of m*n squares must stay below max and the smallest ones above tiny
+    hi = np.sqrt(fi.max) / (4 * np.sqrt(X.shape[-1] * X.shape[-2]))
+    lo = np.sqrt(fi.tiny) * 2.0**20
+    bad = (amax > hi) | ((amax < lo) & (amax > 0))
+    if not np.any(bad):
+        return None
+    _, e = np.frexp(np.where(amax > 0, amax, 1.0))
+    return np.where(bad, np.ldexp(np.ones_like(amax), -e), 1.0).astype(X.dtype)

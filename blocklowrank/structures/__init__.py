@@ -1,0 +1,125 @@
+"""The registry of structures, and :func:`approximate`, the one entry that fits any of them.
+
+Each structure is declared once, as a :class:`Structure` (name, literature
+label, layout builder, exact count, budget rule, fit function, estimator,
+PEFT target) and registered; the budget tools, the converters, the command
+line, ``blocklowrank.testing`` and the experiments iterate over the registry.
+
+Built in, in this order: ``"global"`` (LoRA), ``"diagonal"`` (MELoRA),
+``"block"`` (Localized LoRA / GraLoRA), ``"hybrid"`` (blocks plus a global
+term) and ``"shared_basis"`` (BLAST).
+
+Adding a structure
+------------------
+A pure layout pattern is one call (see :func:`layout_structure`)::
+
+    import numpy as np
+    from blocklowrank.structures import layout_structure, register
+    register(layout_structure("upper", "Upper blocks", "blocks on and above the diagonal",
+                              lambda kr, kc: np.triu(np.ones((kr, kc), bool))))
+
+Any other structure is one module that defines its fit function (returning an
+:class:`~blocklowrank._engine.Approximation` around a
+:class:`~blocklowrank.factors.StructuredFactors`), its count, its budget rule
+and a thin :class:`~blocklowrank.estimators.StructuredEstimator`, and ends with
+``register(Structure(...))``. :func:`blocklowrank.testing.check_structure`
+then runs the shared checks (scikit-learn compliance, counts against the
+fitted factors, budget matching, save/load round trip) on it.
+"""
+
+from ._registry import Structure, get_structure, register, registered, structure_names, structures, unregister
+from .grid import BlockLowRank, DiagonalBlockLowRank, GlobalLowRank, GridLowRank, layout_structure
+from .hybrid import HybridLowRank, fit_hybrid, hybrid_params
+from .shared_basis import SharedBasisLowRank, fit_shared_basis, shared_basis_params
+
+__all__ = [
+    "Structure", "register", "unregister", "registered", "get_structure", "structure_names", "structures",
+    "layout_structure", "approximate", "GlobalLowRank", "DiagonalBlockLowRank", "BlockLowRank", "GridLowRank",
+    "HybridLowRank", "SharedBasisLowRank", "fit_hybrid", "fit_shared_basis", "hybrid_params",
+    "shared_basis_params",
+]
+
+
+def approximate(X, layout=None, *, method="block", **kwargs):
+    """Structured low-rank approximation of a matrix or a stack of matrices.
+
+    With a layout structure (global, diagonal, block) every active block is
+    replaced by its truncated SVD (optimal per block by Eckart-Young); blocks
+    of equal shape go through one batched SVD call. Any registered structure
+    can be named: its keyword arguments are those of its fit function.
+
+    Parameters
+    ----------
+    X : array-like of shape (m, n) or (..., m, n)
+        Matrix, or stack of matrices fitted with one configuration. float32
+        stays float32, float16 becomes float32, integers and booleans become
+        float64. Not modified.
+    layout : BlockLayout, optional
+        The structure, for layout structures. Its ranks are used unless
+        ``rank``, ``budget`` or ``max_error`` is given.
+    method : str, default="block"
+        A registered structure (:func:`structure_names`). With the default
+        ``n_blocks=1`` the three layout structures are all the global
+        truncated SVD.
+    n_blocks : int or (int, int), default=1
+        Block-rows and block-columns (``np.array_split`` cuts).
+    rank : int or array-like of shape (K_rows, K_cols), optional
+        Rank of every active block, or of each block.
+    budget : int, optional
+        Parameter budget: per-block ranks that minimise the error under it
+        (see :func:`~blocklowrank._allocation.allocate_ranks`), per matrix.
+    max_error : float in (0, 1), optional
+        Fewest parameters with relative error ``<= max_error`` (exactly the
+        fewest when ``exact_allocation`` is True).
+    svd_solver : {"auto", "full", "randomized"}, default="auto"
+        "full": exact LAPACK SVD; "randomized": batched randomized SVD with
+        ``n_oversamples``, ``iterated_power`` and ``random_state`` as in
+        :func:`sklearn.utils.extmath.randomized_svd`; "auto": the exact SVD.
+    n_oversamples : int, default=10
+    iterated_power : int or "auto", default="auto"
+    random_state : int, RandomState instance or None, default=None
+    cap_rank : bool, default=False
+        Lower a rank above a block's smaller side to that side instead of raising.
+    n_jobs : int, optional
+        Worker threads over each stack of blocks (BLAS held to one thread
+        each); -1 means all cores. Results agree to rounding whatever ``n_jobs``.
+    row_perm, col_perm : array-like of int, optional
+        Cut ``X[row_perm][:, col_perm]`` into blocks (layout structures).
+
+    Returns
+    -------
+    Approximation
+        ``.factors`` (a :class:`~blocklowrank.factors.StructuredFactors`:
+        ``factors[(i, j)]`` is ``(B_ij, A_ij)`` with ``B = U_r S_r`` and
+        ``A = V_r^T``) and ``.report``; ``error``, ``n_params``, ``ranks``,
+        ``layout``, ``reconstruction`` read as attributes.
+
+    Notes
+    -----
+    Signs: for every block and component, the largest-magnitude entry of the
+    right singular vector is positive (``svd_flip(u_based_decision=False)``,
+    the convention of ``TruncatedSVD``). Entries near the top or bottom of the
+    float range are rescaled by a power of two (exact) before any sum of
+    squares, so the error never overflows.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from blocklowrank import approximate
+    >>> X = np.random.default_rng(0).standard_normal((28, 28))
+    >>> res = approximate(X, method="block", n_blocks=2, rank=2)
+    >>> res.n_params, res.reconstruction.shape
+    (224, (28, 28))
+    >>> g = approximate(X, method="global", rank=4)
+    >>> bool(np.isclose(g.error, np.linalg.norm(X - g.reconstruction) / np.linalg.norm(X)))
+    True
+    >>> approximate(X, method="hybrid", n_blocks=2, rank=1, global_rank=2).n_params
+    224
+    """
+    if layout is not None:
+        from .._engine import fit_layout
+
+        return fit_layout(X, layout, **kwargs)
+    if not isinstance(method, str) or method not in structure_names():
+        raise ValueError(f"method must be a registered structure {structure_names()}, got {method!r}")
+    return get_structure(method).fit(X, **kwargs)

@@ -1,0 +1,57 @@
+"""What the iterative fits (hybrid, shared basis) share: input preparation and the result."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._engine import Approximation, FitReport
+from .._validation import check_choice, check_int, check_nonneg_float, pow2_scale, validate_matrix
+from ..factors import StructuredFactors
+
+__all__ = ["prepare", "iterative_result"]
+
+
+def prepare(X, max_iter, tol, init, inits, init_name="init"):
+    """Validated ``X`` as a float64 stack ``(N, m, n)`` (power-of-two scaled when extreme),
+    with its dtype, batch shape, scale and the checked loop options."""
+    X = validate_matrix(X)
+    m, n = X.shape[-2:]
+    scale = pow2_scale(X)
+    Xd = np.asarray(X if scale is None else X * scale, dtype=np.float64).reshape((-1, m, n))
+    max_iter = check_int(max_iter, "max_iter", minimum=1)
+    tol = check_nonneg_float(tol, "tol")
+    check_choice(init, init_name, inits)
+    return Xd, X.dtype, X.shape[:-2], scale, max_iter, tol
+
+
+def iterative_result(layout, err, trace, n_done, stop, batch, dtype, scale, *, blocks=None,
+                     global_factors=None, shared=None, structure=None, solver=None):
+    """One :class:`~blocklowrank._engine.Approximation` from the arrays of a stacked fit.
+
+    Every array has a leading axis of length N (the flattened stack); they are
+    reshaped to ``batch``, cast to ``dtype`` and unscaled (left factors, or the
+    couplings of shared bases, divided by the power-of-two ``scale``).
+    """
+    c = None if scale is None else scale.reshape(-1, 1, 1).astype(np.float64)
+
+    def shaped(a, left=False):
+        if left and c is not None:
+            a = a / c.reshape((-1,) + (1,) * (a.ndim - 1))
+        return np.ascontiguousarray(a.reshape(batch + a.shape[1:]), dtype=dtype)
+
+    kw = {}
+    if shared is not None:
+        U, V, S = shared
+        kw["shared"] = ([shaped(u) for u in U], [shaped(v) for v in V], shaped(S, left=True))
+    else:
+        kw["factors"] = {k: (shaped(B, True), shaped(A)) for k, (B, A) in blocks.items()}
+        if global_factors is not None:
+            kw["global_factors"] = (shaped(global_factors[0], True), shaped(global_factors[1]))
+    factors = StructuredFactors(layout, structure=structure, **kw)
+    width = int(np.sum(~np.isnan(trace), axis=1).max())
+    if batch:
+        rep = dict(error=err.reshape(batch), n_iter=n_done.reshape(batch), stop_reason=stop.astype(str).reshape(batch),
+                   error_trace=trace[:, :width].reshape(batch + (width,)))
+    else:
+        rep = dict(error=float(err[0]), n_iter=int(n_done[0]), stop_reason=str(stop[0]), error_trace=trace[0, :width])
+    return Approximation(factors, FitReport(svd_solver={"steps": solver} if solver else {}, **rep))

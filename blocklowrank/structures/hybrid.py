@@ -1,0 +1,424 @@
+"""Hybrid structure: a block layout (full K x K or diagonal) plus a global low-rank term.
+
+``X ~ B_g A_g + P`` where ``B_g A_g`` has rank ``r_g`` over the whole matrix
+and ``P`` carries a rank-``r_ij`` factorisation ``B_ij A_ij`` on every active
+block of a :class:`~blocklowrank.layout.BlockLayout`. This is the structure
+of GraLoRA's ``hybrid_r`` (a GraLoRA adapter plus a vanilla LoRA adapter).
+Parameters: ``sum_ij r_ij (m_i + n_j) + r_g (m + n)``.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral
+
+import numpy as np
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+
+from .._engine import _fit_layout
+from .._linalg import STEP_TOL
+from .._svd import check_svd_options
+from .._validation import check_int, check_shape, validate_matrix
+from ..estimators import ITERATIVE_CONSTRAINTS, SVD_CONSTRAINTS, StructuredEstimator, _set_params
+from ..factors import StructuredFactors
+from ..layout import BlockLayout, _normalize_n_blocks
+from ._iterative import iterative_result, prepare
+from ._registry import Structure, register
+from ._rules import allowed_ranks, record
+
+__all__ = ["fit_hybrid", "HybridLowRank", "hybrid_params"]
+
+FIRST_STEPS = ("global", "blocks")
+
+
+# ---------------------------------------------------------------------------- counting
+def _block_layout(shape, n_blocks, pattern="full"):
+    shape = check_shape(shape)
+    if pattern not in ("full", "diagonal"):
+        raise ValueError(f"pattern must be 'full' or 'diagonal', got {pattern!r}")
+    return BlockLayout.from_blocks(shape, n_blocks, pattern=pattern)
+
+
+def hybrid_params(shape, *, n_blocks=1, rank, global_rank, pattern="full"):
+    """Exact parameter count ``sum_ij r_ij (m_i + n_j) + r_g (m + n)`` of a hybrid structure.
+
+    Examples
+    --------
+    >>> hybrid_params((28, 28), n_blocks=2, rank=1, global_rank=2)
+    224
+    >>> hybrid_params((256, 256), n_blocks=4, rank=1, global_rank=0, pattern="diagonal")
+    512
+    """
+    lay = _block_layout(shape, n_blocks, pattern)
+    lay = lay.with_ranks(rank)
+    m, n = lay.shape
+    r_g = check_int(global_rank, "global_rank", minimum=0)
+    if r_g > min(m, n):
+        raise ValueError(f"global_rank={r_g} exceeds min(m, n) = {min(m, n)} for shape {(m, n)}")
+    return int(lay.n_params + r_g * (m + n))
+
+
+class HybridBudget:
+    """Budget rule: every block rank ``r_b >= 1`` below the smallest block side, with the
+    largest global rank ``1 <= r_g < min(m, n)`` that fits (both parts non-empty)."""
+
+    @staticmethod
+    def _configs(shape, ks, ranks, budget=None):
+        m, n = shape
+        L = min(m, n)
+        for K in ks:
+            unit, rmax = K * (m + n), min(m // K, n // K) - 1
+            for r_b in allowed_ranks(ranks, rmax):
+                r_g = L - 1 if budget is None else min((budget - r_b * unit) // (m + n), L - 1)
+                if r_g >= 1:
+                    yield K, r_b, r_g, r_b * unit + r_g * (m + n)
+
+    def records(self, name, shape, budget, ks, ranks):
+        m, n = shape
+        out = []
+        for K, r_b, r_g, count in self._configs(shape, ks, ranks, budget):
+            if (budget - r_b * K * (m + n)) // (m + n) <= min(m, n) - 1:  # the largest r_g that fits
+                out.append(record(name, K, r_b, count, budget, global_rank=r_g))
+        return out
+
+    def cheapest(self, shape, ks, ranks):
+        m, n = shape
+        opts = [(r_b * K * (m + n) + (m + n), K, r_b) for K, r_b, _, _ in self._configs(shape, ks, ranks)]
+        return min(opts) if opts else None
+
+    def largest(self, shape, ks, ranks, budget):
+        best = max(((c, K) for K, _, _, c in self._configs(shape, ks, ranks, budget)), default=(0, None))
+        return best
+
+    def reachable(self, shape, ks, ranks):
+        m, n = shape
+        return {r_b * K * (m + n) + g * (m + n) for K, r_b, r_g, _ in self._configs(shape, ks, ranks)
+                for g in range(1, r_g + 1)}
+
+
+# ---------------------------------------------------------------------------- core
+def fit_hybrid(X, layout, global_rank, *, max_iter=100, tol=1e-6, first_step="global", svd_solver="auto",
+               n_oversamples=10, iterated_power="auto", random_state=None, n_jobs=None):
+    """Fit blocks plus a global low-rank term by alternating exact steps.
+
+    Minimises ``||X - B_g A_g - P||_F`` over a rank-``r_g`` global term and
+    a block term ``P`` with the ranks of ``layout``. Every step is an exact
+    minimisation (block-coordinate descent):
+
+    1. global step: ``B_g A_g`` = truncated SVD of ``X - P`` (Eckart-Young);
+    2. block step: ``P`` = per-block truncated SVDs of ``X - B_g A_g`` (the
+       blocks are disjoint, so this is the exact minimiser over ``P``);
+
+    starting with ``first_step`` on ``X`` itself, alternating until an
+    alternation improves the relative error by a fraction ``<= tol`` or
+    ``max_iter`` alternations. A last step refits all left factors jointly
+    given the right ones (per block-row, the least-squares problem
+    ``X_i ~ Z_i D_i`` with the decoder stacking ``A_g`` and the ``A_ij``), so
+    the returned codes are the least-squares codes.
+
+    **The error trace never increases**: the previous iterate is feasible
+    for every step. A step that would raise the relative error by more than
+    ``1e-12`` (rounding; ``STEP_TOL``) is discarded and iteration stops with
+    ``stop_reason="increase"`` (only possible with the randomized solver).
+
+    Parameters
+    ----------
+    X : array-like of shape (m, n) or (..., m, n)
+        A stack is fitted in one alternation; each matrix keeps its own trace,
+        stopping rule and monotone guarantee (with the exact solver its result
+        is that of fitting it alone, to rounding). float32 stays float32.
+    layout : BlockLayout
+        Block part with its ranks (may have no ranks if ``global_rank > 0``).
+    global_rank : int
+        ``r_g >= 0``; 0 gives the plain block structure (one step).
+    max_iter : int, default=100
+        Largest number of alternations, the initial pass included.
+    tol : float, default=1e-6
+        Stopping tolerance on the relative improvement of one alternation.
+    first_step : {"global", "blocks"}, default="global"
+        Which part is fitted first, on X itself: with "global" the result is
+        never worse than global LoRA of rank ``r_g``, with "blocks" never
+        worse than the block structure alone.
+    svd_solver, n_oversamples, iterated_power, random_state, n_jobs
+        For every truncated SVD, as in :func:`blocklowrank.approximate`.
+
+    Returns
+    -------
+    Approximation
+        Its ``factors`` hold the blocks and the global term; its report the
+        ``error_trace``, ``n_iter`` (alternations) and ``stop_reason``
+        ("tol", "max_iter", "increase", or "exact" when one part is empty).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from blocklowrank import BlockLayout
+    >>> X = np.random.default_rng(0).standard_normal((28, 28))
+    >>> res = fit_hybrid(X, BlockLayout.block((28, 28), 2, rank=1), global_rank=2)
+    >>> res.n_params, bool(np.all(np.diff(res.error_trace) <= 1e-12))
+    (224, True)
+    >>> bool(np.isclose(res.error, np.linalg.norm(X - res.reconstruction) / np.linalg.norm(X)))
+    True
+    >>> S = np.random.default_rng(1).standard_normal((20, 28, 28))
+    >>> batch = fit_hybrid(S, BlockLayout.block((28, 28), 2, rank=1), global_rank=2)
+    >>> batch.error.shape, batch.global_factors[0].shape
+    ((20,), (20, 28, 2))
+    """
+    Xd, dtype, batch, scale, max_iter, tol = prepare(X, max_iter, tol, first_step, FIRST_STEPS, "first_step")
+    m, n = Xd.shape[-2:]
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    if tuple(layout.shape) != (m, n):
+        raise ValueError(f"layout is for shape {layout.shape} but X has shape {(m, n)}")
+    r_g = check_int(global_rank, "global_rank", minimum=0)
+    if r_g > min(m, n):
+        raise ValueError(f"global_rank={r_g} exceeds min(m, n) = {min(m, n)} for X of shape {(m, n)}")
+    if r_g == 0 and layout.n_params == 0:
+        raise ValueError("both parts are empty: give global_rank >= 1 or a layout with ranks")
+    svd = check_svd_options(svd_solver, n_oversamples, iterated_power)
+    f, err, trace, n_done, stop = _hybrid_stack(Xd, layout, r_g, max_iter, tol, first_step, svd,
+                                                check_random_state(random_state), n_jobs)
+    return iterative_result(layout, err, trace, n_done, stop, batch, dtype, scale, blocks=dict(f.items()),
+                            global_factors=f.global_factors, structure="hybrid", solver=svd[0])
+
+
+def _hybrid_stack(Xd, layout, r_g, max_iter, tol, first_step, svd, rng, n_jobs):
+    """The alternation of :func:`fit_hybrid` on a stack Xd (N, m, n), matrix by matrix.
+
+    Every step is one engine call on the matrices still
+    running (a batched SVD); each matrix keeps its own trace and stopping rule, so
+    its result is that of fitting it alone. Returns ``(factors, error, trace,
+    n_done, stop)`` with a leading axis of length N.
+    """
+    N, m, n = Xd.shape
+    has_blocks = layout.n_params > 0
+    glob_layout = BlockLayout.global_((m, n), r_g) if r_g else None
+    sq_x = np.einsum("nab,nab->n", Xd, Xd)
+
+    def rel_err(idx, G, P):
+        R = Xd[idx] - G - P
+        sq = np.einsum("nab,nab->n", R, R)
+        tot = sq_x[idx]
+        return np.where(tot > 0, np.sqrt(sq / np.where(tot > 0, tot, 1.0)), 0.0)
+
+    # state: dense parts and factors of every matrix
+    G = np.zeros((N, m, n))
+    P = np.zeros((N, m, n))
+    gf = [np.zeros((N, m, r_g)), np.zeros((N, r_g, n))]
+    bf = {
+        (int(i), int(j)): [
+            np.zeros((N, layout.row_sizes[i], int(layout.ranks[i, j]))),
+            np.zeros((N, int(layout.ranks[i, j]), layout.col_sizes[j])),
+        ]
+        for i, j in zip(*np.nonzero(layout.active))
+    }
+
+    def step(which, idx):
+        """Candidate (dense part, factors) of one step for the matrices idx."""
+        if which == "global":
+            a = _fit_layout(Xd[idx] - P[idx], glob_layout, "layout", None, svd, rng, n_jobs)
+            return a.reconstruction, {"g": a.factors[(0, 0)]}
+        a = _fit_layout(Xd[idx] - G[idx], layout, "layout", None, svd, rng, n_jobs)
+        return a.reconstruction, a.factors
+
+    def accept(which, idx, dense, facs, sel):
+        """Store the candidate of step ``which`` for the matrices idx[sel]."""
+        ids = idx[sel]
+        if which == "global":
+            G[ids] = dense[sel]
+            B, A = facs["g"]
+            gf[0][ids], gf[1][ids] = B[sel], A[sel]
+        else:
+            P[ids] = dense[sel]
+            for k, (B, A) in facs.items():
+                if k in bf and bf[k][0].shape[-1]:
+                    r = bf[k][0].shape[-1]
+                    bf[k][0][ids] = B[sel][..., :r]
+                    bf[k][1][ids] = A[sel][..., :r, :]
+
+    width = 3 + 2 * max(max_iter - 1, 0)
+    trace = np.full((N, width), np.nan)
+    tl = np.zeros(N, dtype=np.int64)  # trace length of every matrix
+    n_done = np.ones(N, dtype=np.int64)
+    stop = np.full(N, "max_iter", dtype="<U8")
+    everyone = np.arange(N)
+    allsel = np.ones(N, dtype=bool)
+
+    def record(ids, e):
+        trace[ids, tl[ids]] = e
+        tl[ids] += 1
+
+    if not has_blocks or r_g == 0:
+        which = "blocks" if has_blocks else "global"
+        dense, facs = step(which, everyone)
+        accept(which, everyone, dense, facs, allsel)
+        record(everyone, rel_err(everyone, G, P))
+        stop[:] = "exact"
+    else:
+        order = ("global", "blocks") if first_step == "global" else ("blocks", "global")
+        for which in order:  # initial pass: each part once, on every matrix
+            dense, facs = step(which, everyone)
+            accept(which, everyone, dense, facs, allsel)
+            record(everyone, rel_err(everyone, G, P))
+        active = everyone
+        for _ in range(max_iter - 1):
+            before = trace[active, tl[active] - 1]
+            done = before <= STEP_TOL
+            if done.any():
+                stop[active[done]] = "tol"
+                active, before = active[~done], before[~done]
+            if active.size == 0:
+                break
+            increased = np.zeros(active.size, dtype=bool)
+            for which in order:
+                sub = active[~increased]
+                if sub.size == 0:
+                    break
+                dense, facs = step(which, sub)
+                if which == "global":
+                    e = rel_err(sub, dense, P[sub])
+                else:
+                    e = rel_err(sub, G[sub], dense)
+                up = e > trace[sub, tl[sub] - 1] + STEP_TOL
+                accept(which, sub, dense, facs, ~up)
+                record(sub[~up], e[~up])
+                increased[np.flatnonzero(~increased)[up]] = True
+            stop[active[increased]] = "increase"
+            good, before = active[~increased], before[~increased]
+            n_done[good] += 1
+            conv = (before - trace[good, tl[good] - 1]) <= tol * before
+            stop[good[conv]] = "tol"
+            active = good[~conv]
+            if active.size == 0:
+                break
+
+    # final exact step: least-squares refit of all left factors given the right ones
+    f0 = StructuredFactors(layout, {k: (B, A) for k, (B, A) in bf.items()},
+                           global_factors=(gf[0], gf[1]))
+    E = np.linalg.pinv(f0.decoders())  # (N, kr, n, c)
+    edges = layout.row_edges
+    Z = np.empty((N, m, E.shape[-1]))
+    for i in range(layout.n_blocks[0]):
+        Z[:, edges[i] : edges[i + 1]] = Xd[:, edges[i] : edges[i + 1]] @ E[:, i]
+    f = f0.with_codes(Z)
+    err = rel_err(everyone, f.to_dense(), 0.0)
+    record(everyone, err)
+    return f, err, trace, n_done, stop
+
+
+# ---------------------------------------------------------------------------- estimator
+class HybridLowRank(StructuredEstimator):
+    """Block low-rank plus a global low-rank term (GraLoRA ``hybrid_r`` structure).
+
+    ``X ~ B_g A_g + P``: a rank-``global_rank`` term over the whole matrix
+    plus a rank-``rank`` factorisation on every active block of a
+    ``K_rows x K_cols`` grid (``pattern="full"``: Localized LoRA / GraLoRA;
+    ``"diagonal"``: MELoRA); ``sum_ij r (m_i + n_j) + r_g (m + n)``
+    parameters. Fitted by alternating exact steps (:func:`fit_hybrid`); the
+    error never increases from one step to the next (``error_trace_``).
+
+    Codes: a row in block-row ``i`` has ``r_g`` global codes followed by the
+    codes of each active block of its block-row (see
+    :mod:`blocklowrank.estimators`).
+
+    Parameters
+    ----------
+    n_blocks : int or (int, int), default=2
+        ``K`` or ``(K_rows, K_cols)``; "diagonal" needs a square grid.
+    rank : int or array-like of shape (K_rows, K_cols), default=1
+        Rank of every active block, or per block.
+    global_rank : int, default=1
+        Rank ``r_g`` of the global term (0: the plain block structure).
+    pattern : {"full", "diagonal"}, default="full"
+    max_iter : int, default=100
+        Largest number of alternations, the initial pass included.
+    tol : float, default=1e-6
+        Stopping tolerance: stop when an alternation improves the relative
+        error by a fraction ``<= tol``.
+    first_step : {"global", "blocks"}, default="global"
+        Which part is fitted first, on X itself.
+    svd_solver, n_oversamples, iterated_power, random_state, n_jobs
+        For every truncated SVD (see :func:`blocklowrank.approximate`); the
+        monotone-error guarantee needs the exact solver.
+
+    Attributes
+    ----------
+    factors_ : StructuredFactors
+        Blocks and global term (``factors_.global_factors`` is ``(B_g, A_g)``).
+    n_params_ : int
+        ``sum_ij r_ij (m_i + n_j) + r_g (m + n)`` = ``factors_.n_params``;
+        ``layout_.n_params`` counts the block part only.
+    error_ : float
+    error_trace_ : ndarray
+        Relative error after each accepted step; non-increasing.
+    n_iter_ : int
+        Alternations run, the initial pass included.
+    stop_reason_ : str
+    ranks_ : ndarray of int, shape (K_rows, K_cols)
+    layout_ : BlockLayout
+        The block part.
+    n_codes_, n_samples_fit_, n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Defined only when X has feature names that are all strings.
+
+    See Also
+    --------
+    BlockLowRank : the block part alone (``global_rank=0``).
+
+    References
+    ----------
+    .. [1] Jung et al., "GraLoRA: Granular Low-Rank Adaptation for
+       Parameter-Efficient Fine-Tuning", arXiv:2505.20355, 2025.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from blocklowrank import HybridLowRank
+    >>> X = np.random.default_rng(0).standard_normal((28, 28))
+    >>> est = HybridLowRank(n_blocks=2, rank=1, global_rank=2).fit(X)
+    >>> est.n_params_, est.fit_transform(X).shape
+    (224, (28, 4))
+    """
+
+    _parameter_constraints: dict = {
+        "n_blocks": [Interval(Integral, 1, None, closed="left"), "array-like"],
+        "rank": [Interval(Integral, 1, None, closed="left"), "array-like"],
+        "global_rank": [Interval(Integral, 0, None, closed="left")],
+        "pattern": [StrOptions({"full", "diagonal"})],
+        "first_step": [StrOptions(set(FIRST_STEPS))],
+        **ITERATIVE_CONSTRAINTS,
+        **SVD_CONSTRAINTS,
+    }
+
+    def __init__(self, *, n_blocks=2, rank=1, global_rank=1, pattern="full", max_iter=100, tol=1e-6,
+                 first_step="global", svd_solver="auto", n_oversamples=10, iterated_power="auto",
+                 random_state=None, n_jobs=None):
+        _set_params(self, locals())
+
+    def _grid(self):
+        kr, kc = _normalize_n_blocks(self.n_blocks)
+        if self.pattern == "diagonal" and kr != kc:
+            raise ValueError(f"pattern='diagonal' needs a square grid, got n_blocks={self.n_blocks!r}")
+        return kr, kc
+
+    def _fit_structure(self, X):
+        return _fit(X, n_blocks=self.n_blocks, rank=self.rank, global_rank=self.global_rank, pattern=self.pattern,
+                    **{k: getattr(self, k) for k in _OPTIONS})
+
+
+_OPTIONS = ("max_iter", "tol", "first_step", "svd_solver", "n_oversamples", "iterated_power", "random_state", "n_jobs")
+
+
+def _fit(X, *, n_blocks=1, rank, global_rank, pattern="full", **options):
+    X = validate_matrix(X)
+    lay = _block_layout(X.shape[-2:], n_blocks, pattern)
+    lay = lay.with_ranks(rank)
+    return fit_hybrid(X, lay, global_rank, **options)
+
+
+register(Structure(
+    name="hybrid", label="Hybrid GraLoRA", summary="K x K blocks B_ij A_ij plus a global term B_g A_g",
+    layout=lambda shape, n_blocks=1: _block_layout(shape, n_blocks), count=hybrid_params,
+    budget_rule=HybridBudget(), fit=_fit, estimator=HybridLowRank, extra=("global_rank",), peft="GRALORA",
+    options=_OPTIONS,
+))

@@ -21,8 +21,16 @@ from .safetensors import (
     open_checkpoint,
     save_file,
 )
+from .select import ALL_LINEAR, LayerPair, PairingReport, iter_deltas, module_of, pair_layers, select_names
 
 __all__ = [
+    "ALL_LINEAR",
+    "LayerPair",
+    "PairingReport",
+    "iter_deltas",
+    "module_of",
+    "pair_layers",
+    "select_names",
     "MAX_HEADER_BYTES",
     "Checkpoint",
     "CheckpointError",

@@ -1,21 +1,19 @@
-"""Tests of blocklowrank.checkpoints.safetensors: format, hostile files, BF16, interop.
+"""Tests of blocklowrank.checkpoints.safetensors: round trips, laziness, hostile files, folders, shards.
 
-Every file is generated here (no binary fixtures). The ``safetensors`` and
-``ml_dtypes`` packages, when installed (the ``test`` extra), serve as
-independent references; those tests skip without them.
+Every file is generated here (no binary fixtures). The BF16 codec, agreement
+with the reference implementation and the property tests are in
+``test_checkpoints_reference.py``.
 """
 
 import json
-import math
 import os
 import pickle
-from fractions import Fraction
 
 import numpy as np
 import pytest
+from _checkpoint_files import HOSTILE, entry, raw_file, same_bits, sample_tensors
 
 from blocklowrank.checkpoints import (
-    MAX_HEADER_BYTES,
     Checkpoint,
     CheckpointError,
     TensorInfo,
@@ -24,49 +22,7 @@ from blocklowrank.checkpoints import (
     save_file,
 )
 from blocklowrank.checkpoints import safetensors as st
-from blocklowrank.checkpoints._dtypes import DTYPES, bf16_to_float32, float_to_bf16
-
-# ---------------------------------------------------------------- helpers
-
-
-def raw_file(path, header, buffer=b"", *, length=None):
-    """Write a safetensors file by hand: ``header`` a dict, str or bytes."""
-    if isinstance(header, dict):
-        header = json.dumps(header)
-    if isinstance(header, str):
-        header = header.encode("utf-8")
-    n = len(header) if length is None else length
-    path.write_bytes(n.to_bytes(8, "little") + header + buffer)
-    return path
-
-
-def entry(dtype="F32", shape=(1,), offsets=(0, 4)):
-    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
-
-
-def sample_tensors():
-    rng = np.random.default_rng(0)
-    return {
-        "w64": rng.standard_normal((3, 2)),
-        "w32": rng.standard_normal((2, 5)).astype(np.float32),
-        "w16": rng.standard_normal(4).astype(np.float16),
-        "i8": np.arange(-3, 3, dtype=np.int8),
-        "u8": np.arange(6, dtype=np.uint8).reshape(2, 3),
-        "i16": np.arange(4, dtype=np.int16),
-        "u16": np.arange(4, dtype=np.uint16),
-        "i32": np.arange(4, dtype=np.int32),
-        "u32": np.arange(4, dtype=np.uint32),
-        "i64": np.arange(4, dtype=np.int64) - 2**40,
-        "u64": np.arange(4, dtype=np.uint64) + 2**63,
-        "flags": np.array([True, False, True]),
-        "c64": np.array([1 + 2j, -3j], dtype=np.complex64),
-        "scalar": np.array(2.5, dtype=np.float32),
-        "empty": np.zeros((0, 3), dtype=np.float32),
-    }
-
-
-def same_bits(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+from blocklowrank.checkpoints._dtypes import DTYPES
 
 
 # ---------------------------------------------------------------- round trips
@@ -232,41 +188,6 @@ def test_file_changed_after_opening(tmp_path):
 
 # ---------------------------------------------------------------- hostile files
 
-F4 = entry()  # one float32 at [0, 4)
-
-HOSTILE = {
-    "short file": (b"\x01\x02\x03", None, "too few for a safetensors header", None),
-    "header past end": ({"a": F4}, b"\0" * 4, "runs past the file", None, 10_000),
-    "absurd header length": ({"a": F4}, b"\0" * 4, f"{MAX_HEADER_BYTES}-byte limit", None, 2**63),
-    "not utf-8": (b'{"\xff": 1}', b"", "not valid UTF-8", None),
-    "not json": ('{"a": ', b"", "not valid JSON", None),
-    "json array": ("[1, 2]", b"", "does not start with '{'", None),
-    "leading space": (' {"a": ' + json.dumps(F4) + "}", b"\0" * 4, "does not start with '{'", None),
-    "NaN constant": ('{"a": NaN}', b"", "contains NaN", None),
-    "deep nesting": ('{"a":' + "[" * 100_000 + "]" * 100_000 + "}", b"", "nested too deeply", None),
-    "entry not object": ({"a": 3}, b"", "entry must be an object", "a"),
-    "missing offsets": ({"a": {"dtype": "F32", "shape": [1]}}, b"\0" * 4, "lacks data_offsets", "a"),
-    "dtype not str": ({"a": entry(dtype=3)}, b"\0" * 4, "unknown dtype 3", "a"),
-    "unknown dtype": ({"a": entry(dtype="F128")}, b"\0" * 4, "unknown dtype 'F128'", "a"),
-    "negative shape": ({"a": entry(shape=(-1,))}, b"\0" * 4, "non-negative integers", "a"),
-    "float shape": ({"a": entry(shape=(1.0,))}, b"\0" * 4, "non-negative integers", "a"),
-    "bool shape": ({"a": entry(shape=(True,))}, b"\0" * 4, "non-negative integers", "a"),
-    "shape not list": ({"a": {**F4, "shape": "1"}}, b"\0" * 4, "non-negative integers", "a"),
-    "three offsets": ({"a": entry(offsets=(0, 2, 4))}, b"\0" * 4, "two non-negative", "a"),
-    "negative offset": ({"a": entry(offsets=(-4, 0))}, b"\0" * 4, "two non-negative", "a"),
-    "offsets reversed": ({"a": entry(offsets=(4, 0))}, b"\0" * 4, "fall outside", "a"),
-    "offsets past buffer": ({"a": entry(offsets=(4, 8))}, b"\0" * 4, "fall outside", "a"),
-    "size mismatch": ({"a": entry(shape=(2,))}, b"\0" * 4, "needs 8 bytes", "a"),
-    "overflowing shape": ({"a": entry(shape=(2**40, 2**40))}, b"\0" * 4, "needs", "a"),
-    "sub-byte leftover": ({"a": entry("F4", (3,), (0, 1))}, b"\0", "needs 1.5 bytes", "a"),
-    "overlap": ({"a": F4, "b": F4}, b"\0" * 4, "overlaps tensor 'a'", "b"),
-    "gap": ({"a": entry(offsets=(4, 8))}, b"\0" * 8, "4 bytes unused", "a"),
-    "trailing bytes": ({"a": F4}, b"\0" * 8, "cover 4 of the 8 bytes", None),
-    "duplicate name": ('{"a": %s, "a": %s}' % (json.dumps(F4), json.dumps(F4)), b"\0" * 4, "key 'a' twice", None),
-    "duplicate field": ('{"a": {"dtype": "F32", "dtype": "F32"}}', b"", "key 'dtype' twice", None),
-    "metadata not map": ({"__metadata__": [1]}, b"", "__metadata__ must be a JSON object", None),
-    "metadata value int": ({"__metadata__": {"k": 1}}, b"", r"__metadata__\['k'\] must be a string", None),
-}
 
 
 @pytest.mark.parametrize("case", HOSTILE, ids=list(HOSTILE))
@@ -447,112 +368,3 @@ def test_index_without_a_weight_map_or_not_json(tmp_path, text):
     index.write_text(text)
     with pytest.raises(CheckpointError, match="weight_map|twice|not valid JSON"):
         Checkpoint(index)
-
-
-# ---------------------------------------------------------------- bfloat16 codec
-
-ALL_BF16 = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
-
-
-def bf16_value(bits):
-    """Decode one bfloat16 pattern from its fields, independently of the bit trick."""
-    sign = -1.0 if bits >> 15 else 1.0
-    exponent, mantissa = (bits >> 7) & 0xFF, bits & 0x7F
-    if exponent == 0xFF:
-        return sign * math.inf if mantissa == 0 else math.nan
-    if exponent == 0:
-        return sign * math.ldexp(mantissa, -133)  # subnormal: m * 2**(1 - 127 - 7)
-    return sign * math.ldexp(128 + mantissa, exponent - 134)
-
-
-def test_bf16_decode_all_65536_patterns_bit_for_bit():
-    decoded = bf16_to_float32(ALL_BF16)
-    expected = np.array([bf16_value(int(b)) for b in ALL_BF16], dtype=np.float64)
-    nan = np.isnan(expected)
-    assert np.array_equal(decoded[~nan].astype(np.float64), expected[~nan])
-    assert np.array_equal(np.signbit(decoded[~nan]), np.signbit(expected[~nan]))  # -0.0 too
-    assert np.isnan(decoded[nan]).all()
-    assert np.array_equal(decoded.view(np.uint32) >> 16, ALL_BF16)  # NaN payloads kept
-    assert np.array_equal(decoded.view(np.uint32) & 0xFFFF, np.zeros(2**16, np.uint32))
-
-
-def test_bf16_encode_is_exact_on_every_bf16_value():
-    decoded = bf16_to_float32(ALL_BF16)
-    encoded = float_to_bf16(decoded)
-    finite_or_inf = ~np.isnan(decoded)
-    assert np.array_equal(encoded[finite_or_inf], ALL_BF16[finite_or_inf])
-    assert np.isnan(bf16_to_float32(encoded[~finite_or_inf])).all()
-    with np.errstate(invalid="ignore"):  # signalling NaNs
-        as_float64 = decoded.astype(np.float64)
-    assert np.array_equal(float_to_bf16(as_float64)[finite_or_inf], ALL_BF16[finite_or_inf])
-
-
-def nearest_even_bf16(x):
-    """Round float32/64 values to bfloat16 by search over all finite bf16 values (a reference)."""
-    finite = ALL_BF16[np.isfinite(bf16_to_float32(ALL_BF16))]
-    values = bf16_to_float32(finite).astype(np.float64)
-    order = np.argsort(values, kind="stable")
-    values, patterns = values[order], finite[order]
-    keep = np.r_[True, values[1:] != values[:-1]]  # drop -0.0 duplicates of +0.0
-    values, patterns = values[keep], patterns[keep]
-    out = []
-    x = np.asarray(x, dtype=np.float64)
-    for v, negative in zip(map(Fraction, x), np.signbit(x)):
-        hi = int(np.searchsorted(values, float(v)))
-        lo = max(hi - 1, 0)
-        hi = min(hi, len(values) - 1)
-        d_lo, d_hi = abs(v - Fraction(values[lo])), abs(Fraction(values[hi]) - v)
-        pick = lo if (d_lo, patterns[lo] & 1) < (d_hi, patterns[hi] & 1) else hi
-        if abs(v) >= Fraction(values[-1]) + Fraction(2) ** (127 - 8):  # half an ulp past max: inf
-            out.append(0xFF80 if v < 0 else 0x7F80)
-        else:
-            bits = int(patterns[pick])
-            out.append(bits | 0x8000 if negative and bits == 0 else bits)  # keep the sign of zero
-    return np.array(out, dtype=np.uint16)
-
-
-EDGE_FLOAT32_BITS = [
-    0x3F808000,  # 1 + 2**-8: tie, rounds down to even 1.0
-    0x3F818000,  # tie, rounds up to even
-    0x3F808001, 0x3F807FFF,  # just past / just before a tie
-    0x7F7F7FFF, 0x7F7F8000, 0x7F7FFFFF,  # around the overflow threshold
-    0xFF7F8000,  # negative overflow
-    0x00000001, 0x00008000, 0x00018000, 0x007FFFFF, 0x00800000,  # subnormals and the smallest normal
-    0x80008000, 0x80000000, 0x00000000,  # signed zeros
-]
-
-
-def test_bf16_encode_rounding_edge_cases():
-    x = np.array(EDGE_FLOAT32_BITS, dtype=np.uint32).view(np.float32)
-    assert np.array_equal(float_to_bf16(x), nearest_even_bf16(x))
-    assert list(float_to_bf16(x[:4])) == [0x3F80, 0x3F82, 0x3F81, 0x3F80]
-    assert list(float_to_bf16(x[4:8])) == [0x7F7F, 0x7F80, 0x7F80, 0xFF80]
-
-
-def test_bf16_encode_random_float32_matches_reference():
-    rng = np.random.default_rng(1)
-    bits = rng.integers(0, 2**32, size=3000, dtype=np.uint64).astype(np.uint32)
-    x = bits.view(np.float32)
-    x = x[np.isfinite(x)]
-    assert np.array_equal(float_to_bf16(x), nearest_even_bf16(x))
-
-
-def test_bf16_encode_float64_rounds_once():
-    rng = np.random.default_rng(2)
-    ties = bf16_to_float32(rng.integers(0, 0x7F7F, size=300).astype(np.uint16)).astype(np.float64)
-    ulp = np.ldexp(1.0, np.frexp(ties)[1] - 8)  # one bf16 ulp
-    near = ties + ulp / 2 + ulp * rng.choice([-1e-9, 0, 1e-9], size=ties.size)
-    x = np.concatenate([near, -near, [1 + 2**-8 + 2**-30, 3.4e38, 1e39, 1e-50, -1e-50]])
-    assert np.array_equal(float_to_bf16(x), nearest_even_bf16(x))
-    assert float_to_bf16(np.array([1 + 2**-8 + 2**-30]))[0] == 0x3F81  # float32 first would give 0x3F80
-
-
-def test_bf16_encode_keeps_nan_and_float16_input():
-    nan_bits = np.array([0x7FC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FA00000], dtype=np.uint32)
-    encoded = float_to_bf16(nan_bits.view(np.float32))
-    assert np.isnan(bf16_to_float32(encoded)).all()
-    assert np.array_equal(encoded >> 15, (nan_bits >> 31).astype(np.uint16))  # sign kept
-    half = np.array([1.0, 65504.0, 6e-8, -0.0], dtype=np.float16)
-    assert np.array_equal(bf16_to_float32(float_to_bf16(half)), np.array([1.0, 65536.0, 5.9604645e-08, -0.0], np.float32))
-    with pytest.raises(TypeError, match="floating"):
-        float_to_bf16(np.arange(3))

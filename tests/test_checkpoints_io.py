@@ -1,4 +1,4 @@
-"""Tests of blocklowrank.checkpoints.safetensors: round trips, laziness, hostile files, folders, shards.
+"""Tests of blocklowrank.checkpoints.safetensors: round trips, laziness, hostile files, shards.
 
 Every file is generated here (no binary fixtures). The BF16 codec, agreement
 with the reference implementation and the property tests are in
@@ -11,7 +11,7 @@ import pickle
 
 import numpy as np
 import pytest
-from _checkpoint_files import HOSTILE, entry, raw_file, same_bits, sample_tensors
+from _checkpoint_files import HOSTILE, entry, raw_file, same_bits, sample_tensors, write_hostile
 
 from blocklowrank.checkpoints import (
     Checkpoint,
@@ -23,7 +23,6 @@ from blocklowrank.checkpoints import (
 )
 from blocklowrank.checkpoints import safetensors as st
 from blocklowrank.checkpoints._dtypes import DTYPES
-
 
 # ---------------------------------------------------------------- round trips
 
@@ -49,7 +48,7 @@ def test_header_aligned_and_sorted_like_the_reference(tmp_path):
     ranks = [DTYPES[header[k]["dtype"]].rank for k in names]
     assert ranks == sorted(ranks, reverse=True)
     for rank in set(ranks):  # by name within one dtype
-        group = [k for k, r in zip(names, ranks) if r == rank]
+        group = [k for k, r in zip(names, ranks, strict=True) if r == rank]
         assert group == sorted(group)
     with Checkpoint(path) as ckpt:  # storage order is the data order
         assert ckpt.names() == names
@@ -182,22 +181,17 @@ def test_file_changed_after_opening(tmp_path):
     ckpt = Checkpoint(path)
     with open(path, "ab") as f:
         f.write(b"\0" * 8)
-    with pytest.raises(CheckpointError, match="changed size"):
+    with pytest.raises(CheckpointError, match="size changed"):
         ckpt.get("w")
 
 
 # ---------------------------------------------------------------- hostile files
 
 
-
 @pytest.mark.parametrize("case", HOSTILE, ids=list(HOSTILE))
 def test_hostile_file_raises_checkpoint_error(tmp_path, case):
-    header, buffer, match, tensor, *length = HOSTILE[case]
     path = tmp_path / "bad.safetensors"
-    if isinstance(header, bytes) and buffer is None:
-        path.write_bytes(header)
-    else:
-        raw_file(path, header, buffer, length=length[0] if length else None)
+    match, tensor = write_hostile(path, case)
     with pytest.raises(CheckpointError, match=match) as info:
         Checkpoint(path)
     message = str(info.value)
@@ -207,7 +201,11 @@ def test_hostile_file_raises_checkpoint_error(tmp_path, case):
 
 
 def test_bad_bool_byte_and_unreadable_dtype(tmp_path):
-    path = raw_file(tmp_path / "x.safetensors", {"b": entry("BOOL", (2,), (0, 2)), "f8": entry("F8_E4M3", (2,), (2, 4))}, b"\x01\x07\0\0")
+    path = raw_file(
+        tmp_path / "x.safetensors",
+        {"b": entry("BOOL", (2,), (0, 2)), "f8": entry("F8_E4M3", (2,), (2, 4))},
+        b"\x01\x07\0\0",
+    )
     with Checkpoint(path) as ckpt:
         assert ckpt.info("f8").dtype == "F8_E4M3"  # listing works
         with pytest.raises(CheckpointError, match="tensor 'b': a BOOL byte is neither 0 nor 1"):
@@ -247,7 +245,9 @@ def test_pickle_checkpoints_are_refused_unopened(tmp_path, name):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("content", [b"PK\x03\x04" + b"\0" * 60, pickle.dumps({"w": 1}, protocol=2)])
+@pytest.mark.parametrize(
+    "content", [b"PK\x03\x04" + b"\0" * 60, pickle.dumps({"w": 1}, protocol=2)]
+)
 def test_pickle_content_under_a_safetensors_name_is_recognised(tmp_path, content):
     path = tmp_path / "model.safetensors"
     path.write_bytes(content)
@@ -277,7 +277,9 @@ def test_folder_resolution(tmp_path):
     two.mkdir()
     save_file(two / "a.safetensors", {"a": one})
     save_file(two / "b.safetensors", {"a": one})
-    with pytest.raises(CheckpointError, match=r"several candidate checkpoints \(a.safetensors, b.safetensors\)"):
+    with pytest.raises(
+        CheckpointError, match=r"several candidate checkpoints \(a.safetensors, b.safetensors\)"
+    ):
         Checkpoint(two)
 
     empty = tmp_path / "empty"
@@ -313,7 +315,10 @@ def test_sharded_checkpoint(tmp_path):
         with Checkpoint(path) as ckpt:
             assert ckpt.path == index
             assert ckpt.names() == ["a", "b", "c"]
-            assert [f.name for f in ckpt.files] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+            assert [f.name for f in ckpt.files] == [
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors",
+            ]
             assert ckpt.metadata == {"shard": "0"}
             assert ckpt.info("b").file.name == "model-00002-of-00002.safetensors"
             assert np.array_equal(ckpt.get("b"), np.arange(3.0))
@@ -326,8 +331,12 @@ def test_sharded_subfolder_and_hub_cache_symlinks(tmp_path):
     save_file(blobs / "abc123", {"w": np.ones(2)})
     snapshot = tmp_path / "snapshots" / "rev"
     (snapshot / "sub").mkdir(parents=True)
-    (snapshot / "sub" / "w.safetensors").symlink_to(os.path.relpath(blobs / "abc123", snapshot / "sub"))
-    (snapshot / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "sub/w.safetensors"}}))
+    (snapshot / "sub" / "w.safetensors").symlink_to(
+        os.path.relpath(blobs / "abc123", snapshot / "sub")
+    )
+    (snapshot / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "sub/w.safetensors"}})
+    )
     assert np.array_equal(Checkpoint(snapshot).get("w"), np.ones(2))
 
 
@@ -337,9 +346,18 @@ SHARD_1, SHARD_2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.saf
 @pytest.mark.parametrize(
     "weight_map, match",
     [
-        ({"a": SHARD_1, "b": SHARD_2, "c": SHARD_2, "d": SHARD_2}, "tensor 'd': the weight_map puts it in"),
-        ({"a": SHARD_1, "b": SHARD_2}, "tensor 'c': stored in shard '.*' but is missing from the index"),
-        ({"a": SHARD_1, "b": SHARD_2, "c": "model-00003.safetensors"}, "shard 'model-00003.safetensors' named in the weight_map does not exist"),
+        (
+            {"a": SHARD_1, "b": SHARD_2, "c": SHARD_2, "d": SHARD_2},
+            "tensor 'd': the weight_map puts it in",
+        ),
+        (
+            {"a": SHARD_1, "b": SHARD_2},
+            "tensor 'c': stored in shard '.*' but is missing from the index",
+        ),
+        (
+            {"a": SHARD_1, "b": SHARD_2, "c": "model-00003.safetensors"},
+            "shard 'model-00003.safetensors' named in the weight_map does not exist",
+        ),
         ({"a": "../m/" + SHARD_1}, "leaves the checkpoint's folder"),
         ({"a": "/etc/passwd"}, "leaves the checkpoint's folder"),
         ({"a": "sub/../../x.safetensors"}, "leaves the checkpoint's folder"),
@@ -358,11 +376,15 @@ def test_bad_index(tmp_path, weight_map, match):
 def test_tensor_in_two_shards(tmp_path):
     shards = {SHARD_1: {"a": np.ones(1)}, SHARD_2: {"a": np.ones(1), "b": np.ones(1)}}
     index = write_sharded(tmp_path / "m", {"a": SHARD_1, "b": SHARD_2}, shards)
-    with pytest.raises(CheckpointError, match=f"tensor 'a': stored in shard '{SHARD_2}' but is also in '{SHARD_1}'"):
+    with pytest.raises(
+        CheckpointError, match=f"tensor 'a': stored in shard '{SHARD_2}' but is also in '{SHARD_1}'"
+    ):
         Checkpoint(index)
 
 
-@pytest.mark.parametrize("text", ['{"metadata": {}}', "[]", '{"weight_map": {"a": "x", "a": "y"}}', "{"])
+@pytest.mark.parametrize(
+    "text", ['{"metadata": {}}', "[]", '{"weight_map": {"a": "x", "a": "y"}}', "{"]
+)
 def test_index_without_a_weight_map_or_not_json(tmp_path, text):
     index = tmp_path / "model.safetensors.index.json"
     index.write_text(text)

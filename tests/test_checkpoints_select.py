@@ -55,7 +55,10 @@ def models(tmp_path):
     """A float32 base file and a sharded BF16 fine-tuned version with a resized vocabulary."""
     rng = np.random.default_rng(0)
     base = llama_like(rng)
-    tuned = {name: array + np.float32(0.01) * rng.standard_normal(array.shape).astype(np.float32) for name, array in base.items()}
+    tuned = {
+        name: array + np.float32(0.01) * rng.standard_normal(array.shape).astype(np.float32)
+        for name, array in base.items()
+    }
     for name in ("model.embed_tokens.weight", "lm_head.weight"):  # vocabulary grown by 4
         tuned[name] = np.concatenate([tuned[name], np.zeros((4, D), np.float32)])
     del tuned["model.layers.1.mlp.down_proj.weight"]
@@ -64,7 +67,10 @@ def models(tmp_path):
     folder = tmp_path / "tuned"
     folder.mkdir()
     names = sorted(tuned)
-    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
     for shard, part in shards.items():
         save_file(folder / shard, {name: tuned[name] for name in part}, dtypes="BF16")
     weight_map = {name: shard for shard, part in shards.items() for name in part}
@@ -77,25 +83,42 @@ def models(tmp_path):
 
 LLAMA = shapes_of(llama_like(np.random.default_rng(0), n_layers=1))
 GPT2 = {
-    "transformer.wte.weight": (50, 8), "transformer.wpe.weight": (16, 8),
-    "transformer.h.0.attn.c_attn.weight": (8, 24), "transformer.h.0.attn.c_proj.weight": (8, 8),
-    "transformer.h.0.mlp.c_fc.weight": (8, 32), "transformer.h.0.ln_1.weight": (8,),
+    "transformer.wte.weight": (50, 8),
+    "transformer.wpe.weight": (16, 8),
+    "transformer.h.0.attn.c_attn.weight": (8, 24),
+    "transformer.h.0.attn.c_proj.weight": (8, 8),
+    "transformer.h.0.mlp.c_fc.weight": (8, 32),
+    "transformer.h.0.ln_1.weight": (8,),
     "lm_head.weight": (50, 8),
-}  # fmt: skip
+}
 BERT = {
-    "bert.embeddings.word_embeddings.weight": (50, 8), "bert.embeddings.position_embeddings.weight": (16, 8),
-    "bert.embeddings.token_type_embeddings.weight": (2, 8), "bert.embeddings.LayerNorm.weight": (8,),
+    "bert.embeddings.word_embeddings.weight": (50, 8),
+    "bert.embeddings.position_embeddings.weight": (16, 8),
+    "bert.embeddings.token_type_embeddings.weight": (2, 8),
+    "bert.embeddings.LayerNorm.weight": (8,),
     "bert.encoder.layer.0.attention.self.query.weight": (8, 8),
     "bert.encoder.layer.0.attention.output.dense.weight": (8, 8),
-    "bert.pooler.dense.weight": (8, 8), "classifier.weight": (2, 8),
-}  # fmt: skip
+    "bert.pooler.dense.weight": (8, 8),
+    "classifier.weight": (2, 8),
+}
 T5 = {
-    "shared.weight": (50, 8), "encoder.block.0.layer.0.SelfAttention.q.weight": (8, 8),
+    "shared.weight": (50, 8),
+    "encoder.block.0.layer.0.SelfAttention.q.weight": (8, 8),
     "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": (32, 2),
-    "decoder.embed_tokens.weight": (50, 8), "lm_head.weight": (50, 8),
-}  # fmt: skip
-META_LLAMA = {"tok_embeddings.weight": (50, 8), "layers.0.attention.wq.weight": (8, 8), "output.weight": (50, 8), "norm.weight": (8,)}
-GPT_NEOX = {"gpt_neox.embed_in.weight": (50, 8), "gpt_neox.layers.0.attention.query_key_value.weight": (24, 8), "embed_out.weight": (50, 8)}
+    "decoder.embed_tokens.weight": (50, 8),
+    "lm_head.weight": (50, 8),
+}
+META_LLAMA = {
+    "tok_embeddings.weight": (50, 8),
+    "layers.0.attention.wq.weight": (8, 8),
+    "output.weight": (50, 8),
+    "norm.weight": (8,),
+}
+GPT_NEOX = {
+    "gpt_neox.embed_in.weight": (50, 8),
+    "gpt_neox.layers.0.attention.query_key_value.weight": (24, 8),
+    "embed_out.weight": (50, 8),
+}
 ADAPTER = {
     "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (2, 8),
     "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": (8, 2),
@@ -106,16 +129,30 @@ ADAPTER = {
     "shapes, expected",
     [
         (LLAMA, [n for n in LLAMA if "proj.weight" in n]),
-        (GPT2, ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight", "transformer.h.0.mlp.c_fc.weight"]),
-        (BERT, ["bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.0.attention.output.dense.weight",
-                "bert.pooler.dense.weight", "classifier.weight"]),
+        (
+            GPT2,
+            [
+                "transformer.h.0.attn.c_attn.weight",
+                "transformer.h.0.attn.c_proj.weight",
+                "transformer.h.0.mlp.c_fc.weight",
+            ],
+        ),
+        (
+            BERT,
+            [
+                "bert.encoder.layer.0.attention.self.query.weight",
+                "bert.encoder.layer.0.attention.output.dense.weight",
+                "bert.pooler.dense.weight",
+                "classifier.weight",
+            ],
+        ),
         (T5, ["encoder.block.0.layer.0.SelfAttention.q.weight"]),
         (META_LLAMA, ["layers.0.attention.wq.weight"]),
         (GPT_NEOX, ["gpt_neox.layers.0.attention.query_key_value.weight"]),
         (ADAPTER, []),
     ],
     ids=["llama", "gpt2", "bert", "t5", "meta-llama", "gpt-neox", "adapter"],
-)  # fmt: skip
+)
 def test_all_linear(shapes, expected):
     assert select_names(shapes, "all-linear", shapes=shapes) == expected
     assert select_names(list(shapes), "ALL-LINEAR", shapes=shapes) == expected
@@ -160,7 +197,11 @@ def test_select_names_errors(target, kwargs, error, match):
 
 def test_module_of():
     assert module_of("a.b.weight") == "a.b"
-    assert module_of(".weight") is None and module_of("weight") is None and module_of("a.gralora_A") is None
+    assert (
+        module_of(".weight") is None
+        and module_of("weight") is None
+        and module_of("a.gralora_A") is None
+    )
 
 
 # ---------------------------------------------------------------- pair_layers
@@ -172,18 +213,28 @@ def test_pair_layers_reports_everything(models):
     assert report.only_in_base == ["model.layers.1.mlp.down_proj.weight"]
     assert report.only_in_finetuned == ["score.weight"]
     assert report.shape_mismatch == [
-        (name, (VOCAB, D), (VOCAB + 4, D)) for name in base.names() if name in ("model.embed_tokens.weight", "lm_head.weight")
+        (name, (VOCAB, D), (VOCAB + 4, D))
+        for name in base.names()
+        if name in ("model.embed_tokens.weight", "lm_head.weight")
     ]
     assert sorted(report.not_2d) == sorted(n for n, a in base_arrays.items() if a.ndim == 1)
     assert report.excluded == []  # embeddings and head already in shape_mismatch
-    expected = [n for n in base.names() if "proj.weight" in n and n != "model.layers.1.mlp.down_proj.weight"]
+    expected = [
+        n for n in base.names() if "proj.weight" in n and n != "model.layers.1.mlp.down_proj.weight"
+    ]
     assert [p.name for p in report.pairs] == expected  # checkpoint order
-    assert report.pairs[0] == LayerPair(expected[0], module_of(expected[0]), base.info(expected[0]).shape)
+    assert report.pairs[0] == LayerPair(
+        expected[0], module_of(expected[0]), base.info(expected[0]).shape
+    )
     # every tensor lands in exactly one group
     grouped = (
-        [p.name for p in report.pairs] + report.only_in_base + report.only_in_finetuned
-        + [m[0] for m in report.shape_mismatch] + report.not_2d + report.excluded
-    )  # fmt: skip
+        [p.name for p in report.pairs]
+        + report.only_in_base
+        + report.only_in_finetuned
+        + [m[0] for m in report.shape_mismatch]
+        + report.not_2d
+        + report.excluded
+    )
     assert sorted(grouped) == sorted(set(base_arrays) | set(tuned_arrays))
     text = report.summary(max_names=2)
     assert text.startswith(f"{len(expected)} layer pairs") and "only in base (1)" in text
@@ -199,7 +250,9 @@ def test_pair_layers_with_a_target_list_and_without_finetuned(models):
     assert "model.layers.0.mlp.up_proj.weight" in report.excluded
     alone = pair_layers(base, None)
     assert alone.only_in_base == alone.only_in_finetuned == alone.shape_mismatch == []
-    assert alone.excluded == [n for n in base.names() if n in ("model.embed_tokens.weight", "lm_head.weight")]
+    assert alone.excluded == [
+        n for n in base.names() if n in ("model.embed_tokens.weight", "lm_head.weight")
+    ]
     assert len(alone.pairs) == 14
 
 
@@ -220,7 +273,9 @@ def test_iter_deltas_values_and_dtypes(models):
     report = pair_layers(base, tuned)
     seen = []
     for pair, delta in iter_deltas(base, tuned, report):
-        assert isinstance(pair, LayerPair) and delta.shape == pair.shape and delta.dtype == np.float32
+        assert (
+            isinstance(pair, LayerPair) and delta.shape == pair.shape and delta.dtype == np.float32
+        )
         exact = tuned.get(pair.name).astype(np.float64) - base_arrays[pair.name].astype(np.float64)
         assert np.array_equal(delta, exact.astype(np.float32))  # one rounding, in float32
         seen.append(pair)

@@ -21,7 +21,15 @@ from .safetensors import (
     open_checkpoint,
     save_file,
 )
-from .select import ALL_LINEAR, LayerPair, PairingReport, iter_deltas, module_of, pair_layers, select_names
+from .select import (
+    ALL_LINEAR,
+    LayerPair,
+    PairingReport,
+    iter_deltas,
+    module_of,
+    pair_layers,
+    select_names,
+)
 
 __all__ = [
     "ALL_LINEAR",

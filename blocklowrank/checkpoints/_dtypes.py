@@ -41,13 +41,29 @@ def _table():
     # (code, bits, numpy dtype) in the order of the reference ``Dtype`` enum
     # (safetensors/src/tensor.rs), which is its "increasing alignment" order.
     rows = [
-        ("BOOL", 8, "|b1"), ("F4", 4, None), ("F6_E2M3", 6, None), ("F6_E3M2", 6, None),
-        ("U8", 8, "|u1"), ("I8", 8, "|i1"), ("F8_E5M2", 8, None), ("F8_E4M3", 8, None),
-        ("F8_E8M0", 8, None), ("F8_E4M3FNUZ", 8, None), ("F8_E5M2FNUZ", 8, None),
-        ("I16", 16, "<i2"), ("U16", 16, "<u2"), ("F16", 16, "<f2"), ("BF16", 16, "<u2"),
-        ("I32", 32, "<i4"), ("U32", 32, "<u4"), ("F32", 32, "<f4"), ("C64", 64, "<c8"),
-        ("F64", 64, "<f8"), ("I64", 64, "<i8"), ("U64", 64, "<u8"),
-    ]  # fmt: skip
+        ("BOOL", 8, "|b1"),
+        ("F4", 4, None),
+        ("F6_E2M3", 6, None),
+        ("F6_E3M2", 6, None),
+        ("U8", 8, "|u1"),
+        ("I8", 8, "|i1"),
+        ("F8_E5M2", 8, None),
+        ("F8_E4M3", 8, None),
+        ("F8_E8M0", 8, None),
+        ("F8_E4M3FNUZ", 8, None),
+        ("F8_E5M2FNUZ", 8, None),
+        ("I16", 16, "<i2"),
+        ("U16", 16, "<u2"),
+        ("F16", 16, "<f2"),
+        ("BF16", 16, "<u2"),
+        ("I32", 32, "<i4"),
+        ("U32", 32, "<u4"),
+        ("F32", 32, "<f4"),
+        ("C64", 64, "<c8"),
+        ("F64", 64, "<f8"),
+        ("I64", 64, "<i8"),
+        ("U64", 64, "<u8"),
+    ]
     return {
         code: DtypeSpec(bits, None if np_dtype is None else np.dtype(np_dtype), rank)
         for rank, (code, bits, np_dtype) in enumerate(rows)

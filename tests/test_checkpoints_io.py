@@ -76,6 +76,8 @@ def test_bf16_round_trip_and_forced_dtypes(tmp_path):
     [
         ({"metadata": {"epoch": 3}}, TypeError, "metadata keys and values must be strings"),
         ({"metadata": {1: "x"}}, TypeError, "metadata keys and values must be strings"),
+        ({"metadata": [("k", "v")]}, TypeError, "metadata must be a mapping"),
+        ({"dtypes": ["F16"]}, TypeError, "dtypes must be a mapping"),
         ({"dtypes": "F128"}, ValueError, "cannot write dtype 'F128'"),
         ({"dtypes": "F8_E4M3"}, ValueError, "cannot write dtype 'F8_E4M3'"),
         ({"dtypes": {"nope": "F16"}}, ValueError, "not being saved"),
@@ -95,7 +97,7 @@ def test_save_file_rejects_bad_arguments(tmp_path, kwargs, error, match):
         ({3: np.ones(1)}, TypeError, "names must be strings"),
         ({"o": np.array([object()])}, TypeError, "cannot store"),
         ({"s": np.array(["a"])}, TypeError, "cannot store"),
-        ([("w", np.ones(1))], TypeError, "mapping"),
+        ([("w", np.ones(1))], TypeError, "tensors must be a mapping"),
         ({"i": np.arange(3)}, TypeError, "BF16 needs a floating array"),
         ({"bad\ud800": np.ones(1)}, ValueError, "not valid Unicode"),
     ],
@@ -181,7 +183,11 @@ def test_file_changed_after_opening(tmp_path):
     ckpt = Checkpoint(path)
     with open(path, "ab") as f:
         f.write(b"\0" * 8)
-    with pytest.raises(CheckpointError, match="size changed"):
+    with pytest.raises(CheckpointError, match="changed or replaced since it was opened"):
+        ckpt.get("w")
+    ckpt = Checkpoint(path := save_file(path, {"w": np.ones(4)}))
+    save_file(path, {"v": np.ones(4)})  # same size, another file
+    with pytest.raises(CheckpointError, match="changed or replaced"):
         ckpt.get("w")
 
 

@@ -183,7 +183,10 @@ def test_our_files_read_by_the_reference(tmp_path, reference):
         (interop_tensors(), {"format": "pt"}),
         ({}, None),
         (
-            {'é 名 "quoted" \\ \n': np.ones(3, np.float32), "a" * 300: np.zeros((2, 0))},
+            {
+                'é 名 "quoted" \\ \n\x01\x7f\u2028': np.ones(3, np.float32),
+                "a" * 300: np.zeros((2, 0)),
+            },
             {"k": "ü\t"},
         ),
     ],

@@ -207,7 +207,12 @@ class _Header(NamedTuple):
     path: Path
     tensors: dict  # name -> TensorInfo, in data order
     metadata: dict | None
-    size: int  # file size when the header was read
+    identity: tuple  # _identity of the file when the header was read
+
+
+def _identity(stat):
+    """What tells a file apart from a replaced or rewritten one."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _read_header(path):
@@ -215,8 +220,8 @@ def _read_header(path):
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            first = f.read(8)
+            stat = os.fstat(f.fileno())
+            size, first = stat.st_size, f.read(8)
             if size < 8:
                 raise _error(path, f"the file has {size} bytes, too few for a safetensors header")
             n = int.from_bytes(first, "little")
@@ -260,7 +265,7 @@ def _read_header(path):
         name: TensorInfo(name, dtype, shape, path, (data_start + begin, data_start + end))
         for begin, end, name, dtype, shape in entries
     }
-    return _Header(path, tensors, metadata, size)
+    return _Header(path, tensors, metadata, _identity(stat))
 
 
 def _check_shard_path(index_path, shard):
@@ -383,8 +388,8 @@ class Checkpoint:
         self.path, is_index = _resolve(path)
         headers = _read_index(self.path) if is_index else [_read_header(self.path)]
         self._infos = {name: info for header in headers for name, info in header.tensors.items()}
-        self._sizes = {header.path: header.size for header in headers}
-        self.files = tuple(self._sizes)
+        self._identities = {header.path: header.identity for header in headers}
+        self.files = tuple(self._identities)
         self.metadata = dict(headers[0].metadata or {}) if headers else {}
         self._maps = {}
         self._closed = False
@@ -419,12 +424,8 @@ class Checkpoint:
         if file not in self._maps:
             try:
                 with open(file, "rb") as f:
-                    size = os.fstat(f.fileno()).st_size
-                    if size != self._sizes[file]:
-                        raise _error(
-                            file,
-                            f"its size changed since it was opened ({self._sizes[file]} -> {size})",
-                        )
+                    if _identity(os.fstat(f.fileno())) != self._identities[file]:
+                        raise _error(file, "the file was changed or replaced since it was opened")
                     self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             except OSError as exc:
                 raise _error(file, f"cannot be read ({exc.strerror or exc})") from exc
@@ -576,10 +577,13 @@ def save_file(path, tensors, *, metadata=None, dtypes=None):
         For the reserved name ``__metadata__`` or an unknown dtype code.
     """
     path = Path(path)
-    if not isinstance(tensors, Mapping):
-        raise TypeError(
-            f"tensors must be a mapping of names to arrays, got {type(tensors).__name__}"
-        )
+    for what, value in (("tensors", tensors), ("metadata", metadata), ("dtypes", dtypes)):
+        if not (
+            value is None
+            or isinstance(value, Mapping)
+            or (what == "dtypes" and isinstance(value, str))
+        ):
+            raise TypeError(f"{what} must be a mapping by name, got {type(value).__name__}")
     if metadata is not None:
         bad = {
             key: value

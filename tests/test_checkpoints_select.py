@@ -7,6 +7,8 @@ PEFT-adapter-like names.
 
 import gc
 import json
+import subprocess
+import sys
 import weakref
 
 import numpy as np
@@ -336,3 +338,11 @@ def test_iter_deltas_holds_one_layer_at_a_time(models, monkeypatch, with_finetun
 def test_pairing_report_is_a_plain_record():
     report = PairingReport([], [], [], [], [], [])
     assert report.summary() == "0 layer pairs (0 weights) selected by target_modules='all-linear'"
+
+
+def test_the_package_never_imports_torch():
+    code = (
+        "import sys, blocklowrank.checkpoints; "
+        "sys.exit('torch' in sys.modules or 'safetensors' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -32,7 +32,8 @@ Examples
 --------
 >>> import tempfile, pathlib
 >>> import numpy as np
->>> folder = pathlib.Path(tempfile.mkdtemp())
+>>> tmp = tempfile.TemporaryDirectory()
+>>> folder = pathlib.Path(tmp.name)
 >>> path = save_file(folder / "model.safetensors",
 ...                  {"layer.weight": np.eye(2, dtype=np.float32), "layer.bias": np.zeros(2)},
 ...                  metadata={"format": "pt"}, dtypes={"layer.weight": "BF16"})
@@ -42,6 +43,7 @@ Examples
 ['layer.bias', 'layer.weight'] BF16 {'format': 'pt'}
 [[1. 0.]
  [0. 1.]]
+>>> tmp.cleanup()
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ Examples
 >>> import tempfile, pathlib
 >>> import numpy as np
 >>> from blocklowrank.checkpoints import open_checkpoint, save_file
->>> folder = pathlib.Path(tempfile.mkdtemp())
+>>> tmp = tempfile.TemporaryDirectory()
+>>> folder = pathlib.Path(tmp.name)
 >>> w = {"embed_tokens.weight": np.zeros((10, 4)), "layers.0.q_proj.weight": np.eye(4),
 ...      "layers.0.q_proj.bias": np.zeros(4), "lm_head.weight": np.zeros((10, 4))}
 >>> base = open_checkpoint(save_file(folder / "base.safetensors", w))
@@ -42,6 +43,11 @@ Examples
 >>> for pair, delta in iter_deltas(base, tuned, report):
 ...     print(pair.name, delta.dtype, np.diag(delta))
 layers.0.q_proj.weight float64 [1. 1. 1. 1.]
+>>> print(report.summary())
+1 layer pairs (16 weights) selected by target_modules='all-linear'
+  not 2-D (1): layers.0.q_proj.bias
+  excluded by target_modules (2): embed_tokens.weight, lm_head.weight
+>>> base.close(); tuned.close(); tmp.cleanup()
 """
 
 from __future__ import annotations

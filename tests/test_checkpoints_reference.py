@@ -5,6 +5,7 @@ The ``safetensors`` package (the reference reader and writer) and
 come with the ``test`` extra; the tests that use them skip without them.
 """
 
+import json
 import math
 from fractions import Fraction
 
@@ -316,5 +317,27 @@ def test_corrupted_header_gives_the_right_tensors_or_checkpoint_error(
                 assert array.shape == info.shape
                 if name in good and good.info(name)._replace(file=path) == info:
                     assert same_bits(array, good.get(name))
+    except CheckpointError:
+        pass
+
+
+@given(
+    edits=hs.lists(hs.tuples(hs.integers(0, 10**6), hs.integers(0, 255)), min_size=1, max_size=3)
+)
+def test_corrupted_index_gives_the_right_tensors_or_checkpoint_error(tmp_path_factory, edits):
+    folder = tmp_path_factory.mktemp("index")
+    tensors = {"a": np.ones((2, 2), np.float32), "b": np.arange(3.0), "c": np.zeros(1, np.int8)}
+    save_file(folder / "s1.safetensors", {"a": tensors["a"]})
+    save_file(folder / "s2.safetensors", {"b": tensors["b"], "c": tensors["c"]})
+    weight_map = {"a": "s1.safetensors", "b": "s2.safetensors", "c": "s2.safetensors"}
+    text = bytearray(json.dumps({"weight_map": weight_map}).encode())
+    for position, value in edits:
+        text[position % len(text)] = value
+    index = folder / "model.safetensors.index.json"
+    index.write_bytes(bytes(text))
+    try:
+        with Checkpoint(index) as ckpt:  # shards are intact, so an accepted index is exact
+            assert sorted(ckpt) == sorted(tensors)
+            assert all(same_bits(ckpt.get(name), tensors[name]) for name in ckpt)
     except CheckpointError:
         pass

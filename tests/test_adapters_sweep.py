@@ -31,17 +31,87 @@ def test_runlog_append_load_and_torn_last_line(tmp_path):
     assert set(log.load()) == {"a", "b", "c"}
 
 
-def test_runlog_newline_terminated_garbage_last_line_and_corrupt_middle(tmp_path):
+def test_runlog_keeps_a_complete_last_line_that_does_not_parse(tmp_path):
+    # a line that ends with a newline was written whole: it is not torn, so it
+    # must never be deleted, even when it does not parse
     log = RunLog(tmp_path / "runs.jsonl")
     log.append({"id": "a"})
     with open(log.path, "a") as f:
         f.write('{"id": "b", "x\n')
-    with pytest.warns(RuntimeWarning):
-        assert set(log.load()) == {"a"}
+    before = open(log.path, "rb").read()
+    with pytest.warns(RuntimeWarning, match=r"runs\.jsonl: line 2 .*not a valid run record.*kept"):
+        assert set(log.load()) == {"a"}  # not counted as a finished run
+    assert open(log.path, "rb").read() == before  # kept, byte for byte
+    # resume appends after it, and it is still there, still reported
+    log.append({"id": "b"})
+    with pytest.warns(RuntimeWarning, match="line 2"):
+        assert set(log.load()) == {"a", "b"}
+    assert open(log.path, "rb").read().startswith(before)
+
+
+def test_runlog_keeps_bad_lines_anywhere_and_reports_each(tmp_path):
+    p = tmp_path / "runs.jsonl"
+    text = '{"id": "a"}\ngarbage\n\n[1, 2]\n{"no_id": 1}\n{"id": "z"}\n'
+    p.write_text(text)
+    with pytest.warns(RuntimeWarning) as caught:
+        assert set(RunLog(p).load()) == {"a", "z"}  # no ValueError: the good runs still count
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 3  # the blank line 3 is not reported
+    for lineno, msg in zip((2, 4, 5), messages):
+        assert msg.startswith(f"{p}: line {lineno} is not a valid run record")
+    assert p.read_text() == text
+
+
+def test_runlog_empty_file_and_missing_final_newline(tmp_path):
+    p = tmp_path / "runs.jsonl"
+    p.write_bytes(b"")
+    assert RunLog(p).load() == {}
+    assert p.read_bytes() == b""
+    p.write_text('{"id": "a"}\n{"id": "b"}')  # a whole record that lost its newline: kept
+    log = RunLog(p)
+    assert set(log.load()) == {"a", "b"}
+    assert p.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+    log.append({"id": "c"})
+    assert set(log.load()) == {"a", "b", "c"}
+
+
+def test_runlog_append_after_a_torn_line_does_not_glue(tmp_path):
+    # append without a load in between: the torn fragment is closed off and kept
+    log = RunLog(tmp_path / "runs.jsonl")
+    log.append({"id": "a"})
     with open(log.path, "a") as f:
-        f.write('garbage\n{"id": "z"}\n')
-    with pytest.raises(ValueError, match="line 2"):
-        log.load()
+        f.write('{"id": "b", "x":')
+    log.append({"id": "c"})
+    with pytest.warns(RuntimeWarning, match="line 2 is not a valid run record"):
+        assert set(log.load()) == {"a", "c"}
+    assert open(log.path).read().splitlines()[1] == '{"id": "b", "x":'
+
+
+def _append_many(path, worker, n, size):
+    log = RunLog(path)
+    for i in range(n):
+        log.append({"id": f"w{worker}-{i}", "payload": "x" * size})
+
+
+def test_runlog_concurrent_appends_from_processes_never_interleave(tmp_path):
+    # records far larger than a pipe or stdio buffer, four writers at once
+    import multiprocessing as mp
+
+    path = tmp_path / "runs.jsonl"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_append_many, args=(path, w, 20, 200_000)) for w in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+        assert proc.exitcode == 0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not one bad or torn line
+        records = RunLog(path).load()
+    assert set(records) == {f"w{w}-{i}" for w in range(4) for i in range(20)}
+    assert len(path.read_text().splitlines()) == 80
 
 
 def test_runlog_duplicates_keep_first(tmp_path):

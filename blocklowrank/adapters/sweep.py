@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,6 +29,11 @@ import time
 import warnings
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 from .training import TrainingDivergedError
 
@@ -55,6 +61,33 @@ def jsonable(obj):
 class RunLog:
     """An append-only JSON-lines file of finished runs, keyed by ``record["id"]``.
 
+    What :meth:`load` does with each kind of line:
+
+    - a record (a JSON object with an ``"id"``) ending with a newline: a
+      finished run; a repeated id keeps the first record;
+    - a last line without a final newline that does not parse: torn (a run
+      killed while its line was being written). It is the only thing ever
+      removed from the file, with a ``RuntimeWarning``; that run is redone;
+    - a last record without a final newline that parses: kept and counted
+      (a record cannot be a proper prefix of another), and the newline is
+      added so that the next append starts a line of its own;
+    - any other line ending with a newline that is not a record, wherever
+      it stands: kept in the file byte for byte and reported on every load
+      with a ``RuntimeWarning`` naming the file and the line number. It is
+      not counted as a finished run, so a resumed sweep runs that task again
+      and appends its record after it. Fix or delete such a line by hand;
+    - blank lines: ignored.
+
+    :meth:`append` never glues a record onto an unterminated last line: it
+    starts a new line first, so a torn line left by a killed writer becomes
+    a kept, reported line instead of swallowing the new record.
+
+    Reading and appending hold an exclusive ``flock`` on the file (where the
+    platform has one), and each record is one ``write`` to a descriptor
+    opened with ``O_APPEND``: appends from several processes never
+    interleave within a line, and the repair of a torn line cannot cut off
+    a record that another process appended meanwhile.
+
     Parameters
     ----------
     path : str or path-like
@@ -80,68 +113,95 @@ class RunLog:
         self.path = os.fspath(path)
 
     def load(self):
-        """``{id: record}`` of the finished runs; truncates a torn last line.
-
-        A malformed line that is not the last one means the file was edited
-        or corrupted otherwise: that raises ``ValueError`` (nothing is
-        discarded silently). A repeated id keeps the first record.
-        """
+        """``{id: record}`` of the finished runs; repairs a torn last line (see the class)."""
         if not os.path.exists(self.path):
             return {}
-        with open(self.path, "rb") as f:
+        try:
+            f = open(self.path, "r+b")
+        except OSError:  # a read-only log: read it, repair nothing
+            f = open(self.path, "rb")
+        with f, _locked(f):
             raw = f.read()
-        records = {}
-        pos = 0
-        good_end = 0
-        n = len(raw)
-        lineno = 0
-        while pos < n:
-            nl = raw.find(b"\n", pos)
-            end = n if nl < 0 else nl
-            line = raw[pos:end]
-            lineno += 1
-            is_last = nl < 0 or nl + 1 >= n
-            try:
-                if nl < 0:
-                    raise ValueError("no newline")
-                rec = json.loads(line) if line.strip() else None
-                if rec is not None and (not isinstance(rec, dict) or "id" not in rec):
-                    raise ValueError("not a run record")
-            except ValueError:
-                if is_last:
-                    warnings.warn(
-                        f"{self.path}: line {lineno} is incomplete (a run interrupted while "
-                        "being written); it is discarded and that run will be redone",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                    with open(self.path, "r+b") as f:
-                        f.truncate(good_end)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    break
-                raise ValueError(
-                    f"{self.path}: line {lineno} is not a valid run record; "
-                    "fix or remove that line (only a torn last line is repaired automatically)"
-                ) from None
-            if rec is not None:
-                records.setdefault(rec["id"], rec)
-            pos = end + 1
-            good_end = pos
+            records, torn_at = self._parse(raw)
+            if f.writable() and raw[-1:] not in (b"", b"\n"):
+                if torn_at is None:
+                    f.write(b"\n")  # a whole record that lost its newline
+                else:
+                    f.truncate(torn_at)
+                f.flush()
+                os.fsync(f.fileno())
         return records
 
+    def _parse(self, raw):
+        """``(records, torn_at)``: the records, and where a torn last line starts (or None)."""
+        records = {}
+        lines = raw.split(b"\n")  # the last item is b"" when the file ends with a newline
+        pos = 0
+        for lineno, line in enumerate(lines, 1):
+            last = lineno == len(lines)
+            rec = _record(line)
+            if rec is not None:
+                records.setdefault(rec["id"], rec)
+            elif last and line.strip():
+                warnings.warn(
+                    f"{self.path}: line {lineno} is incomplete (a run interrupted while being "
+                    "written); it is discarded and that run will be redone",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                return records, pos
+            elif line.strip():
+                warnings.warn(
+                    f"{self.path}: line {lineno} is not a valid run record; it is kept in the "
+                    "file but not counted as a finished run (fix or delete it by hand)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            pos += len(line) + 1
+        return records, None
+
     def append(self, record):
-        """Append one record as a JSON line, then flush and fsync."""
+        """Append one record as a JSON line (one ``write``), then fsync."""
         line = json.dumps(jsonable(record), sort_keys=True, allow_nan=False)
         if "\n" in line:  # pragma: no cover - json.dumps never emits raw newlines
             raise ValueError("record serialises with a newline")
         d = os.path.dirname(self.path)
         if d:
             os.makedirs(d, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        data = (line + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        with os.fdopen(fd, "r+b", buffering=0) as f, _locked(f):
+            size = f.seek(0, os.SEEK_END)
+            if size:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    data = b"\n" + data  # never glue a record onto an unterminated line
+            view = memoryview(data)
+            while view:  # one write, unless the system splits it
+                view = view[f.write(view) :]
+            os.fsync(fd)
+
+
+def _record(line):
+    """The run record on ``line``, or None if it holds none."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) and "id" in rec else None
+
+
+@contextlib.contextmanager
+def _locked(f):
+    """Hold an exclusive advisory lock on the open file ``f`` (a no-op without ``fcntl``)."""
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _fmt_time(s):

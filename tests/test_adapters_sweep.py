@@ -1,14 +1,16 @@
 """Resumable sweeps, the joblib path and the Figure 2 protocol on tiny synthetic data."""
 
+import io
 import json
 import os
+import sys
 import types
 
 import numpy as np
 import pytest
 
 from blocklowrank.adapters import TrainingDivergedError
-from blocklowrank.adapters.sweep import RunLog, run_sweep
+from blocklowrank.adapters.sweep import RunLog, epoch_progress, run_sweep
 from blocklowrank.experiments import figure2
 from blocklowrank.experiments.figure2 import figure2_configs, plot_figure2, run_figure2, skip_reason
 
@@ -156,8 +158,11 @@ def test_diverged_run_is_recorded_as_failed(tmp_path, capsys):
     res = run_sweep(tasks, _task_fn, log, n_jobs=1, progress=True)
     assert res["nan"]["status"] == "failed" and "epoch 3" in res["nan"]["error"]
     assert res["ok"]["status"] == "ok"
-    err = capsys.readouterr().err
-    assert "1 failed" in err and "2/2 runs" in err
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "[sweep] 2 runs: 0 already done, 2 to run" in err
+    assert "[sweep] nan: FAILED: loss became nan at epoch 3" in err  # a line per run
+    assert "2/2" in err and "failed=1" in err  # the bar, with the count of failed runs
     # a failed run counts as done: not rerun
     again = run_sweep(tasks, _task_fn, log, n_jobs=1, progress=False)
     assert again["nan"]["status"] == "failed"
@@ -169,6 +174,45 @@ def test_sweep_joblib_two_workers_matches_sequential(tmp_path):
     a = run_sweep(tasks, _task_fn, RunLog(tmp_path / "a.jsonl"), n_jobs=1, progress=False)
     b = run_sweep(tasks, _task_fn, RunLog(tmp_path / "b.jsonl"), n_jobs=2, progress=False)
     assert {k: v["value"] for k, v in a.items()} == {k: v["value"] for k, v in b.items()}
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_sweep_without_progress_prints_nothing(tmp_path, capsys, n_jobs):
+    tasks = [{"id": f"t{i}", "seed": i} for i in range(3)] + [{"id": "nan", "seed": 9, "diverge": True}]
+    run_sweep(tasks, _task_fn, RunLog(tmp_path / "a.jsonl"), n_jobs=n_jobs, progress=False)
+    assert capsys.readouterr() == ("", "")
+
+
+def _live_task_fn(task, progress=False, live=False):
+    with epoch_progress(task["id"], 4, enabled=live) as cb:
+        for epoch in (1, 2, 3):  # early stopping: fewer epochs than the cap
+            cb(epoch, types.SimpleNamespace(val_loss=[1.0 / epoch]))
+    return {"live": live}
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_epoch_bars_only_for_runs_in_this_process(tmp_path, monkeypatch, n_jobs):
+    # a per-epoch bar cannot be drawn below the sweep's bar from a worker process
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    res = run_sweep([{"id": "r0"}, {"id": "r1"}], _live_task_fn, RunLog(tmp_path / f"{n_jobs}.jsonl"),
+                    n_jobs=n_jobs, name="demo")
+    assert [r["live"] for r in res.values()] == [n_jobs == 1] * 2
+    text = term.getvalue()
+    assert "[demo] r1: done" in text and "2/2" in text
+    assert ("  r1:   0%" in text and "0/4 [" in text) == (n_jobs == 1)  # drawn when it starts
+
+
+def test_epoch_progress_is_silent_off_a_terminal_or_when_disabled(capsys):
+    for enabled in (True, False):  # stderr is captured here: not a terminal
+        with epoch_progress("run", 3, enabled=enabled) as cb:
+            cb(1, types.SimpleNamespace(val_loss=[]))
+    assert capsys.readouterr() == ("", "")
 
 
 def test_sweep_rejects_duplicate_ids(tmp_path):

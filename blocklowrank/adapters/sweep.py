@@ -5,7 +5,10 @@
   simply run again) and never yields a run twice.
 - :func:`run_sweep`: runs the tasks not yet in the log through
   :class:`joblib.Parallel`, appending each result as it arrives, with a
-  text progress report on stderr. Because it only uses ``joblib.Parallel``,
+  ``tqdm`` progress bar (a widget in notebooks) advanced in this process as
+  results come back, a line per finished run written through it, and
+  per-epoch bars (:func:`epoch_progress`) for runs executed in this
+  process. Because it only uses ``joblib.Parallel``,
   any joblib backend works without code change, e.g. on a cluster::
 
       from dask.distributed import Client
@@ -29,6 +32,7 @@ import time
 import warnings
 
 import numpy as np
+from tqdm.auto import tqdm
 
 try:
     import fcntl
@@ -37,7 +41,7 @@ except ImportError:  # pragma: no cover - Windows
 
 from .training import TrainingDivergedError
 
-__all__ = ["RunLog", "run_sweep", "ProgressPrinter", "jsonable"]
+__all__ = ["RunLog", "run_sweep", "epoch_progress", "jsonable"]
 
 
 def jsonable(obj):
@@ -204,85 +208,40 @@ def _locked(f):
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _fmt_time(s):
-    if s is None or not math.isfinite(s):
-        return "?"
-    s = int(round(s))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+@contextlib.contextmanager
+def epoch_progress(label, epochs, *, enabled=True):
+    """A per-run progress bar over the epochs; yields ``callback(epoch, history)`` for :func:`train`.
 
+    Meant for a run that executes in the process showing the sweep's bar
+    (``live=True`` in :func:`run_sweep`): it is drawn below that bar and
+    removed when the run ends (early stopping may end it before
+    ``epochs``). Like any ``tqdm`` bar with ``disable=None``, it is not drawn
+    when stderr is not a terminal, so logs get no per-epoch lines.
 
-def _bar(frac, width=20):
-    k = int(round(max(0.0, min(1.0, frac)) * width))
-    return "[" + "#" * k + "-" * (width - k) + "]"
-
-
-class ProgressPrinter:
-    """Overall progress of a sweep, one line per finished run, on stderr."""
-
-    def __init__(self, total, done, *, name="sweep", stream=None, enabled=True):
-        self.total, self.done0 = total, done
-        self.done, self.failed = done, 0
-        self.name = name
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled
-        self.t0 = time.perf_counter()
-
-    def start(self):
-        if self.enabled:
-            todo = self.total - self.done0
-            msg = f"[{self.name}] {self.total} runs: {self.done0} already done, {todo} to run"
-            print(msg, file=self.stream, flush=True)
-
-    def update(self, record, label=""):
-        self.done += 1
-        if record.get("status") != "ok":
-            self.failed += 1
-        if not self.enabled:
-            return
-        el = time.perf_counter() - self.t0
-        new = self.done - self.done0
-        rem = self.total - self.done
-        eta = el / new * rem if new else None
-        status = record.get("status")
-        tail = record.get("summary") or ("FAILED: " + str(record.get("error", ""))[:80] if status != "ok" else "")
-        print(
-            f"[{self.name}] {_bar(self.done / max(self.total, 1))} {self.done}/{self.total} runs"
-            f"{f' ({self.failed} failed)' if self.failed else ''} | elapsed {_fmt_time(el)}"
-            f" | eta {_fmt_time(eta)} | {label} {tail}",
-            file=self.stream,
-            flush=True,
-        )
-
-
-class RunProgress:
-    """Per-run progress callback (``callback(epoch, history)`` of :func:`train`).
-
-    With ``live=True`` (one run at a time on a terminal) a bar is redrawn in
-    place every epoch; otherwise a line is printed at 25 %, 50 %, 75 % and
-    100 % of the epochs (readable when parallel workers share stderr).
+    Parameters
+    ----------
+    label : str
+    epochs : int
+        The most epochs the run may take.
+    enabled : bool, default=True
+        False: the callback does nothing.
     """
+    with tqdm(total=epochs, desc=f"  {label}", unit="epoch", leave=False,
+              disable=None if enabled else True) as bar:  # fmt: skip
 
-    def __init__(self, label, epochs, *, live=False, stream=None, enabled=True):
-        self.label, self.epochs, self.live = label, epochs, live
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled
-        self.marks = {max(1, int(round(epochs * q))) for q in (0.25, 0.5, 0.75, 1.0)}
+        def callback(epoch, hist):
+            if hist.val_loss:
+                bar.set_postfix(val_loss=f"{hist.val_loss[-1]:.4f}", refresh=False)
+            bar.update(epoch - bar.n)
 
-    def __call__(self, epoch, hist):
-        if not self.enabled:
-            return
-        val = f" val_loss {hist.val_loss[-1]:.4f}" if hist.val_loss else ""
-        msg = f"  {self.label} {_bar(epoch / self.epochs, 10)} epoch {epoch}/{self.epochs}{val}"
-        if self.live:
-            end = "\n" if epoch == self.epochs else ""
-            print("\r" + msg + "\033[K", end=end, file=self.stream, flush=True)
-        elif epoch in self.marks:
-            self.stream.write(msg + "\n")  # one write: parallel workers share stderr
-            self.stream.flush()
+        yield callback
+
+
+def _outcome(record):
+    """One line on a finished run: its summary, or why it failed."""
+    if record.get("status") != "ok":
+        return "FAILED: " + str(record.get("error", ""))[:80]
+    return record.get("summary") or "done"
 
 
 def _call(fn, task, progress_live, progress):
@@ -308,7 +267,11 @@ def run_sweep(tasks, fn, log, *, n_jobs=1, progress=True, name="sweep", label=No
         Each with a unique ``"id"``; passed to ``fn``.
     fn : callable
         ``fn(task, progress=bool, live=bool) -> dict`` (picklable, e.g. a
-        module-level function or a ``functools.partial`` of one). It may
+        module-level function or a ``functools.partial`` of one). ``live``
+        is True when the run executes in this process (``n_jobs=1``) with
+        progress on: ``fn`` may then draw a per-epoch bar with
+        :func:`epoch_progress`; in a worker process it should print nothing
+        (the finished run is reported here). It may
         raise :class:`TrainingDivergedError`: the run is then recorded with
         ``status="failed"``. Any other exception stops the sweep (runs
         already finished stay in the log).
@@ -317,6 +280,11 @@ def run_sweep(tasks, fn, log, *, n_jobs=1, progress=True, name="sweep", label=No
         Passed to :class:`joblib.Parallel`; the backend comes from
         ``joblib.parallel_config`` (loky processes by default).
     progress : bool, default=True
+        A ``tqdm.auto`` bar over the runs on stderr (advanced in this
+        process as results come back, with the count of failed runs), and a
+        line per finished run written through it. False: nothing is printed.
+    name : str, default="sweep"
+        The bar's description and the prefix of its lines.
     label : callable, optional
         ``label(task) -> str`` for progress lines.
     """
@@ -328,32 +296,46 @@ def run_sweep(tasks, fn, log, *, n_jobs=1, progress=True, name="sweep", label=No
     done = log.load()
     todo = [t for t in tasks if t["id"] not in done]
     label = label or (lambda t: t["id"])
-    pp = ProgressPrinter(len(tasks), len(tasks) - len(todo), name=name, enabled=progress)
-    pp.start()
     results = {i: done[i] for i in ids if i in done}
-    if not todo:
-        return results
-    live = bool(progress) and n_jobs == 1 and getattr(sys.stderr, "isatty", lambda: False)()
+    # Per-epoch bars only where the runs execute in this process, one at a
+    # time: a worker process cannot draw below this process's bar.
+    live = bool(progress) and n_jobs == 1
     by_id = {t["id"]: t for t in todo}
+    bar = tqdm(total=len(tasks), initial=len(results), desc=name, unit="run", disable=not progress,
+               dynamic_ncols=True)  # fmt: skip
+    if progress:
+        bar.write(f"[{name}] {len(tasks)} runs: {len(results)} already done, {len(todo)} to run",
+                  file=sys.stderr)  # fmt: skip
+
+    n_failed = sum(r.get("status") != "ok" for r in results.values())
 
     def _consume(recs):
+        nonlocal n_failed
         for rec in recs:
             log.append(rec)
             results[rec["id"]] = rec
-            pp.update(rec, label(by_id[rec["id"]]))
+            n_failed += rec.get("status") != "ok"
+            if progress:
+                bar.write(f"[{name}] {label(by_id[rec['id']])}: {_outcome(rec)}", file=sys.stderr)
+            if n_failed:
+                bar.set_postfix(failed=n_failed, refresh=False)
+            bar.update()
 
-    jobs = (delayed(_call)(fn, t, live, progress) for t in todo)
-    try:
-        gen = Parallel(n_jobs=n_jobs, return_as="generator_unordered", batch_size=1)(jobs)
-    except ValueError as exc:  # backend without result generators: run in chunks
-        if "return_as" not in str(exc):
-            raise
-        par = Parallel(n_jobs=n_jobs, batch_size=1)
-        from joblib import effective_n_jobs
+    with bar:
+        if not todo:
+            return results
+        jobs = (delayed(_call)(fn, t, live, progress) for t in todo)
+        try:
+            gen = Parallel(n_jobs=n_jobs, return_as="generator_unordered", batch_size=1)(jobs)
+        except ValueError as exc:  # backend without result generators: run in chunks
+            if "return_as" not in str(exc):
+                raise
+            par = Parallel(n_jobs=n_jobs, batch_size=1)
+            from joblib import effective_n_jobs
 
-        step = 2 * max(1, effective_n_jobs(n_jobs))
-        for s in range(0, len(todo), step):
-            _consume(par(delayed(_call)(fn, t, live, progress) for t in todo[s : s + step]))
-        return results
-    _consume(gen)
+            step = 2 * max(1, effective_n_jobs(n_jobs))
+            for s in range(0, len(todo), step):
+                _consume(par(delayed(_call)(fn, t, live, progress) for t in todo[s : s + step]))
+            return results
+        _consume(gen)
     return results

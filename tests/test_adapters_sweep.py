@@ -1,14 +1,16 @@
 """Resumable sweeps, the joblib path and the Figure 2 protocol on tiny synthetic data."""
 
+import io
 import json
 import os
+import sys
 import types
 
 import numpy as np
 import pytest
 
 from blocklowrank.adapters import TrainingDivergedError
-from blocklowrank.adapters.sweep import RunLog, run_sweep
+from blocklowrank.adapters.sweep import RunLog, epoch_progress, run_sweep
 from blocklowrank.experiments import figure2
 from blocklowrank.experiments.figure2 import figure2_configs, plot_figure2, run_figure2, skip_reason
 
@@ -31,17 +33,87 @@ def test_runlog_append_load_and_torn_last_line(tmp_path):
     assert set(log.load()) == {"a", "b", "c"}
 
 
-def test_runlog_newline_terminated_garbage_last_line_and_corrupt_middle(tmp_path):
+def test_runlog_keeps_a_complete_last_line_that_does_not_parse(tmp_path):
+    # a line that ends with a newline was written whole: it is not torn, so it
+    # must never be deleted, even when it does not parse
     log = RunLog(tmp_path / "runs.jsonl")
     log.append({"id": "a"})
     with open(log.path, "a") as f:
         f.write('{"id": "b", "x\n')
-    with pytest.warns(RuntimeWarning):
-        assert set(log.load()) == {"a"}
+    before = open(log.path, "rb").read()
+    with pytest.warns(RuntimeWarning, match=r"runs\.jsonl: line 2 .*not a valid run record.*kept"):
+        assert set(log.load()) == {"a"}  # not counted as a finished run
+    assert open(log.path, "rb").read() == before  # kept, byte for byte
+    # resume appends after it, and it is still there, still reported
+    log.append({"id": "b"})
+    with pytest.warns(RuntimeWarning, match="line 2"):
+        assert set(log.load()) == {"a", "b"}
+    assert open(log.path, "rb").read().startswith(before)
+
+
+def test_runlog_keeps_bad_lines_anywhere_and_reports_each(tmp_path):
+    p = tmp_path / "runs.jsonl"
+    text = '{"id": "a"}\ngarbage\n\n[1, 2]\n{"no_id": 1}\n{"id": "z"}\n'
+    p.write_text(text)
+    with pytest.warns(RuntimeWarning) as caught:
+        assert set(RunLog(p).load()) == {"a", "z"}  # no ValueError: the good runs still count
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 3  # the blank line 3 is not reported
+    for lineno, msg in zip((2, 4, 5), messages):
+        assert msg.startswith(f"{p}: line {lineno} is not a valid run record")
+    assert p.read_text() == text
+
+
+def test_runlog_empty_file_and_missing_final_newline(tmp_path):
+    p = tmp_path / "runs.jsonl"
+    p.write_bytes(b"")
+    assert RunLog(p).load() == {}
+    assert p.read_bytes() == b""
+    p.write_text('{"id": "a"}\n{"id": "b"}')  # a whole record that lost its newline: kept
+    log = RunLog(p)
+    assert set(log.load()) == {"a", "b"}
+    assert p.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+    log.append({"id": "c"})
+    assert set(log.load()) == {"a", "b", "c"}
+
+
+def test_runlog_append_after_a_torn_line_does_not_glue(tmp_path):
+    # append without a load in between: the torn fragment is closed off and kept
+    log = RunLog(tmp_path / "runs.jsonl")
+    log.append({"id": "a"})
     with open(log.path, "a") as f:
-        f.write('garbage\n{"id": "z"}\n')
-    with pytest.raises(ValueError, match="line 2"):
-        log.load()
+        f.write('{"id": "b", "x":')
+    log.append({"id": "c"})
+    with pytest.warns(RuntimeWarning, match="line 2 is not a valid run record"):
+        assert set(log.load()) == {"a", "c"}
+    assert open(log.path).read().splitlines()[1] == '{"id": "b", "x":'
+
+
+def _append_many(path, worker, n, size):
+    log = RunLog(path)
+    for i in range(n):
+        log.append({"id": f"w{worker}-{i}", "payload": "x" * size})
+
+
+def test_runlog_concurrent_appends_from_processes_never_interleave(tmp_path):
+    # records far larger than a pipe or stdio buffer, four writers at once
+    import multiprocessing as mp
+
+    path = tmp_path / "runs.jsonl"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_append_many, args=(path, w, 20, 200_000)) for w in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+        assert proc.exitcode == 0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not one bad or torn line
+        records = RunLog(path).load()
+    assert set(records) == {f"w{w}-{i}" for w in range(4) for i in range(20)}
+    assert len(path.read_text().splitlines()) == 80
 
 
 def test_runlog_duplicates_keep_first(tmp_path):
@@ -86,8 +158,11 @@ def test_diverged_run_is_recorded_as_failed(tmp_path, capsys):
     res = run_sweep(tasks, _task_fn, log, n_jobs=1, progress=True)
     assert res["nan"]["status"] == "failed" and "epoch 3" in res["nan"]["error"]
     assert res["ok"]["status"] == "ok"
-    err = capsys.readouterr().err
-    assert "1 failed" in err and "2/2 runs" in err
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "[sweep] 2 runs: 0 already done, 2 to run" in err
+    assert "[sweep] nan: FAILED: loss became nan at epoch 3" in err  # a line per run
+    assert "2/2" in err and "failed=1" in err  # the bar, with the count of failed runs
     # a failed run counts as done: not rerun
     again = run_sweep(tasks, _task_fn, log, n_jobs=1, progress=False)
     assert again["nan"]["status"] == "failed"
@@ -99,6 +174,45 @@ def test_sweep_joblib_two_workers_matches_sequential(tmp_path):
     a = run_sweep(tasks, _task_fn, RunLog(tmp_path / "a.jsonl"), n_jobs=1, progress=False)
     b = run_sweep(tasks, _task_fn, RunLog(tmp_path / "b.jsonl"), n_jobs=2, progress=False)
     assert {k: v["value"] for k, v in a.items()} == {k: v["value"] for k, v in b.items()}
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_sweep_without_progress_prints_nothing(tmp_path, capsys, n_jobs):
+    tasks = [{"id": f"t{i}", "seed": i} for i in range(3)] + [{"id": "nan", "seed": 9, "diverge": True}]
+    run_sweep(tasks, _task_fn, RunLog(tmp_path / "a.jsonl"), n_jobs=n_jobs, progress=False)
+    assert capsys.readouterr() == ("", "")
+
+
+def _live_task_fn(task, progress=False, live=False):
+    with epoch_progress(task["id"], 4, enabled=live) as cb:
+        for epoch in (1, 2, 3):  # early stopping: fewer epochs than the cap
+            cb(epoch, types.SimpleNamespace(val_loss=[1.0 / epoch]))
+    return {"live": live}
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_epoch_bars_only_for_runs_in_this_process(tmp_path, monkeypatch, n_jobs):
+    # a per-epoch bar cannot be drawn below the sweep's bar from a worker process
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    res = run_sweep([{"id": "r0"}, {"id": "r1"}], _live_task_fn, RunLog(tmp_path / f"{n_jobs}.jsonl"),
+                    n_jobs=n_jobs, name="demo")
+    assert [r["live"] for r in res.values()] == [n_jobs == 1] * 2
+    text = term.getvalue()
+    assert "[demo] r1: done" in text and "2/2" in text
+    assert ("  r1:   0%" in text and "0/4 [" in text) == (n_jobs == 1)  # drawn when it starts
+
+
+def test_epoch_progress_is_silent_off_a_terminal_or_when_disabled(capsys):
+    for enabled in (True, False):  # stderr is captured here: not a terminal
+        with epoch_progress("run", 3, enabled=enabled) as cb:
+            cb(1, types.SimpleNamespace(val_loss=[]))
+    assert capsys.readouterr() == ("", "")
 
 
 def test_sweep_rejects_duplicate_ids(tmp_path):

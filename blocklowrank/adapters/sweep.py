@@ -1,11 +1,15 @@
 """Resumable, parallel sweeps of training runs.
 
-- :class:`RunLog`: one JSON line per finished run, appended with flush and
-  fsync. Reading it repairs a torn last line (a run killed mid-write is
-  simply run again) and never yields a run twice.
+- :class:`RunLog`: one JSON line per finished run, appended with fsync.
+  Reading it drops only a torn last line (a run killed mid-write is simply
+  run again), keeps and reports any other line that is not a record, and
+  never yields a run twice.
 - :func:`run_sweep`: runs the tasks not yet in the log through
   :class:`joblib.Parallel`, appending each result as it arrives, with a
-  text progress report on stderr. Because it only uses ``joblib.Parallel``,
+  ``tqdm`` progress bar (a widget in notebooks) advanced in this process as
+  results come back, a line per finished run written through it, and
+  per-epoch bars (:func:`epoch_progress`) for runs executed in this
+  process. Because it only uses ``joblib.Parallel``,
   any joblib backend works without code change, e.g. on a cluster::
 
       from dask.distributed import Client
@@ -20,6 +24,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,10 +33,16 @@ import time
 import warnings
 
 import numpy as np
+from tqdm.auto import tqdm
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 from .training import TrainingDivergedError
 
-__all__ = ["RunLog", "run_sweep", "ProgressPrinter", "jsonable"]
+__all__ = ["RunLog", "run_sweep", "epoch_progress", "jsonable"]
 
 
 def jsonable(obj):
@@ -54,6 +65,33 @@ def jsonable(obj):
 
 class RunLog:
     """An append-only JSON-lines file of finished runs, keyed by ``record["id"]``.
+
+    What :meth:`load` does with each kind of line:
+
+    - a record (a JSON object with an ``"id"``) ending with a newline: a
+      finished run; a repeated id keeps the first record;
+    - a last line without a final newline that does not parse: torn (a run
+      killed while its line was being written). It is the only thing ever
+      removed from the file, with a ``RuntimeWarning``; that run is redone;
+    - a last record without a final newline that parses: kept and counted
+      (a record cannot be a proper prefix of another), and the newline is
+      added so that the next append starts a line of its own;
+    - any other line ending with a newline that is not a record, wherever
+      it stands: kept in the file byte for byte and reported on every load
+      with a ``RuntimeWarning`` naming the file and the line number. It is
+      not counted as a finished run, so a resumed sweep runs that task again
+      and appends its record after it. Fix or delete such a line by hand;
+    - blank lines: ignored.
+
+    :meth:`append` never glues a record onto an unterminated last line: it
+    starts a new line first, so a torn line left by a killed writer becomes
+    a kept, reported line instead of swallowing the new record.
+
+    Reading and appending hold an exclusive ``flock`` on the file (where the
+    platform has one), and each record is one ``write`` to a descriptor
+    opened with ``O_APPEND``: appends from several processes never
+    interleave within a line, and the repair of a torn line cannot cut off
+    a record that another process appended meanwhile.
 
     Parameters
     ----------
@@ -80,149 +118,131 @@ class RunLog:
         self.path = os.fspath(path)
 
     def load(self):
-        """``{id: record}`` of the finished runs; truncates a torn last line.
-
-        A malformed line that is not the last one means the file was edited
-        or corrupted otherwise: that raises ``ValueError`` (nothing is
-        discarded silently). A repeated id keeps the first record.
-        """
+        """``{id: record}`` of the finished runs; repairs a torn last line (see the class)."""
         if not os.path.exists(self.path):
             return {}
-        with open(self.path, "rb") as f:
+        try:
+            f = open(self.path, "r+b")
+        except OSError:  # a read-only log: read it, repair nothing
+            f = open(self.path, "rb")
+        with f, _locked(f):
             raw = f.read()
-        records = {}
-        pos = 0
-        good_end = 0
-        n = len(raw)
-        lineno = 0
-        while pos < n:
-            nl = raw.find(b"\n", pos)
-            end = n if nl < 0 else nl
-            line = raw[pos:end]
-            lineno += 1
-            is_last = nl < 0 or nl + 1 >= n
-            try:
-                if nl < 0:
-                    raise ValueError("no newline")
-                rec = json.loads(line) if line.strip() else None
-                if rec is not None and (not isinstance(rec, dict) or "id" not in rec):
-                    raise ValueError("not a run record")
-            except ValueError:
-                if is_last:
-                    warnings.warn(
-                        f"{self.path}: line {lineno} is incomplete (a run interrupted while "
-                        "being written); it is discarded and that run will be redone",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                    with open(self.path, "r+b") as f:
-                        f.truncate(good_end)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    break
-                raise ValueError(
-                    f"{self.path}: line {lineno} is not a valid run record; "
-                    "fix or remove that line (only a torn last line is repaired automatically)"
-                ) from None
-            if rec is not None:
-                records.setdefault(rec["id"], rec)
-            pos = end + 1
-            good_end = pos
+            records, torn_at = self._parse(raw)
+            if f.writable() and raw[-1:] not in (b"", b"\n"):
+                if torn_at is None:
+                    f.write(b"\n")  # a whole record that lost its newline
+                else:
+                    f.truncate(torn_at)
+                f.flush()
+                os.fsync(f.fileno())
         return records
 
+    def _parse(self, raw):
+        """``(records, torn_at)``: the records, and where a torn last line starts (or None)."""
+        records = {}
+        lines = raw.split(b"\n")  # the last item is b"" when the file ends with a newline
+        pos = 0
+        for lineno, line in enumerate(lines, 1):
+            last = lineno == len(lines)
+            rec = _record(line)
+            if rec is not None:
+                records.setdefault(rec["id"], rec)
+            elif last and line.strip():
+                warnings.warn(
+                    f"{self.path}: line {lineno} is incomplete (a run interrupted while being "
+                    "written); it is discarded and that run will be redone",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                return records, pos
+            elif line.strip():
+                warnings.warn(
+                    f"{self.path}: line {lineno} is not a valid run record; it is kept in the "
+                    "file but not counted as a finished run (fix or delete it by hand)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            pos += len(line) + 1
+        return records, None
+
     def append(self, record):
-        """Append one record as a JSON line, then flush and fsync."""
+        """Append one record as a JSON line (one ``write``), then fsync."""
         line = json.dumps(jsonable(record), sort_keys=True, allow_nan=False)
         if "\n" in line:  # pragma: no cover - json.dumps never emits raw newlines
             raise ValueError("record serialises with a newline")
         d = os.path.dirname(self.path)
         if d:
             os.makedirs(d, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        data = (line + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        with os.fdopen(fd, "r+b", buffering=0) as f, _locked(f):
+            size = f.seek(0, os.SEEK_END)
+            if size:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    data = b"\n" + data  # never glue a record onto an unterminated line
+            view = memoryview(data)
+            while view:  # one write, unless the system splits it
+                view = view[f.write(view) :]
+            os.fsync(fd)
 
 
-def _fmt_time(s):
-    if s is None or not math.isfinite(s):
-        return "?"
-    s = int(round(s))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+def _record(line):
+    """The run record on ``line``, or None if it holds none."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) and "id" in rec else None
 
 
-def _bar(frac, width=20):
-    k = int(round(max(0.0, min(1.0, frac)) * width))
-    return "[" + "#" * k + "-" * (width - k) + "]"
+@contextlib.contextmanager
+def _locked(f):
+    """Hold an exclusive advisory lock on the open file ``f`` (a no-op without ``fcntl``)."""
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-class ProgressPrinter:
-    """Overall progress of a sweep, one line per finished run, on stderr."""
+@contextlib.contextmanager
+def epoch_progress(label, epochs, *, enabled=True):
+    """A per-run progress bar over the epochs; yields ``callback(epoch, history)`` for :func:`train`.
 
-    def __init__(self, total, done, *, name="sweep", stream=None, enabled=True):
-        self.total, self.done0 = total, done
-        self.done, self.failed = done, 0
-        self.name = name
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled
-        self.t0 = time.perf_counter()
+    Meant for a run that executes in the process showing the sweep's bar
+    (``live=True`` in :func:`run_sweep`): it is drawn below that bar and
+    removed when the run ends (early stopping may end it before
+    ``epochs``). Like any ``tqdm`` bar with ``disable=None``, it is not drawn
+    when stderr is not a terminal, so logs get no per-epoch lines.
 
-    def start(self):
-        if self.enabled:
-            todo = self.total - self.done0
-            msg = f"[{self.name}] {self.total} runs: {self.done0} already done, {todo} to run"
-            print(msg, file=self.stream, flush=True)
-
-    def update(self, record, label=""):
-        self.done += 1
-        if record.get("status") != "ok":
-            self.failed += 1
-        if not self.enabled:
-            return
-        el = time.perf_counter() - self.t0
-        new = self.done - self.done0
-        rem = self.total - self.done
-        eta = el / new * rem if new else None
-        status = record.get("status")
-        tail = record.get("summary") or ("FAILED: " + str(record.get("error", ""))[:80] if status != "ok" else "")
-        print(
-            f"[{self.name}] {_bar(self.done / max(self.total, 1))} {self.done}/{self.total} runs"
-            f"{f' ({self.failed} failed)' if self.failed else ''} | elapsed {_fmt_time(el)}"
-            f" | eta {_fmt_time(eta)} | {label} {tail}",
-            file=self.stream,
-            flush=True,
-        )
-
-
-class RunProgress:
-    """Per-run progress callback (``callback(epoch, history)`` of :func:`train`).
-
-    With ``live=True`` (one run at a time on a terminal) a bar is redrawn in
-    place every epoch; otherwise a line is printed at 25 %, 50 %, 75 % and
-    100 % of the epochs (readable when parallel workers share stderr).
+    Parameters
+    ----------
+    label : str
+    epochs : int
+        The most epochs the run may take.
+    enabled : bool, default=True
+        False: the callback does nothing.
     """
+    with tqdm(total=epochs, desc=f"  {label}", unit="epoch", leave=False,
+              disable=None if enabled else True) as bar:  # fmt: skip
 
-    def __init__(self, label, epochs, *, live=False, stream=None, enabled=True):
-        self.label, self.epochs, self.live = label, epochs, live
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled
-        self.marks = {max(1, int(round(epochs * q))) for q in (0.25, 0.5, 0.75, 1.0)}
+        def callback(epoch, hist):
+            if hist.val_loss:
+                bar.set_postfix(val_loss=f"{hist.val_loss[-1]:.4f}", refresh=False)
+            bar.update(epoch - bar.n)
 
-    def __call__(self, epoch, hist):
-        if not self.enabled:
-            return
-        val = f" val_loss {hist.val_loss[-1]:.4f}" if hist.val_loss else ""
-        msg = f"  {self.label} {_bar(epoch / self.epochs, 10)} epoch {epoch}/{self.epochs}{val}"
-        if self.live:
-            end = "\n" if epoch == self.epochs else ""
-            print("\r" + msg + "\033[K", end=end, file=self.stream, flush=True)
-        elif epoch in self.marks:
-            self.stream.write(msg + "\n")  # one write: parallel workers share stderr
-            self.stream.flush()
+        yield callback
+
+
+def _outcome(record):
+    """One line on a finished run: its summary, or why it failed."""
+    if record.get("status") != "ok":
+        return "FAILED: " + str(record.get("error", ""))[:80]
+    return record.get("summary") or "done"
 
 
 def _call(fn, task, progress_live, progress):
@@ -248,7 +268,11 @@ def run_sweep(tasks, fn, log, *, n_jobs=1, progress=True, name="sweep", label=No
         Each with a unique ``"id"``; passed to ``fn``.
     fn : callable
         ``fn(task, progress=bool, live=bool) -> dict`` (picklable, e.g. a
-        module-level function or a ``functools.partial`` of one). It may
+        module-level function or a ``functools.partial`` of one). ``live``
+        is True when the run executes in this process (``n_jobs=1``) with
+        progress on: ``fn`` may then draw a per-epoch bar with
+        :func:`epoch_progress`; in a worker process it should print nothing
+        (the finished run is reported here). It may
         raise :class:`TrainingDivergedError`: the run is then recorded with
         ``status="failed"``. Any other exception stops the sweep (runs
         already finished stay in the log).
@@ -257,6 +281,11 @@ def run_sweep(tasks, fn, log, *, n_jobs=1, progress=True, name="sweep", label=No
         Passed to :class:`joblib.Parallel`; the backend comes from
         ``joblib.parallel_config`` (loky processes by default).
     progress : bool, default=True
+        A ``tqdm.auto`` bar over the runs on stderr (advanced in this
+        process as results come back, with the count of failed runs), and a
+        line per finished run written through it. False: nothing is printed.
+    name : str, default="sweep"
+        The bar's description and the prefix of its lines.
     label : callable, optional
         ``label(task) -> str`` for progress lines.
     """
@@ -268,32 +297,46 @@ def run_sweep(tasks, fn, log, *, n_jobs=1, progress=True, name="sweep", label=No
     done = log.load()
     todo = [t for t in tasks if t["id"] not in done]
     label = label or (lambda t: t["id"])
-    pp = ProgressPrinter(len(tasks), len(tasks) - len(todo), name=name, enabled=progress)
-    pp.start()
     results = {i: done[i] for i in ids if i in done}
-    if not todo:
-        return results
-    live = bool(progress) and n_jobs == 1 and getattr(sys.stderr, "isatty", lambda: False)()
+    # Per-epoch bars only where the runs execute in this process, one at a
+    # time: a worker process cannot draw below this process's bar.
+    live = bool(progress) and n_jobs == 1
     by_id = {t["id"]: t for t in todo}
+    bar = tqdm(total=len(tasks), initial=len(results), desc=name, unit="run", disable=not progress,
+               dynamic_ncols=True)  # fmt: skip
+    if progress:
+        bar.write(f"[{name}] {len(tasks)} runs: {len(results)} already done, {len(todo)} to run",
+                  file=sys.stderr)  # fmt: skip
+
+    n_failed = sum(r.get("status") != "ok" for r in results.values())
 
     def _consume(recs):
+        nonlocal n_failed
         for rec in recs:
             log.append(rec)
             results[rec["id"]] = rec
-            pp.update(rec, label(by_id[rec["id"]]))
+            n_failed += rec.get("status") != "ok"
+            if progress:
+                bar.write(f"[{name}] {label(by_id[rec['id']])}: {_outcome(rec)}", file=sys.stderr)
+            if n_failed:
+                bar.set_postfix(failed=n_failed, refresh=False)
+            bar.update()
 
-    jobs = (delayed(_call)(fn, t, live, progress) for t in todo)
-    try:
-        gen = Parallel(n_jobs=n_jobs, return_as="generator_unordered", batch_size=1)(jobs)
-    except ValueError as exc:  # backend without result generators: run in chunks
-        if "return_as" not in str(exc):
-            raise
-        par = Parallel(n_jobs=n_jobs, batch_size=1)
-        from joblib import effective_n_jobs
+    with bar:
+        if not todo:
+            return results
+        jobs = (delayed(_call)(fn, t, live, progress) for t in todo)
+        try:
+            gen = Parallel(n_jobs=n_jobs, return_as="generator_unordered", batch_size=1)(jobs)
+        except ValueError as exc:  # backend without result generators: run in chunks
+            if "return_as" not in str(exc):
+                raise
+            par = Parallel(n_jobs=n_jobs, batch_size=1)
+            from joblib import effective_n_jobs
 
-        step = 2 * max(1, effective_n_jobs(n_jobs))
-        for s in range(0, len(todo), step):
-            _consume(par(delayed(_call)(fn, t, live, progress) for t in todo[s : s + step]))
-        return results
-    _consume(gen)
+            step = 2 * max(1, effective_n_jobs(n_jobs))
+            for s in range(0, len(todo), step):
+                _consume(par(delayed(_call)(fn, t, live, progress) for t in todo[s : s + step]))
+            return results
+        _consume(gen)
     return results

@@ -66,7 +66,7 @@ import numpy as np
 
 from ..adapters.mlp import MLP
 from ..adapters.structured import StructuredAdapter
-from ..adapters.sweep import RunLog, RunProgress, run_sweep
+from ..adapters.sweep import RunLog, epoch_progress, run_sweep
 from ..adapters.training import pretrain, train
 from ..layout import BlockLayout
 
@@ -235,22 +235,23 @@ def _adapt_task(task, *, data, pretrained, progress=False, live=False):
     X = _float(data["ad_X"])
     y = data["ad_y"]
     tr, va = _split(len(y), seed)
-    cb = RunProgress(task["label"], task["epochs"], live=live, enabled=progress)
     kw = dict(
         lr=task["lr"], epochs=task["epochs"], batch_size=task["batch_size"],
         X_val=X[va], y_val=y[va], random_state=np.random.SeedSequence([seed, 2]),
-        callback=cb, restore_best=True, patience=task.get("patience"),
+        restore_best=True, patience=task.get("patience"),
     )
-    if task["method"] == "full":
-        res = train(mlp, X[tr], y[tr], mode="full", **kw)
-        n_params = N_MODEL_PARAMS
-    else:
-        ad = StructuredAdapter(
-            _layout(task["method"], task["n_blocks"], task["rank"]),
-            random_state=np.random.SeedSequence([seed, 1]),
-        )
-        res = train(mlp, X[tr], y[tr], adapter=ad, mode="adapter", train_head=TRAIN_HEAD, **kw)
-        n_params = ad.n_params
+    with epoch_progress(task["label"], task["epochs"], enabled=live) as cb:
+        if task["method"] == "full":
+            res = train(mlp, X[tr], y[tr], mode="full", callback=cb, **kw)
+            n_params = N_MODEL_PARAMS
+        else:
+            ad = StructuredAdapter(
+                _layout(task["method"], task["n_blocks"], task["rank"]),
+                random_state=np.random.SeedSequence([seed, 1]),
+            )
+            res = train(mlp, X[tr], y[tr], adapter=ad, mode="adapter", train_head=TRAIN_HEAD, callback=cb,
+                        **kw)
+            n_params = ad.n_params
     te_loss, te_acc = res.evaluate(_float(data["te_X"]), data["te_y"])
     h = res.history
     b = res.best_epoch - 1

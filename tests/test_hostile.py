@@ -7,8 +7,6 @@ the code under test. Classes 5-8 and the friction items are in
 ``test_hostile_more.py``.
 """
 
-import json
-import zipfile
 
 import numpy as np
 import pytest
@@ -27,9 +25,11 @@ from blocklowrank import (  # noqa: E402
     batched_svd,
     fit_hybrid,
     fit_shared_basis,
+    hybrid_params,
     load_factors,
     rank_report,
     save_factors,
+    shared_basis_params,
     split_sizes,
 )
 from blocklowrank import convert, permutations, testing  # noqa: E402
@@ -124,6 +124,12 @@ def test_to_gralora_integer_factor_keeps_fraction():
     f = {(i, j): (np.array([[1]]), np.array([[0.5]])) for i in range(2) for j in range(2)}
     t = convert.to_gralora((lay, f))
     np.testing.assert_allclose(convert.gralora_delta_weight(t["gralora_A"], t["gralora_B"]), np.full((2, 2), 0.5))
+
+
+@xfail("integer MELoRA pairs: from_melora(...).to_dense() casts 0.5 to 0")
+def test_from_melora_integer_factor_keeps_fraction():
+    sf = convert.from_melora([(np.ones((2, 1), int), np.full((1, 2), 0.5))])
+    np.testing.assert_allclose(sf.to_dense(), np.full((2, 2), 0.5))
 
 
 @xfail("factors for an inactive block are silently dropped")
@@ -456,6 +462,9 @@ KERNEL_CASES = {
     "random_layout max_blocks=0": (lambda: testing.random_layout((8, 8), max_blocks=0), "max_blocks"),
     "random_layout min_rank > max_rank": (lambda: testing.random_layout((8, 8), min_rank=3, max_rank=1), "rank"),
     "random_layout max_rank=0 with ranks": (lambda: testing.random_layout((8, 8), max_rank=0), "rank"),
+    "shared_basis_params rank=0": (lambda: shared_basis_params((8, 8), 2, 0), "rank"),
+    "shared_basis_params rank > block side": (lambda: shared_basis_params((8, 8), 2, 100), "rank"),
+    "hybrid_params global_rank > min(m, n)": (lambda: hybrid_params((8, 8), 2, 1, 100), "global_rank"),
 }
 
 

@@ -22,6 +22,7 @@ from blocklowrank import (  # noqa: E402
     DiagonalBlockLowRank,
     allocate_ranks,
     approximate,
+    budget_sweep_points,
     batched_svd,
     fit_hybrid,
     fit_shared_basis,
@@ -465,6 +466,12 @@ KERNEL_CASES = {
     "shared_basis_params rank=0": (lambda: shared_basis_params((8, 8), 2, 0), "rank"),
     "shared_basis_params rank > block side": (lambda: shared_basis_params((8, 8), 2, 100), "rank"),
     "hybrid_params global_rank > min(m, n)": (lambda: hybrid_params((8, 8), 2, 1, 100), "global_rank"),
+    "budget_sweep_points min_budget > max_budget": (
+        lambda: budget_sweep_points((8, 8), min_budget=100, max_budget=10), "min_budget|max_budget"),
+    "approximate rank array of the wrong shape": (
+        lambda: approximate(_X(), method="block", n_blocks=2, rank=[1, 2, 3]), "rank"),
+    "BlockLowRank rank array of the wrong shape": (
+        lambda: BlockLowRank(n_blocks=2, rank=[[1, 1, 1]]).fit(_X()), "rank"),
 }
 
 

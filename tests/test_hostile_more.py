@@ -43,10 +43,6 @@ CLEAR = (ValueError, TypeError)
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None)
 
 
-def xfail(why):
-    return pytest.mark.xfail(strict=True, reason=f"issue 12: {why}")
-
-
 def _X(m=8, n=8, seed=0):
     return np.random.default_rng(seed).standard_normal((m, n))
 
@@ -129,7 +125,6 @@ def _assert_cli_error(rc, err, *words):
         assert w in last, f"{w!r} not in {last!r}"
 
 
-@xfail("reproduce figure2 starts a sweep on nonsense counts (--epochs 0 -> 1000 epochs)")
 @pytest.mark.parametrize(
     "opt",
     [("--epochs", 0), ("--epochs", -3), ("--seeds", 0), ("--seeds", -1), ("--subset", 0), ("--subset", -5), ("--n-jobs", 0)],
@@ -141,7 +136,6 @@ def test_figure2_nonsense_counts_refused(tmp_path, monkeypatch, opt):
     _assert_cli_error(rc, err, opt[0].lstrip("-").split("-")[0])
 
 
-@xfail("options that a part ignores are accepted without a word")
 @pytest.mark.parametrize(
     "args,word",
     [
@@ -165,7 +159,6 @@ def npy(tmp_path):
     return p
 
 
-@xfail("approximate: options that do nothing are accepted without a word")
 @pytest.mark.parametrize(
     "extra,word",
     [
@@ -201,7 +194,6 @@ def _damaged_inputs(tmp_path):
     }
 
 
-@xfail("damaged or forged input file: traceback/MemoryError or a message without the file")
 @pytest.mark.parametrize("name", ["half.npz", "empty.npy", "terabyte.npy", "half.npy", "junk.npz"])
 def test_approximate_damaged_input(tmp_path, name):
     p = tmp_path / name
@@ -213,7 +205,6 @@ def test_approximate_damaged_input(tmp_path, name):
     _assert_cli_error(rc, err, name)
 
 
-@xfail("budget on a large shape runs for minutes with no output")
 def test_budget_large_shape_shows_progress_or_refuses():
     root = str(Path(blocklowrank.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": root, "PYTHONUNBUFFERED": "1"}
@@ -230,7 +221,6 @@ def test_budget_large_shape_shows_progress_or_refuses():
     assert err.strip() or out.strip(), "no output after 5 s of work"
 
 
-@xfail("figure2 options: nonsense values reach the runner or are replaced (fuzz)")
 @FUZZ
 @given(
     epochs=st.one_of(st.none(), st.integers(-2, 3)),
@@ -261,7 +251,7 @@ def test_cli_plain_errors_are_one_line(npy, tmp_path):
     """Already right today: bad values of approximate/budget give one clear line, exit 2."""
     for args in (
         ["approximate", npy, "--rank", "0"],
-        ["approximate", npy, "--tol", "nan"],
+        ["approximate", npy, "--max-error", "nan"],
         ["approximate", tmp_path / "nope.npy", "--rank", "1"],
         ["budget", "0x28", "10"],
         ["budget", "28x28", "-5"],
@@ -275,9 +265,9 @@ def test_cli_plain_errors_are_one_line(npy, tmp_path):
 # Class 6: extreme but finite input
 # =============================================================================
 EXTREME = [
-    pytest.param(np.float64, 1000, id="f64-2^1000", marks=xfail("energy overflows: error is NaN")),
-    pytest.param(np.float64, -1000, id="f64-2^-1000", marks=xfail("energy underflows: error is 0")),
-    pytest.param(np.float64, -1050, id="f64-subnormal", marks=xfail("energy underflows: error is 0")),
+    pytest.param(np.float64, 1000, id="f64-2^1000"),
+    pytest.param(np.float64, -1000, id="f64-2^-1000"),
+    pytest.param(np.float64, -1050, id="f64-subnormal"),
     pytest.param(np.float32, 126, id="f32-2^126"),
     pytest.param(np.float32, -135, id="f32-subnormal"),
 ]
@@ -295,7 +285,6 @@ def test_approximate_error_extreme(dtype, e):
     assert a.error == pytest.approx(_block_error(_unit(X), 2, 1), rel=rtol)
 
 
-@xfail("budget-mode reported errors NaN/0 at extreme scale")
 @pytest.mark.parametrize("e", [1000, -1000], ids=["huge", "tiny"])
 def test_approximate_budget_extreme(e):
     X = _extreme(np.float64, e)
@@ -304,7 +293,6 @@ def test_approximate_budget_extreme(e):
     assert a.error == pytest.approx(_true_error(X, a.reconstruction), rel=1e-6)
 
 
-@xfail("float32 entries of 1e38: sigma_1 overflows, error and reconstruction inf")
 @pytest.mark.parametrize("solver", ["full", "randomized"])
 def test_float32_near_max_global(solver):
     X = (_X() * 1e38).astype(np.float32)  # finite: largest entry 2.3e38 < 3.4e38
@@ -316,15 +304,13 @@ def test_float32_near_max_global(solver):
     assert a.error == pytest.approx(_true_error(X, a.reconstruction), rel=1e-3)
 
 
-@xfail("tol at extreme scale returns 0 parameters (error 1) as if tol were reached")
 @pytest.mark.parametrize("e", [1000, -1000])
 def test_tol_extreme_keeps_promise(e):
     X = _extreme(np.float64, e)
-    a = approximate(X, method="block", n_blocks=2, tol=0.3)
+    a = approximate(X, method="block", n_blocks=2, max_error=0.3)
     assert _true_error(X, a.reconstruction) <= 0.3 + 1e-9
 
 
-@xfail("estimator error_/score NaN or 0 at extreme scale")
 @pytest.mark.parametrize("dtype,e", [(np.float64, 1000), (np.float64, -1000), (np.float32, 126), (np.float32, -135)])
 def test_estimator_error_and_score_extreme(dtype, e):
     X = _extreme(dtype, e)
@@ -335,14 +321,12 @@ def test_estimator_error_and_score_extreme(dtype, e):
     assert est.score(X) == pytest.approx(-ref, rel=rtol)
 
 
-@xfail("block_spectra error NaN/0 at extreme scale")
 @pytest.mark.parametrize("e", [1000, -1000])
 def test_block_spectra_extreme(e):
     X = _extreme(np.float64, e)
-    assert float(engine.block_spectra(X, n_blocks=2).error(1)) == pytest.approx(_block_error(_unit(X), 2, 1), rel=1e-6)
+    assert float(engine.block_spectra(X, BlockLayout.block(np.shape(X)[-2:], 2)).error(1)) == pytest.approx(_block_error(_unit(X), 2, 1), rel=1e-6)
 
 
-@xfail("compare_at_budget errors NaN/0 at extreme scale")
 @pytest.mark.parametrize("e", [1000, -1000])
 def test_compare_at_budget_extreme(e):
     X = _extreme(np.float64, e)
@@ -354,7 +338,6 @@ def test_compare_at_budget_extreme(e):
             assert rec["error"] == pytest.approx(np.sqrt((s[r:] ** 2).sum() / (s**2).sum()), rel=1e-6)
 
 
-@xfail("fit_hybrid / fit_shared_basis report NaN or 0 at extreme scale")
 @pytest.mark.parametrize("e", [1000, -1000, -530])
 @pytest.mark.parametrize("which", ["hybrid", "shared"])
 def test_hybrid_shared_extreme(which, e):
@@ -367,11 +350,14 @@ def test_hybrid_shared_extreme(which, e):
     assert f.error == pytest.approx(_true_error(X, f.reconstruction), rel=1e-6)
 
 
-@xfail("reported error wrong at extreme scale (fuzz)")
 @FUZZ
 @given(
+    # Subnormal scales (float64 2^-1060, float32 2^-140) are left out here: a dense matrix of
+    # subnormal entries holds only ~14 bits, so no reconstruction can match the reported error to
+    # 1e-6 there. test_approximate_error_extreme checks the reported error at subnormal scale
+    # against the exact best error instead.
     case=st.sampled_from(
-        [(np.float64, e) for e in (-1060, -1000, -700, 0, 500, 1000, 1020)] + [(np.float32, e) for e in (-140, -126, 0, 100, 126)]
+        [(np.float64, e) for e in (-1000, -700, 0, 500, 1000, 1020)] + [(np.float32, e) for e in (-126, 0, 100, 126)]
     ),
     entry=st.sampled_from(["rank", "budget", "score"]),
     seed=st.integers(0, 1000),
@@ -412,14 +398,13 @@ MASK_ENTRIES = {
     "fit_hybrid": lambda M: fit_hybrid(M, BlockLayout.block((8, 8), 2, rank=1), 1, max_iter=2),
     "fit_shared_basis": lambda M: fit_shared_basis(M, 2, 1, max_iter=2),
     "compare_at_budget": lambda M: compare_at_budget(M, 64),
-    "block_spectra": lambda M: engine.block_spectra(M, n_blocks=2),
+    "block_spectra": lambda M: engine.block_spectra(M, BlockLayout.block(np.shape(M)[-2:], 2)),
     "score": lambda M: GlobalLowRank(rank=1).fit(_X()).score(M),
     "transform": lambda M: GlobalLowRank(rank=1).fit(_X()).transform(M),
     "cluster_permutation": lambda M: permutations.cluster_permutation(M, 2),
 }
 
 
-@xfail("masked array: the mask is dropped and masked-out values are used")
 @pytest.mark.parametrize("entry", sorted(MASK_ENTRIES))
 def test_masked_array_refused(entry):
     with pytest.raises(CLEAR, match="mask"):
@@ -430,7 +415,6 @@ def _dates():
     return np.datetime64("2020-01-01") + np.arange(64).reshape(8, 8).astype("timedelta64[D]")
 
 
-@xfail("datetime64/timedelta64 silently turned into numbers")
 @pytest.mark.parametrize("kind", ["datetime", "timedelta"])
 @pytest.mark.parametrize("entry", ["approximate", "BlockLowRank.fit"])
 def test_time_types_refused(kind, entry):
@@ -439,7 +423,6 @@ def test_time_types_refused(kind, entry):
         MASK_ENTRIES[entry](X)
 
 
-@xfail("structured dtype refused with a message about strings")
 def test_structured_dtype_message():
     X = np.zeros((8, 8), dtype=[("a", "f8")])
     with pytest.raises(TypeError, match="structured|field") as info:
@@ -447,7 +430,6 @@ def test_structured_dtype_message():
     assert "string" not in str(info.value)
 
 
-@xfail("object arrays holding strings are converted, string arrays are refused")
 @pytest.mark.parametrize("entry", ["approximate", "BlockLowRank.fit"])
 def test_object_strings_refused_like_string_arrays(entry):
     X = _X().astype(object)
@@ -456,7 +438,6 @@ def test_object_strings_refused_like_string_arrays(entry):
         MASK_ENTRIES[entry](X)
 
 
-@xfail("float16: approximate/fit_hybrid give float32, estimators float64")
 def test_float16_one_rule():
     X = _X().astype(np.float16)
     dtypes = {
@@ -470,7 +451,6 @@ def test_float16_one_rule():
     assert len(set(dtypes.values())) == 1, dtypes
 
 
-@xfail("arrays with meaning (masks, dates, strings in objects) accepted (fuzz)")
 @FUZZ
 @given(
     kind=st.sampled_from(["masked", "datetime", "timedelta", "object-str"]),
@@ -525,20 +505,18 @@ def _fewest_params(X, tol):
     return best
 
 
-@xfail("tol= returns more parameters than the minimum on uneven blocks (23 vs 19)")
 def test_tol_fewest_params_counterexample():
     X = _uneven_case(6)  # 4 x 5 matrix, 2 x 2 grid of blocks 2x3, 2x2
-    a = approximate(X, method="block", n_blocks=2, tol=0.35)
+    a = approximate(X, method="block", n_blocks=2, max_error=0.35)
     assert a.error <= 0.35
     assert a.n_params == _fewest_params(X, 0.35)
 
 
-@xfail("tol= is not the fewest parameters on uneven blocks (fuzz)")
 @settings(max_examples=40, deadline=None, derandomize=True, database=None)
 @given(seed=st.integers(0, 10**6), tol=st.sampled_from([0.2, 0.35, 0.5, 0.65]))
 def test_fuzz_tol_fewest_params(seed, tol):
     X = _uneven_case(seed)
-    a = approximate(X, method="block", n_blocks=2, tol=tol)
+    a = approximate(X, method="block", n_blocks=2, max_error=tol)
     assert a.error <= tol + 1e-12
     assert a.n_params == _fewest_params(X, tol)
 
@@ -565,7 +543,6 @@ def test_budget_is_optimal_on_uneven_blocks():
 # =============================================================================
 # Friction
 # =============================================================================
-@xfail("default estimators fail in every cross-validation fold (NaN scores)")
 @pytest.mark.parametrize("Est", [BlockLowRank, DiagonalBlockLowRank, HybridLowRank, SharedBasisLowRank])
 def test_default_estimators_cross_validate(Est):
     from sklearn.model_selection import cross_val_score
@@ -574,7 +551,6 @@ def test_default_estimators_cross_validate(Est):
     assert np.all(np.isfinite(scores)), scores
 
 
-@xfail("GridSearchCV over the default grid estimator records NaN scores")
 def test_grid_search_default_grid():
     from sklearn.model_selection import GridSearchCV
 
@@ -582,7 +558,6 @@ def test_grid_search_default_grid():
     assert np.all(np.isfinite(gs.cv_results_["mean_test_score"]))
 
 
-@xfail("transform of other rows of the same count silently uses the fitted row positions")
 def test_transform_other_rows_same_count():
     est = BlockLowRank(n_blocks=2, rank=1).fit(_X())
     with warnings.catch_warnings(record=True) as w:
@@ -595,7 +570,6 @@ def test_transform_other_rows_same_count():
     assert any("row" in str(x.message) for x in w), "no error and no warning"
 
 
-@xfail("repr of a stack fitted at a budget reports the largest per-block ranks' count")
 def test_stack_repr_counts():
     S = np.random.default_rng(0).standard_normal((3, 8, 8))
     a = approximate(S, method="block", n_blocks=2, budget=40)
@@ -604,14 +578,12 @@ def test_stack_repr_counts():
     assert claimed <= per_matrix, (repr(a), per_matrix)
 
 
-@xfail("compare_at_budget rank column mixes integers and 'optimal'")
 def test_compare_rank_column_one_type():
     recs = compare_at_budget(_X(), 64)
     types = {type(r["rank"]) for r in recs if r["rank"] is not None}
     assert len(types) == 1, types
 
 
-@xfail("adapters: uint8 images not scaled (the experiment scales them)")
 def test_adapter_uint8_scaled_or_refused():
     from blocklowrank.adapters import MLP, evaluate
 
@@ -628,7 +600,6 @@ def test_adapter_uint8_scaled_or_refused():
     assert got == pytest.approx(want, rel=1e-5)
 
 
-@xfail("adapters: fit_adapter trains on unscaled uint8 images")
 def test_fit_adapter_uint8_scaled_or_refused():
     from blocklowrank.adapters import MLP, StructuredAdapter, fit_adapter
 

@@ -490,7 +490,7 @@ def _read_gralora(ckpt, config, wpath, cpath):
                 raise ValueError(f"{wpath}: module {module!r} has no {PREFIX}{module}.gralora_{role}")
         extra = set(roles) - set(need)
         if extra:
-            raise ValueError(f"{wpath}: key {roles[extra.pop()]!r} is unexpected with hybrid_r={hr}")
+            raise ValueError(f"{wpath}: key {roles[min(extra)]!r} is unexpected with hybrid_r={hr}")
         if not _targeted(config.get("target_modules"), module):
             raise ValueError(f"{wpath}: key {roles['A']!r} is for a module outside the config's target_modules")
         A = _get(ckpt, roles["A"], (K, None, r), wpath)

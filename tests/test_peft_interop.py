@@ -28,9 +28,16 @@ from blocklowrank.convert import as_factors
 from blocklowrank.hybrid import fit_hybrid
 from blocklowrank.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, save_peft_adapter
 
-torch = pytest.importorskip("torch")  # installed by `make test` (the peft extra)
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+if os.environ.get("BLOCKLOWRANK_TEST_PEFT") == "1":  # make test: required, never skipped
+    import peft
+    import torch
+    import transformers
+else:  # a bare pytest without the peft extra
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
 ATTN = "model.layers.{}.self_attn.{}"
 MLP = "model.layers.{}.mlp.{}"
@@ -160,6 +167,22 @@ def test_peft_loads_our_adapter(case, base_model, tokens, tmp_path):
         merged_logits = merged(tokens).logits.numpy()
     np.testing.assert_allclose(merged_logits, ref_logits, rtol=0, atol=1e-5)
     np.testing.assert_allclose(adapted_logits, ref_logits, rtol=0, atol=1e-5)
+
+
+def test_a_wrong_key_is_caught(base_model, tmp_path):
+    """Negative control: PEFT only warns about a missing key, and the capture above sees it."""
+    from safetensors.numpy import load_file, save_file
+
+    fit = approximate(_delta((64, 64), 0), method="global", rank=2)
+    save_peft_adapter(tmp_path / "a", {ATTN.format(0, "q_proj"): fit})
+    path = tmp_path / "a" / ADAPTER_WEIGHTS
+    tensors = {k.replace("lora_B", "lora_b"): v for k, v in load_file(path).items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+    with _captured() as seen:
+        model = peft.PeftModel.from_pretrained(copy.deepcopy(base_model), tmp_path / "a")
+    assert any("missing adapter keys" in s for s in seen), seen
+    merged = model.merge_and_unload()  # B stayed at its initial zeros: the update is lost
+    np.testing.assert_array_equal(_weight(merged, ATTN.format(0, "q_proj")), _weight(base_model, ATTN.format(0, "q_proj")))
 
 
 def test_write_and_read_back_are_exact(tmp_path, base_model):

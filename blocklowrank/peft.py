@@ -137,13 +137,9 @@ def _classify(name, sf):
     """The grid size K when layer ``name`` is a full K x K grid (GraLoRA), else None (LoRA)."""
     lay = sf.layout
     kr, kc = lay.n_blocks
-    grid = kr == kc > 1 and lay.active.all()
-    if lay.permuted and (sf.global_rank or grid):
-        raise ValueError(
-            f"layer {name!r}: a {'hybrid' if sf.global_rank else 'block'} layout with a row/column "
-            "permutation has no PEFT form; fit it without a permutation"
-        )
-    return kr if grid else None
+    if lay.permuted and sf.global_rank:
+        raise ValueError(f"layer {name!r}: a hybrid layout with a row/column permutation has no PEFT form")
+    return kr if kr == kc > 1 and lay.active.all() else None
 
 
 def _gralora_fits(name, sf, K):
@@ -158,7 +154,10 @@ def _gralora_fits(name, sf, K):
     if lay.n_blocks == (1, 1):
         return None
     if lay.permuted:
-        return f"layer {name!r} has a row/column permutation, which GraLoRA blocks cannot hold"
+        return (
+            f"layer {name!r} has a row/column permutation, which GraLoRA blocks cannot hold; "
+            "write it as LoRA (peft_type='LORA', exact)"
+        )
     if lay.n_blocks != (K, K) or set(lay.row_sizes) != {m // K} or set(lay.col_sizes) != {n // K}:
         return (
             f"layer {name!r} is a {lay.pattern} {lay.n_blocks[0]}x{lay.n_blocks[1]} grid with "
@@ -311,8 +310,9 @@ def save_peft_adapter(
         a full ``K x K`` grid of equal blocks (hybrid or not), LoRA when
         none is, and raises when
         the layers are of both kinds. "LORA" writes every layer as a stacked
-        LoRA (exact for every layout, permuted ones included, except hybrid
-        or grid layouts with a permutation). "GRALORA" writes every layer
+        LoRA (exact for every layout; a permuted one gets the permutation
+        applied to the rows of ``lora_B`` and the columns of ``lora_A``;
+        hybrids with a permutation are refused). "GRALORA" writes every layer
         with one ``gralora_k``: global layers go to the hybrid term, grids
         of ``K x K`` equal blocks keep their blocks (inactive ones zero).
     gralora_k : int, optional
@@ -343,16 +343,18 @@ def save_peft_adapter(
 
     Examples
     --------
-    >>> import tempfile, numpy as np
+    >>> import os, tempfile, numpy as np
     >>> from blocklowrank import approximate
     >>> dW = np.random.default_rng(0).standard_normal((8, 6))
     >>> fit = approximate(dW, method="block", n_blocks=2, rank=1)
-    >>> rep = save_peft_adapter(tempfile.mkdtemp() + "/a", {"model.fc": fit})
-    >>> rep["peft_type"], rep["config"]["gralora_k"], rep["config"]["r"]
-    ('GRALORA', 2, 2)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> rep = save_peft_adapter(os.path.join(tmp.name, "adapter"), {"model.fc": fit})
+    >>> rep["peft_type"], rep["config"]["gralora_k"], rep["config"]["r"], rep["config"]["alpha"]
+    ('GRALORA', 2, 2, 2)
     >>> layers, config = load_peft_adapter(rep["directory"])
     >>> bool(np.allclose(layers["model.fc"].to_dense(), fit.reconstruction, atol=1e-6))
     True
+    >>> tmp.cleanup()
     """
     if peft_type not in PEFT_TYPES:
         raise ValueError(f"peft_type must be one of {PEFT_TYPES}, got {peft_type!r}")

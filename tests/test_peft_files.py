@@ -98,8 +98,20 @@ def test_permutations(tmp_path):
     _roundtrip(tmp_path, {Q: diag, U: glob})  # stacked LoRA, exact
     _roundtrip(tmp_path, {U: glob}, peft_type="GRALORA", gralora_k=2, overwrite=True)
     block = approximate(X, BlockLayout.block((16, 12), 2, rank=1).with_permutation(rp, cp))
-    with pytest.raises(ValueError, match=f"layer '{Q}': a block layout with a row/column permutation"):
+    with pytest.raises(ValueError, match=f"layer '{Q}' has a row/column permutation.*peft_type='LORA'"):
         save_peft_adapter(tmp_path / "b", {Q: block})
+    _roundtrip(tmp_path, {Q: block}, peft_type="LORA", overwrite=True)
+    hybrid = StructuredFactors(block.layout, block.factors, global_factors=(_X((16, 1)), _X((1, 12))))
+    with pytest.raises(ValueError, match="a hybrid layout with a row/column permutation has no PEFT form"):
+        save_peft_adapter(tmp_path / "b", {Q: hybrid}, peft_type="LORA")
+
+
+def test_library_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, blocklowrank.peft; sys.exit('torch' in sys.modules or 'peft' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 # ---------------------------------------------------------------------------- refusals and writes

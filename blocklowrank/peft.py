@@ -227,6 +227,22 @@ def _pad_gralora(t, K, rho, hybrid_r):
     return out
 
 
+def _pattern_key(name, names):
+    """The ``rank_pattern`` key of module ``name``: its escaped path less the first component.
+
+    PEFT matches a key against a dotted suffix of the module path (0.13
+    only after a dot, so never the whole path). When the shortened path
+    would also match another of ``names`` (``encoder.x`` and ``decoder.x``),
+    a lookbehind pins the first component.
+    """
+    head, _, tail = name.partition(".")
+    if not tail:
+        return re.escape(name)
+    if not any(o != name and (o == tail or o.endswith("." + tail)) for o in names):
+        return re.escape(tail)
+    return rf"(?<=^{re.escape(head)}\.){re.escape(tail)}"
+
+
 def _choose_type(kinds, peft_type, gralora_k):
     """The adapter's peft_type and GraLoRA grid size from the per-layer kinds."""
     want = {name: k for name, k in kinds.items() if k is not None}
@@ -379,7 +395,7 @@ def save_peft_adapter(
         pairs = {name: _stacked_lora(sf, dtype) for name, sf in sfs.items()}
         ranks = {name: B.shape[1] for name, (B, _) in pairs.items()}
         r = max(set(ranks.values()), key=lambda v: (list(ranks.values()).count(v), -v))
-        pattern = {re.escape(name): v for name, v in ranks.items() if v != r}
+        pattern = {_pattern_key(name, ranks): v for name, v in ranks.items() if v != r}
         config.update(r=r, lora_alpha=r)
         if pattern:
             config.update(rank_pattern=pattern, alpha_pattern=dict(pattern))
@@ -399,8 +415,8 @@ def save_peft_adapter(
                 tensors[f"{PREFIX}{name}.{key}"] = value
     for name, sf in sfs.items():
         written = sum(v.size for k, v in tensors.items() if k.startswith(f"{PREFIX}{name}."))
-        report[name] = {"rank": int(config.get("rank_pattern", {}).get(re.escape(name), config["r"])),
-                        "n_params_effective": int(sf.n_params), "n_params_written": int(written)}
+        rank = ranks[name] if kind == "LORA" else config["r"]
+        report[name] = {"rank": int(rank), "n_params_effective": int(sf.n_params), "n_params_written": int(written)}
     tensors = {k: np.ascontiguousarray(v, dtype) for k, v in tensors.items()}
     path = _atomic_write(directory, tensors, config, overwrite)
     return {

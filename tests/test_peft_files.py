@@ -46,10 +46,23 @@ def test_lora_ranks_go_to_patterns(tmp_path):
     }
     rep, config = _roundtrip(tmp_path, layers)
     assert rep["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 3
-    assert config["rank_pattern"] == config["alpha_pattern"] == {r"model\.layers\.0\.mlp\.up_proj": 8}
+    assert config["rank_pattern"] == config["alpha_pattern"] == {r"layers\.0\.mlp\.up_proj": 8}
     effective = as_factors(layers[U]).n_params  # 2 * (5 + 3) * 4 blocks: a quarter of the stacked LoRA
     assert rep["layers"][U] == {"rank": 8, "n_params_effective": effective, "n_params_written": 8 * (20 + 12)}
     assert effective == 64
+
+
+def test_pattern_keys_stay_unique(tmp_path):
+    """A shortened path that would also match another module falls back to the whole path."""
+    layers = {
+        "encoder.layers.0.q": approximate(_X((8, 6)), method="global", rank=1),
+        "decoder.layers.0.q": approximate(_X((8, 6), 1), method="global", rank=2),
+        "x.layers.0.q": approximate(_X((8, 6), 2), method="global", rank=1),
+        "fc": approximate(_X((8, 6), 3), method="global", rank=3),
+    }
+    rep, config = _roundtrip(tmp_path, layers)
+    assert config["rank_pattern"] == {r"(?<=^decoder\.)layers\.0\.q": 2, "fc": 3}
+    assert {n: v["rank"] for n, v in rep["layers"].items()} == {n: f.layout.ranks[0, 0] for n, f in layers.items()}
 
 
 def test_gralora_pads_ranks_and_hybrid(tmp_path):

@@ -185,6 +185,31 @@ def test_a_wrong_key_is_caught(base_model, tmp_path):
     np.testing.assert_array_equal(_weight(merged, ATTN.format(0, "q_proj")), _weight(base_model, ATTN.format(0, "q_proj")))
 
 
+def test_rank_pattern_picks_one_module(tmp_path):
+    """Modules that differ only in their first component (encoder/decoder) get their own ranks."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.ModuleDict({"proj": torch.nn.Linear(12, 8)})
+            self.decoder = torch.nn.ModuleDict({"proj": torch.nn.Linear(12, 8)})
+
+        def forward(self, x):
+            return self.encoder["proj"](x) + self.decoder["proj"](x)
+
+    torch.manual_seed(0)
+    net = Net()
+    fits = {"encoder.proj": approximate(_delta((8, 12), 0), method="global", rank=1),
+            "decoder.proj": approximate(_delta((8, 12), 1), method="global", rank=3)}
+    save_peft_adapter(tmp_path / "a", fits)
+    with _captured() as seen:
+        merged = peft.PeftModel.from_pretrained(copy.deepcopy(net), tmp_path / "a").merge_and_unload()
+    assert not [s for s in seen if "missing" in s.lower() or "unexpected" in s.lower()]
+    for module, fit in fits.items():
+        want = _weight(net, module) + fit.reconstruction
+        np.testing.assert_allclose(_weight(merged, module), want, rtol=0, atol=2e-7, err_msg=module)
+
+
 def test_write_and_read_back_are_exact(tmp_path, base_model):
     fits = {module: FITS[fit](_delta(_weight(base_model, module).shape, seed=3)) for module, fit in
             CASES["gralora_hybrid"][0].items()}

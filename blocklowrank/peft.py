@@ -104,28 +104,35 @@ class _Checkpoint:
         if not isinstance(header, dict):
             raise ValueError(f"{self.path}: not a safetensors file (header is not a JSON object)")
         self.metadata = header.pop("__metadata__", None) or {}
-        self._header, self._start, self._size = header, 8 + n, size
+        self._start = 8 + n
+        self._entries = {name: self._entry(name, info, size - self._start) for name, info in header.items()}
+
+    def _entry(self, name, info, n_data):
+        """``(code, shape, begin, end)`` of one header entry, checked against the file."""
+        try:
+            code, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ValueError(f"{self.path}: tensor {name!r} has a malformed header entry") from exc
+        if code not in _DTYPES:
+            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {code!r}")
+        if end - begin != int(np.prod(shape)) * _DTYPES[code].itemsize or begin < 0 or end > n_data:
+            raise ValueError(f"{self.path}: tensor {name!r} has data offsets that do not match its shape")
+        return code, shape, begin, end
 
     def names(self):
-        return list(self._header)
+        return list(self._entries)
 
     def get(self, name):
-        info = self._header.get(name)
-        if info is None:
+        if name not in self._entries:
             raise KeyError(f"{self.path}: no tensor {name!r}")
-        dtype = _DTYPES.get(info.get("dtype"))
-        shape = tuple(info.get("shape", ()))
-        begin, end = info.get("data_offsets", (0, -1))
-        if dtype is None:
-            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        if end - begin != int(np.prod(shape)) * dtype.itemsize or self._start + end > self._size or begin < 0:
-            raise ValueError(f"{self.path}: tensor {name!r} has data offsets that do not match its shape")
+        code, shape, begin, end = self._entries[name]
         with open(self.path, "rb") as f:
             f.seek(self._start + begin)
             data = f.read(end - begin)
-        if info["dtype"] == "BF16":  # the top 16 bits of a float32
+        if code == "BF16":  # the top 16 bits of a float32
             return (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
-        return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+        return np.frombuffer(data, dtype=_DTYPES[code]).reshape(shape).astype(_DTYPES[code].newbyteorder("="))
 
 
 def _open_checkpoint(path):
@@ -386,7 +393,7 @@ def save_peft_adapter(
         sfs[name] = as_factors(obj)
     kinds = {name: _classify(name, sf) for name, sf in sfs.items()}
     kind, K = _choose_type(kinds, peft_type, gralora_k)
-    config = {"peft_type": kind, "base_model_name_or_path": base_model_name_or_path, "inference_mode": True}
+    config = {"peft_type": kind, "base_model_name_or_path": base_model_name_or_path}
     if task_type is not None:
         config["task_type"] = task_type
     config["target_modules"] = sorted(sfs)

@@ -203,6 +203,11 @@ def _rewrite(d, rename=None, drop=None, reshape=None):
     _save_file(d / ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
 
 
+def _raw_header(d, header):
+    text = json.dumps(header).encode()
+    (d / ADAPTER_WEIGHTS).write_bytes(struct.pack("<Q", len(text)) + text + b"\x00" * 96)
+
+
 KEY_A, KEY_B = f"base_model.model.{Q}.lora_A.weight", f"base_model.model.{Q}.lora_B.weight"
 
 
@@ -225,6 +230,10 @@ KEY_A, KEY_B = f"base_model.model.{Q}.lora_A.weight", f"base_model.model.{Q}.lor
         (lambda d: _rewrite(d, rename=(KEY_B, KEY_B[len("base_model.model."):])), ValueError, "is not a lora_A"),
         (lambda d: _rewrite(d, reshape=KEY_A), ValueError, rf"'{KEY_A}' has shape \[1, 6\], the config implies \[2, \*\]"),
         (lambda d: (d / ADAPTER_WEIGHTS).write_bytes(b"\x00" * 4), ValueError, "not a safetensors file"),
+        (lambda d: _raw_header(d, {KEY_A: {"dtype": "F32", "shape": "x"}}), ValueError, "malformed header entry"),
+        (lambda d: _raw_header(d, {KEY_A: 3}), ValueError, "malformed header entry"),
+        (lambda d: _raw_header(d, {KEY_A: {"dtype": "I8", "shape": [2, 6], "data_offsets": [0, 12]}}),
+         ValueError, "unsupported dtype 'I8'"),
         (lambda d: (d / ADAPTER_WEIGHTS).write_bytes(struct.pack("<Q", 4) + b"abcd"), ValueError, "header is not JSON"),
         (lambda d: (d / ADAPTER_WEIGHTS).write_bytes((d / ADAPTER_WEIGHTS).read_bytes()[:-8]), ValueError,
          "data offsets that do not match"),

@@ -221,14 +221,15 @@ def test_write_and_read_back_are_exact(tmp_path, base_model):
 
 
 # ---------------------------------------------------------------------------- PEFT -> ours
-def _peft_made(base_model, config, tmp_path):
-    model = peft.get_peft_model(copy.deepcopy(base_model), config)
+def _peft_made(base_model, config, tmp_path, dtype=None):
+    model = peft.get_peft_model(copy.deepcopy(base_model).to(dtype or torch.float32), config)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name or "gralora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     model.save_pretrained(tmp_path / "peft")
+    model.float()  # bfloat16 values are float32 values: the deltas below are exact float32 ones
     deltas = {
         name.removeprefix("base_model.model."): mod.get_delta_weight("default").detach().numpy()
         for name, mod in model.named_modules()
@@ -237,12 +238,16 @@ def _peft_made(base_model, config, tmp_path):
     return deltas, load_peft_adapter(tmp_path / "peft")
 
 
-def test_read_lora_made_by_peft(base_model, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_read_lora_made_by_peft(base_model, tmp_path, dtype):
     config = peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
         rank_pattern={"up_proj": 6}, alpha_pattern={"v_proj": 3},
     )
-    deltas, (layers, saved) = _peft_made(base_model, config, tmp_path)
+    deltas, (layers, saved) = _peft_made(base_model, config, tmp_path, getattr(torch, dtype))
+    raw = (tmp_path / "peft" / ADAPTER_WEIGHTS).read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16" if dtype == "bfloat16" else "F32"}
     assert saved["peft_type"] == "LORA" and len(deltas) == 6 and set(layers) == set(deltas)
     for module, dW in deltas.items():
         assert layers[module].layout.ranks[0, 0] == (6 if "up_proj" in module else 4)
@@ -279,6 +284,12 @@ def test_config_is_minimal(base_model, tmp_path):
     save_peft_adapter(tmp_path / "a", {ATTN.format(0, "q_proj"): fit})
     with open(tmp_path / "a" / ADAPTER_CONFIG) as f:
         config = json.load(f)
-    assert set(config) == {"peft_type", "base_model_name_or_path", "inference_mode", "target_modules", "r",
-                           "lora_alpha"}
+    assert set(config) == {"peft_type", "base_model_name_or_path", "target_modules", "r", "lora_alpha"}
     assert peft.PeftConfig.from_pretrained(tmp_path / "a").r == 3
+    fit = approximate(_delta((64, 64), 0), method="block", n_blocks=2, rank=1)
+    save_peft_adapter(tmp_path / "g", {ATTN.format(0, "q_proj"): fit})
+    with open(tmp_path / "g" / ADAPTER_CONFIG) as f:
+        config = json.load(f)
+    assert set(config) == {"peft_type", "base_model_name_or_path", "target_modules", "r", "alpha", "gralora_k",
+                           "hybrid_r"}
+    assert peft.PeftConfig.from_pretrained(tmp_path / "g").gralora_k == 2

@@ -222,7 +222,8 @@ def test_write_and_read_back_are_exact(tmp_path, base_model):
 
 # ---------------------------------------------------------------------------- PEFT -> ours
 def _peft_made(base_model, config, tmp_path, dtype=None):
-    model = peft.get_peft_model(copy.deepcopy(base_model).to(dtype or torch.float32), config)
+    base = copy.deepcopy(base_model).to(dtype or torch.float32)
+    model = peft.get_peft_model(base, config, autocast_adapter_dtype=False)  # adapter in the model's dtype
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in model.named_parameters():

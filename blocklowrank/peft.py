@@ -9,13 +9,15 @@
 How each structure is written (W has shape ``(out_features, in_features)``):
 
 - global (1 x 1 layout) -> LoRA of the same rank;
-- any other layout without a global term that is not a full grid of equal
-  blocks (MELoRA's diagonal, uneven cuts, sparse patterns) -> LoRA of rank
-  ``sum r_ij``: the block factors side by side, zeros off their blocks
-  (exact, but with the parameters of a dense rank-``sum r_ij`` LoRA);
-- a full ``K x K`` grid of equal blocks -> GraLoRA ``gralora_k = K``,
-  ``r = K * rho`` with ``rho`` the largest block rank (smaller blocks padded
-  with zero components); a global term -> GraLoRA's ``hybrid_r``.
+- a layout that is not a full ``K x K`` grid (MELoRA's diagonal, sparse
+  patterns; a global term or not) -> LoRA of rank ``sum r_ij (+ r_g)``: the
+  block factors side by side, zeros off their blocks (exact, but with the
+  parameters of a dense LoRA of that rank);
+- a full ``K x K`` grid -> GraLoRA ``gralora_k = K``, ``r = K * rho`` with
+  ``rho`` the largest block rank (smaller blocks padded with zero
+  components); a global term -> GraLoRA's ``hybrid_r``. PEFT needs equal
+  blocks: a grid on a shape not divisible by ``K`` is refused (or written as
+  LoRA on request, ``peft_type="LORA"``).
 
 The scale is 1: LoRA gets ``lora_alpha = r`` (``alpha_pattern`` where a
 layer's rank differs from ``r``), GraLoRA ``alpha = r + hybrid_r``, so PEFT's
@@ -330,9 +332,8 @@ def save_peft_adapter(
         Recorded in the config.
     peft_type : {"auto", "LORA", "GRALORA"}, default="auto"
         One adapter holds one type. "auto" writes GraLoRA when some layer is
-        a full ``K x K`` grid of equal blocks (hybrid or not), LoRA when
-        none is, and raises when
-        the layers are of both kinds. "LORA" writes every layer as a stacked
+        a full ``K x K`` grid (hybrid or not), LoRA when none is, and raises
+        when the layers are of both kinds. "LORA" writes every layer as a stacked
         LoRA (exact for every layout; a permuted one gets the permutation
         applied to the rows of ``lora_B`` and the columns of ``lora_A``;
         hybrids with a permutation are refused). "GRALORA" writes every layer
@@ -359,8 +360,9 @@ def save_peft_adapter(
     ------
     ValueError
         When the layers need different adapter types, a layer does not fit
-        GraLoRA (shape not divisible by ``gralora_k``, unequal blocks), or a
-        block layout carries a permutation; nothing is written then.
+        GraLoRA (shape not divisible by ``gralora_k``, unequal blocks, a
+        permutation), or a hybrid carries a permutation; nothing is written
+        then.
     FileExistsError
         When ``directory`` is not empty and ``overwrite`` is False.
 
@@ -397,7 +399,7 @@ def save_peft_adapter(
     if task_type is not None:
         config["task_type"] = task_type
     config["target_modules"] = sorted(sfs)
-    tensors, report = {}, {}
+    tensors, written = {}, {}
     if kind == "LORA":
         pairs = {name: _stacked_lora(sf, dtype) for name, sf in sfs.items()}
         ranks = {name: B.shape[1] for name, (B, _) in pairs.items()}
@@ -409,6 +411,7 @@ def save_peft_adapter(
         for name, (B, A) in pairs.items():
             tensors[f"{PREFIX}{name}.lora_A.weight"] = A
             tensors[f"{PREFIX}{name}.lora_B.weight"] = B
+            written[name] = A.size + B.size
     else:
         problems = [p for p in (_gralora_fits(name, sf, K) for name, sf in sfs.items()) if p]
         if problems:
@@ -418,12 +421,14 @@ def save_peft_adapter(
         hybrid_r = max(t["hybrid_r"] for t in own.values())
         config.update(r=K * rho, alpha=K * rho + hybrid_r, gralora_k=K, hybrid_r=hybrid_r)
         for name, t in own.items():
-            for key, value in _pad_gralora(t, K, rho, hybrid_r).items():
-                tensors[f"{PREFIX}{name}.{key}"] = value
-    for name, sf in sfs.items():
-        written = sum(v.size for k, v in tensors.items() if k.startswith(f"{PREFIX}{name}."))
-        rank = ranks[name] if kind == "LORA" else config["r"]
-        report[name] = {"rank": int(rank), "n_params_effective": int(sf.n_params), "n_params_written": int(written)}
+            padded = _pad_gralora(t, K, rho, hybrid_r)
+            tensors.update({f"{PREFIX}{name}.{key}": value for key, value in padded.items()})
+            written[name] = sum(v.size for v in padded.values())
+    report = {
+        name: {"rank": int(ranks[name] if kind == "LORA" else config["r"]),
+               "n_params_effective": int(sf.n_params), "n_params_written": int(written[name])}
+        for name, sf in sfs.items()
+    }
     tensors = {k: np.ascontiguousarray(v, dtype) for k, v in tensors.items()}
     path = _atomic_write(directory, tensors, config, overwrite)
     return {

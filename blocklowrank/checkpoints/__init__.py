@@ -1,0 +1,49 @@
+"""Checkpoints: safetensors reading and writing, layer selection and ΔW streaming.
+
+Everything here works with NumPy alone; torch is never imported, and
+pickle-based checkpoints are refused rather than unpickled.
+
+- :mod:`~blocklowrank.checkpoints.safetensors`: :class:`Checkpoint` (lazy,
+  memory-mapped reader of single files, sharded sets and folders),
+  :func:`save_file`, :func:`load_file`, :class:`CheckpointError`.
+- :mod:`~blocklowrank.checkpoints.select`: :func:`select_names` (PEFT's
+  ``target_modules`` rules), :func:`pair_layers` (base vs fine-tuned, with a
+  report of everything not paired) and :func:`iter_deltas` (ΔW one layer at a
+  time).
+"""
+
+from .safetensors import (
+    MAX_HEADER_BYTES,
+    Checkpoint,
+    CheckpointError,
+    TensorInfo,
+    load_file,
+    open_checkpoint,
+    save_file,
+)
+from .select import (
+    ALL_LINEAR,
+    LayerPair,
+    PairingReport,
+    iter_deltas,
+    module_of,
+    pair_layers,
+    select_names,
+)
+
+__all__ = [
+    "ALL_LINEAR",
+    "LayerPair",
+    "PairingReport",
+    "iter_deltas",
+    "module_of",
+    "pair_layers",
+    "select_names",
+    "MAX_HEADER_BYTES",
+    "Checkpoint",
+    "CheckpointError",
+    "TensorInfo",
+    "load_file",
+    "open_checkpoint",
+    "save_file",
+]

@@ -1,0 +1,635 @@
+"""Reading and writing safetensors checkpoints with NumPy alone (no torch).
+
+A safetensors file is an 8-byte little-endian header length ``N``, ``N`` bytes
+of UTF-8 JSON (``{name: {"dtype", "shape", "data_offsets": [begin, end]}}``
+plus an optional ``"__metadata__"`` map of strings), then the raw
+little-endian, row-major byte buffer. A sharded checkpoint adds an index file
+(``model.safetensors.index.json``) whose ``weight_map`` maps each tensor name
+to its shard file.
+
+:class:`Checkpoint` reads lazily: opening parses the headers only, and
+:meth:`Checkpoint.get` memory-maps the file and returns one tensor at a time.
+Every check of the reference implementation (``safetensors`` on PyPI) is made,
+and a few it skips (see Notes); any problem raises :class:`CheckpointError`
+naming the file and the tensor. Pickle-based checkpoints (``.bin``, ``.pt``,
+``.pth``, ``.ckpt``) are refused, never unpickled.
+
+:func:`save_file` writes what the reference writer writes, byte for byte
+(tensors sorted by element type, widest first, then by name; header padded
+with spaces to a multiple of 8 bytes so the buffer starts 8-byte aligned),
+through a temporary file renamed into place.
+
+Notes
+-----
+Stricter than the reference reader, as the format's README asks: the header
+must start with ``{`` (the reference accepts leading whitespace), a key may
+not appear twice in the header (the reference keeps the last), and a BOOL
+byte must be 0 or 1. Shard paths in an index must be relative and must not
+contain ``..``; they are checked as written, so the symbolic links of a
+Hugging Face cache snapshot (which point to ``../../blobs``) still work.
+
+Examples
+--------
+>>> import tempfile, pathlib
+>>> import numpy as np
+>>> tmp = tempfile.TemporaryDirectory()
+>>> folder = pathlib.Path(tmp.name)
+>>> path = save_file(folder / "model.safetensors",
+...                  {"layer.weight": np.eye(2, dtype=np.float32), "layer.bias": np.zeros(2)},
+...                  metadata={"format": "pt"}, dtypes={"layer.weight": "BF16"})
+>>> with open_checkpoint(folder) as ckpt:
+...     print(ckpt.names(), ckpt.info("layer.weight").dtype, ckpt.metadata)
+...     print(ckpt.get("layer.weight"))
+['layer.bias', 'layer.weight'] BF16 {'format': 'pt'}
+[[1. 0.]
+ [0. 1.]]
+>>> tmp.cleanup()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import mmap
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import NamedTuple
+
+import numpy as np
+
+from ._dtypes import DTYPES, bf16_to_float32, code_of, float_to_bf16
+
+__all__ = [
+    "CheckpointError",
+    "TensorInfo",
+    "Checkpoint",
+    "open_checkpoint",
+    "save_file",
+    "load_file",
+    "MAX_HEADER_BYTES",
+]
+
+#: Largest header (and index file) read, as in the reference implementation.
+MAX_HEADER_BYTES = 100_000_000
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_INDEX_SUFFIX = ".safetensors.index.json"
+_FIELDS = ("dtype", "shape", "data_offsets")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message names the file and, if any, the tensor."""
+
+
+class TensorInfo(NamedTuple):
+    """Where and what one tensor is, read from the header alone.
+
+    Attributes
+    ----------
+    name : str
+    dtype : str
+        The safetensors code, e.g. ``"BF16"``.
+    shape : tuple of int
+    file : pathlib.Path
+        The file holding the data (a shard, for a sharded checkpoint).
+    offsets : (int, int)
+        Byte range ``[begin, end)`` of the data in ``file``: absolute file
+        positions, i.e. the header's ``data_offsets`` plus ``8 + N``.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple
+    file: Path
+    offsets: tuple
+
+
+def _error(path, message, tensor=None):
+    """A CheckpointError whose message starts with the file and, if given, the tensor."""
+    where = str(path) if tensor is None else f"{path}, tensor {tensor!r}"
+    return CheckpointError(f"{where}: {message}")
+
+
+def _pickle_refusal(path):
+    return _error(
+        path,
+        "pickle-based checkpoints (.bin, .pt, .pth, .ckpt) are never opened here, because "
+        "unpickling can run arbitrary code; convert it to safetensors first (e.g. "
+        "safetensors.torch.save_file on its state dict, or save_pretrained(..., "
+        "safe_serialization=True)) and open the .safetensors file",
+    )
+
+
+def _looks_pickled(first_bytes):
+    """True for the start of a torch zip archive or of a raw pickle stream."""
+    return first_bytes.startswith(b"PK\x03\x04") or (
+        first_bytes[:1] == b"\x80" and first_bytes[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    )
+
+
+def _load_json(raw, path, what):
+    """Parse strict JSON (UTF-8, no duplicate keys, no NaN/Infinity) or raise CheckpointError."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _error(
+            path, f"the {what} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+        ) from None
+
+    def no_duplicates(pairs):
+        obj = {}
+        for key, value in pairs:
+            if key in obj:
+                raise _error(path, f"the {what} has the key {key!r} twice")
+            obj[key] = value
+        return obj
+
+    def no_constants(name):
+        raise _error(path, f"the {what} contains {name}, which is not JSON")
+
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constants)
+    except json.JSONDecodeError as exc:
+        raise _error(
+            path, f"the {what} is not valid JSON ({exc.msg} at character {exc.pos})"
+        ) from None
+    except RecursionError:
+        raise _error(path, f"the {what} is nested too deeply to be a safetensors {what}") from None
+
+
+def _is_count(value):
+    """A JSON non-negative integer (bool is not one)."""
+    return type(value) is int and value >= 0
+
+
+def _check_string_map(value, path, what):
+    """Return ``value`` if it is a str -> str dict, else raise CheckpointError."""
+    if not isinstance(value, dict):
+        raise _error(path, f"{what} must be a JSON object, got {type(value).__name__}")
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise _error(path, f"{what}[{key!r}] must be a string, got {type(item).__name__}")
+    return value
+
+
+def _check_entry(path, name, entry, buffer_size):
+    """Validate one tensor entry of a header; return (dtype, shape, begin, end)."""
+    if not isinstance(entry, dict):
+        raise _error(path, f"its header entry must be an object, got {type(entry).__name__}", name)
+    missing = [key for key in _FIELDS if key not in entry]
+    if missing:
+        raise _error(path, f"its header entry lacks {', '.join(missing)}", name)
+    dtype, shape, offsets = (entry[key] for key in _FIELDS)
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _error(path, f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})", name)
+    if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
+        raise _error(path, f"shape must be a list of non-negative integers, got {shape!r}", name)
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets)):
+        raise _error(path, f"data_offsets must be two non-negative integers, got {offsets!r}", name)
+    begin, end = offsets
+    if not begin <= end <= buffer_size:
+        raise _error(
+            path, f"data_offsets {offsets} fall outside the {buffer_size}-byte data buffer", name
+        )
+    n_bits = math.prod(shape) * DTYPES[dtype].bits  # Python ints: no overflow
+    if n_bits % 8 or n_bits // 8 != end - begin:
+        raise _error(
+            path,
+            f"shape {shape} of {dtype} needs {n_bits / 8:g} bytes but data_offsets {offsets} "
+            f"hold {end - begin}",
+            name,
+        )
+    return dtype, tuple(shape), begin, end
+
+
+class _Header(NamedTuple):
+    path: Path
+    tensors: dict  # name -> TensorInfo, in data order
+    metadata: dict | None
+    identity: tuple  # _identity of the file when the header was read
+
+
+def _identity(stat):
+    """What tells a file apart from a replaced or rewritten one."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _read_header(path):
+    """Read and validate the header of one safetensors file (never its data)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            stat = os.fstat(f.fileno())
+            size, first = stat.st_size, f.read(8)
+            if size < 8:
+                raise _error(path, f"the file has {size} bytes, too few for a safetensors header")
+            n = int.from_bytes(first, "little")
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                if _looks_pickled(first):
+                    raise _pickle_refusal(path)
+                limit = (
+                    "the file" if n <= MAX_HEADER_BYTES else f"the {MAX_HEADER_BYTES}-byte limit"
+                )
+                raise _error(path, f"header length {n} runs past {limit} ({size} bytes in all)")
+            raw = f.read(n)
+    except OSError as exc:
+        raise _error(path, f"cannot be read ({exc.strerror or exc})") from exc
+    if not raw.startswith(b"{"):
+        raise _error(path, "the header does not start with '{', as the format requires")
+    header = _load_json(raw, path, "header")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None:
+        _check_string_map(metadata, path, "__metadata__")
+    data_start, buffer_size = 8 + n, size - 8 - n
+    entries = []
+    for name, entry in header.items():
+        dtype, shape, begin, end = _check_entry(path, name, entry, buffer_size)
+        entries.append((begin, end, name, dtype, shape))
+    entries.sort()
+    cursor, previous = 0, None
+    for begin, end, name, _, _ in entries:
+        if begin != cursor:
+            problem = (
+                f"overlaps tensor {previous!r}"
+                if begin < cursor
+                else f"leaves {begin - cursor} bytes unused before it"
+            )
+            raise _error(path, f"its data_offsets [{begin}, {end}] {problem}", name)
+        cursor, previous = end, name
+    if cursor != buffer_size:
+        raise _error(
+            path, f"the tensors cover {cursor} of the {buffer_size} bytes after the header"
+        )
+    tensors = {
+        name: TensorInfo(name, dtype, shape, path, (data_start + begin, data_start + end))
+        for begin, end, name, dtype, shape in entries
+    }
+    return _Header(path, tensors, metadata, _identity(stat))
+
+
+def _check_shard_path(index_path, shard):
+    """Refuse a shard path that is absolute or climbs out of the index's folder."""
+    if not isinstance(shard, str) or not shard:
+        raise _error(index_path, f"weight_map values must be file names, got {shard!r}")
+    posix, windows = PurePosixPath(shard), PureWindowsPath(shard)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in windows.parts:
+        raise _error(
+            index_path, f"shard path {shard!r} leaves the checkpoint's folder; refusing it"
+        )
+    return index_path.parent / shard
+
+
+def _read_index(index_path):
+    """Read a sharded checkpoint's index and the headers of its shards."""
+    index_path = Path(index_path)
+    try:
+        if index_path.stat().st_size > MAX_HEADER_BYTES:
+            raise _error(index_path, f"the index is larger than {MAX_HEADER_BYTES} bytes")
+        raw = index_path.read_bytes()
+    except OSError as exc:
+        raise _error(index_path, f"cannot be read ({exc.strerror or exc})") from exc
+    index = _load_json(raw, index_path, "index")
+    if not isinstance(index, dict) or "weight_map" not in index:
+        raise _error(index_path, "the index has no weight_map (is it a sharded safetensors index?)")
+    weight_map = _check_string_map(index["weight_map"], index_path, "weight_map")
+    headers = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = _check_shard_path(index_path, shard)
+        if not shard_path.is_file():
+            raise _error(index_path, f"shard {shard!r} named in the weight_map does not exist")
+        headers[shard] = _read_header(shard_path)
+    for name, shard in weight_map.items():
+        if name not in headers[shard].tensors:
+            raise _error(
+                index_path, f"the weight_map puts it in {shard!r}, which does not hold it", name
+            )
+    for shard, header in headers.items():
+        for name in header.tensors:
+            if weight_map.get(name) != shard:
+                where = (
+                    f"is also in {weight_map[name]!r}"
+                    if name in weight_map
+                    else "is missing from the index"
+                )
+                raise _error(index_path, f"stored in shard {shard!r} but {where}", name)
+    return list(headers.values())
+
+
+def _resolve(path):
+    """Return (path, is_index) for a file, an index or a folder; refuse pickles."""
+    path = Path(path)
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise _pickle_refusal(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if not path.is_dir():
+        return path, path.name.endswith(".json")
+    standard = [
+        p for p in (path / "model.safetensors", path / ("model" + _INDEX_SUFFIX)) if p.is_file()
+    ]
+    candidates = (
+        standard or sorted(path.glob("*" + _INDEX_SUFFIX)) or sorted(path.glob("*.safetensors"))
+    )
+    if len(candidates) == 1:
+        return candidates[0], candidates[0].name.endswith(".json")
+    if candidates:
+        names = ", ".join(p.name for p in candidates)
+        raise _error(
+            path, f"the folder holds several candidate checkpoints ({names}); pass one of them"
+        )
+    if any(p.suffix.lower() in _PICKLE_SUFFIXES for p in path.iterdir()):
+        raise _pickle_refusal(path)
+    raise _error(path, "the folder holds no .safetensors file")
+
+
+class Checkpoint:
+    """A safetensors checkpoint opened read-only and lazily.
+
+    Opening reads the headers only; :meth:`get` memory-maps a file on first
+    use and returns one tensor at a time.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A ``.safetensors`` file, a sharded checkpoint's index
+        (``*.safetensors.index.json``), or a folder holding
+        ``model.safetensors`` or ``model.safetensors.index.json`` (else exactly
+        one index, else exactly one ``.safetensors`` file).
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The file or index opened.
+    files : tuple of pathlib.Path
+        The files holding data (the shards, for a sharded checkpoint).
+    metadata : dict of str to str
+        The ``__metadata__`` of the (first) file; empty if it has none.
+
+    Raises
+    ------
+    CheckpointError
+        For anything wrong with the files, naming the file and the tensor.
+    FileNotFoundError
+        If ``path`` does not exist.
+
+    See Also
+    --------
+    save_file, load_file, blocklowrank.checkpoints.pair_layers
+
+    Notes
+    -----
+    :meth:`names` lists tensors in storage order: shard by shard (file names
+    sorted), by data offset within a file. Arrays returned by :meth:`get` may
+    be read-only views of the file; they stay valid after :meth:`close`.
+    """
+
+    def __init__(self, path):
+        self.path, is_index = _resolve(path)
+        headers = _read_index(self.path) if is_index else [_read_header(self.path)]
+        self._infos = {name: info for header in headers for name, info in header.tensors.items()}
+        self._identities = {header.path: header.identity for header in headers}
+        self.files = tuple(self._identities)
+        self.metadata = dict(headers[0].metadata or {}) if headers else {}
+        self._maps = {}
+        self._closed = False
+
+    def names(self):
+        """Tensor names in storage order."""
+        return list(self._infos)
+
+    def info(self, name):
+        """Return the :class:`TensorInfo` of ``name`` (from the header; no data is read)."""
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r} in {self.path}") from None
+
+    def __contains__(self, name):
+        return name in self._infos
+
+    def __iter__(self):
+        return iter(self._infos)
+
+    def __len__(self):
+        return len(self._infos)
+
+    def __repr__(self):
+        return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
+
+    def _buffer(self, file):
+        """The read-only memory map of ``file``, opened on first use."""
+        if self._closed:
+            raise ValueError(f"the checkpoint {self.path} is closed")
+        if file not in self._maps:
+            try:
+                with open(file, "rb") as f:
+                    if _identity(os.fstat(f.fileno())) != self._identities[file]:
+                        raise _error(file, "the file was changed or replaced since it was opened")
+                    self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as exc:
+                raise _error(file, f"cannot be read ({exc.strerror or exc})") from exc
+        return self._maps[file]
+
+    def get(self, name, *, dtype=None):
+        """Return one tensor as a NumPy array, memory-mapped where possible.
+
+        Parameters
+        ----------
+        name : str
+            The tensor's name.
+        dtype : data-type, optional
+            Convert to this dtype. Without it: BF16 is decoded exactly to
+            float32, F16 stays float16, every other type keeps its own.
+
+        Returns
+        -------
+        array : ndarray
+            Possibly a read-only view of the file.
+        """
+        info = self.info(name)
+        spec = DTYPES[info.dtype]
+        if spec.numpy is None:
+            raise _error(
+                info.file, f"dtype {info.dtype} has no NumPy equivalent to read it into", name
+            )
+        array = np.frombuffer(
+            self._buffer(info.file),
+            dtype=spec.numpy,
+            count=math.prod(info.shape),
+            offset=info.offsets[0],
+        ).reshape(info.shape)
+        if info.dtype == "BF16":
+            array = bf16_to_float32(array)
+        elif info.dtype == "BOOL" and array.view(np.uint8).max(initial=0) > 1:
+            raise _error(info.file, "a BOOL byte is neither 0 nor 1", name)
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def close(self):
+        """Release the memory maps (those still used by live arrays go when the arrays do)."""
+        for buffer in self._maps.values():
+            with contextlib.suppress(BufferError):
+                buffer.close()
+        self._maps.clear()
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def open_checkpoint(path):
+    """Open a safetensors checkpoint (file, sharded index or folder): see :class:`Checkpoint`."""
+    return Checkpoint(path)
+
+
+def load_file(path):
+    """Read every tensor of a checkpoint into memory.
+
+    Returns
+    -------
+    tensors : dict of str to ndarray
+        Writable arrays, in storage order, no longer tied to the file.
+    """
+    with Checkpoint(path) as ckpt:
+        return {name: np.array(ckpt.get(name)) for name in ckpt}
+
+
+def _stored_code(name, array, dtypes):
+    """The safetensors code ``array`` is written as: its own, or the one forced by ``dtypes``."""
+    forced = dtypes if dtypes is None or isinstance(dtypes, str) else dtypes.get(name)
+    if forced is None:
+        code = code_of(array.dtype)
+        if code is None:
+            raise TypeError(
+                f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot store"
+            )
+        return code
+    if forced not in DTYPES or DTYPES[forced].numpy is None:
+        writable = ", ".join(code for code, spec in DTYPES.items() if spec.numpy is not None)
+        raise ValueError(
+            f"cannot write dtype {forced!r} for tensor {name!r}; use one of {writable}"
+        )
+    if forced == "BF16" and array.dtype.kind != "f":
+        raise TypeError(f"BF16 needs a floating array, but tensor {name!r} has dtype {array.dtype}")
+    if forced != "BF16" and not np.can_cast(array.dtype, DTYPES[forced].numpy, "same_kind"):
+        raise TypeError(
+            f"tensor {name!r} of dtype {array.dtype} cannot be stored as {forced}; cast it first"
+        )
+    return forced
+
+
+def _encoded(array, code):
+    """The bytes of ``array`` stored as ``code``: a C-contiguous little-endian array."""
+    if code == "BF16":
+        return float_to_bf16(array)
+    return np.ascontiguousarray(array, dtype=DTYPES[code].numpy)
+
+
+def _write_atomically(path, chunks):
+    """Write the byte chunks to a temporary file beside ``path``, then rename it into place."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(
+        temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666
+    )
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def save_file(path, tensors, *, metadata=None, dtypes=None):
+    """Write tensors to a safetensors file, atomically.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The file to write (replaced if it exists).
+    tensors : mapping of str to array_like
+        The tensors by name.
+    metadata : mapping of str to str, optional
+        Stored as ``__metadata__``; every value must be a string, as the
+        format requires (``{"format": "pt"}`` is what torch writers put).
+    dtypes : str or mapping of str to str, optional
+        Store as this safetensors code instead of the array's own type: one
+        code for every tensor, or a code per tensor name. ``"BF16"`` encodes
+        floats with round-to-nearest-even; other conversions must keep the
+        kind (float to float, int to int).
+
+    Returns
+    -------
+    path : pathlib.Path
+
+    Raises
+    ------
+    TypeError
+        For a non-string name or metadata value, or a dtype the format cannot hold.
+    ValueError
+        For the reserved name ``__metadata__`` or an unknown dtype code.
+    """
+    path = Path(path)
+    for what, value in (("tensors", tensors), ("metadata", metadata), ("dtypes", dtypes)):
+        if not (
+            value is None
+            or isinstance(value, Mapping)
+            or (what == "dtypes" and isinstance(value, str))
+        ):
+            raise TypeError(f"{what} must be a mapping by name, got {type(value).__name__}")
+    if metadata is not None:
+        bad = {
+            key: value
+            for key, value in metadata.items()
+            if not (isinstance(key, str) and isinstance(value, str))
+        }
+        if bad:
+            raise TypeError(
+                f"metadata keys and values must be strings (the format's rule), got {bad!r}"
+            )
+        metadata = dict(sorted(metadata.items()))
+    if dtypes is not None and not isinstance(dtypes, str):
+        unknown = sorted(set(dtypes) - set(tensors), key=str)
+        if unknown:
+            raise ValueError(f"dtypes names tensors that are not being saved: {unknown}")
+    plan = []
+    for name, array in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names must be strings, got {name!r}")
+        if name == "__metadata__":
+            raise ValueError("'__metadata__' is reserved by the format and cannot name a tensor")
+        array = np.asarray(array)
+        plan.append((name, _stored_code(name, array, dtypes), array))
+    plan.sort(key=lambda item: (-DTYPES[item[1]].rank, item[0]))  # as the reference writer
+    header = {} if metadata is None else {"__metadata__": metadata}
+    offset = 0
+    for name, code, array in plan:
+        size = array.size * DTYPES[code].bits // 8
+        header[name] = {
+            "dtype": code,
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    try:
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"a tensor name or metadata string is not valid Unicode: {exc}") from None
+    raw += b" " * (-len(raw) % 8)
+
+    def chunks():  # the header, then one tensor at a time, encoded only when written
+        yield len(raw).to_bytes(8, "little") + raw
+        for _, code, array in plan:
+            yield _encoded(array, code).data
+
+    _write_atomically(path, chunks())
+    return path

@@ -1,0 +1,348 @@
+"""Tests of blocklowrank.checkpoints.select: target_modules, pairing, ΔW streaming.
+
+The checkpoints are small, generated here: a Llama-like base, a fine-tuned
+version (sharded, BF16, resized vocabulary, a layer dropped, a new head) and
+PEFT-adapter-like names.
+"""
+
+import gc
+import json
+import subprocess
+import sys
+import weakref
+
+import numpy as np
+import pytest
+
+from blocklowrank.checkpoints import (
+    CheckpointError,
+    LayerPair,
+    PairingReport,
+    iter_deltas,
+    module_of,
+    open_checkpoint,
+    pair_layers,
+    save_file,
+    select_names,
+)
+
+D, FF, VOCAB = 8, 12, 16
+
+
+def llama_like(rng, *, n_layers=2, vocab=VOCAB, dtype=np.float32):
+    """Tensors of a tiny Llama-style model, in the usual naming."""
+    tensors = {
+        "model.embed_tokens.weight": rng.standard_normal((vocab, D)),
+        "model.norm.weight": np.ones(D),
+        "lm_head.weight": rng.standard_normal((vocab, D)),
+    }
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        for proj in "qkvo":
+            tensors[f"{p}self_attn.{proj}_proj.weight"] = rng.standard_normal((D, D))
+        tensors[f"{p}self_attn.q_proj.bias"] = rng.standard_normal(D)
+        tensors[f"{p}mlp.gate_proj.weight"] = rng.standard_normal((FF, D))
+        tensors[f"{p}mlp.up_proj.weight"] = rng.standard_normal((FF, D))
+        tensors[f"{p}mlp.down_proj.weight"] = rng.standard_normal((D, FF))
+        tensors[f"{p}input_layernorm.weight"] = np.ones(D)
+    return {name: array.astype(dtype) for name, array in tensors.items()}
+
+
+def shapes_of(tensors):
+    return {name: array.shape for name, array in tensors.items()}
+
+
+@pytest.fixture
+def models(tmp_path):
+    """A float32 base file and a sharded BF16 fine-tuned version with a resized vocabulary."""
+    rng = np.random.default_rng(0)
+    base = llama_like(rng)
+    tuned = {
+        name: array + np.float32(0.01) * rng.standard_normal(array.shape).astype(np.float32)
+        for name, array in base.items()
+    }
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):  # vocabulary grown by 4
+        tuned[name] = np.concatenate([tuned[name], np.zeros((4, D), np.float32)])
+    del tuned["model.layers.1.mlp.down_proj.weight"]
+    tuned["score.weight"] = np.ones((3, D), np.float32)
+    save_file(tmp_path / "base.safetensors", base)
+    folder = tmp_path / "tuned"
+    folder.mkdir()
+    names = sorted(tuned)
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
+    for shard, part in shards.items():
+        save_file(folder / shard, {name: tuned[name] for name in part}, dtypes="BF16")
+    weight_map = {name: shard for shard, part in shards.items() for name in part}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with open_checkpoint(tmp_path / "base.safetensors") as b, open_checkpoint(folder) as t:
+        yield b, t, base, tuned
+
+
+# ---------------------------------------------------------------- select_names
+
+LLAMA = shapes_of(llama_like(np.random.default_rng(0), n_layers=1))
+GPT2 = {
+    "transformer.wte.weight": (50, 8),
+    "transformer.wpe.weight": (16, 8),
+    "transformer.h.0.attn.c_attn.weight": (8, 24),
+    "transformer.h.0.attn.c_proj.weight": (8, 8),
+    "transformer.h.0.mlp.c_fc.weight": (8, 32),
+    "transformer.h.0.ln_1.weight": (8,),
+    "lm_head.weight": (50, 8),
+}
+BERT = {
+    "bert.embeddings.word_embeddings.weight": (50, 8),
+    "bert.embeddings.position_embeddings.weight": (16, 8),
+    "bert.embeddings.token_type_embeddings.weight": (2, 8),
+    "bert.embeddings.LayerNorm.weight": (8,),
+    "bert.encoder.layer.0.attention.self.query.weight": (8, 8),
+    "bert.encoder.layer.0.attention.output.dense.weight": (8, 8),
+    "bert.pooler.dense.weight": (8, 8),
+    "classifier.weight": (2, 8),
+}
+T5 = {
+    "shared.weight": (50, 8),
+    "encoder.block.0.layer.0.SelfAttention.q.weight": (8, 8),
+    "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": (32, 2),
+    "decoder.embed_tokens.weight": (50, 8),
+    "lm_head.weight": (50, 8),
+}
+META_LLAMA = {
+    "tok_embeddings.weight": (50, 8),
+    "layers.0.attention.wq.weight": (8, 8),
+    "output.weight": (50, 8),
+    "norm.weight": (8,),
+}
+GPT_NEOX = {
+    "gpt_neox.embed_in.weight": (50, 8),
+    "gpt_neox.layers.0.attention.query_key_value.weight": (24, 8),
+    "embed_out.weight": (50, 8),
+}
+ADAPTER = {
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (2, 8),
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": (8, 2),
+}
+
+
+@pytest.mark.parametrize(
+    "shapes, expected",
+    [
+        (LLAMA, [n for n in LLAMA if "proj.weight" in n]),
+        (
+            GPT2,
+            [
+                "transformer.h.0.attn.c_attn.weight",
+                "transformer.h.0.attn.c_proj.weight",
+                "transformer.h.0.mlp.c_fc.weight",
+            ],
+        ),
+        (
+            BERT,
+            [
+                "bert.encoder.layer.0.attention.self.query.weight",
+                "bert.encoder.layer.0.attention.output.dense.weight",
+                "bert.pooler.dense.weight",
+                "classifier.weight",
+            ],
+        ),
+        (T5, ["encoder.block.0.layer.0.SelfAttention.q.weight"]),
+        (META_LLAMA, ["layers.0.attention.wq.weight"]),
+        (GPT_NEOX, ["gpt_neox.layers.0.attention.query_key_value.weight"]),
+        (ADAPTER, []),
+    ],
+    ids=["llama", "gpt2", "bert", "t5", "meta-llama", "gpt-neox", "adapter"],
+)
+def test_all_linear(shapes, expected):
+    assert select_names(shapes, "all-linear", shapes=shapes) == expected
+    assert select_names(list(shapes), "ALL-LINEAR", shapes=shapes) == expected
+
+
+def test_suffix_list_and_regex():
+    names = list(LLAMA)
+    q = ["model.layers.0.self_attn.q_proj.weight"]
+    assert select_names(names, ["q_proj"]) == q  # the bias is not a layer
+    assert select_names(names, ("self_attn.q_proj",)) == q
+    assert select_names(names, ["_proj"]) == []  # a suffix is a whole name part
+    assert select_names(names, "q_proj") == []  # a regex must match the whole module path
+    assert select_names(names, r".*\.q_proj") == q
+    assert select_names(names, r"model\.layers\.\d+\.mlp\.(up|down)_proj") == [
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+    ]
+    assert select_names(names, ["input_layernorm"]) == ["model.layers.0.input_layernorm.weight"]
+    assert select_names(names, ["input_layernorm"], shapes=LLAMA) == []  # shapes: 2-D only
+    adapter = list(ADAPTER)
+    assert select_names(adapter, ["q_proj"]) == []
+    assert select_names(adapter, r".*q_proj\.lora_A") == adapter[:1]
+    assert select_names([], ["q_proj"]) == []
+
+
+@pytest.mark.parametrize(
+    "target, kwargs, error, match",
+    [
+        ("all-linear", {}, ValueError, "needs the shapes"),
+        ("(", {}, ValueError, "not a valid regular expression"),
+        (3, {}, TypeError, "target_modules must be"),
+        ({"q_proj": 1}, {}, TypeError, "target_modules must be"),
+        (["q_proj", 3], {}, TypeError, "non-empty module names"),
+        ([""], {}, TypeError, "non-empty module names"),
+        (["q_proj"], {"shapes": {}}, ValueError, "shapes has no entry"),
+    ],
+)
+def test_select_names_errors(target, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        select_names(["a.q_proj.weight"], target, **kwargs)
+
+
+def test_module_of():
+    assert module_of("a.b.weight") == "a.b"
+    assert (
+        module_of(".weight") is None
+        and module_of("weight") is None
+        and module_of("a.gralora_A") is None
+    )
+
+
+# ---------------------------------------------------------------- pair_layers
+
+
+def test_pair_layers_reports_everything(models):
+    base, tuned, base_arrays, tuned_arrays = models
+    report = pair_layers(base, tuned)
+    assert report.only_in_base == ["model.layers.1.mlp.down_proj.weight"]
+    assert report.only_in_finetuned == ["score.weight"]
+    assert report.shape_mismatch == [
+        (name, (VOCAB, D), (VOCAB + 4, D))
+        for name in base.names()
+        if name in ("model.embed_tokens.weight", "lm_head.weight")
+    ]
+    assert sorted(report.not_2d) == sorted(n for n, a in base_arrays.items() if a.ndim == 1)
+    assert report.excluded == []  # embeddings and head already in shape_mismatch
+    expected = [
+        n for n in base.names() if "proj.weight" in n and n != "model.layers.1.mlp.down_proj.weight"
+    ]
+    assert [p.name for p in report.pairs] == expected  # checkpoint order
+    assert report.pairs[0] == LayerPair(
+        expected[0], module_of(expected[0]), base.info(expected[0]).shape
+    )
+    # every tensor lands in exactly one group
+    grouped = (
+        [p.name for p in report.pairs]
+        + report.only_in_base
+        + report.only_in_finetuned
+        + [m[0] for m in report.shape_mismatch]
+        + report.not_2d
+        + report.excluded
+    )
+    assert sorted(grouped) == sorted(set(base_arrays) | set(tuned_arrays))
+    text = report.summary(max_names=2)
+    assert text.startswith(f"{len(expected)} layer pairs") and "only in base (1)" in text
+    assert "shape mismatch (2)" in text and "(16, 8) vs (20, 8)" in text and "... and" in text
+
+
+def test_pair_layers_with_a_target_list_and_without_finetuned(models):
+    base, tuned, _, _ = models
+    report = pair_layers(base, tuned, ["q_proj", "v_proj"])
+    assert [p.module for p in report.pairs] == [
+        f"model.layers.{i}.self_attn.{x}_proj" for i in range(2) for x in "qv"
+    ]
+    assert "model.layers.0.mlp.up_proj.weight" in report.excluded
+    alone = pair_layers(base, None)
+    assert alone.only_in_base == alone.only_in_finetuned == alone.shape_mismatch == []
+    assert alone.excluded == [
+        n for n in base.names() if n in ("model.embed_tokens.weight", "lm_head.weight")
+    ]
+    assert len(alone.pairs) == 14
+
+
+def test_pairing_an_adapter_file_explains_itself(tmp_path, models):
+    base, _, _, _ = models
+    adapter = {name: np.zeros(shape, np.float32) for name, shape in ADAPTER.items()}
+    with open_checkpoint(save_file(tmp_path / "adapter_model.safetensors", adapter)) as lora:
+        report = pair_layers(base, lora)
+    assert report.pairs == [] and report.only_in_finetuned == list(ADAPTER)
+    assert "looks like a PEFT adapter" in report.summary()
+
+
+# ---------------------------------------------------------------- iter_deltas
+
+
+def test_iter_deltas_values_and_dtypes(models):
+    base, tuned, base_arrays, _ = models
+    report = pair_layers(base, tuned)
+    seen = []
+    for pair, delta in iter_deltas(base, tuned, report):
+        assert (
+            isinstance(pair, LayerPair) and delta.shape == pair.shape and delta.dtype == np.float32
+        )
+        exact = tuned.get(pair.name).astype(np.float64) - base_arrays[pair.name].astype(np.float64)
+        assert np.array_equal(delta, exact.astype(np.float32))  # one rounding, in float32
+        seen.append(pair)
+    assert seen == report.pairs
+    pair, delta = next(iter_deltas(base, tuned, report.pairs[:1], dtype=np.float64))
+    assert delta.dtype == np.float64
+    for pair, w in iter_deltas(base, None, report):  # the weights themselves
+        assert w.dtype == np.float32 and np.array_equal(w, base_arrays[pair.name])
+
+
+def test_iter_deltas_uses_float64_when_a_checkpoint_is_f64(tmp_path):
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((4, 3)), rng.standard_normal((4, 3)).astype(np.float32)
+    base = open_checkpoint(save_file(tmp_path / "a.safetensors", {"l.weight": a}))
+    tuned = open_checkpoint(save_file(tmp_path / "b.safetensors", {"l.weight": b}))
+    ((_, delta),) = iter_deltas(base, tuned, pair_layers(base, tuned))
+    assert delta.dtype == np.float64 and np.array_equal(delta, b.astype(np.float64) - a)
+
+
+def test_iter_deltas_checks_shapes_and_arguments(models):
+    base, tuned, _, _ = models
+    stale = [LayerPair("lm_head.weight", "lm_head", (VOCAB, D))]
+    deltas = iter_deltas(base, tuned, stale)
+    with pytest.raises(CheckpointError, match=r"tensor 'lm_head.weight': shape \(20, 8\) differs"):
+        next(deltas)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        iter_deltas(base, tuned, stale, dtype=np.float16)  # raised at the call, not at first next()
+    with pytest.raises(KeyError, match="no tensor 'nope'"):
+        next(iter_deltas(base, tuned, [LayerPair("nope", "nope", (1, 1))]))
+
+
+@pytest.mark.parametrize("with_finetuned", [True, False])
+def test_iter_deltas_holds_one_layer_at_a_time(models, monkeypatch, with_finetuned):
+    base, tuned, _, _ = models
+    finetuned = tuned if with_finetuned else None
+    report = pair_layers(base, finetuned)
+    alive = []
+
+    def checked(original):
+        def get(name, **kwargs):
+            if any(ref() is not None for ref in alive):
+                gc.collect()  # only cycles could keep it; refcounting frees the rest
+            assert all(ref() is None for ref in alive), "an earlier layer is still held"
+            return original(name, **kwargs)
+
+        return get
+
+    for ckpt in (base, tuned):
+        monkeypatch.setattr(ckpt, "get", checked(ckpt.get))
+    count = 0
+    for _, delta in iter_deltas(base, finetuned, report):
+        alive.append(weakref.ref(delta))
+        del delta
+        count += 1
+    assert count == len(report.pairs) > 1
+
+
+def test_pairing_report_is_a_plain_record():
+    report = PairingReport([], [], [], [], [], [])
+    assert report.summary() == "0 layer pairs (0 weights) selected by target_modules='all-linear'"
+
+
+def test_the_package_never_imports_torch():
+    code = (
+        "import sys, blocklowrank.checkpoints; "
+        "sys.exit('torch' in sys.modules or 'safetensors' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

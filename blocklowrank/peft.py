@@ -34,12 +34,12 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 from collections.abc import Mapping
 
 import numpy as np
 
+from .checkpoints.safetensors import open_checkpoint, save_file
 from .convert import StructuredFactors, as_factors, from_gralora, to_gralora
 from .layout import BlockLayout
 
@@ -56,89 +56,6 @@ _GRALORA_KEYS = {
     "gralora_A_general.weight": "A_general",
     "gralora_B_general.weight": "B_general",
 }
-
-
-# ---------------------------------------------------------------------------- safetensors
-# Minimal F32/F64 writer and reader behind the names of
-# blocklowrank.checkpoints.safetensors (save_file, open_checkpoint), so that
-# switching to that module is a one-line import change.
-_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
-
-
-def _save_file(path, tensors, *, metadata=None):
-    """Write ``{name: ndarray}`` as a safetensors file (F32 or F64)."""
-    header, chunks, offset = {}, [], 0
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
-        code = {np.dtype("float32"): "F32", np.dtype("float64"): "F64"}.get(a.dtype)
-        if code is None:
-            raise TypeError(f"tensor {name!r} has dtype {a.dtype}; only float32 and float64 are written")
-        data = a.astype(_DTYPES[code], copy=False).tobytes()
-        header[name] = {"dtype": code, "shape": list(a.shape), "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for data in chunks:
-            f.write(data)
-
-
-class _Checkpoint:
-    """Tensors of one safetensors file, read on demand (``get``, ``names``, ``metadata``)."""
-
-    def __init__(self, path):
-        self.path = os.fspath(path)
-        size = os.path.getsize(self.path)
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-            if n < 2 or 8 + n > size:
-                raise ValueError(f"{self.path}: not a safetensors file (bad header length)")
-            try:
-                header = json.loads(f.read(n))
-            except ValueError as exc:
-                raise ValueError(f"{self.path}: not a safetensors file (header is not JSON)") from exc
-        if not isinstance(header, dict):
-            raise ValueError(f"{self.path}: not a safetensors file (header is not a JSON object)")
-        self.metadata = header.pop("__metadata__", None) or {}
-        self._start = 8 + n
-        self._entries = {name: self._entry(name, info, size - self._start) for name, info in header.items()}
-
-    def _entry(self, name, info, n_data):
-        """``(code, shape, begin, end)`` of one header entry, checked against the file."""
-        try:
-            code, shape = info["dtype"], tuple(int(d) for d in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (TypeError, KeyError, ValueError) as exc:
-            raise ValueError(f"{self.path}: tensor {name!r} has a malformed header entry") from exc
-        if code not in _DTYPES:
-            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {code!r}")
-        if end - begin != int(np.prod(shape)) * _DTYPES[code].itemsize or begin < 0 or end > n_data:
-            raise ValueError(f"{self.path}: tensor {name!r} has data offsets that do not match its shape")
-        return code, shape, begin, end
-
-    def names(self):
-        return list(self._entries)
-
-    def get(self, name):
-        if name not in self._entries:
-            raise KeyError(f"{self.path}: no tensor {name!r}")
-        code, shape, begin, end = self._entries[name]
-        with open(self.path, "rb") as f:
-            f.seek(self._start + begin)
-            data = f.read(end - begin)
-        if code == "BF16":  # the top 16 bits of a float32
-            return (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
-        return np.frombuffer(data, dtype=_DTYPES[code]).reshape(shape).astype(_DTYPES[code].newbyteorder("="))
-
-
-def _open_checkpoint(path):
-    return _Checkpoint(path)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -286,7 +203,7 @@ def _atomic_write(directory, tensors, config, overwrite):
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", dir=parent)
     old = None
     try:
-        _save_file(os.path.join(tmp, ADAPTER_WEIGHTS), tensors, metadata={"format": "pt"})
+        save_file(os.path.join(tmp, ADAPTER_WEIGHTS), tensors, metadata={"format": "pt"})
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         if os.path.isdir(directory):
@@ -479,6 +396,9 @@ def _group_keys(ckpt, suffixes, wpath):
 def _get(ckpt, key, shape, wpath):
     """Tensor ``key`` as float64-compatible array, checked against ``shape`` (None = any size)."""
     a = ckpt.get(key)
+    if a.dtype.kind != "f":
+        raise ValueError(f"{wpath}: tensor {key!r} has dtype {a.dtype}, not a floating type")
+    a = np.array(a, dtype=np.result_type(a.dtype, np.float32))  # a copy, off the memory map
     if a.ndim != len(shape) or any(s is not None and s != t for s, t in zip(shape, a.shape)):
         want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         raise ValueError(f"{wpath}: tensor {key!r} has shape {list(a.shape)}, the config implies {want}")
@@ -585,4 +505,5 @@ def load_peft_adapter(directory):
             raise ValueError(f"{cpath}: {field_!r} must be a positive integer, got {config.get(field_)!r}")
     if kind == "GRALORA" and config["r"] % config["gralora_k"]:
         raise ValueError(f"{cpath}: r={config['r']} is not divisible by gralora_k={config['gralora_k']}")
-    return readers[kind](_open_checkpoint(wpath), config, wpath, cpath), config
+    with open_checkpoint(wpath) as ckpt:
+        return readers[kind](ckpt, config, wpath, cpath), config

@@ -359,23 +359,31 @@ def save_peft_adapter(
 
 
 # ---------------------------------------------------------------------------- reading
-def _pattern_value(patterns, module, default, path):
+def _pattern_value(config, field_, module, default, path):
     """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: a key matches a dotted suffix of the module path."""
-    for key, value in (patterns or {}).items():
+    patterns = config.get(field_) or {}
+    if not isinstance(patterns, dict) or not all(isinstance(v, (int, float)) for v in patterns.values()):
+        raise ValueError(f"{path}: {field_!r} must map module patterns to numbers")
+    for key, value in patterns.items():
         try:
             hit = re.match(rf"(.*\.)?({key})$", module)
         except re.error as exc:
-            raise ValueError(f"{path}: pattern {key!r} is not a regular expression") from exc
+            raise ValueError(f"{path}: {field_!r} key {key!r} is not a regular expression") from exc
         if hit:
             return value
     return default
 
 
-def _targeted(target_modules, module):
-    if target_modules is None:
+def _targeted(target_modules, module, path):
+    if target_modules is None or target_modules == "all-linear":
         return True
     if isinstance(target_modules, str):
-        return target_modules == "all-linear" or re.fullmatch(target_modules, module) is not None
+        try:
+            return re.fullmatch(target_modules, module) is not None
+        except re.error as exc:
+            raise ValueError(f"{path}: target_modules {target_modules!r} is not a regular expression") from exc
+    if not isinstance(target_modules, list) or not all(isinstance(t, str) for t in target_modules):
+        raise ValueError(f"{path}: target_modules must be a string or a list of strings")
     return any(module == t or module.endswith("." + t) for t in target_modules)
 
 
@@ -413,10 +421,10 @@ def _read_lora(ckpt, config, wpath, cpath):
         for role in ("A", "B"):
             if role not in roles:
                 raise ValueError(f"{wpath}: module {module!r} has no lora_{role}.weight")
-        if not _targeted(config.get("target_modules"), module):
+        if not _targeted(config.get("target_modules"), module, cpath):
             raise ValueError(f"{wpath}: key {roles['A']!r} is for a module outside the config's target_modules")
-        r = int(_pattern_value(config.get("rank_pattern"), module, config["r"], cpath))
-        alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8), cpath))
+        r = int(_pattern_value(config, "rank_pattern", module, config["r"], cpath))
+        alpha = float(_pattern_value(config, "alpha_pattern", module, config.get("lora_alpha", 8), cpath))
         A = _get(ckpt, roles["A"], (r, None), wpath)
         B = _get(ckpt, roles["B"], (None, r), wpath)
         scale = alpha / np.sqrt(r) if config.get("use_rslora") else alpha / r
@@ -441,7 +449,7 @@ def _read_gralora(ckpt, config, wpath, cpath):
         extra = set(roles) - set(need)
         if extra:
             raise ValueError(f"{wpath}: key {roles[min(extra)]!r} is unexpected with hybrid_r={hr}")
-        if not _targeted(config.get("target_modules"), module):
+        if not _targeted(config.get("target_modules"), module, cpath):
             raise ValueError(f"{wpath}: key {roles['A']!r} is for a module outside the config's target_modules")
         A = _get(ckpt, roles["A"], (K, None, r), wpath)
         B = _get(ckpt, roles["B"], (K, r, None), wpath)

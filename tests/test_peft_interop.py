@@ -82,7 +82,7 @@ FITS = {
     "block": lambda dW: approximate(dW, method="block", n_blocks=2, rank=2),
     "block_k4": lambda dW: approximate(dW, method="block", n_blocks=4, rank=1),
     "block_budget": lambda dW: approximate(dW, method="block", n_blocks=2, budget=int(3.5 * sum(dW.shape))),
-    "hybrid": lambda dW: fit_hybrid(dW, BlockLayout.block(dW.shape, 2, rank=2), global_rank=2),
+    "hybrid": lambda dW: fit_hybrid(dW, BlockLayout.block(dW.shape, 2, rank=2), global_rank=2, max_iter=10),
 }
 
 # name -> ({module: fit}, save_peft_adapter keywords, expected peft_type)

@@ -515,18 +515,8 @@ def matrices(
     return _matrices()
 
 
-def layouts(
-    shape=None,
-    *,
-    patterns=PATTERNS,
-    max_blocks=4,
-    cuts="any",
-    with_ranks=True,
-    min_rank=1,
-    max_rank=None,
-    min_side=1,
-    max_side=12,
-):
+def layouts(shape=None, *, patterns=PATTERNS, max_blocks=4, cuts="any", with_ranks=True, min_rank=1,
+            max_rank=None, min_side=1, max_side=12):
     """Hypothesis strategy for valid :class:`~blocklowrank.BlockLayout` objects.
 
     Same parameters as :func:`random_layout`; ``shape`` may also be a

@@ -1,5 +1,9 @@
 """Generators and hypothesis strategies for property tests of structured low rank.
 
+(Over 600 lines on purpose: this is the user-facing test kit -- generators,
+strategies and the structure checks -- in one importable module, like
+``sklearn.utils.estimator_checks``.)
+
 Two kinds of helpers live here:
 
 - **Seeded generators** (plain NumPy, no extra dependency):

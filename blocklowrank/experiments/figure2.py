@@ -1,5 +1,8 @@
 """Figure 2 of the paper: MNIST adaptation at matched parameter budgets.
 
+(Over 600 lines: the protocol, the resumable sweep, the summary and the plot of
+one experiment, kept together so the protocol is read in one place.)
+
 Protocol (paper, Experiment 2, with the choices the paper leaves open
 written down here):
 

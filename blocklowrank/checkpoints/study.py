@@ -281,10 +281,11 @@ def allocate_model_wide(spectra, total_budget):
     exact : bool
         Whether the allocation is provably optimal (equal block costs, or the
         exact dynamic programme): see :func:`~blocklowrank._allocation.allocate_ranks`.
-    kept_bound : float
-        An upper bound on the energy any allocation within the budget keeps
-        (the fractional relaxation): the optimum lies between the energy kept
-        here and this bound.
+    gap : float
+        How much more energy than this allocation the optimum can keep at
+        most (the fractional relaxation's optimum minus the energy kept here;
+        0 up to rounding when ``exact``): the optimal discarded energy lies
+        between ``discarded - gap`` and ``discarded``.
 
     Examples
     --------
@@ -309,7 +310,8 @@ def allocate_model_wide(spectra, total_budget):
     ranks = [np.zeros(sp.layout.n_blocks, dtype=np.int64) for sp in spectra]
     for t, (layer, i, j) in enumerate(owner):
         ranks[layer][i, j] = alloc[0, t]
-    return ranks, bool(exact), _fractional_bound(gains, costs, maxr, int(total_budget))
+    kept = sum(float(g[0, :r].sum()) for g, r in zip(gains, alloc[0]))
+    return ranks, bool(exact), max(_fractional_bound(gains, costs, maxr, int(total_budget)) - kept, 0.0)
 
 
 def _fractional_bound(gains, costs, maxr, budget):
@@ -338,7 +340,7 @@ def _model_wide(layers, files, names, ks, total, uniform_budgets):
         energy = sum(float(sp.total_energy) for sp in spectra)
         unif = [sp.allocate(b)[0] if b >= 1 else np.zeros(sp.layout.n_blocks, int)
                 for sp, b in zip(spectra, uniform_budgets)]
-        ranks, exact, bound = allocate_model_wide(spectra, total)
+        ranks, exact, gap = allocate_model_wide(spectra, total)
         fallback = not exact and _discarded(spectra, ranks) > _discarded(spectra, unif)
         ranks = unif if fallback else ranks
         for alloc, R, budget in (("model-wide", ranks, total), ("uniform", unif, sum(uniform_budgets))):
@@ -347,7 +349,7 @@ def _model_wide(layers, files, names, ks, total, uniform_budgets):
                         "n_params": int(sum(int(sp.n_params(r)) for sp, r in zip(spectra, R))),
                         "error": _total_error(_discarded(spectra, R), energy),
                         "mean_layer_error": float(np.mean(errs)), "exact": exact if alloc == "model-wide" else True,
-                        "error_lower_bound": (_total_error(energy - bound, energy) if alloc == "model-wide"
+                        "error_lower_bound": (_total_error(_discarded(spectra, R) - gap, energy) if alloc == "model-wide"
                                               else None),
                         "fallback": fallback if alloc == "model-wide" else None, "n_layers": len(spectra)})
             per_layer += [{"structure": name, "n_blocks": K, "allocation": alloc, "layer": lay["layer"],
@@ -474,7 +476,7 @@ def run_study(base, finetuned=None, *, out=None, structures=None, budget_rank=16
         paths = str(b.path), (str(f.path) if f is not None else None)
     if not pairing.pairs:
         raise ValueError(f"no layer selected by target_modules={target_modules!r}: "
-                         + pairing.summary().replace("\n", ";"))
+                         + "; ".join(line.strip() for line in pairing.summary().splitlines()))
     sides = sum(p.shape[0] + p.shape[1] for p in pairing.pairs)
     if mode == "total_budget" and value < sides:
         raise ValueError(f"total_budget={value} is below LoRA-equivalent rank 1 on every layer ({sides} parameters)")

@@ -211,7 +211,8 @@ def cmd_study(args):
               "total_budget": args.total_budget}
     res = run_study(args.base, args.finetuned, out=args.out, structures=args.structures,
                     target_modules=_target_modules(args.target_modules), n_blocks=args.n_blocks,
-                    n_jobs=args.n_jobs, progress=not args.quiet, svd_solver=args.svd_solver, **budget)
+                    n_jobs=args.n_jobs, progress=not args.quiet, svd_solver=args.svd_solver,
+                    fit_options=None if args.max_iter is None else {"max_iter": args.max_iter}, **budget)
     skipped = sum(1 for lay in res.layers if lay["skipped"])
     for lay in res.layers:
         if lay["skipped"]:
@@ -314,6 +315,8 @@ def build_parser():
     st.add_argument("--n-blocks", nargs="+", type=int, default=None, help="grid sizes K (default 2 4 8)")
     st.add_argument("--n-jobs", type=int, default=None, help="layers in parallel via joblib (default 1)")
     st.add_argument("--svd-solver", choices=("auto", "full", "randomized"), default="auto")
+    st.add_argument("--max-iter", type=int, default=None,
+                    help="most alternations of the iterative structures per fit (default: theirs, 100)")
     st.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     st.set_defaults(func=cmd_study)
     return p

@@ -110,11 +110,12 @@ def plot_error_heatmap(records, path):
     best = _best_errors(records)
     E = np.array([[best.get((lay, name), np.nan) for name in names] for lay in layers])
     fig, ax = plt.subplots(figsize=(2.2 + 1.1 * len(names), 1.5 + 0.22 * len(layers)), constrained_layout=True)
-    im = ax.imshow(np.ma.masked_invalid(E), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="0.85")  # grey: no configuration at this budget
+    im = ax.imshow(np.ma.masked_invalid(E), aspect="auto", cmap=cmap, vmin=0, vmax=1)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_yticks(range(len(layers)), layers, fontsize=max(4, 9 - len(layers) // 40))
     fig.colorbar(im, ax=ax, label="relative Frobenius error (best configuration)")
-    ax.set_title("error per layer and structure")
+    ax.set_title("error per layer and structure (grey: not matched)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -131,9 +132,13 @@ def plot_error_vs_budget(records, path):
     layers, names = records.layers, records.settings["structures"]
     types = _module_types(layers)
     best = _best_errors(records)
-    fig, axes = plt.subplots(1, len(types), figsize=(4 * len(types), 3.6), squeeze=False, constrained_layout=True)
+    ncols = min(4, len(types))
+    nrows = -(-len(types) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.4 * nrows), squeeze=False, constrained_layout=True)
+    for ax in axes.flat[len(types):]:
+        ax.set_visible(False)
     colors = dict(zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
-    for ax, mt in zip(axes[0], types):
+    for ax, mt in zip(axes.flat, types):
         group = [lay for lay in layers if lay["module_type"] == mt]
         for name in names:
             pts = {}
@@ -153,8 +158,9 @@ def plot_error_vs_budget(records, path):
         ax.set_title(f"{mt} ({len(group)} layers)")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("mean relative error")
-    axes[0][-1].legend(fontsize=7)
+    for row in axes:
+        row[0].set_ylabel("mean relative error")
+    axes[0][0].legend(fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

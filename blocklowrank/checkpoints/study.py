@@ -84,13 +84,14 @@ import json
 import os
 import re
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from .._allocation import allocate_ranks
 from .._engine import BlockSpectra, block_spectra
-from ..budget import RecordList, check_methods
+from ..budget import RecordList, check_methods, match_budget
 from ..compare import compare_at_budget
 from ..structures import get_structure, structure_names
 from .safetensors import open_checkpoint
@@ -207,36 +208,30 @@ def _study_layer(task, *, base, finetuned, settings, progress=False, live=False)
 
     name, module, shape = task["pair"]
     pair = LayerPair(name, module, tuple(shape))
-    with open_checkpoint(base) as b, (open_checkpoint(finetuned) if finetuned else _nothing()) as f:
-        ((_, delta),) = list(iter_deltas(b, f, [pair]))
-        delta = np.array(delta)  # own the data before the files close
+    with open_checkpoint(base) as b, (open_checkpoint(finetuned) if finetuned else nullcontext()) as f:
+        ((_, delta),) = list(iter_deltas(b, f, [pair]))  # arrays stay valid after close
     names, ks = settings["structures"], settings["n_blocks"]
     shape = delta.shape
-    erank = effective_rank(np.linalg.svd(delta, compute_uv=False))
     arrays = _spectra_arrays(delta, names, ks)
+    whole = [k for k in arrays if k.endswith("|1|0|0")]  # a one-block partition holds the spectrum
+    erank = effective_rank(arrays[whole[0]] if whole else np.linalg.svd(delta, compute_uv=False))
     _save_npz(task["spectra"], arrays)
     rec = {"layer": module, "module_type": module.split(".")[-1], "shape": list(shape),
            "effective_rank": erank, "budget": task["budget"], "curve": _curve(arrays, names, ks, shape), "rows": [], "skipped": None, "missing": []}
-    try:
-        found = compare_at_budget(delta, task["budget"], methods=names, n_blocks=[K for K in ks if K <= min(shape)]
-                                  or [1], svd_solver=settings["svd_solver"], fit_options=settings["fit_options"])
+    layer_ks = [K for K in ks if K <= min(shape)] or [1]
+    try:  # only a budget that no configuration of this layer spends skips it; other errors stop the study
+        match_budget(shape, task["budget"], methods=names, n_blocks=layer_ks)
     except ValueError as exc:
         rec["skipped"] = str(exc).splitlines()[0]
         rec["summary"] = "skipped: " + rec["skipped"]
         return jsonable(rec)
+    found = compare_at_budget(delta, task["budget"], methods=names, n_blocks=layer_ks,
+                              svd_solver=settings["svd_solver"], fit_options=settings["fit_options"])
     rec["rows"] = [_row(r, rec) for r in found]
     rec["missing"] = [name for name in names if name not in {r["structure"] for r in rec["rows"]}]
     best = min(rec["rows"], key=lambda r: r["error"])
     rec["summary"] = f"best {best['structure']} {best['config']}: error {best['error']:.4f}"
     return jsonable(rec)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _row(r, layer):
@@ -384,15 +379,16 @@ def _check_budgets(budget_rank, budget_fraction, total_budget):
 
 
 def _settings_file(out, settings):
-    """Record the settings in ``out/study.json``; refuse a folder holding a study with others."""
+    """Record the settings in ``out/study.json``; refuse a folder whose finished layers used others."""
     path = Path(out) / "study.json"
-    if path.exists():
+    log = Path(out) / "study.jsonl"
+    if path.exists() and log.exists() and log.stat().st_size:  # a study with finished layers
         old = json.loads(path.read_text())
         if old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             raise ValueError(f"{out} holds a study with other settings ({', '.join(diff)}); "
                              "use another --out or remove that folder")
-    else:
+    else:  # a new study, or one stopped before its first layer
         path.write_text(json.dumps(settings, indent=1, sort_keys=True))
 
 
@@ -438,7 +434,12 @@ def run_study(base, finetuned=None, *, out=None, structures=None, budget_rank=16
         Passed to :func:`~blocklowrank.compare.compare_at_budget`. The
         model-wide allocation and the curves use exact singular values.
     fit_options : dict, optional
-        ``max_iter``/``tol`` of the iterative structures.
+        ``max_iter``/``tol`` of the iterative structures. They dominate the
+        time: every configuration that spends the budget (for a structure
+        with a global term, every split of it) is one fit of up to
+        ``max_iter`` alternations, each with SVDs of the whole layer, where a
+        layout structure needs one spectrum per grid size. On large models
+        lower ``max_iter`` or leave them out of ``structures``.
 
     Returns
     -------
@@ -471,7 +472,7 @@ def run_study(base, finetuned=None, *, out=None, structures=None, budget_rank=16
     ks = sorted(set(DEFAULT_N_BLOCKS if n_blocks is None else (int(k) for k in np.atleast_1d(n_blocks))))
     if not ks or min(ks) < 1:
         raise ValueError(f"n_blocks must hold ints >= 1, got {n_blocks!r}")
-    with open_checkpoint(base) as b, (open_checkpoint(finetuned) if finetuned is not None else _nothing()) as f:
+    with open_checkpoint(base) as b, (open_checkpoint(finetuned) if finetuned is not None else nullcontext()) as f:
         pairing = pair_layers(b, f, target_modules)
         paths = str(b.path), (str(f.path) if f is not None else None)
     if not pairing.pairs:

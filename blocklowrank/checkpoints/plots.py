@@ -76,7 +76,7 @@ def summary_markdown(records):
             "or the exact dynamic programme); otherwise greedy, and the optimum lies between `lower bound` "
             "(from the fractional relaxation) and `error`.", ""]
     mw = [[r["structure"], r["n_blocks"], r["allocation"], r["total_budget"], r["n_params"], f"{r['error']:.4f}",
-           f"{r['mean_layer_error']:.4f}", r["exact"],
+           f"{r['mean_layer_error']:.4f}", "-" if r["exact"] is None else r["exact"],
            "-" if r["error_lower_bound"] is None else f"{r['error_lower_bound']:.4f}"] for r in records.model_wide]
     out += _table(["structure", "K", "allocation", "total budget", "parameters", "error", "mean layer error",
                    "exact", "lower bound"], mw)

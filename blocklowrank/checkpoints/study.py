@@ -206,8 +206,8 @@ def _study_layer(task, *, base, finetuned, settings, progress=False, live=False)
     """Study one layer in a worker: read it from the files, fit, return its JSON record."""
     from ..adapters.sweep import jsonable
 
-    name, module, shape = task["pair"]
-    pair = LayerPair(name, module, tuple(shape))
+    name, module, stored_shape = task["pair"]
+    pair = LayerPair(name, module, tuple(stored_shape))
     with open_checkpoint(base) as b, (open_checkpoint(finetuned) if finetuned else nullcontext()) as f:
         ((_, delta),) = list(iter_deltas(b, f, [pair]))  # arrays stay valid after close
     names, ks = settings["structures"], settings["n_blocks"]
@@ -216,8 +216,9 @@ def _study_layer(task, *, base, finetuned, settings, progress=False, live=False)
     whole = [k for k in arrays if k.endswith("|1|0|0")]  # a one-block partition holds the spectrum
     erank = effective_rank(arrays[whole[0]] if whole else np.linalg.svd(delta, compute_uv=False))
     _save_npz(task["spectra"], arrays)
-    rec = {"layer": module, "module_type": module.split(".")[-1], "shape": list(shape),
-           "effective_rank": erank, "budget": task["budget"], "curve": _curve(arrays, names, ks, shape), "rows": [], "skipped": None, "missing": []}
+    rec = {"layer": module, "module_type": module.split(".")[-1], "shape": list(shape), "effective_rank": erank,
+           "budget": task["budget"], "curve": _curve(arrays, names, ks, shape), "rows": [], "skipped": None,
+           "missing": []}
     layer_ks = [K for K in ks if K <= min(shape)] or [1]
     try:  # only a budget that no configuration of this layer spends skips it; other errors stop the study
         match_budget(shape, task["budget"], methods=names, n_blocks=layer_ks)
@@ -336,17 +337,18 @@ def _model_wide(layers, files, names, ks, total, uniform_budgets):
         unif = [sp.allocate(b)[0] if b >= 1 else np.zeros(sp.layout.n_blocks, int)
                 for sp, b in zip(spectra, uniform_budgets)]
         ranks, exact, gap = allocate_model_wide(spectra, total)
+        floor = _discarded(spectra, ranks) - gap  # no allocation within the total discards less
         fallback = not exact and _discarded(spectra, ranks) > _discarded(spectra, unif)
         ranks = unif if fallback else ranks
         for alloc, R, budget in (("model-wide", ranks, total), ("uniform", unif, sum(uniform_budgets))):
             errs = [float(sp.error(r)) for sp, r in zip(spectra, R)]
+            wide = alloc == "model-wide"
             out.append({"structure": name, "n_blocks": K, "allocation": alloc, "total_budget": int(budget),
                         "n_params": int(sum(int(sp.n_params(r)) for sp, r in zip(spectra, R))),
-                        "error": _total_error(_discarded(spectra, R), energy),
-                        "mean_layer_error": float(np.mean(errs)), "exact": exact if alloc == "model-wide" else True,
-                        "error_lower_bound": (_total_error(_discarded(spectra, R) - gap, energy) if alloc == "model-wide"
-                                              else None),
-                        "fallback": fallback if alloc == "model-wide" else None, "n_layers": len(spectra)})
+                        "error": _total_error(_discarded(spectra, R), energy), "mean_layer_error": float(np.mean(errs)),
+                        "exact": exact if wide else None,
+                        "error_lower_bound": _total_error(floor, energy) if wide else None,
+                        "fallback": fallback if wide else None, "n_layers": len(spectra)})
             per_layer += [{"structure": name, "n_blocks": K, "allocation": alloc, "layer": lay["layer"],
                            "module_type": lay["module_type"], "n_params": int(sp.n_params(r)),
                            "rank_equivalent": int(sp.n_params(r)) / sum(lay["shape"]), "error": e}
@@ -464,6 +466,35 @@ def run_study(base, finetuned=None, *, out=None, structures=None, budget_rank=16
         error: it is skipped and listed (``layers[i]["skipped"]``).
     FileNotFoundError, CheckpointError
         Missing or unreadable checkpoint files.
+
+    See Also
+    --------
+    blocklowrank.compare.compare_at_budget : the per-layer comparison.
+    allocate_model_wide : one budget over the blocks of every layer.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> import numpy as np
+    >>> from blocklowrank.checkpoints import save_file
+    >>> rng = np.random.default_rng(0)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> W = {f"layers.{i}.q_proj.weight": rng.standard_normal((16, 16)) for i in range(2)}
+    >>> dW = {k: w + np.outer(rng.standard_normal(16), rng.standard_normal(16)) for k, w in W.items()}
+    >>> base = save_file(pathlib.Path(tmp.name) / "base.safetensors", W)
+    >>> tuned = save_file(pathlib.Path(tmp.name) / "tuned.safetensors", dW, dtypes="BF16")
+    >>> res = run_study(base, tuned, structures=["global", "block"], budget_rank=2, n_blocks=[2],
+    ...                 progress=False)
+    >>> for r in res:
+    ...     if r["best"]:
+    ...         print(r["layer"], r["structure"], r["config"], r["n_params"], f"{r['error']:.3f}")
+    layers.0.q_proj global K=1 r=2 64 0.002
+    layers.0.q_proj block K=2 r=1 64 0.002
+    layers.1.q_proj global K=1 r=2 64 0.002
+    layers.1.q_proj block K=2 r=1 64 0.002
+    >>> [(r["structure"], r["allocation"], r["n_params"]) for r in res.model_wide[:2]]
+    [('global', 'model-wide', 128), ('global', 'uniform', 128)]
+    >>> tmp.cleanup()
     """
     from ..adapters.sweep import RunLog, run_sweep
 

@@ -80,6 +80,17 @@ def summary_markdown(records):
            "-" if r["error_lower_bound"] is None else f"{r['error_lower_bound']:.4f}"] for r in records.model_wide]
     out += _table(["structure", "K", "allocation", "total budget", "parameters", "error", "mean layer error",
                    "exact", "lower bound"], mw)
+    wide = [r for r in records.model_wide if r["allocation"] == "model-wide"]
+    if wide:
+        top = min(wide, key=lambda r: r["error"])
+        key = (top["structure"], top["n_blocks"], "model-wide")
+        given = {}
+        for r in records.model_wide_layers:
+            if (r["structure"], r["n_blocks"], r["allocation"]) == key:
+                given.setdefault(r["module_type"], []).append(r["rank_equivalent"])
+        ranks = [f"{mt}: {np.mean(given[mt]):.1f}" for mt in types]
+        out += ["", f"Where the best model-wide allocation ({top['structure']}, K={top['n_blocks']}) puts the "
+                "parameters, as mean LoRA-equivalent rank by module type: " + ", ".join(ranks) + "."]
     if any(r["fallback"] for r in records.model_wide):
         out += ["", "Rows with a greedy result worse than uniform were replaced by the uniform allocation."]
     out += [f"- {note}" for note in records.notes]

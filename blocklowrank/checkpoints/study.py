@@ -13,7 +13,7 @@ Per layer, as a LoRA-equivalent rank (``budget_rank=r``: ``r (m + n)``
 parameters for an ``m x n`` layer) or as a fraction of the layer's size
 (``budget_fraction=f``: ``floor(f m n)``). With ``total_budget=P`` the
 model-wide total is ``P`` and each layer's own budget is the largest common
-LoRA-equivalent rank that fits, ``floor(P / sum (m + n))``.
+LoRA-equivalent rank ``t = P / sum (m + n)`` (a fraction), ``floor(t (m + n))``.
 
 Model-wide allocation
 ---------------------
@@ -420,7 +420,8 @@ def run_study(base, finetuned=None, *, out=None, structures=None, budget_rank=16
         (replaces ``budget_rank``).
     total_budget : int, optional
         One model-wide total (replaces ``budget_rank``): each layer's own
-        budget is the largest common LoRA-equivalent rank within it, and the
+        budget is its share at one common LoRA-equivalent rank
+        ``t = total_budget / sum (m + n)``, ``floor(t (m + n))``, and the
         model-wide allocation spends the whole total.
     target_modules : "all-linear", str or list of str, default="all-linear"
         Which layers (see :func:`~blocklowrank.checkpoints.select_names`).
@@ -512,8 +513,10 @@ def run_study(base, finetuned=None, *, out=None, structures=None, budget_rank=16
     sides = sum(p.shape[0] + p.shape[1] for p in pairing.pairs)
     if mode == "total_budget" and value < sides:
         raise ValueError(f"total_budget={value} is below LoRA-equivalent rank 1 on every layer ({sides} parameters)")
-    per_rank = value // sides if mode == "total_budget" else value
-    budgets = [_budget(p.shape, per_rank, value if mode == "fraction" else None) for p in pairing.pairs]
+    if mode == "total_budget":  # a common (fractional) LoRA-equivalent rank value / sides, rounded down per layer
+        budgets = [value * (p.shape[0] + p.shape[1]) // sides for p in pairing.pairs]
+    else:
+        budgets = [_budget(p.shape, value, value if mode == "fraction" else None) for p in pairing.pairs]
     total = value if mode == "total_budget" else sum(budgets)
     settings = {"base": paths[0], "finetuned": paths[1], "structures": list(names), "n_blocks": ks,
                 "budget": [mode, value], "target_modules": target_modules, "svd_solver": svd_solver,

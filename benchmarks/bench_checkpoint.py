@@ -82,17 +82,30 @@ def make_pair(folder, n_layers, seed=0):
 
 
 # ---------------------------------------------------------------------------- sides
+def stream(folder):
+    """``(pair, ΔW)`` one layer at a time. The checkpoints are reopened for each layer,
+    so that the memory maps of the layers already done are released (their pages
+    would otherwise stay in the resident set)."""
+    from blocklowrank.checkpoints import iter_deltas, open_checkpoint, pair_layers
+
+    paths = [os.path.join(folder, f) for f in ("base.safetensors", "tuned.safetensors")]
+    with open_checkpoint(paths[0]) as base, open_checkpoint(paths[1]) as tuned:
+        pairs = pair_layers(base, tuned).pairs
+    for pair in pairs:
+        with open_checkpoint(paths[0]) as base, open_checkpoint(paths[1]) as tuned:
+            yield from iter_deltas(base, tuned, [pair])
+
+
 def side_ours(folder, structure, out):
     from blocklowrank import approximate
-    from blocklowrank.checkpoints import iter_deltas, open_checkpoint, pair_layers, save_file
+    from blocklowrank.checkpoints import save_file
 
     kw = (dict(method="global", rank=RANK) if structure == "global"
           else dict(method="block", n_blocks=4, rank=RANK // 4))
     t = {"read": 0.0, "fit": 0.0, "write": 0.0}
     layers, factors = {}, {}
-    base, tuned = (open_checkpoint(os.path.join(folder, f)) for f in ("base.safetensors", "tuned.safetensors"))
     t0 = time.perf_counter()
-    for pair, dW in iter_deltas(base, tuned, pair_layers(base, tuned)):
+    for pair, dW in stream(folder):
         t1 = time.perf_counter()
         t["read"] += t1 - t0
         res = approximate(dW, svd_solver="auto", random_state=0, **kw)
@@ -137,12 +150,8 @@ def side_baseline(folder, threads, out):
 
 
 def side_read(folder):
-    from blocklowrank.checkpoints import iter_deltas, open_checkpoint, pair_layers
-
-    base, tuned = (open_checkpoint(os.path.join(folder, f)) for f in ("base.safetensors", "tuned.safetensors"))
     t0 = time.perf_counter()
-    energy = sum(float(np.einsum("ij,ij->", d, d, dtype=np.float64))
-                 for _, d in iter_deltas(base, tuned, pair_layers(base, tuned)))
+    energy = sum(float(np.einsum("ij,ij->", d, d, dtype=np.float64)) for _, d in stream(folder))
     return dict(layers={}, phases={"read": time.perf_counter() - t0}, energy=energy)
 
 

@@ -272,15 +272,23 @@ def batched_svd(
 
     Notes
     -----
-    The certificate of "auto" (:func:`_certified`) bounds the energy the
-    sketch's rank-``k`` truncation misses against the exact one, from one more
-    product with the sketch's right singular vectors and an upper bound on
-    the spectral norm of the sketch's residual ``(I - Q Q^T) A``. That bound
-    is probabilistic (fresh Gaussian probes, Halko et al. 2011, Lemma 4.1):
-    it fails with probability at most ``1e-10`` per matrix. On flat spectra
-    (Gaussian noise) the certificate fails and "auto" falls back; on
-    decaying spectra it passes, and "auto" costs a few percent more than
-    "randomized".
+    "auto" on a group of blocks: blocks of side below 256, or where the sketch
+    would cost more products than the exact SVD (``_auto_plan``), go to the
+    exact SVD. Otherwise it sketches with ``ell = k + max(n_oversamples, k)``
+    columns, and after 2 power iterations (then, where that fails, after
+    ``iterated_power``) certifies every matrix (:func:`_deficit_bound`): a
+    bound on the energy the sketch's rank-``k`` truncation misses against
+    the exact one, from one more product with the sketch's right singular
+    vectors (Ky Fan and the quadratic residual bound of Li & Li, 2005) and an
+    upper bound on the spectral norm of the sketch's residual ``(I - Q Q^T) A``.
+    The result is kept when every matrix of the group passes, and then the
+    error of each is within ``sqrt(1 + 1e-6)`` of the optimum; else the whole
+    group is recomputed exactly (``FitReport.svd_solver`` says which). The
+    residual-norm bound is probabilistic (fresh Gaussian probes, Halko et al.
+    2011, Lemma 4.1): it fails with probability at most ``1e-10`` per matrix
+    and certification; everything else is deterministic. On flat spectra
+    (Gaussian blocks) the certificate fails and "auto" falls back; on
+    decaying spectra with a noise floor (fine-tuning updates) it passes.
     """
     A = validate_matrix(A, name="A")
     svd_solver, n_oversamples, iterated_power = check_svd_options(svd_solver, n_oversamples, iterated_power)

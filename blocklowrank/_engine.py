@@ -36,7 +36,8 @@ class FitReport:
     discarded_energy, total_energy : float or ndarray
         ``||X - X_hat||_F^2`` and ``||X||_F^2``.
     svd_solver : dict
-        Solver used for each block shape (iterative fits: of their steps).
+        Solver used for each block shape (iterative fits: of their steps):
+        "full" or "randomized", with "auto" resolved to the one it kept.
     exact_allocation : bool or None
         For a budget or a target error: whether the rank allocation is provably
         optimal (see :func:`~blocklowrank._allocation.allocate_ranks`); None otherwise.

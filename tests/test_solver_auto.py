@@ -82,7 +82,9 @@ def test_auto_error_matches_exact(always_try, kind, d, K, r):
 
 def test_auto_picks_randomized_on_decay_and_full_on_flat():
     d, r = 1024, 16  # float32: the exact SVD (the fallback, and the reference) is the fast one
-    decay = _with_spectrum((d, d), np.exp(-np.arange(d) / 8.0), seed=0).astype(np.float32)
+    rng = np.random.default_rng(0)
+    U, V = (np.linalg.qr(rng.standard_normal((d, 160)))[0] for _ in range(2))
+    decay = ((U * np.exp(-np.arange(160) / 8.0)) @ V.T).astype(np.float32)  # rank 160, decaying
     flat = np.random.default_rng(1).standard_normal((d, d), dtype=np.float32)
     a = approximate(decay, method="global", rank=r, svd_solver="auto", random_state=0)
     b = approximate(flat, method="global", rank=r, svd_solver="auto", random_state=0)

@@ -205,8 +205,8 @@ def cmd_budget(args):
     from .budget import match_budget
 
     shape = _parse_shape(args.shape)
+    print(f"configurations of a {shape[0]}x{shape[1]} matrix at budget {args.budget}", flush=True)
     records = match_budget(shape, args.budget, methods=tuple(args.methods))
-    print(f"configurations of a {shape[0]}x{shape[1]} matrix at budget {args.budget}")
     print(f"{'method':<10}{'n_blocks':>9}{'rank':>6}{'n_params':>10}  exact")
     for rec in records:
         r = dict(rec)

@@ -30,13 +30,13 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .checkpoints import ALL_LINEAR, Checkpoint, iter_deltas, open_checkpoint, pair_layers
+from .checkpoints import ALL_LINEAR, Checkpoint, LayerPair, iter_deltas, open_checkpoint, pair_layers
 from .checkpoints.select import _listing
 from .convert import as_factors
 from .peft import ADAPTER_WEIGHTS, PEFT_TYPES, _gralora_fits, load_peft_adapter, save_peft_adapter
 from .structures import approximate, get_structure
 
-__all__ = ["extract_adapter", "adapter_deltas", "ExtractReport"]
+__all__ = ["extract_adapter", "adapter_deltas", "adapter_pairs", "ExtractReport"]
 
 
 @dataclass
@@ -122,7 +122,7 @@ def _open(path_or_checkpoint, role):
     return open_checkpoint(path_or_checkpoint), True
 
 
-def _fit_kwargs(structure, n_blocks, rank, budget_rank):
+def _grid_size(structure, n_blocks, rank, budget_rank):
     """The structure's grid size and the size keyword (rank or budget per layer)."""
     if (rank is None) == (budget_rank is None):
         raise ValueError("give exactly one of rank (per block) and budget_rank (a LoRA-equivalent rank)")
@@ -261,7 +261,7 @@ def extract_adapter(
     """
     t0 = time.perf_counter()
     structure = get_structure(method)
-    n_blocks = _fit_kwargs(structure, n_blocks, rank, budget_rank)
+    n_blocks = _grid_size(structure, n_blocks, rank, budget_rank)
     out = _check_out(out, overwrite)
     base_ckpt, close_base = _open(base, "base")
     try:
@@ -309,7 +309,38 @@ def extract_adapter(
     )
 
 
-def adapter_deltas(base, adapter_dir, *, dtype=np.float32):
+def _adapter_layers(base, adapter_dir):
+    """The adapter's layers and their LayerPairs on the base, checked against the base's header."""
+    layers, _ = load_peft_adapter(adapter_dir)
+    ckpt, opened = _open(base, "base")
+    try:
+        names, pairs = set(ckpt.names()), []
+        for module, sf in layers.items():
+            name = module + ".weight"
+            if name not in names:
+                raise ValueError(f"{os.path.join(os.fspath(adapter_dir), ADAPTER_WEIGHTS)}: module {module!r} "
+                                 f"has no weight {name!r} in the base checkpoint")
+            if tuple(ckpt.info(name).shape) != tuple(sf.layout.shape):
+                raise ValueError(f"adapter module {module!r} is {sf.layout.shape[0]}x{sf.layout.shape[1]}, "
+                                 f"the base's {name!r} is {ckpt.info(name).shape}")
+            pairs.append(LayerPair(name, module, tuple(sf.layout.shape)))
+    finally:
+        if opened:
+            ckpt.close()
+    return layers, pairs
+
+
+def adapter_pairs(base, adapter_dir):
+    """The layers of a PEFT adapter as :class:`~blocklowrank.checkpoints.LayerPair` of the base checkpoint.
+
+    What :func:`~blocklowrank.checkpoints.pair_layers` gives for a fine-tuned
+    checkpoint (its ``.pairs``): ``(name, module, shape)`` with ``name`` the
+    base's weight ``<module>.weight``. Raises ValueError as :func:`adapter_deltas`.
+    """
+    return _adapter_layers(base, adapter_dir)[1]
+
+
+def adapter_deltas(base, adapter_dir, *, names=None, dtype=np.float32):
     """Yield ``(name, ΔW)`` for each layer of a PEFT adapter, under the base checkpoint's names.
 
     Parameters
@@ -318,6 +349,9 @@ def adapter_deltas(base, adapter_dir, *, dtype=np.float32):
         The base model's checkpoint (only its header is read).
     adapter_dir : str or path
         A PEFT LoRA or GraLoRA adapter directory (ours or PEFT's own).
+    names : iterable of str, optional
+        Only these weight names (e.g. ``[pair.name]`` in a worker that
+        studies one layer); all of the adapter's layers by default.
     dtype : {float32, float64}, default=float32
 
     Yields
@@ -330,30 +364,23 @@ def adapter_deltas(base, adapter_dir, *, dtype=np.float32):
     Raises
     ------
     ValueError
-        When an adapter module has no weight in the base or its shape differs
-        (checked for every module before the first ΔW is yielded).
+        When an adapter module has no weight in the base or its shape differs,
+        or ``names`` asks for a layer the adapter does not have (all checked
+        before the first ΔW is yielded).
 
     Notes
     -----
     The model study takes this in place of a fine-tuned checkpoint: where it
-    iterates ``iter_deltas(base, finetuned, pairs)``, an adapter directory
-    (recognised by its ``adapter_config.json``) gives
-    ``adapter_deltas(base, adapter_dir)`` with the same names and shapes.
+    pairs with ``pair_layers(base, finetuned).pairs`` and reads a layer with
+    ``iter_deltas(base, finetuned, [pair])``, an adapter directory (one
+    holding ``adapter_config.json``) gives ``adapter_pairs(base, adapter_dir)``
+    and ``adapter_deltas(base, adapter_dir, names=[pair.name])``, with the same
+    names and shapes.
     """
     dtype = np.dtype(dtype)
-    layers, _ = load_peft_adapter(adapter_dir)
-    ckpt, opened = _open(base, "base")
-    try:
-        names = set(ckpt.names())
-        for module, sf in layers.items():
-            name = module + ".weight"
-            if name not in names:
-                raise ValueError(f"{os.path.join(os.fspath(adapter_dir), ADAPTER_WEIGHTS)}: module {module!r} "
-                                 f"has no weight {name!r} in the base checkpoint")
-            if tuple(ckpt.info(name).shape) != tuple(sf.layout.shape):
-                raise ValueError(f"adapter module {module!r} is {sf.layout.shape[0]}x{sf.layout.shape[1]}, "
-                                 f"the base's {name!r} is {ckpt.info(name).shape}")
-    finally:
-        if opened:
-            ckpt.close()
-    return ((module + ".weight", sf.to_dense().astype(dtype, copy=False)) for module, sf in layers.items())
+    layers, pairs = _adapter_layers(base, adapter_dir)
+    wanted = [p for p in pairs if names is None or p.name in set(names)]
+    unknown = sorted(set(names or ()) - {p.name for p in pairs})
+    if unknown:
+        raise ValueError(f"the adapter in {os.fspath(adapter_dir)} has no layer {unknown[0]!r}")
+    return ((p.name, layers[p.module].to_dense().astype(dtype, copy=False)) for p in wanted)

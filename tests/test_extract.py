@@ -16,7 +16,7 @@ import pytest
 from blocklowrank import approximate
 from blocklowrank.checkpoints import load_file, save_file
 from blocklowrank.cli import main
-from blocklowrank.extract import adapter_deltas, extract_adapter
+from blocklowrank.extract import adapter_deltas, adapter_pairs, extract_adapter
 from blocklowrank.peft import load_peft_adapter
 
 from _llama import ATTN, MLP, captured, key_problems, peft, structured_delta, tiny_llama, tokens, torch, weight
@@ -161,6 +161,12 @@ def test_adapter_deltas(ckpts, tmp_path):
     for name, dW in seen.items():
         assert dW.dtype == np.float32
         np.testing.assert_allclose(dW, layers[name[: -len(".weight")]].to_dense(), rtol=0, atol=1e-7)
+    pairs = adapter_pairs(ckpts["base"], report.directory)
+    assert {p.name: p.shape for p in pairs} == {name: dW.shape for name, dW in seen.items()}
+    ((name, dW),) = adapter_deltas(ckpts["base"], report.directory, names=[pairs[1].name])
+    assert name == pairs[1].name and np.array_equal(dW, seen[name])
+    with pytest.raises(ValueError, match="has no layer 'lm_head.weight'"):
+        adapter_deltas(ckpts["base"], report.directory, names=["lm_head.weight"])
     other = save_file(tmp_path / "other.safetensors", {TUNED[0] + ".weight": np.zeros((8, 8), np.float32)})
     with pytest.raises(ValueError, match="has no weight|the base.s"):
         adapter_deltas(other, report.directory)

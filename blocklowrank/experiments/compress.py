@@ -317,6 +317,7 @@ def plot_compress(result, path=None):
     -------
     matplotlib.figure.Figure
     """
+    import matplotlib
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120, sharex=True, sharey=True)
@@ -338,7 +339,9 @@ def plot_compress(result, path=None):
     for ax, title in ((left, "trained adapters (Figure 2)"), (right, "compressed full fine-tune, no training")):
         ax.axhline(ft, color="k", ls=":", lw=1, label=f"full FT {ft:.2f}%")
         ax.set_xscale("log")
-        ax.set_xlabel("parameters of the first-layer update (+ 325 of the output layer, both roads)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([1000, 2000, 5000, 10000, 20000, 50000]))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(title, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
@@ -346,6 +349,7 @@ def plot_compress(result, path=None):
         left.text(0.5, 0.5, "no sweep.csv:\nrun `blocklowrank reproduce figure2`", transform=left.transAxes,
                   ha="center", va="center")
     left.set_ylabel("test accuracy on digits 5-9 (%)")
+    fig.supxlabel("parameters of the first-layer update (both roads also spend the output layer's 325)", fontsize=9)
     fig.suptitle(f"MNIST 0-4 -> 5-9, {len(result.settings.get('seeds', []))} seeds", fontsize=10)
     fig.tight_layout()
     if path is not None:

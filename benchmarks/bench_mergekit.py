@@ -69,7 +69,7 @@ def build_pair(folder, *, hidden, layers, rank, seed=0):
 
 
 def timed(cmd, log):
-    """Run ``cmd`` under /usr/bin/time -v: (wall seconds, peak RSS in MiB)."""
+    """Run ``cmd`` under /usr/bin/time -v: (wall seconds, CPU seconds, peak RSS in MiB)."""
     with open(log, "w") as f:
         proc = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.STDOUT)
     text = open(log).read()
@@ -78,7 +78,8 @@ def timed(cmd, log):
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", text).group(1)
     seconds = sum(float(p) * 60**i for i, p in enumerate(reversed(wall.split(":"))))
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) / 1024
-    return seconds, rss
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): (\S+)", text).group(1)) for kind in ("User", "System"))
+    return seconds, cpu, rss
 
 
 def truncated(base, tuned, rank):
@@ -155,15 +156,16 @@ def main():
     ref = truncated(os.path.join(base, "model.safetensors"), os.path.join(tuned, "model.safetensors"), args.rank)
     rows = []
     for name, (cmd, out) in runs.items():
-        seconds, rss = timed(cmd, os.path.join(folder, f"{name.split()[0]}.log"))
+        seconds, cpu, rss = timed(cmd, os.path.join(folder, f"{name.split()[0]}.log"))
         err, to_svd = adapter_error(out, ref)
         with open(os.path.join(out, "adapter_config.json")) as f:
             config = json.load(f)
-        rows.append((name, seconds, rss, err, to_svd, peft_check(base, out, ref), config.get("r")))
-    print("\n| tool | wall s | peak RSS MiB | rel. error vs ΔW | vs rank-r SVD (file) | vs rank-r SVD (PEFT merged) | r |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, seconds, rss, err, to_svd, merged, r in rows:
-        print(f"| {name} | {seconds:.1f} | {rss:.0f} | {err:.6f} | {to_svd:.1e} | {merged:.1e} | {r} |")
+        rows.append((name, seconds, cpu, rss, err, to_svd, peft_check(base, out, ref), config.get("r")))
+    print(f"\n(load average at the end: {os.getloadavg()[0]:.1f})")
+    print("| tool | wall s | CPU s | peak RSS MiB | rel. error vs ΔW | vs rank-r SVD (file) | vs rank-r SVD (PEFT merged) | r |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, seconds, cpu, rss, err, to_svd, merged, r in rows:
+        print(f"| {name} | {seconds:.1f} | {cpu:.1f} | {rss:.0f} | {err:.6f} | {to_svd:.1e} | {merged:.1e} | {r} |")
     print(f"\n{len(ref)} layers; optimum (rank-{args.rank} SVD) relative error: "
           f"{np.sqrt(sum(np.linalg.norm(a - b) ** 2 for a, b in ref.values()) / sum(np.linalg.norm(a) ** 2 for a, _ in ref.values())):.6f}")
 

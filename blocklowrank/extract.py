@@ -123,7 +123,7 @@ def _open(path_or_checkpoint, role):
 
 
 def _grid_size(structure, n_blocks, rank, budget_rank):
-    """The structure's grid size and the size keyword (rank or budget per layer)."""
+    """The grid size to fit with, after checking that exactly one of rank and budget_rank is a positive int."""
     if (rank is None) == (budget_rank is None):
         raise ValueError("give exactly one of rank (per block) and budget_rank (a LoRA-equivalent rank)")
     size = rank if rank is not None else budget_rank

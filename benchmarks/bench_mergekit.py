@@ -149,6 +149,9 @@ def main():
     runs = {
         "blocklowrank extract": ([sys.executable, "-m", "blocklowrank", "extract", base, tuned, "--out", ours_dir,
                                   "--rank", str(args.rank), "--overwrite"], ours_dir),
+        "blocklowrank extract --svd-solver randomized": (
+            [sys.executable, "-m", "blocklowrank", "extract", base, tuned, "--out", ours_dir + "_randomized",
+             "--rank", str(args.rank), "--svd-solver", "randomized", "--overwrite"], ours_dir + "_randomized"),
         "mergekit-extract-lora": ([args.mergekit, "--model", tuned, "--base-model", base, "--out-path", mk_dir,
                                    "--max-rank", str(args.rank), "--exclude-regex", EXCLUDE, "--no-copy-tokenizer",
                                    "--skip-undecomposable"], mk_dir),
@@ -156,7 +159,7 @@ def main():
     ref = truncated(os.path.join(base, "model.safetensors"), os.path.join(tuned, "model.safetensors"), args.rank)
     rows = []
     for name, (cmd, out) in runs.items():
-        seconds, cpu, rss = timed(cmd, os.path.join(folder, f"{name.split()[0]}.log"))
+        seconds, cpu, rss = timed(cmd, os.path.join(folder, re.sub(r"\W+", "_", name) + ".log"))
         err, to_svd = adapter_error(out, ref)
         with open(os.path.join(out, "adapter_config.json")) as f:
             config = json.load(f)

@@ -306,7 +306,9 @@ def _layer(base, finetuned, pair, dtype):
         dtype = np.dtype(np.float64)
     if finetuned is None:
         return base.get(pair.name, dtype=dtype)
-    delta = np.array(finetuned.get(pair.name), dtype=dtype)  # the one full-size result
+    delta = finetuned.get(pair.name)
+    if not (delta.flags.writeable and delta.flags.owndata and delta.dtype == dtype):
+        delta = np.array(delta, dtype=dtype)  # the one full-size result (a decoded BF16 layer is reused)
     np.subtract(delta, base.get(pair.name), out=delta)  # base converted chunk by chunk
     return delta
 

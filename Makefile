@@ -10,15 +10,16 @@ OUT    ?= results
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,peft]'
 	touch $@
 
 venv: $(VENV)/.installed
 
 # The real-data tests (Table I exactness) are required: fetch MNIST first.
+# So are the PEFT interop tests (torch, transformers, peft: the peft extra).
 test: $(VENV)/.installed
 	$(PY) -m blocklowrank.datasets --quiet
-	BLOCKLOWRANK_TEST_REAL_DATA=1 $(PY) -m pytest -q -p no:cacheprovider
+	BLOCKLOWRANK_TEST_REAL_DATA=1 BLOCKLOWRANK_TEST_PEFT=1 $(PY) -m pytest -q -p no:cacheprovider
 
 reproduce: $(VENV)/.installed
 	$(PY) -m blocklowrank.datasets

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._validation import check_budget, check_int, check_max_error
+
 __all__ = ["allocate_ranks", "no_worse_than_uniform"]
 
 # Exact DP allocation is used for unequal block costs while
@@ -68,6 +70,46 @@ def allocate_ranks(gains, costs, max_ranks, *, budget=None, max_error=None, fixe
     is added; for a target error the error is still ``<= max_error`` but the
     count may exceed the minimum.
     """
+    gains, costs, max_ranks = _check_inputs(gains, costs, max_ranks)
+    if (budget is None) == (max_error is None):
+        raise ValueError("give exactly one of budget and max_error")
+    if budget is not None:
+        return _allocate(gains, costs, max_ranks, budget=check_budget(budget))
+    max_error = check_max_error(max_error)
+    B = gains[0].shape[0]
+    if fixed_loss is None or total is None:
+        raise ValueError("max_error needs fixed_loss and total (energy no rank can keep, and ||X||^2)")
+    try:
+        fixed_loss = np.broadcast_to(np.asarray(fixed_loss, dtype=np.float64), (B,))
+        total = np.broadcast_to(np.asarray(total, dtype=np.float64), (B,))
+    except (TypeError, ValueError):
+        raise ValueError(f"max_error needs fixed_loss and total, one number per matrix ({B})") from None
+    return _allocate(gains, costs, max_ranks, max_error=max_error, fixed_loss=fixed_loss, total=total)
+
+
+def _check_inputs(gains, costs, max_ranks):
+    """Gains: non-empty list of finite, non-negative (B, L) arrays, each non-increasing; costs
+    positive ints; max ranks non-negative ints; one of each per block."""
+    if not isinstance(gains, (list, tuple)) or not gains:
+        raise ValueError("gains must be a non-empty list of (B, L) arrays, one per block")
+    gains = [np.asarray(g, dtype=np.float64) for g in gains]
+    if any(g.ndim != 2 or g.shape[0] != gains[0].shape[0] for g in gains):
+        raise ValueError("gains must be 2-D arrays (B, L) with the same B (matrices) for every block")
+    for g in gains:
+        if not np.all(np.isfinite(g)) or np.any(g < 0):
+            raise ValueError("gains must be finite and non-negative (squared singular values)")
+        if np.any(np.diff(g, axis=1) > 0):
+            raise ValueError("each block's gains must be sorted in decreasing order")
+    costs = [check_int(c, "cost", minimum=1) for c in costs]
+    max_ranks = [check_int(r, "max_ranks entry", minimum=0) for r in max_ranks]
+    if not (len(costs) == len(max_ranks) == len(gains)):
+        raise ValueError(f"gains, costs and max_ranks need one entry per block, got lengths "
+                         f"{len(gains)}, {len(costs)} and {len(max_ranks)}")
+    return gains, costs, max_ranks
+
+
+def _allocate(gains, costs, max_ranks, *, budget=None, max_error=None, fixed_loss=None, total=None):
+    """:func:`allocate_ranks` on validated input (the engine calls this directly)."""
     costs = np.asarray(costs, dtype=np.int64)
     nb = len(gains)
     B = gains[0].shape[0]

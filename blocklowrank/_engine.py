@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._allocation import allocate_ranks, no_worse_than_uniform
+from ._allocation import _allocate as _allocate_ranks
+from ._allocation import no_worse_than_uniform
 from ._parallel import resolve_n_jobs, run_chunked
 from ._svd import _batched_svd, check_svd_options
 from ._validation import check_budget, check_int, check_max_error, pow2_scale, validate_matrix
@@ -125,7 +126,9 @@ def check_rank_mode(layout, rank, budget, max_error, cap_rank):
         return "budget", budget
     if given[0] == "max_error":
         return "max_error", check_max_error(max_error)
-    r = check_int(rank, "rank", minimum=1) if np.ndim(rank) == 0 else rank
+    r = check_int(rank, "rank", minimum=1) if np.ndim(rank) == 0 else np.asarray(rank)
+    if np.ndim(r) and r.shape != layout.n_blocks:
+        raise ValueError(f"per-block rank must have shape {layout.n_blocks} (the grid), got {r.shape}")
     rr = np.where(layout.active, np.broadcast_to(np.asarray(r), layout.active.shape), 0)
     over = np.argwhere(rr > layout.max_ranks)
     if over.size and not cap_rank:
@@ -168,7 +171,7 @@ def _fit_layout(X, lay, mode, value, svd, rng, n_jobs, structure=None):
     """plan -> SVD -> allocate -> truncate -> error, on validated input."""
     scale = pow2_scale(X)
     if scale is not None:  # exact power-of-two rescaling keeps the energies finite
-        X = X * scale
+        X = np.ldexp(X, scale)
     if lay.permuted:  # work in the permuted coordinates; to_dense puts them back
         X = lay.permute(X)
     batch = X.shape[:-2]
@@ -186,10 +189,10 @@ def _fit_layout(X, lay, mode, value, svd, rng, n_jobs, structure=None):
     with np.errstate(invalid="ignore", divide="ignore"):
         err = np.where(total > 0, np.sqrt(np.maximum(discarded, 0) / np.where(total > 0, total, 1)), 0.0)
     if scale is not None:
-        s = scale[..., 0, 0]
-        groups = [_Group(g.shape, g.rows, g.cols, g.B / scale[..., None, :, :], g.A) for g in groups]
-        discarded, total = discarded / (s * s), total / (s * s)
-        computed = {k: (U, sv / s[..., None, None], Vt, so) for k, (U, sv, Vt, so) in computed.items()}
+        k = scale[..., 0, 0]
+        groups = [_Group(g.shape, g.rows, g.cols, np.ldexp(g.B, -scale[..., None, :, :]), g.A) for g in groups]
+        discarded, total = np.ldexp(discarded, -2 * k), np.ldexp(total, -2 * k)
+        computed = {key: (U, np.ldexp(sv, -k[..., None, None]), Vt, so) for key, (U, sv, Vt, so) in computed.items()}
     factors = StructuredFactors(lay, _groups=groups, ranks=ranks if batch else None, structure=structure)
     one = (lambda a: float(a)) if not batch else (lambda a: a)  # noqa: E731
     spectra = {(int(i), int(j)): computed[shp][1][..., t, :].copy()
@@ -250,9 +253,9 @@ def _allocate(lay, groups_idx, computed, E, total, mode, value, batch):
             worst = float(np.sqrt(fixed[bad] / np.where(tot[bad] > 0, tot[bad], 1)).max())
             raise ValueError(f"max_error={value} cannot be reached with this structure: its inactive "
                              f"blocks alone leave a relative error of {worst:.4g}")
-        alloc, exact = allocate_ranks(gains, costs, maxr, max_error=value, fixed_loss=fixed, total=tot)
+        alloc, exact = _allocate_ranks(gains, costs, maxr, max_error=value, fixed_loss=fixed, total=tot)
     else:
-        alloc, exact = allocate_ranks(gains, costs, maxr, budget=value)
+        alloc, exact = _allocate_ranks(gains, costs, maxr, budget=value)
         if not exact:
             alloc = no_worse_than_uniform(alloc, gains, costs, maxr, value)
     ranks = np.zeros((B,) + lay.n_blocks, dtype=np.int64)
@@ -354,9 +357,9 @@ class BlockSpectra:
         ``||X_ij||_F^2`` of every block (active or not).
     total_energy : ndarray, shape (...)
     scale : ndarray or None
-        Power-of-two factor per matrix applied before summing squares (None:
-        1); errors are computed on the scaled values, so extreme but finite
-        entries never overflow them.
+        Power-of-two exponent per matrix applied before summing squares
+        (None: 0); errors are computed on the scaled values, so extreme but
+        finite entries never overflow them.
     """
 
     layout: BlockLayout
@@ -369,7 +372,7 @@ class BlockSpectra:
         if self.scale is None:
             return a
         nb = self.scale.ndim - 2
-        return a / self.scale.reshape(self.scale.shape[:nb] + (1,) * (a.ndim - nb)) ** power
+        return np.ldexp(a, -power * self.scale.reshape(self.scale.shape[:nb] + (1,) * (a.ndim - nb)))
 
     @property
     def values(self):
@@ -398,6 +401,9 @@ class BlockSpectra:
 
     def _ranks(self, ranks):
         lay = self.layout
+        r = np.asarray(ranks)
+        if r.dtype == bool or not np.issubdtype(r.dtype, np.integer) or np.any(r < 0):
+            raise ValueError(f"ranks must be integers >= 0 (one, per block, or per matrix and block), got {ranks!r}")
         return np.broadcast_to(np.where(lay.active, ranks, 0), self._energy.shape[:-2] + lay.n_blocks)
 
     def _discarded(self, ranks):
@@ -432,7 +438,7 @@ class BlockSpectra:
         gains = self._gain_cache
         costs = [int(lay.block_costs[k]) for k in keys]
         maxr = [int(lay.max_ranks[k]) for k in keys]
-        alloc, exact = allocate_ranks(gains, costs, maxr, budget=budget)
+        alloc, exact = _allocate_ranks(gains, costs, maxr, budget=budget)
         if not exact:
             alloc = no_worse_than_uniform(alloc, gains, costs, maxr, budget)
         R = np.zeros((B,) + lay.n_blocks, dtype=np.int64)
@@ -470,7 +476,7 @@ def block_spectra(X, layout, *, n_jobs=None):
         raise ValueError(f"layout must be a BlockLayout of shape {tuple(X.shape[-2:])}, got {layout!r}")
     scale = pow2_scale(X)
     if scale is not None:
-        X = X * scale
+        X = np.ldexp(X, scale)
     if layout.permuted:
         X = layout.permute(X)
     lay = layout.with_ranks(0)

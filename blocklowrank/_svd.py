@@ -28,9 +28,18 @@ def svd_flip_v(U, Vt):
 
     This is the convention of ``sklearn.utils.extmath.svd_flip(...,
     u_based_decision=False)`` (used by ``TruncatedSVD`` and ``PCA``), applied
-    to stacks: ``U`` is ``(..., m, k)`` and ``Vt`` is ``(..., k, n)``. Works in
-    place and returns ``(U, Vt)``.
+    to stacks: ``U`` is ``(..., m, k)`` and ``Vt`` is ``(..., k, n)`` float
+    arrays. Works in place and returns ``(U, Vt)``.
     """
+    if not all(isinstance(a, np.ndarray) and a.dtype.kind == "f" for a in (U, Vt)):
+        raise TypeError("U and Vt must be float NumPy arrays (the flip works in place)")
+    if U.ndim < 2 or Vt.ndim < 2 or U.shape[:-2] != Vt.shape[:-2] or U.shape[-1] != Vt.shape[-2]:
+        raise ValueError(f"U (..., m, k) and Vt (..., k, n) must agree, got shapes {U.shape} and {Vt.shape}")
+    return _flip(U, Vt)
+
+
+def _flip(U, Vt):
+    """:func:`svd_flip_v` on validated arrays."""
     if Vt.shape[-2] == 0:
         return U, Vt
     idx = np.argmax(np.abs(Vt), axis=-1)
@@ -171,7 +180,7 @@ def _batched_svd(A, k, svd_solver, n_oversamples, iterated_power, random_state, 
 
         jobs = resolve_n_jobs(n_jobs, N, N * (float(m) * n * L + 1e4))
         U, s, Vt = run_chunked(exact_k, (flat,), jobs)
-    svd_flip_v(U, Vt)
+    _flip(U, Vt)
     return (
         U.reshape(batch + U.shape[-2:]),
         s.reshape(batch + s.shape[-1:]),

@@ -160,9 +160,10 @@ def pow2_scale(X):
     Energies (sums of squares) of entries near the top of the float range
     overflow, and of tiny entries underflow, while the relative error they
     feed is scale-free. Multiplying a matrix by a power of two is exact, so a
-    fit on ``X * c`` with its factors divided by ``c`` is the fit of ``X``.
-    Returns ``c`` of shape ``X.shape[:-2] + (1, 1)``, or None when every matrix
-    is already safe (the common case: no copy is made).
+    fit on ``ldexp(X, k)`` with its left factors brought back by
+    ``ldexp(B, -k)`` is the fit of ``X``. Returns the exponents ``k`` (int32)
+    of shape ``X.shape[:-2] + (1, 1)``, or None when every matrix is already
+    safe (the common case: no copy is made).
     """
     fi = np.finfo(X.dtype)
     amax = np.max(np.abs(X), axis=(-2, -1), keepdims=True)
@@ -173,4 +174,4 @@ def pow2_scale(X):
     if not np.any(bad):
         return None
     _, e = np.frexp(np.where(amax > 0, amax, 1.0))
-    return np.where(bad, np.ldexp(np.ones_like(amax), -e), 1.0).astype(X.dtype)
+    return np.where(bad, -e, 0).astype(np.int32)

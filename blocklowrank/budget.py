@@ -330,6 +330,8 @@ def budget_sweep_points(shape, *, methods=None, n_blocks=None, ranks=None, min_b
     ranks = _int_list(ranks, "ranks")
     lo = 1 if min_budget is None else check_int(min_budget, "min_budget", minimum=1)
     hi = None if max_budget is None else check_int(max_budget, "max_budget", minimum=1)
+    if hi is not None and hi < lo:
+        raise ValueError(f"min_budget={lo} is above max_budget={hi}")
     _check_k_list(shape, n_blocks)
     reach = [get_structure(mth).budget_rule.reachable(shape, _ks(get_structure(mth), shape, n_blocks, methods), ranks)
              for mth in methods]

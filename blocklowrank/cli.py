@@ -25,6 +25,43 @@ class CLIError(Exception):
     """An error reported as one line."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump): ``blocklowrank CMD: error: ...``, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(minimum, name):
+    """argparse type: an int >= minimum."""
+
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, got {v}")
+        return v
+
+    return parse
+
+
+def _jobs(text):
+    v = _count(-(2**31), "--n-jobs")(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError("--n-jobs must be a non-zero integer (-1: every core)")
+    return v
+
+
+def _warn_unused(args, used, names):
+    """One warning line per option the user typed that this command does not use."""
+    for name in names:
+        if getattr(args, name) is not None and name not in used:
+            flag = "--" + name.replace("_", "-")
+            print(f"blocklowrank: warning: {flag} is not used here; ignored", file=sys.stderr)
+
+
 def _parse_shape(text):
     try:
         parts = [int(p) for p in text.lower().replace("*", "x").split("x")]
@@ -48,20 +85,13 @@ def _n_blocks(text):
 def load_matrix(path, key=None):
     """Read a matrix from .npy, .npz, .csv/.txt or an image file (as grayscale)."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise CLIError(f"no such file: {path}")
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        X = np.load(path, allow_pickle=False)
-    elif suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            names = list(z.keys())
-            if not names:
-                raise CLIError(f"{path} holds no arrays")
-            name = key or names[0]
-            if name not in z:
-                raise CLIError(f"{path} has no array {name!r}; it has {names}")
-            X = z[name]
+    if key is not None and suffix != ".npz":
+        print(f"blocklowrank: warning: --key is for .npz files only; ignored for {path.name}", file=sys.stderr)
+    if suffix in (".npy", ".npz"):
+        X = _load_numpy(path, key)
     elif suffix in (".csv", ".txt", ".tsv"):
         delim = "\t" if suffix == ".tsv" else ("," if suffix == ".csv" else None)
         try:
@@ -86,6 +116,31 @@ def load_matrix(path, key=None):
     if X.ndim != 2:
         raise CLIError(f"{path} holds an array of shape {X.shape}; a 2-D matrix is needed")
     return X
+
+
+def _load_numpy(path, key):
+    """An array from .npy (memory-mapped first: a forged header cannot allocate) or .npz."""
+    import zipfile
+
+    try:
+        if path.suffix.lower() == ".npy":
+            return np.array(np.load(path, mmap_mode="r", allow_pickle=False))
+        with np.load(path, allow_pickle=False) as z:
+            names = list(z.keys())
+            if not names:
+                raise CLIError(f"{path} holds no arrays")
+            name = key or names[0]
+            if name not in z:
+                raise CLIError(f"{path} has no array {name!r}; it has {names}")
+            info = z.zip.getinfo(name + ".npy")
+            if info.file_size > 4 * path.stat().st_size + 2**26:  # far beyond what the archive can hold
+                raise CLIError(f"{path}: array {name!r} claims {info.file_size} bytes; the file is damaged or forged")
+            return z[name]
+    except CLIError:
+        raise
+    except (ValueError, OSError, EOFError, MemoryError, KeyError, zipfile.BadZipFile) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CLIError(f"{path.name} is not a readable {path.suffix} file ({first[:120]})") from None
 
 
 def save_matrix(path, X):
@@ -116,13 +171,18 @@ def cmd_approximate(args):
     if len(given) != 1:
         raise CLIError("give exactly one of --rank, --budget and --max-error")
     kwargs = {given[0]: getattr(args, given[0])}
-    n_blocks = get_structure(args.method).fixed_blocks or args.n_blocks
+    fixed = get_structure(args.method).fixed_blocks
+    if fixed is not None and args.n_blocks is not None:
+        print(f"blocklowrank: warning: --n-blocks is ignored: {args.method} has {fixed} block", file=sys.stderr)
+    if args.random_state is not None and args.svd_solver != "randomized":
+        print("blocklowrank: warning: --random-state only seeds --svd-solver randomized; ignored", file=sys.stderr)
+    n_blocks = fixed or (2 if args.n_blocks is None else args.n_blocks)
     res = approximate(
         X,
         method=args.method,
         n_blocks=n_blocks,
         svd_solver=args.svd_solver,
-        random_state=args.random_state,
+        random_state=0 if args.random_state is None else args.random_state,
         cap_rank=args.cap_rank,
         **kwargs,
     )
@@ -160,6 +220,8 @@ def cmd_reproduce(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     which = EXPERIMENTS if args.what == "all" else (args.what,)
+    _warn_unused(args, ("seeds", "epochs", "n_jobs", "subset") if "figure2" in which else (),
+                 ("seeds", "epochs", "n_jobs", "subset"))
     written = []
     for name in which:
         if name == "table1":
@@ -179,9 +241,9 @@ def cmd_reproduce(args):
 
             res = run_figure2(
                 out,
-                seeds=args.seeds,
-                epochs=args.epochs or DEFAULT_EPOCHS,
-                n_jobs=args.n_jobs,
+                seeds=3 if args.seeds is None else args.seeds,
+                epochs=DEFAULT_EPOCHS if args.epochs is None else args.epochs,
+                n_jobs=-1 if args.n_jobs is None else args.n_jobs,
                 progress=not args.quiet,
                 subset=args.subset,
             )
@@ -194,7 +256,7 @@ def cmd_reproduce(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="blocklowrank",
         description="Structured low-rank approximation: global (LoRA), diagonal-block (MELoRA) "
         "and full K x K block (Localized LoRA) structures at a parameter budget.",
@@ -202,7 +264,7 @@ def build_parser():
     from . import __version__
 
     p.add_argument("--version", action="version", version=f"blocklowrank {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     r = sub.add_parser(
@@ -212,15 +274,16 @@ def build_parser():
         "Figure 2's adapter sweep (figure2), every structure at matched budgets (structures), "
         "or all of them.",
     )
-    r.add_argument("what", nargs="?", default="all", choices=("all",) + EXPERIMENTS)
+    r.add_argument("what", choices=("all",) + EXPERIMENTS,
+                   help="which part; 'all' runs everything, Figure 2's sweep included (about 25 min on 2 cores)")
     r.add_argument("--out", default="results", help="output directory (default: results)")
-    r.add_argument("--seeds", type=int, default=3, help="figure2: seeds per configuration (default 3)")
-    r.add_argument("--epochs", type=int, default=None,
+    r.add_argument("--seeds", type=_count(1, "--seeds"), help="figure2: seeds per configuration (default 3)")
+    r.add_argument("--epochs", type=_count(1, "--epochs"),
                    help="figure2: most epochs per run; runs end earlier by early stopping (default 1000)")
-    r.add_argument("--n-jobs", type=int, default=-1,
+    r.add_argument("--n-jobs", type=_jobs,
                    help="figure2: parallel runs via joblib, one BLAS thread each (default -1: every core)")
-    r.add_argument("--subset", type=int, default=None,
-                   help="figure2: use only the first N images of each split (quick checks)")
+    r.add_argument("--subset", type=_count(10, "--subset"),
+                   help="figure2: use only the first N (>= 10) images of each split (quick checks)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     r.set_defaults(func=cmd_reproduce)
 
@@ -233,13 +296,13 @@ def build_parser():
     )
     a.add_argument("file")
     a.add_argument("--method", choices=structure_names(spectral=True), default="block")
-    a.add_argument("--n-blocks", type=_n_blocks, default=2, help="K or RxC (default 2; ignored for global)")
+    a.add_argument("--n-blocks", type=_n_blocks, help="K or RxC (default 2; not for global)")
     g = a.add_mutually_exclusive_group(required=True)
     g.add_argument("--rank", type=int, help="rank of every active block")
     g.add_argument("--budget", type=int, help="parameter budget (optimal per-block ranks)")
     g.add_argument("--max-error", type=float, help="largest relative error (fewest parameters)")
     a.add_argument("--svd-solver", choices=("auto", "full", "randomized"), default="auto")
-    a.add_argument("--random-state", type=int, default=0)
+    a.add_argument("--random-state", type=int, help="seed of --svd-solver randomized (default 0)")
     a.add_argument("--cap-rank", action="store_true", help="cap ranks at each block's smaller side")
     a.add_argument("--key", help="array name inside an .npz file")
     a.add_argument("--out", help="output file (.npy, .npz, .csv, .txt, .png); default FILE-stem_METHOD.npy")

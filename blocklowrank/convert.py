@@ -28,6 +28,7 @@ import numpy as np
 
 from ._engine import Approximation, fit_layout
 from .factors import FactorsFileError, StructuredFactors, load_factors
+from ._validation import check_nonneg_float
 from .layout import BlockLayout
 
 __all__ = [
@@ -152,6 +153,8 @@ def rank_report(obj, *, rtol=None):
     ([[2, 2], [2, 2]], 8, 8)
     """
     sf = as_factors(obj)
+    if rtol is not None:
+        rtol = check_nonneg_float(rtol, "rtol")
     lay = sf.layout
     m, n = lay.shape
     D = sf.to_dense(np.float64)
@@ -323,6 +326,8 @@ def from_gralora(gralora_A, gralora_B, *, gralora_A_general=None, gralora_B_gene
     mb = gB.shape[2]
     rb = r // K
     scaling = float(scaling)
+    if not np.isfinite(scaling) or scaling == 0:
+        raise ValueError(f"scaling must be a finite non-zero number, got {scaling}")
     dtype = np.result_type(gA.dtype, gB.dtype, np.float32)
     As = gA.reshape(K, nb, K, rb).transpose(2, 0, 3, 1)  # [j, n, s, in/K]
     Bs = (gB * scaling).reshape(K, K, rb, mb).transpose(0, 1, 3, 2)  # [j, n, out/K, s]
@@ -338,7 +343,7 @@ def from_gralora(gralora_A, gralora_B, *, gralora_A_general=None, gralora_B_gene
     if gralora_A_general is not None:
         Ag = np.asarray(gralora_A_general)
         Bg = np.asarray(gralora_B_general)
-        if Ag.shape[1] != K * nb or Bg.shape[0] != K * mb or Ag.shape[0] != Bg.shape[1]:
+        if Ag.ndim != 2 or Bg.ndim != 2 or Ag.shape[1] != K * nb or Bg.shape[0] != K * mb or Ag.shape[0] != Bg.shape[1]:
             raise ValueError(
                 f"hybrid weights must be [hybrid_r, {K * nb}] and [{K * mb}, hybrid_r], "
                 f"got {Ag.shape} and {Bg.shape}"

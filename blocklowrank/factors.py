@@ -318,6 +318,8 @@ class StructuredFactors(Mapping):
             out += Bg @ Ag
         if self.layout.permuted:
             out = self.layout.unpermute(out)
+        if dtype is not None and np.dtype(dtype).kind != "f":
+            raise TypeError(f"dtype must be a floating type, got {np.dtype(dtype)}")
         return out if dtype is None else out.astype(dtype, copy=False)
 
     # ------------------------------------------------------------------ codes (one matrix)
@@ -450,8 +452,10 @@ def load_factors(path):
     p = _npz_path(path)
     if not p.exists() and Path(os.fspath(path)).exists():
         p = Path(os.fspath(path))
-    if not p.exists():
+    if not p.is_file():
         raise FactorsFileError(f"{p}: no such factors file")
+    if not zipfile.is_zipfile(p):
+        raise FactorsFileError(f"{p} is not a blocklowrank factors file (not an .npz archive)")
     try:
         with np.load(p, allow_pickle=False) as z:
             return _read(z, p)
@@ -462,40 +466,64 @@ def load_factors(path):
         raise FactorsFileError(f"{p}: damaged blocklowrank factors file ({type(exc).__name__}: {exc})") from None
 
 
-def _scalar(z, key, kind):
+def _scalar(z, key, kind, p):
     arr = z[key]
     if arr.shape != () or arr.dtype.kind != kind:
-        raise FactorsFileError(f"field {key!r} has the wrong type ({arr.dtype}, shape {arr.shape})")
+        raise FactorsFileError(f"{p}: field {key!r} has the wrong type ({arr.dtype}, shape {arr.shape})")
     return arr[()]
+
+
+def _expected_shapes(kind, lay, z):
+    """``{key: shape}`` of every array a file of this kind and layout must hold."""
+    kr, kc = lay.n_blocks
+    m, n = lay.shape
+    if kind == "shared_basis":
+        r = lay.uniform_rank or 0
+        return {**{f"U_{i}": (h, r) for i, h in enumerate(lay.row_sizes)},
+                **{f"V_{j}": (w, r) for j, w in enumerate(lay.col_sizes)}, "S": (kr, kc, r)}
+    out = {}
+    for i, j in zip(*np.nonzero(lay.active)):
+        (h, w), r = lay.block_shape(i, j), int(lay.ranks[i, j])
+        out[f"B_{i}_{j}"], out[f"A_{i}_{j}"] = (h, r), (r, w)
+    if kind == "hybrid":
+        r_g = z["global_A"].shape[0] if "global_A" in z.files and z["global_A"].ndim == 2 else -1
+        out["global_B"], out["global_A"] = (m, r_g), (r_g, n)
+    return out
 
 
 def _read(z, p):
     from . import __version__
 
     keys = set(z.files)
-    if "format" not in keys or str(_scalar(z, "format", "U")) != FORMAT_NAME:
+    if "format" not in keys or str(_scalar(z, "format", "U", p)) != FORMAT_NAME:
         raise FactorsFileError(f"{p} is not a blocklowrank factors file (no format field '{FORMAT_NAME}'); "
                                "write one with StructuredFactors.save or blocklowrank.convert.save_factors")
     missing = {"format_version", "library_version", "kind", "layout", "meta"} - keys
     if missing:
         raise FactorsFileError(f"{p} is a damaged blocklowrank factors file: missing {sorted(missing)}")
-    fv = int(_scalar(z, "format_version", "i"))
-    wrote = str(_scalar(z, "library_version", "U"))
+    fv = int(_scalar(z, "format_version", "i", p))
+    wrote = str(_scalar(z, "library_version", "U", p))
     if fv != FORMAT_VERSION:
         raise FactorsFileError(f"{p} uses factors format version {fv} (written by blocklowrank {wrote}); "
                                f"this blocklowrank {__version__} reads format version {FORMAT_VERSION} only")
+    if not wrote.split(".")[0].isdigit():
+        raise FactorsFileError(f"{p}: library_version {wrote!r} is not a version number")
     if wrote.split(".")[0] != __version__.split(".")[0]:
         raise FactorsFileError(f"{p} was written by blocklowrank {wrote}, whose major version differs from "
                                f"this blocklowrank {__version__}; load it with a {wrote.split('.')[0]}.x release")
-    kind = str(_scalar(z, "kind", "U"))
+    kind = str(_scalar(z, "kind", "U", p))
     if kind not in KINDS:
         raise FactorsFileError(f"{p}: unknown kind of structure {kind!r}")
-    lay = BlockLayout.from_dict(json.loads(str(_scalar(z, "layout", "U"))))
-    meta = json.loads(str(_scalar(z, "meta", "U")))
+    lay = BlockLayout.from_dict(json.loads(str(_scalar(z, "layout", "U", p))))
+    meta = json.loads(str(_scalar(z, "meta", "U", p)))
     if not isinstance(meta, dict):
         raise FactorsFileError(f"{p}: field 'meta' is not a JSON object")
     meta["library_version"] = wrote
-    structure = str(_scalar(z, "structure", "U")) if "structure" in keys else ""
+    structure = str(_scalar(z, "structure", "U", p)) if "structure" in keys else ""
+    shapes = _expected_shapes(kind, lay, z)
+    extra = keys - set(shapes) - {"format", "format_version", "library_version", "kind", "layout", "meta", "structure"}
+    if extra:
+        raise FactorsFileError(f"{p}: unexpected array(s) {sorted(extra)} for its {kind} layout")
 
     def arr(key):
         if key not in keys:
@@ -503,6 +531,8 @@ def _read(z, p):
         a = z[key]
         if a.dtype not in (np.float32, np.float64) or not np.all(np.isfinite(a)):
             raise FactorsFileError(f"{p}: array {key!r} must hold finite float32/float64 values, got {a.dtype}")
+        if a.shape != shapes[key]:
+            raise FactorsFileError(f"{p}: array {key!r} has shape {a.shape}, the layout needs {shapes[key]}")
         return a
 
     kr, kc = lay.n_blocks
@@ -512,7 +542,10 @@ def _read(z, p):
             shared = ([arr(f"U_{i}") for i in range(kr)], [arr(f"V_{j}") for j in range(kc)], arr("S"))
             return StructuredFactors(lay, shared=shared, **kw)
         factors = {(int(i), int(j)): (arr(f"B_{i}_{j}"), arr(f"A_{i}_{j}")) for i, j in zip(*np.nonzero(lay.active))}
-        gf = (arr("global_B"), arr("global_A")) if kind == "hybrid" else None
+        gf = None
+        if kind == "hybrid":
+            A_g = arr("global_A")
+            gf = (arr("global_B"), A_g)
         return StructuredFactors(lay, factors, global_factors=gf, **kw)
     except (ValueError, TypeError) as exc:
         if isinstance(exc, FactorsFileError):

@@ -52,6 +52,7 @@ def split_sizes(length, n_parts, *, name="n_blocks", axis="rows"):
     >>> split_sizes(64, 4)
     (16, 16, 16, 16)
     """
+    length = _check_int(length, "length", minimum=1)
     n_parts = _check_int(n_parts, name, minimum=1)
     if n_parts > length:
         raise ValueError(
@@ -140,7 +141,7 @@ class BlockLayout:
     col_perm: object = field(default=None, repr=False)
 
     def __post_init__(self):
-        m, n = (int(s) for s in self.shape)
+        m, n = _check_shape(self.shape)
         object.__setattr__(self, "shape", (m, n))
         rs = _normalize_sizes(self.row_sizes, m, "row_sizes")
         cs = _normalize_sizes(self.col_sizes, n, "col_sizes")
@@ -447,6 +448,12 @@ class BlockLayout:
 
     @classmethod
     def from_dict(cls, d):
+        """The layout of :meth:`to_dict` (a ValueError naming what is missing otherwise)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a layout description must be a dict, got {type(d).__name__}")
+        missing = {"shape", "row_sizes", "col_sizes", "active", "ranks"} - set(d)
+        if missing:
+            raise ValueError(f"the layout description misses {sorted(missing)}")
         return cls(
             tuple(d["shape"]),
             tuple(d["row_sizes"]),
@@ -461,7 +468,7 @@ class BlockLayout:
 def _expand_rank(rank, active):
     """Uniform int or per-block array -> int64 array with zeros off the active set."""
     if np.ndim(rank) == 0:
-        r = _check_int(rank, "rank", minimum=0)
+        r = _check_int(rank, "rank", minimum=0, maximum=2**62)
         return np.where(active, r, 0).astype(np.int64)
     arr = np.asarray(rank)
     if arr.shape != active.shape:

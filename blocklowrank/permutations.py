@@ -71,6 +71,8 @@ def image_patch_permutation(height, width, tile):
     """
     height = _check_int(height, "height", minimum=1)
     width = _check_int(width, "width", minimum=1)
+    if np.ndim(tile) and np.shape(tile) != (2,):
+        raise ValueError(f"tile must be an int or a (height, width) pair, got {tile!r}")
     th, tw = (tile, tile) if np.ndim(tile) == 0 else tile
     th = _check_int(th, "tile height", minimum=1)
     tw = _check_int(tw, "tile width", minimum=1)
@@ -115,7 +117,7 @@ def cluster_permutation(X, n_groups, *, axis=0, n_components=None, random_state=
         split_sizes(M.shape[0], n_groups)  # raises the usual message
     if n_groups == 1:
         return np.arange(M.shape[0])
-    k = n_components or min(8, min(M.shape))
+    k = min(8, min(M.shape)) if n_components is None else _check_int(n_components, "n_components", minimum=1)
     U, s, _ = np.linalg.svd(M.astype(np.float64), full_matrices=False)
     emb = U[:, :k] * s[:k]
     labels = KMeans(n_clusters=n_groups, n_init=4, random_state=random_state).fit_predict(emb)
@@ -163,6 +165,8 @@ def resolve_permutation(spec, X, n_groups, axis, *, other=None, diagonal=False):
 
     ``spec`` is None, an array of indices, ``"strided"`` or ``"cluster"``.
     """
+    if axis not in (0, 1):
+        raise ValueError(f"axis must be 0 (rows) or 1 (columns), got {axis!r}")
     if spec is None:
         return None
     length = X.shape[axis]
@@ -180,4 +184,7 @@ def resolve_permutation(spec, X, n_groups, axis, *, other=None, diagonal=False):
     if arr.ndim != 1 or arr.shape[0] != length:
         what = "rows" if axis == 0 else "columns"
         raise ValueError(f"a permutation of the {what} needs {length} indices, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer) or not np.array_equal(np.sort(arr), np.arange(length)):
+        what = "rows" if axis == 0 else "columns"
+        raise ValueError(f"a permutation of the {what} must hold each index 0..{length - 1} exactly once")
     return arr

@@ -82,6 +82,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._validation import check_int as _check_int
 from .layout import PATTERNS, BlockLayout
 
 __all__ = [
@@ -274,6 +275,8 @@ def planted_matrix(
     else:
         if shape is None:
             raise ValueError("give the shape (or a layout)")
+        if np.ndim(rank) == 0:
+            _check_int(rank, "rank", minimum=1)
         if structure == "global":
             if n_blocks not in (None, 1, (1, 1)):
                 raise ValueError(f"the global structure has one block, got n_blocks={n_blocks!r}")
@@ -329,6 +332,11 @@ def _draw_layout(choose, shape, patterns, max_blocks, cuts, with_ranks, min_rank
         raise ValueError(f"patterns must be a non-empty subset of {PATTERNS}, got {patterns!r}")
     if cuts not in _CUTS:
         raise ValueError(f"cuts must be one of {_CUTS}, got {cuts!r}")
+    max_blocks = _check_int(max_blocks, "max_blocks", minimum=1)
+    if with_ranks:
+        min_rank = _check_int(min_rank, "min_rank", minimum=0)
+        if max_rank is not None and _check_int(max_rank, "max_rank", minimum=1) < min_rank:
+            raise ValueError(f"max_rank={max_rank} is below min_rank={min_rank}")
     pattern = patterns[choose(0, len(patterns) - 1)]
     if pattern == "diagonal":
         k = choose(1, min(m, n, max_blocks))

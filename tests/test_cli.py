@@ -114,10 +114,15 @@ def test_budget_paper_example(capsys):
     assert ["block", "2", "2", "224", "yes"] in lines
 
 
-def test_reproduce_defaults_use_every_core_and_converge():
+def test_reproduce_defaults_use_every_core_and_converge(tmp_path, monkeypatch):
     """`make reproduce` runs `reproduce all` with no options: the adapter sweep must use every
-    core (one BLAS thread per run) and the protocol's own epoch cap (early stopping)."""
-    from blocklowrank.cli import build_parser
+    core (one BLAS thread per run), three seeds and the protocol's own epoch cap (early stopping)."""
+    import blocklowrank.experiments.figure2 as f2
 
-    args = build_parser().parse_args(["reproduce"])
-    assert args.what == "all" and args.n_jobs == -1 and args.epochs is None and args.seeds == 3
+    seen = {}
+    monkeypatch.setattr(f2, "run_figure2", lambda out, **kw: seen.update(kw) or {})
+    monkeypatch.setattr(f2, "plot_figure2", lambda *a, **k: None)
+    assert main(["reproduce", "figure2", "--out", str(tmp_path), "-q"]) == 0
+    assert seen["n_jobs"] == -1 and seen["epochs"] == f2.DEFAULT_EPOCHS and seen["seeds"] == 3
+    with pytest.raises(SystemExit):  # the part must be named: no 25-minute default
+        main(["reproduce"])

@@ -193,6 +193,8 @@ def _check_data(X, y, n_in, n_out, dtype, name="X"):
         raise ValueError(f"{name} is empty")
     if X.dtype.kind not in "biuf":
         raise TypeError(f"{name} must be numeric, got dtype {X.dtype}")
+    if X.dtype == np.uint8:  # 8-bit images: pixels to [0, 1], as the experiments do
+        X = X.astype(dtype) / np.dtype(dtype).type(255)
     X = np.ascontiguousarray(X, dtype=dtype)
     if not np.isfinite(X).all():
         raise ValueError(f"{name} contains NaN or infinite values")

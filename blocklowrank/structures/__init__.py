@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 
-def approximate(X, layout=None, *, method="block", **kwargs):
+def approximate(X, layout=None, *, method=None, **kwargs):
     """Structured low-rank approximation of a matrix or a stack of matrices.
 
     With a layout structure (global, diagonal, block) every active block is
@@ -58,9 +58,9 @@ def approximate(X, layout=None, *, method="block", **kwargs):
         The structure, for layout structures. Its ranks are used unless
         ``rank``, ``budget`` or ``max_error`` is given.
     method : str, default="block"
-        A registered structure (:func:`structure_names`). With the default
-        ``n_blocks=1`` the three layout structures are all the global
-        truncated SVD.
+        A registered structure (:func:`structure_names`); not with a layout.
+        With the default ``n_blocks=1`` the three layout structures are all
+        the global truncated SVD.
     n_blocks : int or (int, int), default=1
         Block-rows and block-columns (``np.array_split`` cuts).
     rank : int or array-like of shape (K_rows, K_cols), optional
@@ -119,7 +119,10 @@ def approximate(X, layout=None, *, method="block", **kwargs):
     if layout is not None:
         from .._engine import fit_layout
 
+        if method is not None or "n_blocks" in kwargs:
+            raise ValueError("give a layout or a method with n_blocks, not both: the layout has its own grid")
         return fit_layout(X, layout, **kwargs)
+    method = "block" if method is None else method
     if not isinstance(method, str) or method not in structure_names():
         raise ValueError(f"method must be a registered structure {structure_names()}, got {method!r}")
     return get_structure(method).fit(X, **kwargs)

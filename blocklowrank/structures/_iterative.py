@@ -17,7 +17,7 @@ def prepare(X, max_iter, tol, init, inits, init_name="init"):
     X = validate_matrix(X)
     m, n = X.shape[-2:]
     scale = pow2_scale(X)
-    Xd = np.asarray(X if scale is None else X * scale, dtype=np.float64).reshape((-1, m, n))
+    Xd = np.asarray(X if scale is None else np.ldexp(X, scale), dtype=np.float64).reshape((-1, m, n))
     max_iter = check_int(max_iter, "max_iter", minimum=1)
     tol = check_nonneg_float(tol, "tol")
     check_choice(init, init_name, inits)
@@ -30,13 +30,13 @@ def iterative_result(layout, err, trace, n_done, stop, batch, dtype, scale, *, b
 
     Every array has a leading axis of length N (the flattened stack); they are
     reshaped to ``batch``, cast to ``dtype`` and unscaled (left factors, or the
-    couplings of shared bases, divided by the power-of-two ``scale``).
+    couplings of shared bases, by the power-of-two exponents ``scale``).
     """
-    c = None if scale is None else scale.reshape(-1, 1, 1).astype(np.float64)
+    k = None if scale is None else scale.reshape(-1)
 
     def shaped(a, left=False):
-        if left and c is not None:
-            a = a / c.reshape((-1,) + (1,) * (a.ndim - 1))
+        if left and k is not None:
+            a = np.ldexp(a, -k.reshape((-1,) + (1,) * (a.ndim - 1)))
         return np.ascontiguousarray(a.reshape(batch + a.shape[1:]), dtype=dtype)
 
     kw = {}

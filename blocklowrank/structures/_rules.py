@@ -51,18 +51,19 @@ class LinearBudget:
         """``(count, K, rank)`` of the cheapest valid configuration, or None."""
         best = None
         for K, unit, rmax in self.parts(shape, ks):
-            rr = list(allowed_ranks(ranks, rmax))[:1]
-            if rr and (best is None or rr[0] * unit < best[0]):
-                best = (rr[0] * unit, K, rr[0])
+            r = next(iter(allowed_ranks(ranks, rmax)), None)
+            if r is not None and (best is None or r * unit < best[0]):
+                best = (r * unit, K, r)
         return best
 
     def largest(self, shape, ks, ranks, budget):
         """``(count, K)`` of the largest valid configuration within the budget."""
         best = (0, None)
         for K, unit, rmax in self.parts(shape, ks):
-            fit = [r * unit for r in allowed_ranks(ranks, rmax) if r * unit <= budget]
-            if fit and max(fit) > best[0]:
-                best = (max(fit), K)
+            r = min(rmax, budget // unit) if ranks is None else max(
+                [r for r in ranks if r <= rmax and r * unit <= budget], default=0)
+            if r >= 1 and r * unit > best[0]:
+                best = (r * unit, K)
         return best
 
     def reachable(self, shape, ks, ranks):

@@ -323,7 +323,7 @@ class HybridLowRank(StructuredEstimator):
 
     Parameters
     ----------
-    n_blocks : int or (int, int), default=2
+    n_blocks : int or (int, int), default=1
         ``K`` or ``(K_rows, K_cols)``; "diagonal" needs a square grid.
     rank : int or array-like of shape (K_rows, K_cols), default=1
         Rank of every active block, or per block.
@@ -390,7 +390,7 @@ class HybridLowRank(StructuredEstimator):
         **SVD_CONSTRAINTS,
     }
 
-    def __init__(self, *, n_blocks=2, rank=1, global_rank=1, pattern="full", max_iter=100, tol=1e-6,
+    def __init__(self, *, n_blocks=1, rank=1, global_rank=1, pattern="full", max_iter=100, tol=1e-6,
                  first_step="global", svd_solver="auto", n_oversamples=10, iterated_power="auto",
                  random_state=None, n_jobs=None):
         _set_params(self, locals())

@@ -202,7 +202,7 @@ class SharedBasisLowRank(StructuredEstimator):
 
     Parameters
     ----------
-    n_blocks : int or (int, int), default=2
+    n_blocks : int or (int, int), default=1
         ``K`` (a K x K grid) or ``(K_rows, K_cols)``.
     rank : int, default=1
         Shared rank ``r`` (at most the smallest block side).
@@ -265,7 +265,7 @@ class SharedBasisLowRank(StructuredEstimator):
         **ITERATIVE_CONSTRAINTS,
     }
 
-    def __init__(self, *, n_blocks=2, rank=1, max_iter=100, tol=1e-6, init="svd", random_state=None, n_jobs=None):
+    def __init__(self, *, n_blocks=1, rank=1, max_iter=100, tol=1e-6, init="svd", random_state=None, n_jobs=None):
         _set_params(self, locals())
 
     def _grid(self):

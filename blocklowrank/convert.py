@@ -94,7 +94,6 @@ def to_dense(obj, dtype=None):
 
     Examples
     --------
-    >>> import numpy as np
     >>> from blocklowrank import approximate
     >>> X = np.random.default_rng(0).standard_normal((8, 6))
     >>> a = approximate(X, method="block", n_blocks=2, rank=1)
@@ -145,7 +144,6 @@ def rank_report(obj, *, rtol=None):
 
     Examples
     --------
-    >>> import numpy as np
     >>> from blocklowrank import approximate
     >>> X = np.random.default_rng(0).standard_normal((28, 28))
     >>> rep = rank_report(approximate(X, method="block", n_blocks=2, rank=2))
@@ -257,7 +255,6 @@ def to_gralora(obj, *, scaling=1.0):
 
     Examples
     --------
-    >>> import numpy as np
     >>> from blocklowrank import approximate
     >>> X = np.random.default_rng(0).standard_normal((8, 6))
     >>> a = approximate(X, method="block", n_blocks=2, rank=1)

@@ -1,5 +1,9 @@
 """MNIST handwritten digits: locating, fetching, verifying, caching, parsing.
 
+(Over 600 lines: what no library does stays here -- the IDX parser, the
+safety checks on tar members, the per-source error report -- with the
+documented public functions and the command line.)
+
 Fetching, SHA-256 verification and caching are pooch's (what SciPy and
 scikit-image use): the cache is a pooch registry of the four IDX files and
 the SHA-256 of their uncompressed bytes (:data:`MNIST_SHA256`); pooch

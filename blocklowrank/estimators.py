@@ -301,6 +301,7 @@ class StructuredEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+            The rows to code and decode (the fitted ones, with several block-rows).
         y : Ignored
 
         Returns

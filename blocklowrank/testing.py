@@ -1,5 +1,9 @@
 """Generators and hypothesis strategies for property tests of structured low rank.
 
+(Over 600 lines on purpose: this is the user-facing test kit -- generators,
+strategies and the structure checks -- in one importable module, like
+``sklearn.utils.estimator_checks``.)
+
 Two kinds of helpers live here:
 
 - **Seeded generators** (plain NumPy, no extra dependency):
@@ -515,18 +519,8 @@ def matrices(
     return _matrices()
 
 
-def layouts(
-    shape=None,
-    *,
-    patterns=PATTERNS,
-    max_blocks=4,
-    cuts="any",
-    with_ranks=True,
-    min_rank=1,
-    max_rank=None,
-    min_side=1,
-    max_side=12,
-):
+def layouts(shape=None, *, patterns=PATTERNS, max_blocks=4, cuts="any", with_ranks=True, min_rank=1,
+            max_rank=None, min_side=1, max_side=12):
     """Hypothesis strategy for valid :class:`~blocklowrank.BlockLayout` objects.
 
     Same parameters as :func:`random_layout`; ``shape`` may also be a

@@ -14,7 +14,7 @@ import pytest
 from blocklowrank import BlockLayout, approximate, fit_shared_basis
 from blocklowrank.checkpoints.safetensors import load_file, save_file
 from blocklowrank.convert import StructuredFactors, as_factors
-from blocklowrank.hybrid import fit_hybrid
+from blocklowrank import fit_hybrid
 from blocklowrank.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, save_peft_adapter
 
 Q, U = "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"
@@ -33,9 +33,8 @@ def _roundtrip(tmp_path, layers, **kwargs):
 
 
 def _dense(fit):
-    """Our Delta W in original coordinates (a permuted layout's factors are in permuted ones)."""
-    sf = as_factors(fit)
-    return sf.layout.unpermute(sf.to_dense(np.float64))
+    """Our Delta W in original coordinates (the container applies a layout's permutation)."""
+    return as_factors(fit).to_dense(np.float64)
 
 
 # ---------------------------------------------------------------------------- which format

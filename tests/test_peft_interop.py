@@ -25,7 +25,7 @@ import pytest
 
 from blocklowrank import BlockLayout, approximate
 from blocklowrank.convert import as_factors
-from blocklowrank.hybrid import fit_hybrid
+from blocklowrank import fit_hybrid
 from blocklowrank.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, save_peft_adapter
 
 if os.environ.get("BLOCKLOWRANK_TEST_PEFT") == "1":  # make test: required, never skipped

@@ -14,6 +14,7 @@
 from .mlp import MLP
 from .optim import SGD, Adam
 from .structured import StructuredAdapter
+from . import training
 from .training import (
     MODES,
     History,
@@ -27,19 +28,4 @@ from .training import (
     train,
 )
 
-__all__ = [
-    "MLP",
-    "StructuredAdapter",
-    "MODES",
-    "Adam",
-    "SGD",
-    "History",
-    "TrainResult",
-    "TrainingDivergedError",
-    "train",
-    "pretrain",
-    "fine_tune",
-    "fit_adapter",
-    "loss_and_grad",
-    "evaluate",
-]
+__all__ = ["MLP", "StructuredAdapter", "Adam", "SGD", *training.__all__]

@@ -324,6 +324,16 @@ def _blas_limit(blas_threads):
     return threadpool_limits(limits=int(blas_threads), user_api="blas")
 
 
+def _check_diverged(which, loss, epoch, epochs, optimizer, lr):
+    if not math.isfinite(loss):
+        raise TrainingDivergedError(
+            f"{which} loss became {loss} at epoch {epoch} of {epochs} "
+            f"(optimizer={optimizer}, lr={lr:g}); lower the learning rate",
+            epoch=epoch,
+            lr=lr,
+        )
+
+
 def train(
     mlp,
     X,
@@ -456,25 +466,13 @@ def train(
                 loss_sum += loss * idx.size
                 correct += nc
             tr_loss, tr_acc = loss_sum / n, correct / n
-            if not math.isfinite(tr_loss):
-                raise TrainingDivergedError(
-                    f"training loss became {tr_loss} at epoch {epoch} of {epochs} "
-                    f"(optimizer={optimizer}, lr={lr:g}); lower the learning rate",
-                    epoch=epoch,
-                    lr=lr,
-                )
+            _check_diverged("training", tr_loss, epoch, epochs, optimizer, lr)
             hist.epoch.append(epoch)
             hist.train_loss.append(tr_loss)
             hist.train_acc.append(tr_acc)
             if val is not None:
                 v_loss, v_acc = _evaluate(model, val)
-                if not math.isfinite(v_loss):
-                    raise TrainingDivergedError(
-                        f"validation loss became {v_loss} at epoch {epoch} of {epochs} "
-                        f"(optimizer={optimizer}, lr={lr:g}); lower the learning rate",
-                        epoch=epoch,
-                        lr=lr,
-                    )
+                _check_diverged("validation", v_loss, epoch, epochs, optimizer, lr)
                 hist.val_loss.append(v_loss)
                 hist.val_acc.append(v_acc)
                 if v_loss < best[0]:

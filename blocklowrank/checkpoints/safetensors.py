@@ -1,5 +1,8 @@
 """Reading and writing safetensors checkpoints with NumPy alone (no torch).
 
+(Over 600 lines: reading, every hostile-file check and writing of one format in
+one place, so the checks and the writer cannot drift apart.)
+
 A safetensors file is an 8-byte little-endian header length ``N``, ``N`` bytes
 of UTF-8 JSON (``{name: {"dtype", "shape", "data_offsets": [begin, end]}}``
 plus an optional ``"__metadata__"`` map of strings), then the raw

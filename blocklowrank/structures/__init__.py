@@ -105,7 +105,6 @@ def approximate(X, layout=None, *, method=None, **kwargs):
     Examples
     --------
     >>> import numpy as np
-    >>> from blocklowrank import approximate
     >>> X = np.random.default_rng(0).standard_normal((28, 28))
     >>> res = approximate(X, method="block", n_blocks=2, rank=2)
     >>> res.n_params, res.reconstruction.shape

@@ -106,8 +106,8 @@ def get_structure(name):
     if isinstance(name, Structure):
         return name
     if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(f"method {name!r} is not a registered structure; the registered structures are "
-                         f"{structure_names()}")
+        raise ValueError(f"unknown method {name!r}: not a registered structure; the registered structures "
+                         f"are {structure_names()}")
     return _REGISTRY[name]
 
 

@@ -118,9 +118,10 @@ def layout_structure(name, label, summary, pattern, *, estimator=None, unit=None
         lay = layout(shape, K)
         return int(lay.max_ranks[lay.active].min()) - 1
 
-    if estimator is None:
+    if estimator is None:  # a GridLowRank subclass, importable from this module (so it pickles)
         estimator = type(f"{name.title().replace('_', '')}LowRank", (GridLowRank,),
                          {"_structure": name, "__doc__": f"{label}: {summary} (see :class:`GridLowRank`)."})
+        globals()[estimator.__name__] = estimator
     return Structure(name=name, label=label, summary=summary, layout=layout, count=count,
                      budget_rule=LinearBudget(unit or default_unit, rmax or default_rmax), fit=fit,
                      estimator=estimator, spectral=True, paper=paper, fixed_blocks=fixed_blocks,
@@ -256,8 +257,6 @@ class GlobalLowRank(_LayoutEstimator):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> from blocklowrank import GlobalLowRank
     >>> X = np.random.default_rng(0).standard_normal((28, 28))
     >>> est = GlobalLowRank(rank=4).fit(X)
     >>> est.n_params_, est.transform(X).shape
@@ -319,8 +318,6 @@ class DiagonalBlockLowRank(GridLowRank):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> from blocklowrank import DiagonalBlockLowRank
     >>> X = np.random.default_rng(0).standard_normal((28, 28))
     >>> est = DiagonalBlockLowRank(n_blocks=4, rank=4).fit(X)
     >>> est.n_params_, est.ranks_.diagonal().tolist()
@@ -347,8 +344,6 @@ class BlockLowRank(GridLowRank):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> from blocklowrank import BlockLowRank
     >>> X = np.random.default_rng(0).standard_normal((28, 28))
     >>> est = BlockLowRank(n_blocks=2, rank=2).fit(X)
     >>> est.n_params_, est.ranks_.tolist()

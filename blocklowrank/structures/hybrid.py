@@ -151,8 +151,6 @@ def fit_hybrid(X, layout, global_rank, *, max_iter=100, tol=1e-6, first_step="gl
 
     Examples
     --------
-    >>> import numpy as np
-    >>> from blocklowrank import BlockLayout
     >>> X = np.random.default_rng(0).standard_normal((28, 28))
     >>> res = fit_hybrid(X, BlockLayout.block((28, 28), 2, rank=1), global_rank=2)
     >>> res.n_params, bool(np.all(np.diff(res.error_trace) <= 1e-12))
@@ -372,8 +370,6 @@ class HybridLowRank(StructuredEstimator):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> from blocklowrank import HybridLowRank
     >>> X = np.random.default_rng(0).standard_normal((28, 28))
     >>> est = HybridLowRank(n_blocks=2, rank=1, global_rank=2).fit(X)
     >>> est.n_params_, est.fit_transform(X).shape

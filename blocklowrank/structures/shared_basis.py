@@ -147,7 +147,6 @@ def fit_shared_basis(X, n_blocks, rank, *, max_iter=100, tol=1e-6, init="svd", r
 
     Examples
     --------
-    >>> import numpy as np
     >>> X = np.random.default_rng(0).standard_normal((28, 28))
     >>> res = fit_shared_basis(X, 2, 3)
     >>> res.n_params, bool(np.all(np.diff(res.error_trace) <= 1e-12))
@@ -248,8 +247,6 @@ class SharedBasisLowRank(StructuredEstimator):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> from blocklowrank import SharedBasisLowRank
     >>> X = np.random.default_rng(0).standard_normal((28, 28))
     >>> est = SharedBasisLowRank(n_blocks=2, rank=3).fit(X)
     >>> est.n_params_, est.fit_transform(X).shape

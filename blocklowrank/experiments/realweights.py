@@ -377,11 +377,25 @@ def run_realweights(out):
     (``blocklowrank.checkpoints.study.run_study``) on MiniLM compression
     (base alone), MiniLM base vs fine-tuned and the MLP pretrained vs fine-tuned.
 
+    Parameters
+    ----------
+    out : str or path-like
+
     Raises
     ------
     NotImplementedError
         Always, for now: ``blocklowrank.checkpoints.study.run_study`` has not
-        landed on main yet. The checkpoints it needs are made by
+        landed on main yet.
+
+    Notes
+    -----
+    The intended wiring, once it has (``base = minilm_checkpoint()``)::
+
+        run_study(base, out=out / "minilm_compression", target_modules=MINILM_TARGETS)
+        run_study(base, out / "minilm" / "model.safetensors",  # after finetune_minilm
+                  out=out / "minilm_delta", target_modules=MINILM_TARGETS)
+        run_study(mlp["pretrained"], mlp["finetuned"],  # save_mlp_checkpoints(out / "mlp")
+                  out=out / "mlp_delta", target_modules=["fc1"]) The checkpoints it needs are made by
         :func:`minilm_checkpoint`, :func:`finetune_minilm` and
         :func:`save_mlp_checkpoints`.
     """

@@ -60,6 +60,7 @@ __all__ = [
     "MINILM_SAFETENSORS_SHA256",
     "MINILM_TARGETS",
     "MINILM_N_ENCODER_LINEAR",
+    "MLP_NAMES",
     "minilm_zip",
     "minilm_checkpoint",
     "pydoc_topic_sentences",
@@ -176,8 +177,8 @@ def minilm_checkpoint(cache=None, *, verify=True):
             os.replace(temporary, folder)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
-    if not target.is_file():
-        raise FileNotFoundError(f"extraction to {folder} failed")
+    if not all((folder / name).is_file() for name in _MINILM_FILES):
+        raise FileNotFoundError(f"{folder} is incomplete and could not be replaced: delete it")
     return target
 
 

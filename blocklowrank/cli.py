@@ -6,6 +6,7 @@ reproduce   the paper's experiments (Table I / Figure 1, the 10k-digit study, Fi
             structures beyond the paper at matched budgets
 approximate fit one structure to a matrix or image file
 budget      configurations of each structure at a parameter budget
+study       every layer of a checkpoint (or of its fine-tuning update) by every structure
 """
 
 from __future__ import annotations
@@ -255,6 +256,41 @@ def cmd_reproduce(args):
     return 0
 
 
+_REGEX_CHARS = set("*+?[](){}|^$\\")
+
+
+def _target_modules(values):
+    """``--target-modules``: 'all-linear', one regular expression, or module-name suffixes."""
+    if len(values) == 1 and (values[0].lower() == "all-linear" or _REGEX_CHARS & set(values[0])):
+        return values[0]
+    return list(values)
+
+
+def cmd_study(args):
+    from .checkpoints.study import run_study
+
+    budget = {"budget_rank": args.budget_rank or 16, "budget_fraction": args.budget_fraction,
+              "total_budget": args.total_budget}
+    res = run_study(args.base, args.finetuned, out=args.out, structures=args.structures,
+                    target_modules=_target_modules(args.target_modules), n_blocks=args.n_blocks,
+                    n_jobs=args.n_jobs, progress=not args.quiet, svd_solver=args.svd_solver,
+                    fit_options=None if args.max_iter is None else {"max_iter": args.max_iter}, **budget)
+    skipped = sum(1 for lay in res.layers if lay["skipped"])
+    for lay in res.layers:
+        if lay["skipped"]:
+            print(f"skipped {lay['layer']}: {lay['skipped']}", file=sys.stderr)
+    print(f"studied {len(res.layers) - skipped} layers ({skipped} skipped) with {len(res.settings['structures'])} "
+          f"structures: {len(res)} configurations")
+    for row in res.model_wide:
+        if row["allocation"] == "model-wide":
+            unif = next(r for r in res.model_wide if r["allocation"] == "uniform"
+                        and (r["structure"], r["n_blocks"]) == (row["structure"], row["n_blocks"]))
+            print(f"  {row['structure']:<10} K={row['n_blocks']:<3} model-wide error {row['error']:.4f} "
+                  f"vs uniform {unif['error']:.4f}")
+    print(f"wrote {args.out}/: layers.csv, model_wide.csv, summary.md, error_heatmap.png, error_vs_budget.png")
+    return 0
+
+
 def build_parser():
     p = _Parser(
         prog="blocklowrank",
@@ -318,6 +354,34 @@ def build_parser():
     b.add_argument("budget", type=int)
     b.add_argument("--methods", nargs="+", default=list(structure_names(paper=True)), choices=structure_names())
     b.set_defaults(func=cmd_budget)
+
+    st = sub.add_parser(
+        "study",
+        help="every layer of a checkpoint by every structure at matched budgets",
+        description="Approximate every selected layer's weight update (W_finetuned - W_base), or with "
+        "one checkpoint the weights themselves, by every registered structure at matched budgets; "
+        "compare a model-wide allocation of one total budget with the uniform one. Writes layers.csv, "
+        "model_wide.csv, summary.md, error_heatmap.png and error_vs_budget.png; a study stopped "
+        "midway resumes where it stopped when run again with the same --out.",
+    )
+    st.add_argument("base", help="safetensors file, sharded checkpoint folder or index file")
+    st.add_argument("finetuned", nargs="?", help="the fine-tuned checkpoint (omit to compress BASE itself)")
+    st.add_argument("--out", required=True, help="output folder (also the resumable log)")
+    st.add_argument("--structures", nargs="+", choices=structure_names(), default=None,
+                    help="structures to study (default: every registered one)")
+    bg = st.add_mutually_exclusive_group()
+    bg.add_argument("--budget-rank", type=int, help="per-layer budget R (m + n), a LoRA-equivalent rank (default 16)")
+    bg.add_argument("--budget-fraction", type=float, help="per-layer budget as a fraction of m n")
+    bg.add_argument("--total-budget", type=int, help="one total over all layers (model-wide allocation)")
+    st.add_argument("--target-modules", nargs="+", default=["all-linear"],
+                    help="all-linear (default), module-name suffixes, or one regular expression")
+    st.add_argument("--n-blocks", nargs="+", type=int, default=None, help="grid sizes K (default 2 4 8)")
+    st.add_argument("--n-jobs", type=int, default=None, help="layers in parallel via joblib (default 1)")
+    st.add_argument("--svd-solver", choices=("auto", "full", "randomized"), default="auto")
+    st.add_argument("--max-iter", type=int, default=None,
+                    help="most alternations of the iterative structures per fit (default: theirs, 100)")
+    st.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    st.set_defaults(func=cmd_study)
     return p
 
 

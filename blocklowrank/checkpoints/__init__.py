@@ -10,6 +10,10 @@ pickle-based checkpoints are refused rather than unpickled.
   ``target_modules`` rules), :func:`pair_layers` (base vs fine-tuned, with a
   report of everything not paired) and :func:`iter_deltas` (ΔW one layer at a
   time).
+- :mod:`~blocklowrank.checkpoints.study`: :func:`run_study` (every layer by
+  every registered structure at matched budgets, model-wide allocation,
+  resumable and parallel) and :func:`allocate_model_wide`;
+  :mod:`~blocklowrank.checkpoints.plots` writes its tables, summary and figures.
 """
 
 from .safetensors import (
@@ -30,8 +34,12 @@ from .select import (
     pair_layers,
     select_names,
 )
+from .study import allocate_model_wide, effective_rank, run_study
 
 __all__ = [
+    "run_study",
+    "allocate_model_wide",
+    "effective_rank",
     "ALL_LINEAR",
     "LayerPair",
     "PairingReport",

@@ -25,9 +25,9 @@ test: $(VENV)/.installed
 reproduce: $(VENV)/.installed
 	$(PY) -m blocklowrank.datasets
 	$(PY) -m blocklowrank reproduce all --out $(OUT)
-	# Real weights: the paper's MLP pretrained / fully fine-tuned, MiniLM fine-tuned (torch, ~400 steps)
-	$(PY) -m blocklowrank.experiments.realweights mlp --out $(OUT)/realweights
-	$(PY) -m blocklowrank.experiments.realweights finetune --out $(OUT)/realweights/minilm
+	# Real weights: the paper's MLP pretrained / fully fine-tuned, MiniLM fine-tuned
+	# (torch, 400 steps), then the checkpoint study on MiniLM W, MiniLM dW and the MLP's dW
+	$(PY) -m blocklowrank.experiments.realweights study --out $(OUT)/realweights
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_engine.py

@@ -16,7 +16,7 @@ from collections import namedtuple
 import numpy as np
 import pytest
 
-from blocklowrank.checkpoints import iter_deltas, open_checkpoint, pair_layers
+from blocklowrank.checkpoints import iter_deltas, open_checkpoint, pair_layers, save_file
 from blocklowrank.compare import compare_at_budget
 from blocklowrank.experiments import realweights as rw
 from blocklowrank.structures import approximate
@@ -121,9 +121,30 @@ def test_the_module_never_imports_torch():
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
-def test_run_realweights_says_what_is_missing():
-    with pytest.raises(NotImplementedError, match="checkpoints.study.run_study"):
-        rw.run_realweights("unused")
+def test_run_realweights_studies_the_three_pairs(tmp_path, monkeypatch):
+    """The wiring, on a small stand-in for MiniLM and the MLP on made-up digits."""
+    rng = np.random.default_rng(0)
+    names = [f"encoder.layer.0.{m}.weight" for m in LINEAR] + ["pooler.dense.weight"]
+    base = {name: rng.standard_normal((16, 12)).astype(np.float32) for name in names}
+    tuned = {name: w + np.float32(0.1) * rng.standard_normal(w.shape).astype(np.float32)
+             for name, w in base.items()}
+    base_path = save_file(tmp_path / "base.safetensors", base)
+    out = tmp_path / "out"
+    (out / "minilm").mkdir(parents=True)
+    save_file(out / "minilm" / "model.safetensors", tuned)
+    (out / "minilm" / "finetune.json").write_text(json.dumps({"accuracy_after": 0.5, "loss": [1.0]}))
+    monkeypatch.setattr(rw, "minilm_checkpoint", lambda: base_path)
+    results = rw.run_realweights(out, structures=["global", "block"], budget_rank=2, progress=False,
+                                 mlp_data=_fake_mnist(), mlp_epochs=3)
+    assert set(results) == {"minilm_compression", "minilm_delta", "mlp_delta"}
+    encoder = {name.removesuffix(".weight") for name in names[:-1]}  # not the pooler
+    for name in ("minilm_compression", "minilm_delta"):
+        assert {row["layer"] for row in results[name]} == encoder
+        assert (out / name / "summary.md").is_file()
+    assert {row["layer"] for row in results["mlp_delta"]} == {"fc1"}
+    assert {row["structure"] for row in results["mlp_delta"]} == {"global", "block"}
+    summary = json.loads((out / "realweights.json").read_text())
+    assert summary["minilm"] == {"accuracy_after": 0.5} and set(summary["studies"]) == set(results)
 
 
 # ---------------------------------------------------------------------------- the task

@@ -67,6 +67,7 @@ __all__ = [
     "save_mlp_checkpoints",
     "finetune_minilm",
     "run_realweights",
+    "REALWEIGHTS_STRUCTURES",
     "main",
 ]
 
@@ -372,49 +373,95 @@ def finetune_minilm(out, *, extra_args=(), python=None):
     return json.loads((Path(out) / "finetune.json").read_text())
 
 
-def run_realweights(out):
-    """Run the per-layer study on the three real checkpoint pairs.
+#: Layout structures only by default: the iterative ones (hybrid, shared basis)
+#: cost minutes per MiniLM layer; pass ``structures=None`` to run every one.
+REALWEIGHTS_STRUCTURES = ("global", "diagonal", "block")
 
-    Meant to run the checkpoint study
-    (``blocklowrank.checkpoints.study.run_study``) on MiniLM compression
-    (base alone), MiniLM base vs fine-tuned and the MLP pretrained vs fine-tuned.
+
+def _study_pairs(finetuned, mlp):
+    """The three studies: (name, base, fine-tuned or None, target_modules)."""
+    base = minilm_checkpoint()
+    return [
+        ("minilm_compression", base, None, MINILM_TARGETS),
+        ("minilm_delta", base, finetuned, MINILM_TARGETS),
+        ("mlp_delta", mlp["pretrained"], mlp["finetuned"], ["fc1"]),
+    ]
+
+
+def run_realweights(out, *, structures=REALWEIGHTS_STRUCTURES, budget_rank=16, n_jobs=None, progress=True,
+                    finetune_args=(), mlp_seed=0, mlp_data=None, mlp_epochs=None, **study_kw):
+    """The checkpoint study on the three real checkpoint pairs.
+
+    Makes what is missing, then runs
+    :func:`blocklowrank.checkpoints.study.run_study` on
+
+    1. ``minilm_compression``: the pretrained MiniLM's 36 encoder linears ``W``;
+    2. ``minilm_delta``: MiniLM fine-tuned minus pretrained, ``ΔW``
+       (fine-tuning first with :func:`finetune_minilm` unless
+       ``<out>/minilm/model.safetensors`` exists);
+    3. ``mlp_delta``: the paper's MLP, first layer ``ΔW`` (64 x 784) of full
+       fine-tuning 0-4 -> 5-9 (:func:`save_mlp_checkpoints` unless
+       ``<out>/mlp/mlp_checkpoints.json`` exists).
 
     Parameters
     ----------
     out : str or path-like
+        Gets ``minilm/``, ``mlp/``, one folder per study (the study's files:
+        ``layers.csv``, ``model_wide.csv``, ``summary.md``, figures; resumable)
+        and ``realweights.json`` (where everything is and the accuracies).
+    structures : sequence of str or None, default=REALWEIGHTS_STRUCTURES
+        Passed to the study; None studies every registered structure.
+    budget_rank : int, default=16
+        Per-layer budget as a LoRA-equivalent rank.
+    n_jobs : int, optional
+    progress : bool, default=True
+    finetune_args : sequence of str
+        More options for the MiniLM fine-tuning (``--steps``, ``--subset``, ...).
+    mlp_seed : int, default=0
+    mlp_data : object, optional
+        MNIST-like data for the MLP (default: MNIST).
+    mlp_epochs : int, optional
+        Most MLP fine-tuning epochs (default Figure 2's cap).
+    **study_kw
+        More keywords for ``run_study`` (``fit_options``, ``n_blocks``, ...).
 
-    Raises
-    ------
-    NotImplementedError
-        Always, for now: ``blocklowrank.checkpoints.study.run_study`` has not
-        landed on main yet.
-
-    Notes
-    -----
-    The intended wiring, once it has (``base = minilm_checkpoint()``)::
-
-        run_study(base, out=out / "minilm_compression", target_modules=MINILM_TARGETS)
-        run_study(base, out / "minilm" / "model.safetensors",  # after finetune_minilm
-                  out=out / "minilm_delta", target_modules=MINILM_TARGETS)
-        run_study(mlp["pretrained"], mlp["finetuned"],  # save_mlp_checkpoints(out / "mlp")
-                  out=out / "mlp_delta", target_modules=["fc1"]) The checkpoints it needs are made by
-        :func:`minilm_checkpoint`, :func:`finetune_minilm` and
-        :func:`save_mlp_checkpoints`.
+    Returns
+    -------
+    dict
+        Study name -> the records ``run_study`` returned.
     """
-    raise NotImplementedError(
-        "run_realweights needs blocklowrank.checkpoints.study.run_study, which is not on main yet; "
-        "make the checkpoints with minilm_checkpoint(), finetune_minilm() and save_mlp_checkpoints()"
-    )
+    from ..checkpoints.study import run_study
+
+    out = Path(out)
+    mlp_dir, minilm_dir = out / "mlp", out / "minilm"
+    if (mlp_dir / "mlp_checkpoints.json").is_file():
+        mlp = json.loads((mlp_dir / "mlp_checkpoints.json").read_text())
+    else:
+        mlp = save_mlp_checkpoints(mlp_dir, mlp_seed, epochs=mlp_epochs, data=mlp_data)
+    finetuned = minilm_dir / "model.safetensors"
+    if not (minilm_dir / "finetune.json").is_file():
+        finetune_minilm(minilm_dir, extra_args=finetune_args)
+    summary = {"mlp": mlp, "minilm": json.loads((minilm_dir / "finetune.json").read_text()), "studies": {}}
+    summary["minilm"].pop("loss", None)
+    results = {}
+    for name, base, tuned, targets in _study_pairs(finetuned, mlp):
+        results[name] = run_study(base, tuned, out=out / name, structures=structures, budget_rank=budget_rank,
+                                  target_modules=targets, n_jobs=n_jobs, progress=progress, **study_kw)
+        summary["studies"][name] = {"base": str(base), "finetuned": None if tuned is None else str(tuned),
+                                    "target_modules": targets, "out": str(out / name)}
+    (out / "realweights.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return results
 
 
 # ---------------------------------------------------------------------------- command line
 def main(argv=None):
-    """``python -m blocklowrank.experiments.realweights {extract,finetune,mlp}``.
+    """``python -m blocklowrank.experiments.realweights {extract,finetune,mlp,study}``.
 
     ``extract`` prints the cached MiniLM checkpoint's path; ``finetune --out
     DIR [options]`` fine-tunes MiniLM in its own process (options as
     ``python -m blocklowrank.experiments._finetune_minilm -h``); ``mlp --out
-    DIR [--seed S]`` saves the MLP checkpoints.
+    DIR [--seed S]`` saves the MLP checkpoints; ``study --out DIR`` runs
+    :func:`run_realweights` (fine-tuning options are passed on).
     """
     parser = argparse.ArgumentParser(prog="python -m blocklowrank.experiments.realweights",
                                      description="Real weights: MiniLM and the paper's MLP.")
@@ -426,8 +473,14 @@ def main(argv=None):
     mlp.add_argument("--out", required=True)
     mlp.add_argument("--seed", type=int, default=0)
     mlp.add_argument("--subset", type=int, default=None)
+    st = sub.add_parser("study", help="make what is missing, then study the three checkpoint pairs")
+    st.add_argument("--out", required=True)
+    st.add_argument("--budget-rank", type=int, default=16)
+    st.add_argument("--all-structures", action="store_true",
+                    help="also the iterative structures (slow on MiniLM)")
+    st.add_argument("-q", "--quiet", action="store_true")
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "finetune":
+    if rest and args.command not in ("finetune", "study"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "extract":
         print(minilm_checkpoint())
@@ -435,6 +488,10 @@ def main(argv=None):
         rec = finetune_minilm(args.out, extra_args=rest)
         print(f"test accuracy {rec['accuracy_before']:.4f} -> {rec['accuracy_after']:.4f} "
               f"({rec['train_seconds']:.0f} s of training); wrote {args.out}/model.safetensors")
+    elif args.command == "study":
+        run_realweights(args.out, structures=None if args.all_structures else REALWEIGHTS_STRUCTURES,
+                        budget_rank=args.budget_rank, progress=not args.quiet, finetune_args=rest)
+        print(f"wrote {args.out}/realweights.json and one folder per study")
     else:
         rec = save_mlp_checkpoints(args.out, args.seed, subset=args.subset)
         print(f"test accuracy on 5-9 {rec['test_acc_pretrained']:.4f} -> {rec['test_acc_finetuned']:.4f}; "

@@ -26,6 +26,10 @@ inside its ``main`` and is run as a separate process::
 
     python -m blocklowrank.experiments.realweights finetune --out results/minilm
 
+:func:`run_realweights` (``... realweights study --out DIR``, run by ``make
+reproduce``) makes whatever is missing and runs the checkpoint study
+(:func:`blocklowrank.checkpoints.study.run_study`) on the three pairs.
+
 Layers: ``pair_layers(ck, None, "all-linear")`` on MiniLM selects 37 weights:
 the 36 encoder linears (6 layers x ``query``, ``key``, ``value``,
 ``attention.output.dense``, ``intermediate.dense``, ``output.dense``) and

@@ -440,6 +440,8 @@ def run_realweights(out, *, structures=REALWEIGHTS_STRUCTURES, budget_rank=16, n
     mlp_dir, minilm_dir = out / "mlp", out / "minilm"
     if (mlp_dir / "mlp_checkpoints.json").is_file():
         mlp = json.loads((mlp_dir / "mlp_checkpoints.json").read_text())
+        for stage in ("pretrained", "finetuned"):  # the files beside it, wherever the folder moved
+            mlp[stage] = str(mlp_dir / f"mlp_{stage}.safetensors")
     else:
         mlp = save_mlp_checkpoints(mlp_dir, mlp_seed, epochs=mlp_epochs, data=mlp_data)
     finetuned = minilm_dir / "model.safetensors"

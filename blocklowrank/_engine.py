@@ -17,7 +17,7 @@ import numpy as np
 from ._allocation import _allocate as _allocate_ranks
 from ._allocation import no_worse_than_uniform
 from ._parallel import resolve_n_jobs, run_chunked
-from ._svd import _batched_svd, check_svd_options
+from ._svd import _solve, check_svd_options
 from ._validation import check_budget, check_int, check_max_error, pow2_scale, validate_matrix
 from .factors import StructuredFactors, _Group
 from .layout import BlockLayout
@@ -37,7 +37,8 @@ class FitReport:
     discarded_energy, total_energy : float or ndarray
         ``||X - X_hat||_F^2`` and ``||X||_F^2``.
     svd_solver : dict
-        Solver used for each block shape (iterative fits: of their steps).
+        Solver used for each block shape (iterative fits: of their steps):
+        "full" or "randomized", with "auto" resolved to the one it kept.
     exact_allocation : bool or None
         For a budget or a target error: whether the rank allocation is provably
         optimal (see :func:`~blocklowrank._allocation.allocate_ranks`); None otherwise.
@@ -216,7 +217,8 @@ def _plan(lay, groups_idx, mode, value, svd):
             k = min(L, value // (shp[0] + shp[1]))
         else:
             k = L
-        s = "full" if solver == "auto" or mode in ("budget", "max_error") else solver
+        # budget and max_error allocate over every singular value: exact spectra
+        s = "full" if mode in ("budget", "max_error") else solver
         if s == "randomized" and k + n_over >= L:
             s = "full"
         plan[shp] = (max(k, 0), s)
@@ -225,13 +227,14 @@ def _plan(lay, groups_idx, mode, value, svd):
 
 def _svd_group(A, k, solver, svd, rng, n_jobs):
     """``(U, s, Vt, solver)`` of a group: the leading ``k`` triplets (all singular values
-    with the exact solver)."""
+    with the exact solver); "auto" resolves to the solver it used (see
+    :func:`~blocklowrank._svd.batched_svd`)."""
     if k == 0:
         g = A.shape[:-2]
         m, n = A.shape[-2:]
-        return (np.zeros(g + (m, 0), A.dtype), np.zeros(g + (0,), A.dtype), np.zeros(g + (0, n), A.dtype), solver)
-    U, s, Vt = _batched_svd(A, k, solver, svd[1], svd[2], rng, n_jobs, True)
-    return U, s, Vt, solver
+        z = (np.zeros(g + (m, 0), A.dtype), np.zeros(g + (0,), A.dtype), np.zeros(g + (0, n), A.dtype))
+        return z + ("full" if solver == "auto" else solver,)
+    return _solve(A, k, solver, svd[1], svd[2], rng, n_jobs, True)
 
 
 def _allocate(lay, groups_idx, computed, E, total, mode, value, batch):

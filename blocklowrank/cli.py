@@ -7,6 +7,7 @@ reproduce   the paper's experiments (Table I / Figure 1, the 10k-digit study, Fi
 approximate fit one structure to a matrix or image file
 budget      configurations of each structure at a parameter budget
 study       every layer of a checkpoint (or of its fine-tuning update) by every structure
+extract     a PEFT adapter (LoRA / GraLoRA) fitted to the ΔW of a fine-tuned checkpoint
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from .structures import get_structure, structure_names
 
-EXPERIMENTS = ("table1", "study", "structures", "figure2")  # quick ones first
+EXPERIMENTS = ("table1", "study", "structures", "figure2", "compress")  # quick ones first; compress after figure2
 
 
 class CLIError(Exception):
@@ -205,8 +206,8 @@ def cmd_budget(args):
     from .budget import match_budget
 
     shape = _parse_shape(args.shape)
+    print(f"configurations of a {shape[0]}x{shape[1]} matrix at budget {args.budget}", flush=True)
     records = match_budget(shape, args.budget, methods=tuple(args.methods))
-    print(f"configurations of a {shape[0]}x{shape[1]} matrix at budget {args.budget}")
     print(f"{'method':<10}{'n_blocks':>9}{'rank':>6}{'n_params':>10}  exact")
     for rec in records:
         r = dict(rec)
@@ -221,8 +222,9 @@ def cmd_reproduce(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     which = EXPERIMENTS if args.what == "all" else (args.what,)
-    _warn_unused(args, ("seeds", "epochs", "n_jobs", "subset") if "figure2" in which else (),
-                 ("seeds", "epochs", "n_jobs", "subset"))
+    used = ("seeds", "epochs", "n_jobs", "subset") if "figure2" in which else ()
+    used = used or (("seeds", "n_jobs", "subset") if "compress" in which else ())
+    _warn_unused(args, used, ("seeds", "epochs", "n_jobs", "subset"))
     written = []
     for name in which:
         if name == "table1":
@@ -250,6 +252,13 @@ def cmd_reproduce(args):
             )
             plot_figure2(res, out / "figure2.png")
             written += [out / "sweep.csv", out / "figure2_summary.txt", out / "figure2.png"]
+        elif name == "compress":
+            from .experiments.compress import plot_compress, run_compress
+
+            res = run_compress(out, seeds=3 if args.seeds is None else args.seeds, subset=args.subset,
+                               progress=not args.quiet, n_jobs=-1 if args.n_jobs is None else args.n_jobs)
+            plot_compress(res, out / "compress.png")
+            written += [out / "compress.csv", out / "compress_summary.txt", out / "compress.png"]
     print("\nresults:")
     for p in written:
         print(f"  {p}")
@@ -291,6 +300,22 @@ def cmd_study(args):
     return 0
 
 
+def cmd_extract(args):
+    from .extract import extract_adapter
+
+    fixed = get_structure(args.method).fixed_blocks
+    if fixed is not None and args.n_blocks is not None:
+        print(f"blocklowrank: warning: --n-blocks is ignored: {args.method} has {fixed} block", file=sys.stderr)
+    report = extract_adapter(
+        args.base, args.finetuned, args.out, method=args.method,
+        n_blocks=fixed or (2 if args.n_blocks is None else args.n_blocks),
+        rank=args.rank, budget_rank=args.budget_rank, target_modules=_target_modules(args.target_modules),
+        peft_type=args.peft_type, svd_solver=args.svd_solver, overwrite=args.overwrite,
+    )
+    print(report.summary())
+    return 0
+
+
 def build_parser():
     p = _Parser(
         prog="blocklowrank",
@@ -308,18 +333,18 @@ def build_parser():
         help="reproduce the paper's experiments",
         description="Reproduce Table I and Figure 1 (table1), the 10,000-digit study (study), "
         "Figure 2's adapter sweep (figure2), every structure at matched budgets (structures), "
-        "or all of them.",
+        "the full fine-tune compressed at Figure 2's budgets (compress; after figure2), or all of them.",
     )
     r.add_argument("what", choices=("all",) + EXPERIMENTS,
                    help="which part; 'all' runs everything, Figure 2's sweep included (about 25 min on 2 cores)")
     r.add_argument("--out", default="results", help="output directory (default: results)")
-    r.add_argument("--seeds", type=_count(1, "--seeds"), help="figure2: seeds per configuration (default 3)")
+    r.add_argument("--seeds", type=_count(1, "--seeds"), help="figure2, compress: seeds per configuration (default 3)")
     r.add_argument("--epochs", type=_count(1, "--epochs"),
                    help="figure2: most epochs per run; runs end earlier by early stopping (default 1000)")
     r.add_argument("--n-jobs", type=_jobs,
-                   help="figure2: parallel runs via joblib, one BLAS thread each (default -1: every core)")
+                   help="figure2, compress: parallel runs via joblib, one BLAS thread each (default -1: every core)")
     r.add_argument("--subset", type=_count(10, "--subset"),
-                   help="figure2: use only the first N (>= 10) images of each split (quick checks)")
+                   help="figure2, compress: use only the first N (>= 10) images of each split (quick checks)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     r.set_defaults(func=cmd_reproduce)
 
@@ -382,6 +407,32 @@ def build_parser():
                     help="most alternations of the iterative structures per fit (default: theirs, 100)")
     st.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     st.set_defaults(func=cmd_study)
+
+    e = sub.add_parser(
+        "extract",
+        help="extract a PEFT adapter from a fine-tuned checkpoint",
+        description="Fit each layer's ΔW = W_finetuned - W_base with one structure and write a PEFT "
+        "adapter directory (LoRA for global/diagonal, GraLoRA for block) that "
+        "PeftModel.from_pretrained loads. Embeddings, output heads and biases are left out and listed.",
+    )
+    e.add_argument("base", help="base model: .safetensors file, sharded index or model folder")
+    e.add_argument("finetuned", help="fully fine-tuned model, same forms")
+    e.add_argument("--out", required=True, help="adapter directory to write")
+    e.add_argument("--method", choices=[s for s in structure_names(spectral=True) if get_structure(s).peft],
+                   default="global")
+    e.add_argument("--n-blocks", type=_n_blocks, help="K (default 2; not for global)")
+    size = e.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=_count(1, "--rank"), help="rank of every active block")
+    size.add_argument("--budget-rank", type=_count(1, "--budget-rank"),
+                      help="budget as a LoRA rank R: R*(m+n) parameters per layer, optimal per-block ranks")
+    e.add_argument("--target-modules", nargs="+", default=["all-linear"], metavar="NAME",
+                   help="module-name suffixes (q_proj v_proj), one regular expression matched against the "
+                   "whole module path, or all-linear (default)")
+    e.add_argument("--peft-type", choices=("auto", "LORA", "GRALORA"), default="auto",
+                   help="auto: the structure's own (LoRA for global/diagonal, GraLoRA for block)")
+    e.add_argument("--svd-solver", choices=("auto", "full", "randomized"), default="auto")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    e.set_defaults(func=cmd_extract)
     return p
 
 

@@ -13,12 +13,9 @@ torch, transformers and peft are test-only dependencies (the ``peft`` extra,
 installed by ``make test``); the library never imports them.
 """
 
-import contextlib
 import copy
 import json
-import logging
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -28,51 +25,21 @@ from blocklowrank.convert import as_factors
 from blocklowrank import fit_hybrid
 from blocklowrank.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, save_peft_adapter
 
-if os.environ.get("BLOCKLOWRANK_TEST_PEFT") == "1":  # make test: required, never skipped
-    import peft
-    import torch
-    import transformers
-else:  # a bare pytest without the peft extra
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+from _llama import ATTN, MLP, captured as _captured, peft, structured_delta as _delta, tiny_llama, torch
+from _llama import tokens as _tokens, weight as _weight
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
-
-ATTN = "model.layers.{}.self_attn.{}"
-MLP = "model.layers.{}.mlp.{}"
 
 
 # ---------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def base_model():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama()
 
 
 @pytest.fixture(scope="module")
 def tokens():
-    return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
-
-
-def _weight(model, module):
-    return model.get_submodule(module).weight.detach().numpy()
-
-
-def _delta(shape, seed, K=2, rank=2):
-    """A 'fine-tuning' update: K x K blocks of rank ``rank`` plus a global rank-1 term and noise."""
-    rng = np.random.default_rng(seed)
-    m, n = shape
-    dW = np.zeros(shape)
-    for rows in np.array_split(np.arange(m), K):
-        for cols in np.array_split(np.arange(n), K):
-            dW[np.ix_(rows, cols)] = rng.standard_normal((rows.size, rank)) @ rng.standard_normal((rank, cols.size))
-    dW += np.outer(rng.standard_normal(m), rng.standard_normal(n)) + 0.05 * rng.standard_normal(shape)
-    return 0.01 * dW
+    return _tokens()
 
 
 FITS = {
@@ -102,29 +69,6 @@ CASES = {
     "lora_forced_blocks": (
         {ATTN.format(1, "q_proj"): "block", MLP.format(0, "gate_proj"): "hybrid"}, {"peft_type": "LORA"}, "LORA"),
 }
-
-
-@contextlib.contextmanager
-def _captured():
-    """Every warning and every log record of WARNING or above, as strings."""
-    seen = []
-
-    class Grab(logging.Handler):
-        def emit(self, record):
-            seen.append(record.getMessage())
-
-    handler = Grab(logging.WARNING)
-    loggers = [logging.getLogger(n) for n in ("", "transformers", "peft")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield seen
-        seen.extend(str(w.message) for w in caught)
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
 
 
 # ---------------------------------------------------------------------------- ours -> PEFT

@@ -214,6 +214,41 @@ def _fingerprint(d):
     return h.hexdigest()[:12]
 
 
+def protocol_settings(d, *, epochs=DEFAULT_EPOCHS, batch_size=BATCH_SIZE, subset=None):
+    """The settings that define a run of the protocol, with their hash ``tag`` (names cached files)."""
+    settings = {
+        "protocol": PROTOCOL_VERSION, "epochs": int(epochs), "batch_size": int(batch_size),
+        "patience": PATIENCE,
+        "subset": subset, "val_fraction": VAL_FRACTION, "train_head": TRAIN_HEAD,
+        "pretrain": PRETRAIN, "data": _fingerprint(d),
+    }
+    settings["tag"] = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return settings
+
+
+def pretrained_mlps(out_dir, seeds, d, tag, *, n_jobs=1, progress=False):
+    """The MLPs pretrained on digits 0-4, one per seed, cached in ``out_dir/pretrained``."""
+    pre_dir = os.path.join(out_dir, "pretrained")
+    os.makedirs(pre_dir, exist_ok=True)
+    pretrained, need = {}, []
+    for s in seeds:
+        p = os.path.join(pre_dir, f"mlp_{tag}_seed{s}.npz")
+        if os.path.exists(p):
+            pretrained[s] = MLP.load(p)
+        else:
+            need.append(s)
+    if need:
+        from joblib import Parallel, delayed
+
+        if progress:
+            print(f"[figure2] pretraining on digits 0-4 for seeds {need} ...", file=sys.stderr, flush=True)
+        mlps = Parallel(n_jobs=n_jobs)(delayed(_pretrain_task)(s, d["pre_X"], d["pre_y"]) for s in need)
+        for s, m in zip(need, mlps):
+            m.save(os.path.join(pre_dir, f"mlp_{tag}_seed{s}.npz"))
+            pretrained[s] = m
+    return pretrained
+
+
 # ---------------------------------------------------------------------------- one run
 def _pretrain_task(seed, pre_X, pre_y):
     res = pretrain(
@@ -227,10 +262,16 @@ def _summ(x, k=6):
     return [None if v is None else float(f"{v:.{k}g}") for v in x]
 
 
-def _adapt_task(task, *, data, pretrained, progress=False, live=False):
-    """One adaptation run (a module-level function so joblib can pickle it)."""
+def train_run(task, *, data, pretrained, callback=None):
+    """Train one run of the protocol: ``(TrainResult, n_params)``.
+
+    ``task`` holds ``method`` ("full" or a structure with ``n_blocks`` and
+    ``rank``), ``seed``, ``lr``, ``epochs``, ``batch_size`` and ``patience``;
+    ``data`` the adaptation set (``ad_X``, ``ad_y``); ``pretrained`` the
+    pretrained MLPs by seed (as dicts). The result's ``mlp`` is the trained
+    model (every parameter for "full").
+    """
     seed = task["seed"]
-    cpu0 = time.process_time()
     mlp = MLP(**pretrained[seed])
     X = _float(data["ad_X"])
     y = data["ad_y"]
@@ -238,20 +279,22 @@ def _adapt_task(task, *, data, pretrained, progress=False, live=False):
     kw = dict(
         lr=task["lr"], epochs=task["epochs"], batch_size=task["batch_size"],
         X_val=X[va], y_val=y[va], random_state=np.random.SeedSequence([seed, 2]),
-        restore_best=True, patience=task.get("patience"),
+        restore_best=True, patience=task.get("patience"), callback=callback,
     )
+    if task["method"] == "full":
+        return train(mlp, X[tr], y[tr], mode="full", **kw), N_MODEL_PARAMS
+    ad = StructuredAdapter(
+        _layout(task["method"], task["n_blocks"], task["rank"]),
+        random_state=np.random.SeedSequence([seed, 1]),
+    )
+    return train(mlp, X[tr], y[tr], adapter=ad, mode="adapter", train_head=TRAIN_HEAD, **kw), ad.n_params
+
+
+def _adapt_task(task, *, data, pretrained, progress=False, live=False):
+    """One adaptation run (a module-level function so joblib can pickle it)."""
+    cpu0 = time.process_time()
     with epoch_progress(task["label"], task["epochs"], enabled=live) as cb:
-        if task["method"] == "full":
-            res = train(mlp, X[tr], y[tr], mode="full", callback=cb, **kw)
-            n_params = N_MODEL_PARAMS
-        else:
-            ad = StructuredAdapter(
-                _layout(task["method"], task["n_blocks"], task["rank"]),
-                random_state=np.random.SeedSequence([seed, 1]),
-            )
-            res = train(mlp, X[tr], y[tr], adapter=ad, mode="adapter", train_head=TRAIN_HEAD, callback=cb,
-                        **kw)
-            n_params = ad.n_params
+        res, n_params = train_run(task, data=data, pretrained=pretrained, callback=cb)
     te_loss, te_acc = res.evaluate(_float(data["te_X"]), data["te_y"])
     h = res.history
     b = res.best_epoch - 1
@@ -556,35 +599,12 @@ def run_figure2(
     d = _prepare(data, subset)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-
-    settings = {
-        "protocol": PROTOCOL_VERSION, "epochs": int(epochs), "batch_size": int(batch_size),
-        "patience": PATIENCE,
-        "subset": subset, "val_fraction": VAL_FRACTION, "train_head": TRAIN_HEAD,
-        "pretrain": PRETRAIN, "data": _fingerprint(d),
-    }
-    tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    settings.update({"seeds": seed_list, "lrs": lrs, "tag": tag})
+    settings = protocol_settings(d, epochs=epochs, batch_size=batch_size, subset=subset)
+    settings.update({"seeds": seed_list, "lrs": lrs})
+    tag = settings["tag"]
 
     # 1. pretraining, once per seed (cached in out_dir/pretrained)
-    pre_dir = os.path.join(out_dir, "pretrained")
-    os.makedirs(pre_dir, exist_ok=True)
-    pretrained, need = {}, []
-    for s in seed_list:
-        p = os.path.join(pre_dir, f"mlp_{tag}_seed{s}.npz")
-        if os.path.exists(p):
-            pretrained[s] = MLP.load(p)
-        else:
-            need.append(s)
-    if need:
-        from joblib import Parallel, delayed
-
-        if progress:
-            print(f"[figure2] pretraining on digits 0-4 for seeds {need} ...", file=sys.stderr, flush=True)
-        mlps = Parallel(n_jobs=n_jobs)(delayed(_pretrain_task)(s, d["pre_X"], d["pre_y"]) for s in need)
-        for s, m in zip(need, mlps):
-            m.save(os.path.join(pre_dir, f"mlp_{tag}_seed{s}.npz"))
-            pretrained[s] = m
+    pretrained = pretrained_mlps(out_dir, seed_list, d, tag, n_jobs=n_jobs, progress=progress)
     pre_dicts = {s: m.to_dict() for s, m in pretrained.items()}
 
     # 2. the sweep

@@ -1,0 +1,386 @@
+"""PEFT adapters extracted from a full fine-tune, and adapters read back as ΔW.
+
+:func:`extract_adapter` pairs a base checkpoint with its fine-tuned version
+(:func:`~blocklowrank.checkpoints.pair_layers`), streams ``ΔW = W_ft - W_base``
+one layer at a time (:func:`~blocklowrank.checkpoints.iter_deltas`), fits each
+with a registered structure (:func:`~blocklowrank.structures.approximate`) and
+writes the fits as one PEFT adapter directory
+(:func:`~blocklowrank.peft.save_peft_adapter`): LoRA for the global and
+diagonal structures, GraLoRA for K x K grids (see the structure's ``peft``
+field). ``blocklowrank extract BASE FINETUNED --out DIR`` is the same on the
+command line.
+
+:func:`adapter_deltas` goes the other way: the ΔW of each layer of an adapter
+directory under the base checkpoint's weight names, so that anything that
+takes ``(name, ΔW)`` pairs (the model study) can take an adapter in place of a
+fine-tuned checkpoint.
+
+Only what a PEFT adapter holds is extracted: the 2-D weights chosen by
+``target_modules`` (``"all-linear"`` leaves out embeddings and output heads).
+Everything else that changed (biases, norms) is listed in the report, not
+written. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+
+from .checkpoints import ALL_LINEAR, Checkpoint, LayerPair, iter_deltas, open_checkpoint, pair_layers
+from .checkpoints.select import _listing
+from .convert import as_factors
+from .peft import ADAPTER_WEIGHTS, PEFT_TYPES, _gralora_fits, load_peft_adapter, save_peft_adapter
+from .structures import approximate, get_structure
+
+__all__ = ["extract_adapter", "adapter_deltas", "adapter_pairs", "ExtractReport"]
+
+
+@dataclass
+class ExtractReport:
+    """What :func:`extract_adapter` did.
+
+    Attributes
+    ----------
+    directory : str
+        The adapter directory written.
+    peft_type : str
+        ``"LORA"`` or ``"GRALORA"``.
+    config : dict
+        ``adapter_config.json`` as written.
+    layers : dict of str to dict
+        Per module path: ``shape``, ``n_params`` (the structure's own),
+        ``n_params_written`` (with PEFT's zero padding), ``error`` (relative
+        Frobenius error of the fit against ΔW) and ``ranks`` (per block).
+    pairing : PairingReport
+        Where every tensor of the two checkpoints went (embeddings and heads
+        excluded by ``target_modules``, tensors in one checkpoint only, shape
+        mismatches, 1-D tensors).
+    unchanged : list of str
+        Selected layers whose ΔW is exactly zero: left out of the adapter.
+    changed_not_written : list of str
+        Tensors that are not 2-D (biases, norms) whose values changed: a PEFT
+        LoRA/GraLoRA adapter cannot hold them.
+    n_params, n_params_written : int
+        Totals over the layers.
+    dense_params : int
+        Weights of the selected layers (what a full ΔW would store).
+    seconds : float
+        Wall time of the extraction.
+    """
+
+    directory: str
+    peft_type: str
+    config: dict
+    layers: dict
+    pairing: object
+    unchanged: list = field(default_factory=list)
+    changed_not_written: list = field(default_factory=list)
+    n_params: int = 0
+    n_params_written: int = 0
+    dense_params: int = 0
+    seconds: float = 0.0
+
+    def summary(self, max_names=5):
+        """A short multi-line account: the adapter, its layers and what was left out."""
+        errors = [v["error"] for v in self.layers.values()]
+        cfg = self.config
+        size = f"r={cfg['r']}" + (f", gralora_k={cfg['gralora_k']}" if "gralora_k" in cfg else "")
+        lines = [
+            f"wrote {self.peft_type} adapter ({size}) to {self.directory}",
+            f"  {len(self.layers)} layers, {self.n_params:,} parameters "
+            f"({self.n_params_written:,} in the file, dense ΔW {self.dense_params:,}); "
+            f"relative error of ΔW: mean {np.mean(errors):.4f}, max {np.max(errors):.4f}; "
+            f"{self.seconds:.1f} s",
+        ]
+        worst = sorted(self.layers.items(), key=lambda kv: -kv[1]["error"])[:max_names]
+        lines += [f"    {name} {v['shape'][0]}x{v['shape'][1]}: error {v['error']:.4f}, "
+                  f"{v['n_params']:,} params" for name, v in worst]
+        if len(self.layers) > len(worst):
+            lines.append(f"    ... ({len(self.layers) - len(worst)} more layers, lower errors)")
+        lines.append("not in the adapter:")
+        lines += self.pairing.summary(max_names).splitlines()[1:]
+        if self.unchanged:
+            lines.append(_listing("unchanged (ΔW = 0)", self.unchanged, max_names))
+        if self.changed_not_written:
+            lines.append(_listing("changed but not 2-D (biases, norms: not written)",
+                                  self.changed_not_written, max_names))
+        return "\n".join(lines)
+
+    __str__ = summary
+
+
+def _open(path_or_checkpoint, role):
+    """(Checkpoint, opened_here) for a path or an open Checkpoint."""
+    if isinstance(path_or_checkpoint, Checkpoint):
+        return path_or_checkpoint, False
+    if not os.path.exists(path_or_checkpoint):
+        raise FileNotFoundError(f"{role} checkpoint {os.fspath(path_or_checkpoint)} does not exist")
+    return open_checkpoint(path_or_checkpoint), True
+
+
+def _grid_size(structure, n_blocks, rank, budget_rank):
+    """The grid size to fit with, after checking that exactly one of rank and budget_rank is a positive int."""
+    if (rank is None) == (budget_rank is None):
+        raise ValueError("give exactly one of rank (per block) and budget_rank (a LoRA-equivalent rank)")
+    size = rank if rank is not None else budget_rank
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"{'rank' if rank is not None else 'budget_rank'} must be a positive integer, "
+                         f"got {size!r}")
+    return structure.fixed_blocks or n_blocks
+
+
+def _check_peft_fit(structure, n_blocks, pairs, peft_type):
+    """The adapter type, after checking that every selected layer can be written as it (before any fit)."""
+    if peft_type not in PEFT_TYPES:
+        raise ValueError(f"peft_type must be one of {PEFT_TYPES}, got {peft_type!r}")
+    kind = structure.peft if peft_type == "auto" else peft_type
+    if kind is None:
+        raise ValueError(f"the {structure.name} structure has no PEFT adapter form; "
+                         "pick a structure with one (global, diagonal, block, hybrid)")
+    for pair in pairs:
+        layout = structure.layout(tuple(pair.shape), n_blocks)
+        if kind != "GRALORA":
+            continue
+        K = layout.n_blocks[0]
+        if layout.n_blocks != (K, K) or K < 2:
+            raise ValueError(f"a GraLoRA adapter needs a K x K grid with K >= 2; the {structure.name} "
+                             f"structure with n_blocks={n_blocks!r} gives {layout.n_blocks}; "
+                             "use peft_type='LORA' or method='block'")
+        problem = _gralora_fits(pair.module, SimpleNamespace(layout=layout), K)
+        if problem:
+            raise ValueError(f"{problem}, or leave the layer out with target_modules; nothing was written")
+    return kind
+
+
+def _changed(base, finetuned, names):
+    """The tensors among ``names`` whose values differ between the two checkpoints."""
+    return [n for n in names
+            if not np.array_equal(np.asarray(base.get(n), np.float64), np.asarray(finetuned.get(n), np.float64))]
+
+
+def _check_out(out, overwrite):
+    out = os.path.abspath(os.fspath(out))
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; pass overwrite=True (--overwrite) to replace it")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"{out} exists and is not a directory")
+    return out
+
+
+def extract_adapter(
+    base,
+    finetuned,
+    out,
+    *,
+    method="global",
+    n_blocks=1,
+    rank=None,
+    budget_rank=None,
+    target_modules=ALL_LINEAR,
+    peft_type="auto",
+    svd_solver="auto",
+    overwrite=False,
+    **options,
+):
+    """Extract a PEFT adapter from a fine-tuned checkpoint: fit each ΔW with one structure.
+
+    Parameters
+    ----------
+    base, finetuned : str, path or Checkpoint
+        safetensors checkpoints (a file, a sharded index or a model folder)
+        of the base model and of its fully fine-tuned version; any dtype the
+        reader takes (F32, BF16, F16, F64).
+    out : str or path
+        The adapter directory to write (``adapter_model.safetensors`` and
+        ``adapter_config.json``); written atomically, only once every layer
+        has been fitted.
+    method : str, default="global"
+        A registered structure with a PEFT form (``get_structure(method).peft``):
+        "global" (LoRA), "diagonal" (MELoRA, written as LoRA), "block"
+        (Localized LoRA, written as GraLoRA), "hybrid" (GraLoRA with
+        ``hybrid_r``; pass ``global_rank=``).
+    n_blocks : int or (int, int), default=1
+        Grid size (ignored by structures with a fixed grid, such as global).
+    rank : int, optional
+        Rank of every active block.
+    budget_rank : int, optional
+        A budget given as a LoRA-equivalent rank R: ``R * (m + n)`` parameters
+        per m x n layer, spent with budget-optimal per-block ranks. Exactly one
+        of ``rank`` and ``budget_rank``.
+    target_modules : "all-linear", str or list of str, default="all-linear"
+        Which layers, in PEFT's terms (see
+        :func:`~blocklowrank.checkpoints.select_names`).
+    peft_type : {"auto", "LORA", "GRALORA"}, default="auto"
+        "auto": the structure's own PEFT type. "LORA" writes any layout
+        exactly as a stacked LoRA (more parameters for grids).
+    svd_solver : {"auto", "full", "randomized"}, default="auto"
+        Passed to :func:`~blocklowrank.structures.approximate`.
+    overwrite : bool, default=False
+        Replace a non-empty ``out``.
+    **options
+        Further keywords of the structure's fit (e.g. ``global_rank``,
+        ``max_iter`` for hybrid).
+
+    Returns
+    -------
+    ExtractReport
+        Per-layer errors and parameter counts, the pairing report (what was
+        left out and why) and the adapter's config; ``str(report)`` is the
+        summary the command line prints.
+
+    Raises
+    ------
+    ValueError
+        Bad options, no layer selected, no changed layer, or a layer that the
+        adapter type cannot hold (GraLoRA: a shape not divisible by K); the
+        message names the layer. Nothing is written then.
+    FileNotFoundError, CheckpointError
+        A missing or unreadable checkpoint (pickle files are refused).
+    FileExistsError
+        ``out`` is not empty and ``overwrite`` is False.
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np
+    >>> from blocklowrank.checkpoints import save_file
+    >>> rng = np.random.default_rng(0)
+    >>> tmp = tempfile.mkdtemp()
+    >>> W = {"layers.0.q_proj.weight": rng.standard_normal((8, 8)), "embed_tokens.weight": np.zeros((5, 8))}
+    >>> base = save_file(os.path.join(tmp, "base.safetensors"), W)
+    >>> W["layers.0.q_proj.weight"] = W["layers.0.q_proj.weight"] + np.outer(np.ones(8), np.arange(8))
+    >>> ft = save_file(os.path.join(tmp, "ft.safetensors"), W)
+    >>> rep = extract_adapter(base, ft, os.path.join(tmp, "adapter"), rank=1)
+    >>> rep.peft_type, rep.config["r"], round(rep.layers["layers.0.q_proj"]["error"], 6)
+    ('LORA', 1, 0.0)
+    >>> rep.pairing.excluded
+    ['embed_tokens.weight']
+    """
+    t0 = time.perf_counter()
+    structure = get_structure(method)
+    n_blocks = _grid_size(structure, n_blocks, rank, budget_rank)
+    out = _check_out(out, overwrite)
+    base_ckpt, close_base = _open(base, "base")
+    try:
+        tuned_ckpt, close_tuned = _open(finetuned, "fine-tuned")
+    except BaseException:
+        if close_base:
+            base_ckpt.close()
+        raise
+    try:
+        pairing = pair_layers(base_ckpt, tuned_ckpt, target_modules)
+        if not pairing.pairs:
+            raise ValueError(f"no layer selected: target_modules={target_modules!r} matches no 2-D weight "
+                             f"present in both checkpoints with the same shape "
+                             f"({len(pairing.excluded)} excluded, {len(pairing.shape_mismatch)} shape mismatches)")
+        kind = _check_peft_fit(structure, n_blocks, pairing.pairs, peft_type)
+        fits, layers, unchanged = {}, {}, []
+        for pair, delta in iter_deltas(base_ckpt, tuned_ckpt, pairing):
+            if not np.any(delta):
+                unchanged.append(pair.module)
+                continue
+            size = {"rank": rank} if rank is not None else {"budget": int(budget_rank) * sum(pair.shape)}
+            res = approximate(delta, method=structure.name, n_blocks=n_blocks, svd_solver=svd_solver,
+                              **size, **options)
+            fits[pair.module] = as_factors(res)
+            layers[pair.module] = {"shape": tuple(pair.shape), "n_params": int(res.n_params),
+                                   "error": float(res.error), "ranks": res.ranks.tolist()}
+        if not fits:
+            raise ValueError(f"no selected layer changed: the {len(unchanged)} layers chosen by "
+                             f"target_modules={target_modules!r} are equal in both checkpoints")
+        changed = _changed(base_ckpt, tuned_ckpt, pairing.not_2d)
+    finally:
+        for ckpt, opened in ((base_ckpt, close_base), (tuned_ckpt, close_tuned)):
+            if opened:
+                ckpt.close()
+    written = save_peft_adapter(out, fits, peft_type=kind, overwrite=overwrite,
+                                base_model_name_or_path=None if isinstance(base, Checkpoint) else os.fspath(base))
+    for name, info in written["layers"].items():
+        layers[name]["n_params_written"] = info["n_params_written"]
+    return ExtractReport(
+        directory=written["directory"], peft_type=written["peft_type"], config=written["config"],
+        layers=layers, pairing=pairing, unchanged=unchanged, changed_not_written=changed,
+        n_params=written["n_params_effective"], n_params_written=written["n_params_written"],
+        dense_params=sum(int(np.prod(v["shape"])) for v in layers.values()),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _adapter_layers(base, adapter_dir):
+    """The adapter's layers and their LayerPairs on the base, checked against the base's header."""
+    layers, _ = load_peft_adapter(adapter_dir)
+    ckpt, opened = _open(base, "base")
+    try:
+        names, pairs = set(ckpt.names()), []
+        for module, sf in layers.items():
+            name = module + ".weight"
+            if name not in names:
+                raise ValueError(f"{os.path.join(os.fspath(adapter_dir), ADAPTER_WEIGHTS)}: module {module!r} "
+                                 f"has no weight {name!r} in the base checkpoint")
+            if tuple(ckpt.info(name).shape) != tuple(sf.layout.shape):
+                raise ValueError(f"adapter module {module!r} is {sf.layout.shape[0]}x{sf.layout.shape[1]}, "
+                                 f"the base's {name!r} is {ckpt.info(name).shape}")
+            pairs.append(LayerPair(name, module, tuple(sf.layout.shape)))
+    finally:
+        if opened:
+            ckpt.close()
+    return layers, pairs
+
+
+def adapter_pairs(base, adapter_dir):
+    """The layers of a PEFT adapter as :class:`~blocklowrank.checkpoints.LayerPair` of the base checkpoint.
+
+    What :func:`~blocklowrank.checkpoints.pair_layers` gives for a fine-tuned
+    checkpoint (its ``.pairs``): ``(name, module, shape)`` with ``name`` the
+    base's weight ``<module>.weight``. Raises ValueError as :func:`adapter_deltas`.
+    """
+    return _adapter_layers(base, adapter_dir)[1]
+
+
+def adapter_deltas(base, adapter_dir, *, names=None, dtype=np.float32):
+    """Yield ``(name, ΔW)`` for each layer of a PEFT adapter, under the base checkpoint's names.
+
+    Parameters
+    ----------
+    base : str, path or Checkpoint
+        The base model's checkpoint (only its header is read).
+    adapter_dir : str or path
+        A PEFT LoRA or GraLoRA adapter directory (ours or PEFT's own).
+    names : iterable of str, optional
+        Only these weight names (e.g. ``[pair.name]`` in a worker that
+        studies one layer); all of the adapter's layers by default.
+    dtype : {float32, float64}, default=float32
+
+    Yields
+    ------
+    name : str
+        The base's weight name, ``<module path>.weight``.
+    delta : ndarray of shape (out_features, in_features)
+        The layer's ΔW with PEFT's scale applied, built one layer at a time.
+
+    Raises
+    ------
+    ValueError
+        When an adapter module has no weight in the base or its shape differs,
+        or ``names`` asks for a layer the adapter does not have (all checked
+        before the first ΔW is yielded).
+
+    Notes
+    -----
+    The model study takes this in place of a fine-tuned checkpoint: where it
+    pairs with ``pair_layers(base, finetuned).pairs`` and reads a layer with
+    ``iter_deltas(base, finetuned, [pair])``, an adapter directory (one
+    holding ``adapter_config.json``) gives ``adapter_pairs(base, adapter_dir)``
+    and ``adapter_deltas(base, adapter_dir, names=[pair.name])``, with the same
+    names and shapes.
+    """
+    dtype = np.dtype(dtype)
+    layers, pairs = _adapter_layers(base, adapter_dir)
+    wanted = [p for p in pairs if names is None or p.name in set(names)]
+    unknown = sorted(set(names or ()) - {p.name for p in pairs})
+    if unknown:
+        raise ValueError(f"the adapter in {os.fspath(adapter_dir)} has no layer {unknown[0]!r}")
+    return ((p.name, layers[p.module].to_dense().astype(dtype, copy=False)) for p in wanted)

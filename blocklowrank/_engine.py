@@ -258,13 +258,25 @@ def _allocate(lay, groups_idx, computed, E, total, mode, value, batch):
                              f"blocks alone leave a relative error of {worst:.4g}")
         alloc, exact = _allocate_ranks(gains, costs, maxr, max_error=value, fixed_loss=fixed, total=tot)
     else:
-        alloc, exact = _allocate_ranks(gains, costs, maxr, budget=value)
-        if not exact:
-            alloc = no_worse_than_uniform(alloc, gains, costs, maxr, value)
-    ranks = np.zeros((B,) + lay.n_blocks, dtype=np.int64)
+        alloc, exact = _budget_allocation(gains, costs, maxr, value)
+    return _scatter(alloc, where, batch, lay.n_blocks), exact
+
+
+def _budget_allocation(gains, costs, maxr, budget):
+    """Budget-optimal ranks; a greedy answer is replaced by the uniform one where that is better."""
+    alloc, exact = _allocate_ranks(gains, costs, maxr, budget=budget)
+    if not exact:
+        alloc = no_worse_than_uniform(alloc, gains, costs, maxr, budget)
+    return alloc, exact
+
+
+def _scatter(alloc, where, batch, n_blocks):
+    """Per-block ranks (batch..., K_rows, K_cols) from allocations listed in ``where`` order."""
+    B = alloc.shape[0]
+    ranks = np.zeros((B,) + n_blocks, dtype=np.int64)
     for t, (i, j) in enumerate(where):
         ranks[:, i, j] = alloc[:, t]
-    return ranks.reshape(batch + lay.n_blocks), exact
+    return ranks.reshape(batch + n_blocks)
 
 
 def _truncate(lay, groups_idx, computed, blocks, ranks, E, dtype):
@@ -441,13 +453,8 @@ class BlockSpectra:
         gains = self._gain_cache
         costs = [int(lay.block_costs[k]) for k in keys]
         maxr = [int(lay.max_ranks[k]) for k in keys]
-        alloc, exact = _allocate_ranks(gains, costs, maxr, budget=budget)
-        if not exact:
-            alloc = no_worse_than_uniform(alloc, gains, costs, maxr, budget)
-        R = np.zeros((B,) + lay.n_blocks, dtype=np.int64)
-        for t, (i, j) in enumerate(keys):
-            R[:, i, j] = alloc[:, t]
-        return R.reshape(batch + lay.n_blocks), exact
+        alloc, exact = _budget_allocation(gains, costs, maxr, budget)
+        return _scatter(alloc, keys, batch, lay.n_blocks), exact
 
 
 def block_spectra(X, layout, *, n_jobs=None):

@@ -74,13 +74,10 @@ def approximate(X, layout=None, *, method=None, **kwargs):
     svd_solver : {"auto", "full", "randomized"}, default="auto"
         "full": exact LAPACK SVD; "randomized": batched randomized SVD with
         ``n_oversamples``, ``iterated_power`` and ``random_state`` as in
-        :func:`sklearn.utils.extmath.randomized_svd`;
-        "auto" is certified: for blocks of side >= 256 it sketches, bounds the
-        energy the sketch misses from a computed a-posteriori bound, keeps the
-        randomized factors only when the error is within a factor
-        sqrt(1 + 1e-6) of the exact optimum, and falls back to the exact SVD
-        otherwise (exact always for ``budget`` and ``max_error``);
-        ``report.svd_solver`` says which ran.
+        :func:`sklearn.utils.extmath.randomized_svd`; "auto": the randomized
+        solver where a computed certificate shows its error within
+        sqrt(1 + 1e-6) of the optimum, else the exact one (details:
+        :class:`~blocklowrank.structures.grid.GridLowRank`).
     n_oversamples : int, default=10
     iterated_power : int or "auto", default="auto"
     random_state : int, RandomState instance or None, default=None

@@ -390,7 +390,8 @@ def build_parser():
         "midway resumes where it stopped when run again with the same --out.",
     )
     st.add_argument("base", help="safetensors file, sharded checkpoint folder or index file")
-    st.add_argument("finetuned", nargs="?", help="the fine-tuned checkpoint (omit to compress BASE itself)")
+    st.add_argument("finetuned", nargs="?",
+                    help="the fine-tuned checkpoint, or a PEFT adapter directory (omit to compress BASE itself)")
     st.add_argument("--out", required=True, help="output folder (also the resumable log)")
     st.add_argument("--structures", nargs="+", choices=structure_names(), default=None,
                     help="structures to study (default: every registered one)")

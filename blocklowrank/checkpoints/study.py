@@ -208,8 +208,13 @@ def _study_layer(task, *, base, finetuned, settings, progress=False, live=False)
 
     name, module, stored_shape = task["pair"]
     pair = LayerPair(name, module, tuple(stored_shape))
-    with open_checkpoint(base) as b, (open_checkpoint(finetuned) if finetuned else nullcontext()) as f:
-        ((_, delta),) = list(iter_deltas(b, f, [pair]))  # arrays stay valid after close
+    if settings.get("adapter"):  # a PEFT adapter directory in place of a fine-tuned checkpoint
+        from ..extract import adapter_deltas
+
+        ((_, delta),) = list(adapter_deltas(base, finetuned, names=[pair.name]))
+    else:
+        with open_checkpoint(base) as b, (open_checkpoint(finetuned) if finetuned else nullcontext()) as f:
+            ((_, delta),) = list(iter_deltas(b, f, [pair]))  # arrays stay valid after close
     names, ks = settings["structures"], settings["n_blocks"]
     shape = delta.shape
     arrays = _spectra_arrays(delta, names, ks)
@@ -405,7 +410,10 @@ def run_study(base, finetuned=None, *, out=None, structures=None, budget_rank=16
         A safetensors file, a sharded checkpoint's folder or index file.
     finetuned : str or path-like, optional
         The fine-tuned checkpoint: layers are ``ΔW = W_finetuned - W_base``.
-        Without it, the weights ``W`` of ``base`` themselves (compression).
+        Or a PEFT adapter directory (LoRA or GraLoRA, holding
+        ``adapter_config.json``): layers are the adapter's own ΔW, on the
+        base's selected layers that the adapter holds. Without it, the weights
+        ``W`` of ``base`` themselves (compression).
     out : str or path-like, optional
         Folder for ``layers.csv``, ``model_wide.csv``, ``summary.md``,
         ``error_heatmap.png``, ``error_vs_budget.png``, and the resumable log
@@ -504,9 +512,17 @@ def run_study(base, finetuned=None, *, out=None, structures=None, budget_rank=16
     ks = sorted(set(DEFAULT_N_BLOCKS if n_blocks is None else (int(k) for k in np.atleast_1d(n_blocks))))
     if not ks or min(ks) < 1:
         raise ValueError(f"n_blocks must hold ints >= 1, got {n_blocks!r}")
-    with open_checkpoint(base) as b, (open_checkpoint(finetuned) if finetuned is not None else nullcontext()) as f:
+    adapter = finetuned is not None and (Path(finetuned) / "adapter_config.json").is_file()
+    with open_checkpoint(base) as b, (open_checkpoint(finetuned) if finetuned is not None and not adapter
+                                      else nullcontext()) as f:
         pairing = pair_layers(b, f, target_modules)
         paths = str(b.path), (str(f.path) if f is not None else None)
+    if adapter:  # the adapter's layers, in the base's names (lazy import: extract sits above checkpoints)
+        from ..extract import adapter_pairs
+
+        held = {p.name for p in adapter_pairs(base, finetuned)}
+        pairing.pairs[:] = [p for p in pairing.pairs if p.name in held]
+        paths = paths[0], str(Path(finetuned).resolve())
     if not pairing.pairs:
         raise ValueError(f"no layer selected by target_modules={target_modules!r}: "
                          + "; ".join(line.strip() for line in pairing.summary().splitlines()))
@@ -520,7 +536,7 @@ def run_study(base, finetuned=None, *, out=None, structures=None, budget_rank=16
     total = value if mode == "total_budget" else sum(budgets)
     settings = {"base": paths[0], "finetuned": paths[1], "structures": list(names), "n_blocks": ks,
                 "budget": [mode, value], "target_modules": target_modules, "svd_solver": svd_solver,
-                "fit_options": fit_options or {}}
+                "fit_options": fit_options or {}, "adapter": adapter}
     tmp = tempfile.TemporaryDirectory() if out is None else None
     folder = Path(tmp.name if tmp else out)
     try:

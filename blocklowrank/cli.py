@@ -309,7 +309,7 @@ def cmd_extract(args):
     report = extract_adapter(
         args.base, args.finetuned, args.out, method=args.method,
         n_blocks=fixed or (2 if args.n_blocks is None else args.n_blocks),
-        rank=args.rank, budget_rank=args.budget_rank, target_modules=_target_modules(args.target_modules),
+        rank=args.rank, budget_rank=args.budget_rank, total_budget=args.total_budget, target_modules=_target_modules(args.target_modules),
         peft_type=args.peft_type, svd_solver=args.svd_solver, overwrite=args.overwrite,
     )
     print(report.summary())
@@ -426,6 +426,8 @@ def build_parser():
     size.add_argument("--rank", type=_count(1, "--rank"), help="rank of every active block")
     size.add_argument("--budget-rank", type=_count(1, "--budget-rank"),
                       help="budget as a LoRA rank R: R*(m+n) parameters per layer, optimal per-block ranks")
+    size.add_argument("--total-budget", type=_count(1, "--total-budget"),
+                      help="one total over all layers, spread model-wide over every block of every layer")
     e.add_argument("--target-modules", nargs="+", default=["all-linear"], metavar="NAME",
                    help="module-name suffixes (q_proj v_proj), one regular expression matched against the "
                    "whole module path, or all-linear (default)")

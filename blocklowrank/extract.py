@@ -34,6 +34,8 @@ from .checkpoints import ALL_LINEAR, Checkpoint, LayerPair, iter_deltas, open_ch
 from .checkpoints.select import _listing
 from .convert import as_factors
 from .peft import ADAPTER_WEIGHTS, PEFT_TYPES, _gralora_fits, load_peft_adapter, save_peft_adapter
+from ._engine import block_spectra
+from .checkpoints.study import allocate_model_wide
 from .structures import approximate, get_structure
 
 __all__ = ["extract_adapter", "adapter_deltas", "adapter_pairs", "ExtractReport"]
@@ -60,7 +62,8 @@ class ExtractReport:
         excluded by ``target_modules``, tensors in one checkpoint only, shape
         mismatches, 1-D tensors).
     unchanged : list of str
-        Selected layers whose ΔW is exactly zero: left out of the adapter.
+        Selected layers left out of the adapter: ΔW exactly zero, or no rank
+        from a model-wide ``total_budget``.
     changed_not_written : list of str
         Tensors that are not 2-D (biases, norms) whose values changed: a PEFT
         LoRA/GraLoRA adapter cannot hold them.
@@ -122,15 +125,32 @@ def _open(path_or_checkpoint, role):
     return open_checkpoint(path_or_checkpoint), True
 
 
-def _grid_size(structure, n_blocks, rank, budget_rank):
-    """The grid size to fit with, after checking that exactly one of rank and budget_rank is a positive int."""
-    if (rank is None) == (budget_rank is None):
-        raise ValueError("give exactly one of rank (per block) and budget_rank (a LoRA-equivalent rank)")
-    size = rank if rank is not None else budget_rank
+def _grid_size(structure, n_blocks, rank, budget_rank, total_budget=None):
+    """The grid size to fit with, after checking that exactly one size is given, a positive int."""
+    given = [(k, v) for k, v in (("rank", rank), ("budget_rank", budget_rank), ("total_budget", total_budget))
+             if v is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one of rank (per block), budget_rank (a LoRA-equivalent rank per layer) "
+                         "and total_budget (one total over all layers)")
+    name, size = given[0]
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"{'rank' if rank is not None else 'budget_rank'} must be a positive integer, "
-                         f"got {size!r}")
+        raise ValueError(f"{name} must be a positive integer, got {size!r}")
+    if name == "total_budget" and not structure.spectral:
+        raise ValueError(f"total_budget spreads ranks over the blocks of layout structures; {structure.name!r} "
+                         "is not one (use budget_rank)")
     return structure.fixed_blocks or n_blocks
+
+
+def _model_wide_ranks(base, tuned, pairing, structure, n_blocks, total_budget):
+    """``{weight name: per-block ranks}`` spreading ``total_budget`` over every block of every layer
+    (a first pass over the layers, their spectra only; see
+    :func:`~blocklowrank.checkpoints.study.allocate_model_wide`)."""
+    names, spectra = [], []
+    for pair, delta in iter_deltas(base, tuned, pairing):
+        names.append(pair.name)
+        spectra.append(block_spectra(delta, structure.layout(delta.shape, n_blocks)))
+    ranks, _, _ = allocate_model_wide(spectra, int(total_budget))
+    return dict(zip(names, ranks))
 
 
 def _check_peft_fit(structure, n_blocks, pairs, peft_type):
@@ -180,6 +200,7 @@ def extract_adapter(
     n_blocks=1,
     rank=None,
     budget_rank=None,
+    total_budget=None,
     target_modules=ALL_LINEAR,
     peft_type="auto",
     svd_solver="auto",
@@ -209,8 +230,13 @@ def extract_adapter(
         Rank of every active block.
     budget_rank : int, optional
         A budget given as a LoRA-equivalent rank R: ``R * (m + n)`` parameters
-        per m x n layer, spent with budget-optimal per-block ranks. Exactly one
-        of ``rank`` and ``budget_rank``.
+        per m x n layer, spent with budget-optimal per-block ranks.
+    total_budget : int, optional
+        One total over all selected layers, spread over every block of every
+        layer by gain-per-parameter water-filling (layout structures; the
+        model-wide allocation of the checkpoint study). Layers that get no
+        rank are left out and listed. Exactly one of ``rank``,
+        ``budget_rank`` and ``total_budget``.
     target_modules : "all-linear", str or list of str, default="all-linear"
         Which layers, in PEFT's terms (see
         :func:`~blocklowrank.checkpoints.select_names`).
@@ -261,7 +287,7 @@ def extract_adapter(
     """
     t0 = time.perf_counter()
     structure = get_structure(method)
-    n_blocks = _grid_size(structure, n_blocks, rank, budget_rank)
+    n_blocks = _grid_size(structure, n_blocks, rank, budget_rank, total_budget)
     out = _check_out(out, overwrite)
     base_ckpt, close_base = _open(base, "base")
     try:
@@ -277,12 +303,17 @@ def extract_adapter(
                              f"present in both checkpoints with the same shape "
                              f"({len(pairing.excluded)} excluded, {len(pairing.shape_mismatch)} shape mismatches)")
         kind = _check_peft_fit(structure, n_blocks, pairing.pairs, peft_type)
+        alloc = None if total_budget is None else _model_wide_ranks(base_ckpt, tuned_ckpt, pairing, structure,
+                                                                    n_blocks, total_budget)
         fits, layers, unchanged = {}, {}, []
         for pair, delta in iter_deltas(base_ckpt, tuned_ckpt, pairing):
-            if not np.any(delta):
-                unchanged.append(pair.module)
+            if not np.any(delta) or (alloc is not None and not alloc[pair.name].any()):
+                unchanged.append(pair.module)  # ΔW = 0, or no rank from the model-wide budget
                 continue
-            size = {"rank": rank} if rank is not None else {"budget": int(budget_rank) * sum(pair.shape)}
+            if alloc is not None:
+                size = {"rank": alloc[pair.name]}
+            else:
+                size = {"rank": rank} if rank is not None else {"budget": int(budget_rank) * sum(pair.shape)}
             res = approximate(delta, method=structure.name, n_blocks=n_blocks, svd_solver=svd_solver,
                               **size, **options)
             fits[pair.module] = as_factors(res)

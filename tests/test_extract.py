@@ -170,3 +170,30 @@ def test_adapter_deltas(ckpts, tmp_path):
     other = save_file(tmp_path / "other.safetensors", {TUNED[0] + ".weight": np.zeros((8, 8), np.float32)})
     with pytest.raises(ValueError, match="has no weight|the base.s"):
         adapter_deltas(other, report.directory)
+
+
+def test_model_wide_total_budget(tmp_path):
+    """A total over all layers, spread by the study's model-wide allocation: the adapter spends at
+    most the total, puts rank where ΔW's energy is, and reads back to the fitted update."""
+    from blocklowrank.checkpoints import save_file
+    from blocklowrank.extract import extract_adapter
+    from blocklowrank.peft import load_peft_adapter
+
+    rng = np.random.default_rng(3)
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight"]
+    base = {n: rng.standard_normal((16, 16)).astype(np.float32) for n in names}
+    big = rng.standard_normal((16, 4)) @ rng.standard_normal((4, 16)) * 10  # the large update
+    small = rng.standard_normal((16, 16)) * 0.01
+    ft = {names[0]: (base[names[0]] + big).astype(np.float32), names[1]: (base[names[1]] + small).astype(np.float32)}
+    save_file(tmp_path / "b.safetensors", base)
+    save_file(tmp_path / "f.safetensors", ft)
+    total = 4 * 32
+    rep = extract_adapter(tmp_path / "b.safetensors", tmp_path / "f.safetensors", tmp_path / "a", total_budget=total)
+    assert rep.n_params <= total
+    assert rep.layers["model.layers.0.self_attn.q_proj"]["ranks"] == [[4]]  # all of it to the rank-4 update
+    assert "model.layers.0.self_attn.v_proj" in rep.unchanged  # no rank left: listed, not written
+    read, _ = load_peft_adapter(tmp_path / "a")
+    dW = ft[names[0]].astype(np.float64) - base[names[0]]
+    assert np.linalg.norm(read["model.layers.0.self_attn.q_proj"].to_dense() - dW) <= 1e-4 * np.linalg.norm(dW)
+    with pytest.raises(ValueError, match="exactly one"):
+        extract_adapter(tmp_path / "b.safetensors", tmp_path / "f.safetensors", tmp_path / "x", rank=2, total_budget=64)

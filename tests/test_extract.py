@@ -148,7 +148,7 @@ def test_cli_hostile_inputs(ckpts, tmp_path, capsys):
     assert not os.path.exists(out)  # nothing written by any of them
     with pytest.raises(SystemExit, match="2"):  # argparse: --rank or --budget-rank is required
         main(["extract", base, ft, "--out", out])
-    assert "one of the arguments --rank --budget-rank is required" in capsys.readouterr().err
+    assert "one of the arguments --rank --budget-rank --total-budget is required" in capsys.readouterr().err
 
 
 def test_adapter_deltas(ckpts, tmp_path):

@@ -8,7 +8,7 @@ registry (:mod:`blocklowrank.structures`) declares every structure, the hybrid
 returns its factors in one container (:class:`StructuredFactors`).
 """
 
-__version__ = "0.2.0"
+from ._version import __version__
 
 from .layout import BlockLayout, split_sizes
 from ._engine import Approximation, FitReport, block_spectra, fit_layout

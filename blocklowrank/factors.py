@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._version import __version__
 from .layout import BlockLayout
 
 __all__ = ["StructuredFactors", "load_factors", "FactorsFileError", "FORMAT_NAME", "FORMAT_VERSION"]
@@ -400,8 +401,6 @@ class StructuredFactors(Mapping):
         """
         if self.batch_shape:
             raise ValueError("save the factors of one matrix, not of a stack")
-        from . import __version__
-
         path = _npz_path(path)
         arrays = {
             "format": np.array(FORMAT_NAME), "format_version": np.array(FORMAT_VERSION, dtype=np.int64),
@@ -492,8 +491,6 @@ def _expected_shapes(kind, lay, z):
 
 
 def _read(z, p):
-    from . import __version__
-
     keys = set(z.files)
     if "format" not in keys or str(_scalar(z, "format", "U", p)) != FORMAT_NAME:
         raise FactorsFileError(f"{p} is not a blocklowrank factors file (no format field '{FORMAT_NAME}'); "

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..sweep import RunFailed
+
 from .mlp import MLP, nll_and_grad
 from .optim import OPTIMIZERS, make_optimizer
 from .structured import StructuredAdapter
@@ -41,7 +43,7 @@ MODES = ("adapter", "full", "head")
 _EVAL_CHUNK = 8192
 
 
-class TrainingDivergedError(FloatingPointError):
+class TrainingDivergedError(RunFailed):
     """The training loss became NaN or infinite."""
 
     def __init__(self, message, *, epoch=None, lr=None):

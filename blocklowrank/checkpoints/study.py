@@ -66,7 +66,7 @@ code change, e.g. Dask (workers must see the checkpoint and output paths)::
 (Ray: ``from ray.util.joblib import register_ray; register_ray()``, then
 ``backend="ray"``.) A ``tqdm`` bar counts the layers. With ``out``, each
 finished layer is one JSON line of ``out/study.jsonl``
-(:class:`~blocklowrank.adapters.sweep.RunLog`) and its spectra one file in
+(:class:`~blocklowrank.sweep.RunLog`) and its spectra one file in
 ``out/spectra/``: a killed study started again with the same settings redoes
 only the layers not logged (a torn last line included).
 
@@ -204,7 +204,7 @@ def _save_npz(path, arrays):
 
 def _study_layer(task, *, base, finetuned, settings, progress=False, live=False):
     """Study one layer in a worker: read it from the files, fit, return its JSON record."""
-    from ..adapters.sweep import jsonable
+    from ..sweep import jsonable
 
     name, module, stored_shape = task["pair"]
     pair = LayerPair(name, module, tuple(stored_shape))
@@ -505,7 +505,7 @@ def run_study(base, finetuned=None, *, out=None, structures=None, budget_rank=16
     [('global', 'model-wide', 128), ('global', 'uniform', 128)]
     >>> tmp.cleanup()
     """
-    from ..adapters.sweep import RunLog, run_sweep
+    from ..sweep import RunLog, run_sweep
 
     mode, value = _check_budgets(budget_rank, budget_fraction, total_budget)
     names = structure_names() if structures is None else check_methods(structures)

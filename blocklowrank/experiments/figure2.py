@@ -69,7 +69,7 @@ import numpy as np
 
 from ..adapters.mlp import MLP
 from ..adapters.structured import StructuredAdapter
-from ..adapters.sweep import RunLog, epoch_progress, run_sweep
+from ..sweep import RunLog, epoch_progress, run_sweep
 from ..adapters.training import pretrain, train
 from ..structures import get_structure
 

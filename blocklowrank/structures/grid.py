@@ -20,7 +20,7 @@ from .._validation import check_int, check_shape, validate_matrix
 from ..estimators import SVD_CONSTRAINTS, StructuredEstimator, _set_params
 from ..layout import BlockLayout, _normalize_n_blocks, split_sizes
 from ..permutations import resolve_permutation
-from ._registry import Structure, register
+from ._registry import Structure, get_structure, register
 from ._rules import LinearBudget
 
 __all__ = ["layout_structure", "GlobalLowRank", "DiagonalBlockLowRank", "BlockLowRank", "GridLowRank"]
@@ -224,8 +224,6 @@ class _LayoutEstimator(StructuredEstimator):
         return {given[0]: getattr(self, given[0])} if given else {"rank": 1}
 
     def _fit_structure(self, X):
-        from . import get_structure
-
         s = get_structure(self._structure)
         layout = s.layout(X.shape, getattr(self, "n_blocks", 1))
         rps, cps = getattr(self, "row_perm", None), getattr(self, "col_perm", None)

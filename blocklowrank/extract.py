@@ -30,10 +30,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .checkpoints import ALL_LINEAR, Checkpoint, LayerPair, iter_deltas, open_checkpoint, pair_layers
+from .checkpoints import ALL_LINEAR, Checkpoint, iter_deltas, pair_layers
 from .checkpoints.select import _listing
 from .convert import as_factors
-from .peft import ADAPTER_WEIGHTS, PEFT_TYPES, _gralora_fits, load_peft_adapter, save_peft_adapter
+from .peft import PEFT_TYPES, _gralora_fits, _open, adapter_deltas, adapter_pairs, save_peft_adapter
 from ._engine import block_spectra
 from .checkpoints.study import allocate_model_wide
 from .structures import approximate, get_structure
@@ -114,15 +114,6 @@ class ExtractReport:
         return "\n".join(lines)
 
     __str__ = summary
-
-
-def _open(path_or_checkpoint, role):
-    """(Checkpoint, opened_here) for a path or an open Checkpoint."""
-    if isinstance(path_or_checkpoint, Checkpoint):
-        return path_or_checkpoint, False
-    if not os.path.exists(path_or_checkpoint):
-        raise FileNotFoundError(f"{role} checkpoint {os.fspath(path_or_checkpoint)} does not exist")
-    return open_checkpoint(path_or_checkpoint), True
 
 
 def _grid_size(structure, n_blocks, rank, budget_rank, total_budget=None):
@@ -338,80 +329,3 @@ def extract_adapter(
         dense_params=sum(int(np.prod(v["shape"])) for v in layers.values()),
         seconds=time.perf_counter() - t0,
     )
-
-
-def _adapter_layers(base, adapter_dir):
-    """The adapter's layers and their LayerPairs on the base, checked against the base's header."""
-    layers, _ = load_peft_adapter(adapter_dir)
-    ckpt, opened = _open(base, "base")
-    try:
-        names, pairs = set(ckpt.names()), []
-        for module, sf in layers.items():
-            name = module + ".weight"
-            if name not in names:
-                raise ValueError(f"{os.path.join(os.fspath(adapter_dir), ADAPTER_WEIGHTS)}: module {module!r} "
-                                 f"has no weight {name!r} in the base checkpoint")
-            if tuple(ckpt.info(name).shape) != tuple(sf.layout.shape):
-                raise ValueError(f"adapter module {module!r} is {sf.layout.shape[0]}x{sf.layout.shape[1]}, "
-                                 f"the base's {name!r} is {ckpt.info(name).shape}")
-            pairs.append(LayerPair(name, module, tuple(sf.layout.shape)))
-    finally:
-        if opened:
-            ckpt.close()
-    return layers, pairs
-
-
-def adapter_pairs(base, adapter_dir):
-    """The layers of a PEFT adapter as :class:`~blocklowrank.checkpoints.LayerPair` of the base checkpoint.
-
-    What :func:`~blocklowrank.checkpoints.pair_layers` gives for a fine-tuned
-    checkpoint (its ``.pairs``): ``(name, module, shape)`` with ``name`` the
-    base's weight ``<module>.weight``. Raises ValueError as :func:`adapter_deltas`.
-    """
-    return _adapter_layers(base, adapter_dir)[1]
-
-
-def adapter_deltas(base, adapter_dir, *, names=None, dtype=np.float32):
-    """Yield ``(name, ΔW)`` for each layer of a PEFT adapter, under the base checkpoint's names.
-
-    Parameters
-    ----------
-    base : str, path or Checkpoint
-        The base model's checkpoint (only its header is read).
-    adapter_dir : str or path
-        A PEFT LoRA or GraLoRA adapter directory (ours or PEFT's own).
-    names : iterable of str, optional
-        Only these weight names (e.g. ``[pair.name]`` in a worker that
-        studies one layer); all of the adapter's layers by default.
-    dtype : {float32, float64}, default=float32
-
-    Yields
-    ------
-    name : str
-        The base's weight name, ``<module path>.weight``.
-    delta : ndarray of shape (out_features, in_features)
-        The layer's ΔW with PEFT's scale applied, built one layer at a time.
-
-    Raises
-    ------
-    ValueError
-        When an adapter module has no weight in the base or its shape differs,
-        or ``names`` asks for a layer the adapter does not have (all checked
-        before the first ΔW is yielded).
-
-    Notes
-    -----
-    The model study takes this in place of a fine-tuned checkpoint: where it
-    pairs with ``pair_layers(base, finetuned).pairs`` and reads a layer with
-    ``iter_deltas(base, finetuned, [pair])``, an adapter directory (one
-    holding ``adapter_config.json``) gives ``adapter_pairs(base, adapter_dir)``
-    and ``adapter_deltas(base, adapter_dir, names=[pair.name])``, with the same
-    names and shapes.
-    """
-    dtype = np.dtype(dtype)
-    layers, pairs = _adapter_layers(base, adapter_dir)
-    wanted = [p for p in pairs if names is None or p.name in set(names)]
-    unknown = sorted(set(names or ()) - {p.name for p in pairs})
-    if unknown:
-        raise ValueError(f"the adapter in {os.fspath(adapter_dir)} has no layer {unknown[0]!r}")
-    return ((p.name, layers[p.module].to_dense().astype(dtype, copy=False)) for p in wanted)

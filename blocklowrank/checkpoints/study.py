@@ -209,7 +209,7 @@ def _study_layer(task, *, base, finetuned, settings, progress=False, live=False)
     name, module, stored_shape = task["pair"]
     pair = LayerPair(name, module, tuple(stored_shape))
     if settings.get("adapter"):  # a PEFT adapter directory in place of a fine-tuned checkpoint
-        from ..extract import adapter_deltas
+        from ..peft import adapter_deltas
 
         ((_, delta),) = list(adapter_deltas(base, finetuned, names=[pair.name]))
     else:
@@ -517,8 +517,8 @@ def run_study(base, finetuned=None, *, out=None, structures=None, budget_rank=16
                                       else nullcontext()) as f:
         pairing = pair_layers(b, f, target_modules)
         paths = str(b.path), (str(f.path) if f is not None else None)
-    if adapter:  # the adapter's layers, in the base's names (lazy import: extract sits above checkpoints)
-        from ..extract import adapter_pairs
+    if adapter:  # the adapter's layers, in the base's names (lazy import: peft imports the checkpoints package)
+        from ..peft import adapter_pairs
 
         held = {p.name for p in adapter_pairs(base, finetuned)}
         pairing.pairs[:] = [p for p in pairing.pairs if p.name in held]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._svd import SVD_SOLVERS
 from .structures import get_structure, structure_names
 
 EXPERIMENTS = ("table1", "study", "structures", "figure2", "compress")  # quick ones first; compress after figure2
@@ -362,7 +363,7 @@ def build_parser():
     g.add_argument("--rank", type=int, help="rank of every active block")
     g.add_argument("--budget", type=int, help="parameter budget (optimal per-block ranks)")
     g.add_argument("--max-error", type=float, help="largest relative error (fewest parameters)")
-    a.add_argument("--svd-solver", choices=("auto", "full", "randomized"), default="auto")
+    a.add_argument("--svd-solver", choices=SVD_SOLVERS, default="auto")
     a.add_argument("--random-state", type=int, help="seed of --svd-solver randomized (default 0)")
     a.add_argument("--cap-rank", action="store_true", help="cap ranks at each block's smaller side")
     a.add_argument("--key", help="array name inside an .npz file")
@@ -396,14 +397,14 @@ def build_parser():
     st.add_argument("--structures", nargs="+", choices=structure_names(), default=None,
                     help="structures to study (default: every registered one)")
     bg = st.add_mutually_exclusive_group()
-    bg.add_argument("--budget-rank", type=int, help="per-layer budget R (m + n), a LoRA-equivalent rank (default 16)")
+    bg.add_argument("--budget-rank", type=_count(1, "--budget-rank"), help="per-layer budget R (m + n), a LoRA-equivalent rank (default 16)")
     bg.add_argument("--budget-fraction", type=float, help="per-layer budget as a fraction of m n")
-    bg.add_argument("--total-budget", type=int, help="one total over all layers (model-wide allocation)")
+    bg.add_argument("--total-budget", type=_count(1, "--total-budget"), help="one total over all layers (model-wide allocation)")
     st.add_argument("--target-modules", nargs="+", default=["all-linear"],
                     help="all-linear (default), module-name suffixes, or one regular expression")
     st.add_argument("--n-blocks", nargs="+", type=int, default=None, help="grid sizes K (default 2 4 8)")
-    st.add_argument("--n-jobs", type=int, default=None, help="layers in parallel via joblib (default 1)")
-    st.add_argument("--svd-solver", choices=("auto", "full", "randomized"), default="auto")
+    st.add_argument("--n-jobs", type=_jobs, default=None, help="layers in parallel via joblib (default 1)")
+    st.add_argument("--svd-solver", choices=SVD_SOLVERS, default="auto")
     st.add_argument("--max-iter", type=int, default=None,
                     help="most alternations of the iterative structures per fit (default: theirs, 100)")
     st.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -433,7 +434,7 @@ def build_parser():
                    "whole module path, or all-linear (default)")
     e.add_argument("--peft-type", choices=("auto", "LORA", "GRALORA"), default="auto",
                    help="auto: the structure's own (LoRA for global/diagonal, GraLoRA for block)")
-    e.add_argument("--svd-solver", choices=("auto", "full", "randomized"), default="auto")
+    e.add_argument("--svd-solver", choices=SVD_SOLVERS, default="auto")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     e.set_defaults(func=cmd_extract)
     return p

@@ -126,3 +126,12 @@ def test_reproduce_defaults_use_every_core_and_converge(tmp_path, monkeypatch):
     assert seen["n_jobs"] == -1 and seen["epochs"] == f2.DEFAULT_EPOCHS and seen["seeds"] == 3
     with pytest.raises(SystemExit):  # the part must be named: no 25-minute default
         main(["reproduce"])
+
+@pytest.mark.parametrize("opt", [["--n-jobs", "0"], ["--budget-rank", "-2"], ["--total-budget", "0"]])
+def test_study_options_are_validated(tmp_path, opt, capsys):
+    """Nonsense counts are refused in one line before any checkpoint is read."""
+    with pytest.raises(SystemExit) as exc:
+        main(["study", str(tmp_path / "base.safetensors"), "--out", str(tmp_path / "o"), *opt])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and opt[0] in err[0]

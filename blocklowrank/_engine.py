@@ -314,6 +314,9 @@ def _gather(X, layout, groups_idx):
         if ii.size == 0:
             continue
         h, w = shp
+        if kr == kc == 1:  # one block: a view, no copy (a global fit never copies X)
+            parts[shp].append(X[..., None, r0:r1, c0:c1])
+            continue
         reg = X[..., r0:r1, c0:c1].reshape(batch + (kr, h, kc, w)).swapaxes(-3, -2)
         parts[shp].append(reg[..., ii, jj, :, :])
     return {shp: (np.concatenate(p, axis=-3) if len(p) > 1 else p[0]) for shp, p in parts.items()}
@@ -347,10 +350,17 @@ def _randomized_residual(A, B, Vt, s_k, Eb):
     s64 = s_k.astype(np.float64)
     d = Eb - np.einsum("...k,...k->...", s64, s64)
     tiny = d <= 100 * np.sqrt(np.finfo(s_k.dtype).eps) * Eb
-    if np.any(tiny):
-        R = A[tiny] - np.matmul(B[tiny], Vt[tiny])
-        d[tiny] = np.einsum("bij,bij->b", R, R, dtype=np.float64)
+    for b in zip(*np.nonzero(tiny)):  # row chunks of about _RESIDUAL_CHUNK entries: no copy of A
+        a, bb, vt = A[b], B[b], Vt[b]
+        step = max(1, _RESIDUAL_CHUNK // max(1, a.shape[-1]))
+        d[b] = 0.0
+        for r in range(0, a.shape[0], step):
+            R = a[r : r + step] - bb[r : r + step] @ vt
+            d[b] += np.einsum("ij,ij->", R, R, dtype=np.float64)
     return np.maximum(d, 0.0)
+
+
+_RESIDUAL_CHUNK = 1 << 20  # entries per chunk of a residual computed from the block
 
 
 # ---------------------------------------------------------------------------- spectra only

@@ -57,21 +57,34 @@ def _auto_power(k, m, n):
 
 
 # Exact kernel. For float32 matrices of side >= _GESDD_MIN_SIDE SciPy's ?gesdd
-# (one call per matrix) runs 1.6-2.1x faster than np.linalg.svd's gufunc on
-# the benchmark machine; for smaller blocks and for float64 the gufunc is as
-# fast or faster and has no per-call overhead (benchmarks/bench_engine.py
-# --kernels). Both are LAPACK gesdd: results agree to rounding.
+# (one call per matrix) runs 1.6-2.3x faster than np.linalg.svd's gufunc, with
+# one BLAS thread or with all of them; for smaller blocks and for float64 the
+# gufunc is as fast or faster and has no per-call overhead. But SciPy's LAPACK
+# wrappers hold the GIL: two worker threads run two SciPy SVDs one after the
+# other (1024 x 1024 float32 on one BLAS thread: 312 ms alone, 652 ms for two
+# in two threads; NumPy's gufunc, which releases it: 515 and 512 ms). So a stack
+# split over worker threads goes through the gufunc. Both are LAPACK gesdd:
+# results agree to rounding (benchmarks/bench_exact.py measures the choice).
+# From float32 blocks of side _GESDD_SEQUENTIAL_MIN_SIDE, SciPy's kernel with
+# every BLAS thread, one block after the other, is as fast as or faster than the
+# gufunc split over two worker threads (on 2 cores: 4 x 512: 139 ms against
+# 178 ms; 2 x 1024: a tie; 2 x 2048: 2.7 s against 4.3 s; at 128 the split wins,
+# 35 ms against 53 ms for 32 blocks). With more workers the split gains in
+# proportion and BLAS's threads do not, so wider splits are kept.
 _GESDD_MIN_SIDE = {np.dtype(np.float32): 128}
+_GESDD_SEQUENTIAL_MIN_SIDE = 512
 
 
-def _exact_svd(A):
+def _exact_svd(A, *, in_workers=False):
     """``U, s, Vt`` of every matrix of ``A`` (..., m, n) with ``full_matrices=False``.
 
     Routed to the fastest exact LAPACK kernel in this process (see
-    ``_GESDD_MIN_SIDE``). Input is validated upstream: no finiteness check.
+    ``_GESDD_MIN_SIDE``); ``in_workers``: called from one of several worker
+    threads, where only the gufunc runs in parallel. Input is validated
+    upstream: no finiteness check.
     """
     m, n = A.shape[-2:]
-    if min(m, n) < _GESDD_MIN_SIDE.get(A.dtype, np.inf) or A.size == 0:
+    if in_workers or min(m, n) < _GESDD_MIN_SIDE.get(A.dtype, np.inf) or A.size == 0:
         return np.linalg.svd(A, full_matrices=False)
     out = [
         scipy.linalg.svd(a, full_matrices=False, check_finite=False, lapack_driver="gesdd")
@@ -345,15 +358,18 @@ def _solve(A, k, svd_solver, n_oversamples, iterated_power, random_state, n_jobs
             result = out[:3] + ("randomized",)
     if result is None:
 
+        jobs = resolve_n_jobs(n_jobs, N, N * (float(m) * n * L + 1e4))
+        if n_jobs is None and jobs == 2 and L >= _GESDD_SEQUENTIAL_MIN_SIDE and flat.dtype == np.float32:
+            jobs = 1
+
         def exact_k(a):  # truncate inside the worker: only k vectors are copied and joined
-            U, s, Vt = _exact_svd(a)
+            U, s, Vt = _exact_svd(a, in_workers=min(jobs, N) > 1)
             return (
                 np.ascontiguousarray(U[..., :k]),
                 s if full_spectrum else np.ascontiguousarray(s[..., :k]),
                 np.ascontiguousarray(Vt[..., :k, :]),
             )
 
-        jobs = resolve_n_jobs(n_jobs, N, N * (float(m) * n * L + 1e4))
         result = run_chunked(exact_k, (flat,), jobs) + ("full",)
     U, s, Vt, solver = result
     _flip(U, Vt)

@@ -166,7 +166,8 @@ def pow2_scale(X):
     safe (the common case: no copy is made).
     """
     fi = np.finfo(X.dtype)
-    amax = np.max(np.abs(X), axis=(-2, -1), keepdims=True)
+    # max |x| without a full-size np.abs(X) temporary (the input is finite)
+    amax = np.maximum(np.max(X, axis=(-2, -1), keepdims=True), -np.min(X, axis=(-2, -1), keepdims=True))
     # sums of m*n squares must stay below max and the smallest ones above tiny
     hi = np.sqrt(fi.max) / (4 * np.sqrt(X.shape[-1] * X.shape[-2]))
     lo = np.sqrt(fi.tiny) * 2.0**20

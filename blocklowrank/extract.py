@@ -140,6 +140,7 @@ def _model_wide_ranks(base, tuned, pairing, structure, n_blocks, total_budget):
     for pair, delta in iter_deltas(base, tuned, pairing):
         names.append(pair.name)
         spectra.append(block_spectra(delta, structure.layout(delta.shape, n_blocks)))
+        del delta  # before the next layer is read: one layer in memory, not two
     ranks, _, _ = allocate_model_wide(spectra, int(total_budget))
     return dict(zip(names, ranks))
 
@@ -300,6 +301,7 @@ def extract_adapter(
         for pair, delta in iter_deltas(base_ckpt, tuned_ckpt, pairing):
             if not np.any(delta) or (alloc is not None and not alloc[pair.name].any()):
                 unchanged.append(pair.module)  # ΔW = 0, or no rank from the model-wide budget
+                del delta
                 continue
             if alloc is not None:
                 size = {"rank": alloc[pair.name]}
@@ -310,6 +312,7 @@ def extract_adapter(
             fits[pair.module] = as_factors(res)
             layers[pair.module] = {"shape": tuple(pair.shape), "n_params": int(res.n_params),
                                    "error": float(res.error), "ranks": res.ranks.tolist()}
+            del delta, res  # before the next layer is read: one layer in memory, not two
         if not fits:
             raise ValueError(f"no selected layer changed: the {len(unchanged)} layers chosen by "
                              f"target_modules={target_modules!r} are equal in both checkpoints")

@@ -44,6 +44,23 @@ def test_n_jobs_does_not_change_the_result(solver, dtype):
             np.testing.assert_allclose(a, b, rtol=0, atol=50 * np.finfo(dtype).eps)
 
 
+@pytest.mark.parametrize("shape", [(3, 128, 128), (2, 512, 512)])
+def test_every_exact_route_is_the_svd(shape):
+    """Claim: whichever LAPACK kernel the exact path routes a float32 stack to
+    (SciPy's one matrix at a time with BLAS's threads, NumPy's gufunc split over
+    worker threads, SciPy's on one thread), the singular values are those of a
+    float64 reference SVD to float32 rounding, and U S V^T rebuilds the stack."""
+    A = _stack(3, shape, np.float32)
+    ref = np.linalg.svd(A.astype(np.float64), compute_uv=False)
+    tol = 20 * np.finfo(np.float32).eps * ref[:, :1]
+    routes = [dict(n_jobs=None), dict(n_jobs=2), dict(n_jobs=1)]
+    for kw in routes:
+        U, s, Vt = batched_svd(A, None, svd_solver="full", full_spectrum=True, **kw)
+        assert s.dtype == np.float32 and np.all(np.abs(s - ref) <= tol), kw
+        rebuilt = np.matmul(U * s[:, None, :], Vt, dtype=np.float64)
+        assert np.max(np.abs(rebuilt - A)) <= 50 * np.finfo(np.float32).eps * ref[:, 0].max(), kw
+
+
 def test_n_jobs_bit_for_bit_at_equal_blas_threads():
     A = _stack(2, (9, 30, 30))
     with threadpool_limits(limits=1, user_api="blas"):

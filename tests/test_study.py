@@ -247,12 +247,14 @@ def test_other_settings_refused(model, tmp_path):
 
 def test_reads_one_layer_at_a_time(model, monkeypatch):
     """Each selected weight is read once per checkpoint, and nothing else is read."""
-    reads = []
-    real = Checkpoint.get
-    monkeypatch.setattr(Checkpoint, "get", lambda self, name, **kw: reads.append(name) or real(self, name, **kw))
+    reads, mapped = [], []
+    real = Checkpoint._read_into  # every chunked read; _buffer is the memory-mapped way in
+    monkeypatch.setattr(Checkpoint, "_read_into",
+                        lambda self, name, out, **kw: reads.append(name) or real(self, name, out, **kw))
+    monkeypatch.setattr(Checkpoint, "_buffer", lambda self, file: mapped.append(file))
     res = run_study(*model, **SMALL)
     names = [lay["id"] for lay in res.layers]
-    assert sorted(reads) == sorted(names * 2)
+    assert sorted(reads) == sorted(names * 2) and not mapped
 
 
 def test_dask_cluster_through_joblib(model, tmp_path):

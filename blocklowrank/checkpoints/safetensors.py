@@ -422,19 +422,63 @@ class Checkpoint:
     def __repr__(self):
         return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
 
-    def _buffer(self, file):
-        """The read-only memory map of ``file``, opened on first use."""
+    @contextlib.contextmanager
+    def _open(self, file):
+        """``file`` opened unbuffered for reading, checked to be the file whose header was read."""
         if self._closed:
             raise ValueError(f"the checkpoint {self.path} is closed")
+        try:
+            with open(file, "rb", buffering=0) as f:
+                if _identity(os.fstat(f.fileno())) != self._identities[file]:
+                    raise _error(file, "the file was changed or replaced since it was opened")
+                yield f
+        except OSError as exc:
+            raise _error(file, f"cannot be read ({exc.strerror or exc})") from exc
+
+    def _buffer(self, file):
+        """The read-only memory map of ``file``, opened on first use."""
         if file not in self._maps:
-            try:
-                with open(file, "rb") as f:
-                    if _identity(os.fstat(f.fileno())) != self._identities[file]:
-                        raise _error(file, "the file was changed or replaced since it was opened")
-                    self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except OSError as exc:
-                raise _error(file, f"cannot be read ({exc.strerror or exc})") from exc
+            with self._open(file) as f:
+                self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._maps[file]
+
+    def _read_into(self, name, out, *, subtract=False, chunk_bytes=1 << 24):
+        """Decode tensor ``name`` into ``out`` (or subtract it from ``out``), chunk by chunk.
+
+        The data is read with ``readinto`` into one buffer of ``chunk_bytes``:
+        no page of the file joins the resident set (the touched pages of a
+        memory map stay resident while it is open), and no full-size
+        temporary is made, so reading a layer costs ``out`` and one chunk.
+        """
+        info = self.info(name)
+        spec = DTYPES[info.dtype]
+        if spec.numpy is None:
+            raise _error(info.file, f"dtype {info.dtype} has no NumPy equivalent to read it into", name)
+        if out.shape != info.shape or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(f"out must be a writable C-contiguous array of shape {info.shape}")
+        flat = out.reshape(-1)
+        step = max(1, chunk_bytes // spec.numpy.itemsize)
+        buffer = np.empty(min(step, flat.size), dtype=spec.numpy)
+        decoded = np.empty(buffer.size, dtype=np.uint32) if info.dtype == "BF16" else None
+        with self._open(info.file) as f:
+            f.seek(info.offsets[0])
+            for start in range(0, flat.size, step):
+                chunk = buffer[: min(step, flat.size - start)]
+                view, got = memoryview(chunk).cast("B"), 0
+                while got < view.nbytes:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise _error(info.file, "the file ends inside the tensor's data", name)
+                    got += n
+                if decoded is not None:  # BF16: the top half of a float32
+                    values = np.left_shift(chunk, 16, out=decoded[: chunk.size], dtype=np.uint32)
+                    chunk = values.view(np.float32)
+                target = flat[start : start + chunk.size]
+                if subtract:
+                    np.subtract(target, chunk, out=target)
+                else:
+                    target[...] = chunk
+        return out
 
     def get(self, name, *, dtype=None):
         """Return one tensor as a NumPy array, memory-mapped where possible.
@@ -450,7 +494,9 @@ class Checkpoint:
         Returns
         -------
         array : ndarray
-            Possibly a read-only view of the file.
+            A read-only view of the file when no conversion is needed; else a
+            new array, decoded from the file chunk by chunk (a BF16 layer costs
+            its float32 result and a 16 MiB buffer, never a second full copy).
         """
         info = self.info(name)
         spec = DTYPES[info.dtype]
@@ -458,6 +504,12 @@ class Checkpoint:
             raise _error(
                 info.file, f"dtype {info.dtype} has no NumPy equivalent to read it into", name
             )
+        if dtype is not None:
+            target = np.dtype(dtype)
+        else:
+            target = np.dtype(np.float32) if info.dtype == "BF16" else spec.numpy
+        if target != spec.numpy and info.dtype != "BOOL":  # converted: read chunk by chunk
+            return self._read_into(name, np.empty(info.shape, dtype=target))
         array = np.frombuffer(
             self._buffer(info.file),
             dtype=spec.numpy,

@@ -304,12 +304,11 @@ def _layer(base, finetuned, pair, dtype):
             )
     if any(info.dtype == "F64" for info in infos):
         dtype = np.dtype(np.float64)
-    if finetuned is None:
-        return base.get(pair.name, dtype=dtype)
-    delta = finetuned.get(pair.name)
-    if not (delta.flags.writeable and delta.flags.owndata and delta.dtype == dtype):
-        delta = np.array(delta, dtype=dtype)  # the one full-size result (a decoded BF16 layer is reused)
-    np.subtract(delta, base.get(pair.name), out=delta)  # base converted chunk by chunk
+    # Read chunk by chunk into the one full-size result: no second copy of the
+    # layer, and no page of either file stays resident (see Checkpoint._read_into).
+    delta = (base if finetuned is None else finetuned)._read_into(pair.name, np.empty(pair.shape, dtype))
+    if finetuned is not None:
+        base._read_into(pair.name, delta, subtract=True)
     return delta
 
 
@@ -338,7 +337,10 @@ def iter_deltas(base, finetuned, pairs, *, dtype=np.float32):
     ------
     pair : LayerPair
     delta : ndarray of shape ``pair.shape``
-        Only this layer is held in memory; a W may be a read-only view of the file.
+        A new writable array; only this layer is held in memory (the files are
+        read chunk by chunk, never memory-mapped into the resident set). The
+        loop variable still holds the previous layer while the next one is
+        read: ``del delta`` at the end of the loop body keeps one layer, not two.
 
     Raises
     ------

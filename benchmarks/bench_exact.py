@@ -53,11 +53,39 @@ def kernels():
     return {"numpy": numpy_svd, "scipy": scipy_svd}
 
 
+def paired(b, reps=5):
+    """Ours against the one competitor that runs the same kernel on a 2 x b x b stack
+    (float32: SciPy one matrix after the other; float64: NumPy's gufunc split), b >= 512."""
+    if b < 512:
+        raise SystemExit("--paired needs B >= 512: below that the stack takes other routes")
+    for dtype, comp in ((np.float32, "scipy direct"), (np.float64, "numpy split")):
+        A = np.random.default_rng(0).standard_normal((2, b, b)).astype(dtype)
+        jobs = resolve_n_jobs(None, 2, 2 * (float(b) ** 3 + 1e4))
+        k = kernels()
+        fns = {"scipy direct": lambda: k["scipy"](A), "numpy split": lambda: run_chunked(k["numpy"], (A,), jobs),
+               "ours": lambda: batched_svd(A, svd_solver="full", full_spectrum=True)}
+        times = {c: [] for c in (comp, "ours")}
+        for r in range(reps):
+            for c in ((comp, "ours") if r % 2 == 0 else ("ours", comp)):
+                time.sleep(0.15)
+                t0 = time.perf_counter()
+                fns[c]()
+                times[c].append(time.perf_counter() - t0)
+        print(f"{np.dtype(dtype).name} 2 x {b}: ours / {comp}: fastest "
+              f"{min(times['ours']) / min(times[comp]):.2f}, median "
+              f"{np.median(times['ours']) / np.median(times[comp]):.2f}", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--big", action="store_true", help="add one 4096 x 4096 matrix")
-    ap.add_argument("--repeats", type=int, default=5, help="of each competitor (3x for sides <= 256; 2 from side 2048)")
+    ap.add_argument("--repeats", type=int, default=5, help="of each competitor (3x for sides <= 256; 3 from side 2048)")
+    ap.add_argument("--side", type=int, action="append", help="only the cases of this block side (repeatable)")
+    ap.add_argument("--paired", type=int, metavar="B",
+                    help="only 2 x B x B stacks (B >= 512): ours against the kernel it routes to, 5 alternating repeats")
     args = ap.parse_args(argv)
+    if args.paired:
+        return paired(args.paired)
     print(f"numpy {np.__version__}, scipy {scipy.__version__}, load average {os.getloadavg()[0]:.2f}")
     for i in threadpool_info():
         print(f"  {i['internal_api']} {i.get('version')} ({i.get('architecture')}), {i['num_threads']} threads: "
@@ -68,12 +96,14 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     for dtype in (np.float32, np.float64):
         for N, b in CASES + ([(1, 4096)] if args.big else []):
+            if args.side and b not in args.side:
+                continue
             A = rng.standard_normal((N, b, b)).astype(dtype)
             jobs = resolve_n_jobs(None, N, N * (float(b) ** 3 + 1e4))
             fns = {f"{k} split": (lambda f=f: run_chunked(f, (A,), jobs)) for k, f in kernels().items()}
             fns.update({f"{k} direct": (lambda f=f: f(A)) for k, f in kernels().items()})
             fns["ours"] = lambda: batched_svd(A, svd_solver="full", full_spectrum=True)
-            reps = 2 if b >= 2048 else args.repeats * (3 if b <= 256 else 1)
+            reps = 3 if b >= 2048 else args.repeats * (3 if b <= 256 else 1)
             times = {k: [] for k in fns}
             for f in fns.values():
                 if b < 2048:  # first call: imports, allocations

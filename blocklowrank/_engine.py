@@ -16,8 +16,8 @@ import numpy as np
 
 from ._allocation import _allocate as _allocate_ranks
 from ._allocation import no_worse_than_uniform
-from ._parallel import resolve_n_jobs, run_chunked
-from ._svd import _solve, check_svd_options
+from ._parallel import run_chunked
+from ._svd import _exact_jobs, _exact_svd, _solve, check_svd_options
 from ._validation import check_budget, check_int, check_max_error, pow2_scale, validate_matrix
 from .factors import StructuredFactors, _Group
 from .layout import BlockLayout
@@ -506,7 +506,9 @@ def block_spectra(X, layout, *, n_jobs=None):
     for shp, (ii, jj) in groups_idx.items():
         A = blocks[shp]
         flat = A.reshape((-1,) + shp)
-        (s,) = run_chunked(lambda a: (np.linalg.svd(a, compute_uv=False),), (flat,), resolve_n_jobs(n_jobs))
+        jobs = _exact_jobs(n_jobs, flat.shape[0], *shp, flat.dtype)
+        (s,) = run_chunked(lambda a: _exact_svd(a, in_workers=min(jobs, len(flat)) > 1, compute_uv=False),
+                           (flat,), jobs)
         s = s.reshape(A.shape[:-2] + (min(shp),))
         for t, (i, j) in enumerate(zip(ii.tolist(), jj.tolist())):
             values[(i, j)] = s[..., t, :]

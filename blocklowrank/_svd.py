@@ -75,8 +75,9 @@ _GESDD_MIN_SIDE = {np.dtype(np.float32): 128}
 _GESDD_SEQUENTIAL_MIN_SIDE = 512
 
 
-def _exact_svd(A, *, in_workers=False):
-    """``U, s, Vt`` of every matrix of ``A`` (..., m, n) with ``full_matrices=False``.
+def _exact_svd(A, *, in_workers=False, compute_uv=True):
+    """``U, s, Vt`` of every matrix of ``A`` (..., m, n) with ``full_matrices=False``
+    (``(s,)`` alone without ``compute_uv``).
 
     Routed to the fastest exact LAPACK kernel in this process (see
     ``_GESDD_MIN_SIDE``); ``in_workers``: called from one of several worker
@@ -85,12 +86,23 @@ def _exact_svd(A, *, in_workers=False):
     """
     m, n = A.shape[-2:]
     if in_workers or min(m, n) < _GESDD_MIN_SIDE.get(A.dtype, np.inf) or A.size == 0:
-        return np.linalg.svd(A, full_matrices=False)
+        out = np.linalg.svd(A, full_matrices=False, compute_uv=compute_uv)
+        return out if compute_uv else (out,)
     out = [
-        scipy.linalg.svd(a, full_matrices=False, check_finite=False, lapack_driver="gesdd")
+        scipy.linalg.svd(a, full_matrices=False, compute_uv=compute_uv, check_finite=False, lapack_driver="gesdd")
         for a in A.reshape((-1, m, n))
     ]
+    if not compute_uv:
+        out = [(s,) for s in out]
     return tuple(np.stack(t).reshape(A.shape[:-2] + t[0].shape) for t in zip(*out))
+
+
+def _exact_jobs(n_jobs, N, m, n, dtype):
+    """Worker threads for the exact SVD of a stack of ``N`` matrices ``m x n`` (see above)."""
+    jobs = resolve_n_jobs(n_jobs, N, N * (float(m) * n * min(m, n) + 1e4))
+    if n_jobs is None and jobs == 2 and min(m, n) >= _GESDD_SEQUENTIAL_MIN_SIDE and dtype == np.float32:
+        jobs = 1
+    return jobs
 
 
 # svd_solver="auto": relative excess of discarded energy the certificate must
@@ -358,9 +370,7 @@ def _solve(A, k, svd_solver, n_oversamples, iterated_power, random_state, n_jobs
             result = out[:3] + ("randomized",)
     if result is None:
 
-        jobs = resolve_n_jobs(n_jobs, N, N * (float(m) * n * L + 1e4))
-        if n_jobs is None and jobs == 2 and L >= _GESDD_SEQUENTIAL_MIN_SIDE and flat.dtype == np.float32:
-            jobs = 1
+        jobs = _exact_jobs(n_jobs, N, m, n, flat.dtype)
 
         def exact_k(a):  # truncate inside the worker: only k vectors are copied and joined
             U, s, Vt = _exact_svd(a, in_workers=min(jobs, N) > 1)

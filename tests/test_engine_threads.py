@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from blocklowrank import approximate, batched_svd
+from blocklowrank import BlockLayout, approximate, batched_svd
+from blocklowrank._engine import block_spectra
 from blocklowrank._parallel import resolve_n_jobs as _resolve_n_jobs
 from blocklowrank._svd import svd_flip_v
 
@@ -59,6 +60,8 @@ def test_every_exact_route_is_the_svd(shape):
         assert s.dtype == np.float32 and np.all(np.abs(s - ref) <= tol), kw
         rebuilt = np.matmul(U * s[:, None, :], Vt, dtype=np.float64)
         assert np.max(np.abs(rebuilt - A)) <= 50 * np.finfo(np.float32).eps * ref[:, 0].max(), kw
+        values = block_spectra(A, BlockLayout.block(shape[1:], 1), **kw).values[(0, 0)]  # singular values only
+        assert values.dtype == np.float32 and np.all(np.abs(values - ref) <= tol), kw
 
 
 def test_n_jobs_bit_for_bit_at_equal_blas_threads():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._engine import block_spectra, fit_layout
+from ._engine import BlockSpectra, block_spectra, fit_layout
 from ._svd import check_svd_options
 from ._validation import validate_matrix
 from .budget import RecordList, check_methods, match_budget
@@ -22,7 +22,7 @@ _FIT_OPTIONS = ("max_iter", "tol")
 
 def compare_at_budget(X, budget, *, methods=None, n_blocks=None, ranks=None, exact=False, include_optimal=True,
                       svd_solver="auto", n_oversamples=10, iterated_power="auto", random_state=None, n_jobs=None,
-                      fit_options=None):
+                      fit_options=None, spectra=None):
     """Fit every configuration at a parameter budget and rank them by error.
 
     The configurations are those of :func:`~blocklowrank.budget.match_budget`.
@@ -45,6 +45,12 @@ def compare_at_budget(X, budget, *, methods=None, n_blocks=None, ranks=None, exa
         Passed to every fit.
     fit_options : dict, optional
         ``max_iter`` and/or ``tol`` for the iterative fits.
+    spectra : iterable of BlockSpectra, optional
+        Spectra of ``X`` already computed (e.g. by the checkpoint study), used
+        where their layout is the one a partition needs (ranks ignored) with
+        ``svd_solver`` "auto" or "full". Each partition's spectrum is computed
+        once in any case: two structures with the same layout (global and a
+        1 x 1 block grid) share it.
 
     Returns
     -------
@@ -109,7 +115,22 @@ def compare_at_budget(X, budget, *, methods=None, n_blocks=None, ranks=None, exa
                 "error": float(np.mean(err_each)), "errors": err_each, "n_params_each": n_each,
                 "block_ranks": block_ranks, "proven_optimal": proven, **{k: rec.get(k) for k in extra}}
 
-    cache, rows, partitions = {}, [], []
+    cache = []  # (layout without ranks, BlockSpectra): matched by layout equality
+    for sp in () if spectra is None else spectra:
+        if not isinstance(sp, BlockSpectra) or tuple(sp.layout.shape) != tuple(shape) \
+                or sp.block_energy.shape[:-2] != batch:
+            raise ValueError(f"spectra must hold BlockSpectra of matrices shaped like X {X.shape}, got {sp!r}")
+        cache.append((sp.layout.with_ranks(0), sp))
+
+    def spectra_of(lay):
+        lay0 = lay.with_ranks(0)
+        for known, sp in cache:
+            if known == lay0:
+                return sp
+        cache.append((lay0, block_spectra(X, lay, n_jobs=n_jobs)))
+        return cache[-1][1]
+
+    rows, partitions = [], []
     for rec in matched:
         s, K = get_structure(rec["method"]), rec["n_blocks"]
         config = {k: rec[k] for k in s.extra}
@@ -122,7 +143,7 @@ def compare_at_budget(X, budget, *, methods=None, n_blocks=None, ranks=None, exa
         lay = s.layout(shape, K)
         lay_r = lay.with_ranks(rec["rank"])
         if spectral:
-            sp = cache.get((s.name, K)) or cache.setdefault((s.name, K), block_spectra(X, lay, n_jobs=n_jobs))
+            sp = spectra_of(lay)
             rows.append(row(rec, rec["rank"], "uniform", each(lay_r.n_params), sp.error(lay_r.ranks),
                             np.array(lay_r.ranks), None))
         else:
@@ -132,7 +153,7 @@ def compare_at_budget(X, budget, *, methods=None, n_blocks=None, ranks=None, exa
             partitions.append((s.name, K, lay, rec))
     for name, K, lay, rec in partitions if include_optimal else ():
         if spectral:
-            sp = cache[(name, K)]
+            sp = spectra_of(lay)
             R, proven = sp.allocate(budget)
             rows.append(row(rec, None, "optimal", sp.n_params(R), sp.error(R), R, bool(proven)))
         else:

@@ -836,3 +836,31 @@ class TestBeyondThePaper:
         assert res.columns == COMPARE_COLUMNS
         with pytest.raises(ValueError, match="fit_options"):
             compare_at_budget(X, 88, methods=["hybrid"], fit_options={"init": "blocks"})
+
+
+def test_compare_computes_each_spectrum_once_and_takes_given_ones(monkeypatch):
+    """Claim: a partition's spectrum depends on its layout alone, so global and a
+    1 x 1 block grid share one, spectra passed in are used instead of computed,
+    and the records are the same either way."""
+    import blocklowrank.compare as compare_mod
+    from blocklowrank import BlockLayout
+
+    X = np.random.default_rng(4).standard_normal((24, 20))
+    plain = compare_at_budget(X, 88, methods=["global", "block"], n_blocks=[1, 2])
+    calls = []
+    real = compare_mod.block_spectra
+    monkeypatch.setattr(compare_mod, "block_spectra", lambda X, lay, **kw: calls.append(lay) or real(X, lay, **kw))
+    again = compare_at_budget(X, 88, methods=["global", "block"], n_blocks=[1, 2])
+    assert len(calls) == 2  # (global, 1) = (block, 1), and (block, 2)
+    calls.clear()
+    given_spectra = [real(X, BlockLayout.block(X.shape, K)) for K in (1, 2)]
+    seeded = compare_at_budget(X, 88, methods=["global", "block"], n_blocks=[1, 2], spectra=given_spectra)
+    assert calls == []
+    for a, b, c in zip(plain, again, seeded):
+        assert (a["method"], a["n_blocks"], a["rank"], a["error"]) == (b["method"], b["n_blocks"], b["rank"],
+                                                                      b["error"]) == (
+            c["method"], c["n_blocks"], c["rank"], c["error"])
+    with pytest.raises(ValueError, match="spectra must hold BlockSpectra"):
+        compare_at_budget(X, 88, spectra=[real(X.T, BlockLayout.block(X.T.shape, 1))])
+    with pytest.raises(ValueError, match="spectra must hold BlockSpectra"):
+        compare_at_budget(X, 88, spectra=["nope"])

@@ -231,8 +231,10 @@ def _study_layer(task, *, base, finetuned, settings, progress=False, live=False)
         rec["skipped"] = str(exc).splitlines()[0]
         rec["summary"] = "skipped: " + rec["skipped"]
         return jsonable(rec)
+    known = [_load_spectra(arrays, name, K, shape) for name, K in _partitions(names, shape, ks)]
     found = compare_at_budget(delta, task["budget"], methods=names, n_blocks=layer_ks,
-                              svd_solver=settings["svd_solver"], fit_options=settings["fit_options"])
+                              svd_solver=settings["svd_solver"], fit_options=settings["fit_options"],
+                              spectra=[sp for sp in known if sp is not None])  # computed once per layer
     rec["rows"] = [_row(r, rec) for r in found]
     rec["missing"] = [name for name in names if name not in {r["structure"] for r in rec["rows"]}]
     best = min(rec["rows"], key=lambda r: r["error"])

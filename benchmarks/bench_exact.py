@@ -53,6 +53,27 @@ def kernels():
     return {"numpy": numpy_svd, "scipy": scipy_svd}
 
 
+def competitors(A, jobs):
+    """``{name: call}``: the kernels through our worker split and called directly, and ours."""
+    fns = {f"{k} split": (lambda f=f: run_chunked(f, (A,), jobs)) for k, f in kernels().items()}
+    fns.update({f"{k} direct": (lambda f=f: f(A)) for k, f in kernels().items()})
+    fns["ours"] = lambda: batched_svd(A, svd_solver="full", full_spectrum=True)
+    return fns
+
+
+def timed(fns, reps):
+    """``{name: [seconds]}``: ``reps`` rounds, the order reversed every other round, with a
+    pause before each call (BLAS's threads stop spinning after the last one)."""
+    times = {k: [] for k in fns}
+    for r in range(reps):
+        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            time.sleep(0.15)
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def paired(b, reps=5):
     """Ours against the one competitor that runs the same kernel on a 2 x b x b stack
     (float32: SciPy one matrix after the other; float64: NumPy's gufunc split), b >= 512."""
@@ -60,17 +81,8 @@ def paired(b, reps=5):
         raise SystemExit("--paired needs B >= 512: below that the stack takes other routes")
     for dtype, comp in ((np.float32, "scipy direct"), (np.float64, "numpy split")):
         A = np.random.default_rng(0).standard_normal((2, b, b)).astype(dtype)
-        jobs = resolve_n_jobs(None, 2, 2 * (float(b) ** 3 + 1e4))
-        k = kernels()
-        fns = {"scipy direct": lambda: k["scipy"](A), "numpy split": lambda: run_chunked(k["numpy"], (A,), jobs),
-               "ours": lambda: batched_svd(A, svd_solver="full", full_spectrum=True)}
-        times = {c: [] for c in (comp, "ours")}
-        for r in range(reps):
-            for c in ((comp, "ours") if r % 2 == 0 else ("ours", comp)):
-                time.sleep(0.15)
-                t0 = time.perf_counter()
-                fns[c]()
-                times[c].append(time.perf_counter() - t0)
+        fns = competitors(A, resolve_n_jobs(None, 2, 2 * (float(b) ** 3 + 1e4)))
+        times = timed({c: fns[c] for c in (comp, "ours")}, reps)
         print(f"{np.dtype(dtype).name} 2 x {b}: ours / {comp}: fastest "
               f"{min(times['ours']) / min(times[comp]):.2f}, median "
               f"{np.median(times['ours']) / np.median(times[comp]):.2f}", flush=True)
@@ -99,21 +111,11 @@ def main(argv=None):
             if args.side and b not in args.side:
                 continue
             A = rng.standard_normal((N, b, b)).astype(dtype)
-            jobs = resolve_n_jobs(None, N, N * (float(b) ** 3 + 1e4))
-            fns = {f"{k} split": (lambda f=f: run_chunked(f, (A,), jobs)) for k, f in kernels().items()}
-            fns.update({f"{k} direct": (lambda f=f: f(A)) for k, f in kernels().items()})
-            fns["ours"] = lambda: batched_svd(A, svd_solver="full", full_spectrum=True)
-            reps = 3 if b >= 2048 else args.repeats * (3 if b <= 256 else 1)
-            times = {k: [] for k in fns}
-            for f in fns.values():
-                if b < 2048:  # first call: imports, allocations
+            fns = competitors(A, resolve_n_jobs(None, N, N * (float(b) ** 3 + 1e4)))
+            if b < 2048:  # first call: imports, allocations
+                for f in fns.values():
                     f()
-            for r in range(reps):
-                for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-                    time.sleep(0.15)  # let BLAS's threads stop spinning after the last call
-                    t0 = time.perf_counter()
-                    fns[k]()
-                    times[k].append(time.perf_counter() - t0)
+            times = timed(fns, 3 if b >= 2048 else args.repeats * (3 if b <= 256 else 1))
             t = {k: min(v) * 1e3 for k, v in times.items()}
             best = min(v for k, v in t.items() if k != "ours")
             print(f"| {np.dtype(dtype).name} | {N} x {b} | " + " | ".join(f"{v:.1f}" for v in t.values())

@@ -405,7 +405,7 @@ def build_parser():
     st.add_argument("--n-blocks", nargs="+", type=int, default=None, help="grid sizes K (default 2 4 8)")
     st.add_argument("--n-jobs", type=_jobs, default=None, help="layers in parallel via joblib (default 1)")
     st.add_argument("--svd-solver", choices=SVD_SOLVERS, default="auto")
-    st.add_argument("--max-iter", type=int, default=None,
+    st.add_argument("--max-iter", type=_count(1, "--max-iter"), default=None,
                     help="most alternations of the iterative structures per fit (default: theirs, 100)")
     st.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     st.set_defaults(func=cmd_study)

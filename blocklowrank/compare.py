@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
-from ._engine import BlockSpectra, block_spectra, fit_layout
+from ._engine import BlockSpectra, _block_energies, block_spectra, fit_layout
 from ._svd import check_svd_options
 from ._validation import validate_matrix
 from .budget import RecordList, check_methods, match_budget
@@ -48,7 +50,8 @@ def compare_at_budget(X, budget, *, methods=None, n_blocks=None, ranks=None, exa
     spectra : iterable of BlockSpectra, optional
         Spectra of ``X`` already computed (e.g. by the checkpoint study), used
         where their layout is the one a partition needs (ranks ignored) with
-        ``svd_solver`` "auto" or "full". Each partition's spectrum is computed
+        ``svd_solver`` "auto" or "full"; checked against ``X``'s block energies
+        (the spectra of another matrix are refused). Each partition's spectrum is computed
         once in any case: two structures with the same layout (global and a
         1 x 1 block grid) share it.
 
@@ -116,10 +119,18 @@ def compare_at_budget(X, budget, *, methods=None, n_blocks=None, ranks=None, exa
                 "block_ranks": block_ranks, "proven_optimal": proven, **{k: rec.get(k) for k in extra}}
 
     cache = []  # (layout without ranks, BlockSpectra): matched by layout equality
+    if spectra is not None and not isinstance(spectra, Iterable):
+        raise TypeError(f"spectra must be an iterable of BlockSpectra, got {spectra!r}")
     for sp in () if spectra is None else spectra:
         if not isinstance(sp, BlockSpectra) or tuple(sp.layout.shape) != tuple(shape) \
                 or sp.block_energy.shape[:-2] != batch:
             raise ValueError(f"spectra must hold BlockSpectra of matrices shaped like X {X.shape}, got {sp!r}")
+        # the spectra of another matrix would give wrong errors silently: its block energies tell
+        Xp = sp.layout.permute(X) if sp.layout.permuted else X
+        if not np.allclose(sp.block_energy, _block_energies(Xp, sp.layout), rtol=1e-5,
+                           atol=1e-5 * float(np.max(sp.total_energy, initial=0.0))):
+            raise ValueError("spectra must be those of X: the block energies of a given BlockSpectra differ "
+                             "from X's")
         cache.append((sp.layout.with_ranks(0), sp))
 
     def spectra_of(lay):

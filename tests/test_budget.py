@@ -864,3 +864,8 @@ def test_compare_computes_each_spectrum_once_and_takes_given_ones(monkeypatch):
         compare_at_budget(X, 88, spectra=[real(X.T, BlockLayout.block(X.T.shape, 1))])
     with pytest.raises(ValueError, match="spectra must hold BlockSpectra"):
         compare_at_budget(X, 88, spectra=["nope"])
+    with pytest.raises(TypeError, match="iterable of BlockSpectra"):
+        compare_at_budget(X, 88, spectra=5)
+    other = real(X[::-1] * 1.5, BlockLayout.block(X.shape, 2))  # same shape, another matrix
+    with pytest.raises(ValueError, match="those of X"):
+        compare_at_budget(X, 88, methods=["block"], n_blocks=[2], spectra=[other])

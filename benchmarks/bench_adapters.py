@@ -55,7 +55,7 @@ def load_data(n):
         X = d.train_images.reshape(-1, 784)
         y = d.train_labels.astype(np.int64)
         keep = y >= 5
-        X = (X[keep][:n].astype(np.float32) / 255)
+        X = X[keep][:n].astype(np.float32) / 255
         return X, y[keep][:n] - 5, "MNIST digits 5-9"
     except Exception:
         rng = np.random.default_rng(0)
@@ -145,9 +145,12 @@ def torch_epoch(mlp, X, y, method, K, r, bs, epochs):
 
 def blas_header():
     info = threadpool_info()
-    blas = [f"{i.get('internal_api')} {i.get('version')} ({i.get('threading_layer', '')}, "
-            f"kernel {i.get('architecture', '?')}, {i.get('num_threads')} threads)"
-            for i in info if i.get("user_api") == "blas"]
+    blas = [
+        f"{i.get('internal_api')} {i.get('version')} ({i.get('threading_layer', '')}, "
+        f"kernel {i.get('architecture', '?')}, {i.get('num_threads')} threads)"
+        for i in info
+        if i.get("user_api") == "blas"
+    ]
     return "; ".join(blas) or "unknown"
 
 
@@ -227,16 +230,20 @@ def time_sweep(args):
     kept, skipped = figure2_configs()
     n_runs = 3 * (len(kept) + 1)
     out = args.sweep_out or tempfile.mkdtemp(prefix="bench_fig2_")
-    print(f"\nFigure 2 sweep: {len(kept)} adapter configurations + full FT, x 3 lrs, 1 seed "
-          f"= {n_runs} runs of at most {DEFAULT_EPOCHS} epochs (early stopping), "
-          f"n_jobs={args.n_jobs}, out={out}")
+    print(
+        f"\nFigure 2 sweep: {len(kept)} adapter configurations + full FT, x 3 lrs, 1 seed "
+        f"= {n_runs} runs of at most {DEFAULT_EPOCHS} epochs (early stopping), "
+        f"n_jobs={args.n_jobs}, out={out}"
+    )
     t0 = time.perf_counter()
     res = run_figure2(out, seeds=1, n_jobs=args.n_jobs, progress=not args.quiet)
     dt = time.perf_counter() - t0
     ep = [len(r["history"]["epoch"]) for r in res.runs if r.get("status") == "ok"]
-    print(f"whole sweep: {dt:.1f} s ({dt / 60:.2f} min) wall for {len(res.runs)} runs, "
-          f"{res.settings['cpu_seconds']:.0f} CPU-s in the runs, {sum(ep)} epochs in all, longest run "
-          f"{max(ep)} epochs (includes pretraining; target < 5 min)")
+    print(
+        f"whole sweep: {dt:.1f} s ({dt / 60:.2f} min) wall for {len(res.runs)} runs, "
+        f"{res.settings['cpu_seconds']:.0f} CPU-s in the runs, {sum(ep)} epochs in all, longest run "
+        f"{max(ep)} epochs (includes pretraining; target < 5 min)"
+    )
 
 
 def main():
@@ -262,8 +269,10 @@ def main():
     except ImportError:
         torch, tv = None, "not installed"
     with threadpool_limits(args.threads):
-        print(f"python {platform.python_version()}, numpy {np.__version__}, torch {tv}, "
-              f"{os.cpu_count()} cores, threads {args.threads}")
+        print(
+            f"python {platform.python_version()}, numpy {np.__version__}, torch {tv}, "
+            f"{os.cpu_count()} cores, threads {args.threads}"
+        )
         print(f"BLAS: {blas_header()}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
         print(f"data: {src}, {X.shape[0]} samples, batch {args.batch_size}, float32, Adam\n")
         print(f"{'config':<22}{'numpy ms/epoch':>16}{'torch ms/epoch':>16}{'speed-up':>10}{'numpy setup ms':>16}")
@@ -281,11 +290,13 @@ def main():
             rows = step_parts(X, y, args.batch_size)
         names = list(rows[0][3])
         print(f"\nOne training step, batch {args.batch_size}, microseconds (each part timed alone):")
-        print(f"{'config':<22}{'params':>8}{'step':>8}" + "".join(f"{n:>13}" for n in names)
-              + f"{'products+adam':>15}")
+        print(f"{'config':<22}{'params':>8}{'step':>8}" + "".join(f"{n:>13}" for n in names) + f"{'products+adam':>15}")
         for name, n_par, total, parts, real in rows:
-            print(f"{name:<22}{n_par:>8}{total:>8.0f}" + "".join(f"{parts[n]:>13.1f}" for n in names)
-                  + f"{real:>9.0f} ({100 * real / total:.0f}%)")
+            print(
+                f"{name:<22}{n_par:>8}{total:>8.0f}"
+                + "".join(f"{parts[n]:>13.1f}" for n in names)
+                + f"{real:>9.0f} ({100 * real / total:.0f}%)"
+            )
     if args.sweep:
         time_sweep(args)
 

@@ -96,8 +96,7 @@ def side_ours(folder, structure, out):
     from blocklowrank import approximate
     from blocklowrank.checkpoints import save_file
 
-    kw = (dict(method="global", rank=RANK) if structure == "global"
-          else dict(method="block", n_blocks=4, rank=RANK // 4))
+    kw = dict(method="global", rank=RANK) if structure == "global" else dict(method="block", n_blocks=4, rank=RANK // 4)
     t = {"read": 0.0, "fit": 0.0, "write": 0.0}
     layers, factors = {}, {}
     t0 = time.perf_counter()
@@ -109,8 +108,11 @@ def side_ours(folder, structure, out):
         t["fit"] += t0 - t1
         for i, j in res.factors:  # the active blocks: (B_ij, A_ij)
             factors[f"{pair.name}.{i}.{j}.B"], factors[f"{pair.name}.{i}.{j}.A"] = res.factors[(i, j)]
-        layers[pair.name] = dict(captured=float(res.total_energy - res.discarded_energy),
-                                 total=float(res.total_energy), solver=sorted(set(res.svd_solver.values())))
+        layers[pair.name] = dict(
+            captured=float(res.total_energy - res.discarded_energy),
+            total=float(res.total_energy),
+            solver=sorted(set(res.svd_solver.values())),
+        )
         del dW, res  # as iter_deltas advises: one layer in memory while the next is read
     t1 = time.perf_counter()
     save_file(os.path.join(out, "ours.safetensors"), factors)
@@ -136,8 +138,9 @@ def side_baseline(folder, threads, out):
         factors[name + ".lora_B"] = (U[:, :RANK] * S[:RANK]).contiguous()
         factors[name + ".lora_A"] = Vh[:RANK].contiguous()
         S64 = S.double()
-        layers[name] = dict(captured=float((S64[:RANK] ** 2).sum()), total=float((S64 ** 2).sum()),
-                            solver=["torch.linalg.svd"])
+        layers[name] = dict(
+            captured=float((S64[:RANK] ** 2).sum()), total=float((S64**2).sum()), solver=["torch.linalg.svd"]
+        )
         del dW, U, S, Vh
         t["fit"] += time.perf_counter() - t1
     t1 = time.perf_counter()
@@ -173,27 +176,39 @@ def captured_energies(folder):
     from blocklowrank.checkpoints import open_checkpoint
 
     out = {}
-    with open_checkpoint(os.path.join(folder, "ours.safetensors")) as ours, \
-            open_checkpoint(os.path.join(folder, "baseline.safetensors")) as base:
+    with (
+        open_checkpoint(os.path.join(folder, "ours.safetensors")) as ours,
+        open_checkpoint(os.path.join(folder, "baseline.safetensors")) as base,
+    ):
         for pair, dW in stream(folder):
             dW = dW.astype(np.float64)
             out[pair.name] = tuple(
                 float(np.linalg.norm(np.linalg.qr(ck.get(key).astype(np.float64))[0].T @ dW) ** 2)
-                for ck, key in ((ours, f"{pair.name}.0.0.B"), (base, f"{pair.name}.lora_B")))
+                for ck, key in ((ours, f"{pair.name}.0.0.B"), (base, f"{pair.name}.lora_B"))
+            )
     return out
 
 
 # ---------------------------------------------------------------------------- report
 def report(lines, runs, n_layers, rank, model_layers, energies):
     """Markdown: the header, one row per side, the ratios, the extrapolation and the targets."""
-    out = ["```"] + lines + ["```", "",
-                             "| side | wall s | peak RSS MiB | read+ΔW s | fit s | write s | solver |",
-                             "|---|---:|---:|---:|---:|---:|---|"]
+    out = (
+        ["```"]
+        + lines
+        + [
+            "```",
+            "",
+            "| side | wall s | peak RSS MiB | read+ΔW s | fit s | write s | solver |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+    )
     for key, (res, wall, rss) in runs.items():
         ph = res["phases"]
         solvers = sorted({s for lay in res["layers"].values() for s in lay["solver"]}) or ["-"]
-        out.append(f"| {key} | {wall:.1f} | {rss:.0f} | {ph.get('read', 0):.1f} | {ph.get('fit', 0):.1f} | "
-                   f"{ph.get('write', 0):.2f} | {', '.join(solvers)} |")
+        out.append(
+            f"| {key} | {wall:.1f} | {rss:.0f} | {ph.get('read', 0):.1f} | {ph.get('fit', 0):.1f} | "
+            f"{ph.get('write', 0):.2f} | {', '.join(solvers)} |"
+        )
     ours, base = runs["ours"], runs["baseline"]
     deficit = max(1 - a / b for a, b in energies.values())
     speed, mem = base[1] / ours[1], ours[2] / base[2]
@@ -204,20 +219,22 @@ def report(lines, runs, n_layers, rank, model_layers, energies):
         return (run[1] - work) + work * model_layers / n_layers
 
     ok = lambda c: "PASS" if c else "MISS"  # noqa: E731
-    out += ["", f"- speed-up end to end (baseline wall / ours wall): **{speed:.1f}x** "
-                f"({ok(speed >= 10)}: target >= 10x)",
-            f"- captured-energy deficit of ours vs the exact truncation (worst layer, "
-            f"`1 - ||P_ours dW||^2 / ||P_torch dW||^2` in float64): **{deficit:.2e}** "
-            f"({ok(deficit <= 1e-3)}: target <= 1e-3)",
-            f"- peak memory ours / baseline: **{mem:.2f}** ({ok(mem <= 0.5)}: target <= 0.5)",
-            f"- floor (read + decode both BF16 checkpoints and form every ΔW): {floor:.1f} s; "
-            f"ours is {ours[1] / floor:.2f}x the floor, the baseline {base[1] / floor:.2f}x",
-            f"- extrapolated to {model_layers} layers (7 linear layers each): ours LoRA r={rank} "
-            f"{whole_model(ours) / 60:.1f} min, ours 4x4 blocks r={rank // 4} "
-            f"{whole_model(runs['ours 4x4']) / 60:.1f} min, baseline {whole_model(base) / 60:.1f} min, "
-            f"read floor {whole_model(runs['read']) / 60:.1f} min",
-            f"- every linear layer of a 7B model in under 5 minutes: LoRA {ok(whole_model(ours) < 300)}, "
-            f"4x4 blocks {ok(whole_model(runs['ours 4x4']) < 300)}"]
+    out += [
+        "",
+        f"- speed-up end to end (baseline wall / ours wall): **{speed:.1f}x** ({ok(speed >= 10)}: target >= 10x)",
+        f"- captured-energy deficit of ours vs the exact truncation (worst layer, "
+        f"`1 - ||P_ours dW||^2 / ||P_torch dW||^2` in float64): **{deficit:.2e}** "
+        f"({ok(deficit <= 1e-3)}: target <= 1e-3)",
+        f"- peak memory ours / baseline: **{mem:.2f}** ({ok(mem <= 0.5)}: target <= 0.5)",
+        f"- floor (read + decode both BF16 checkpoints and form every ΔW): {floor:.1f} s; "
+        f"ours is {ours[1] / floor:.2f}x the floor, the baseline {base[1] / floor:.2f}x",
+        f"- extrapolated to {model_layers} layers (7 linear layers each): ours LoRA r={rank} "
+        f"{whole_model(ours) / 60:.1f} min, ours 4x4 blocks r={rank // 4} "
+        f"{whole_model(runs['ours 4x4']) / 60:.1f} min, baseline {whole_model(base) / 60:.1f} min, "
+        f"read floor {whole_model(runs['read']) / 60:.1f} min",
+        f"- every linear layer of a 7B model in under 5 minutes: LoRA {ok(whole_model(ours) < 300)}, "
+        f"4x4 blocks {ok(whole_model(runs['ours 4x4']) < 300)}",
+    ]
     return "\n".join(out)
 
 
@@ -235,16 +252,20 @@ def timed_subprocess(argv, env):
 
 
 def header(args):
+    import scipy.linalg  # noqa: F401  (its BLAS shows up in the header)
     from threadpoolctl import threadpool_info
 
     import blocklowrank  # noqa: F401
-    import scipy.linalg  # noqa: F401  (its BLAS shows up in the header)
 
-    lines = [f"python {platform.python_version()}, numpy {np.__version__}, {platform.machine()}, "
-             f"{os.cpu_count()} CPUs, threads {args.threads}, load average {os.getloadavg()[0]:.2f}"]
+    lines = [
+        f"python {platform.python_version()}, numpy {np.__version__}, {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, threads {args.threads}, load average {os.getloadavg()[0]:.2f}"
+    ]
     for i in threadpool_info():
-        lines.append(f"  {i['internal_api']} {i.get('version')} ({i.get('architecture')}), "
-                     f"{i['num_threads']} threads: {os.path.basename(i['filepath'])}")
+        lines.append(
+            f"  {i['internal_api']} {i.get('version')} ({i.get('architecture')}), "
+            f"{i['num_threads']} threads: {os.path.basename(i['filepath'])}"
+        )
     return lines
 
 
@@ -261,20 +282,31 @@ def main(argv=None):
     if args.side:
         return run_side(args)
     lines = header(args)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads),
-               MKL_NUM_THREADS=str(args.threads), PYTHONPATH=os.pathsep.join(
-                   [os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)]
-                   + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        OPENBLAS_NUM_THREADS=str(args.threads),
+        MKL_NUM_THREADS=str(args.threads),
+        PYTHONPATH=os.pathsep.join(
+            [os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)]
+            + [p for p in [os.environ.get("PYTHONPATH")] if p]
+        ),
+    )
     with tempfile.TemporaryDirectory(dir=args.workdir) as folder:
         t0 = time.perf_counter()
         make_pair(folder, args.layers)
-        lines.append(f"checkpoint pair: {args.layers} layer(s), written in {time.perf_counter() - t0:.1f} s, "
-                     f"{sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / 2**30:.2f} GiB")
+        lines.append(
+            f"checkpoint pair: {args.layers} layer(s), written in {time.perf_counter() - t0:.1f} s, "
+            f"{sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / 2**30:.2f} GiB"
+        )
         me = [args.python, os.path.abspath(__file__), "--workdir", folder, "--threads", str(args.threads)]
         runs = {}
-        for key, extra in (("read", ["--side", "read"]), ("ours", ["--side", "ours"]),
-                           ("baseline", ["--side", "baseline"]),
-                           ("ours 4x4", ["--side", "ours", "--structure", "block4"])):
+        for key, extra in (
+            ("read", ["--side", "read"]),
+            ("ours", ["--side", "ours"]),
+            ("baseline", ["--side", "baseline"]),
+            ("ours 4x4", ["--side", "ours", "--structure", "block4"]),
+        ):
             runs[key] = timed_subprocess(me + extra, env)
             print(f"{key}: {runs[key][1]:.1f} s, {runs[key][2]:.0f} MiB", flush=True)
             if key == "baseline":

@@ -57,10 +57,12 @@ def choose_solver(block_shape, k, n_oversamples):
 
     return "full" if _auto_plan(k, *block_shape, n_oversamples, "auto") is None else "certified"
 
+
 # "safe" for the randomized solver: relative deficit of captured energy below this
 SAFE_DEFICIT = 1e-3
 N_OVERSAMPLES = 10
 SEED = 0
+
 
 # the rule "auto" used before this benchmark (kept here to report what it would have picked)
 def _old_rule(L, k, p=N_OVERSAMPLES):
@@ -243,17 +245,13 @@ def run_case(X, Xd, d, K, r, repeats, sv_flat, sv_decay, results, shared=None):
         return keep["full"]
 
     def ours_full_nj(n):
-        return lambda: approximate(
-            X, method="block", n_blocks=K, rank=r, svd_solver="full", n_jobs=n
-        )
+        return lambda: approximate(X, method="block", n_blocks=K, rank=r, svd_solver="full", n_jobs=n)
 
     def loop_full():
         return [np.linalg.svd(B, full_matrices=False) for B in block_views(X, K)]
 
     def ours_rand():
-        keep["rand"] = approximate(
-            X, method="block", n_blocks=K, rank=r, svd_solver="randomized", random_state=SEED
-        )
+        keep["rand"] = approximate(X, method="block", n_blocks=K, rank=r, svd_solver="randomized", random_state=SEED)
         return keep["rand"]
 
     def sk_loop():
@@ -285,9 +283,7 @@ def run_case(X, Xd, d, K, r, repeats, sv_flat, sv_decay, results, shared=None):
     ex_decay = float(np.sum(sv_decay[:, :r] ** 2))
     cap_flat = captured_rand(keep["rand"], r)
     cap_sk = float(sum(np.sum(s**2) for _, s, _ in keep["sk"]))
-    res_d = approximate(
-        Xd, method="block", n_blocks=K, rank=r, svd_solver="randomized", random_state=SEED
-    )
+    res_d = approximate(Xd, method="block", n_blocks=K, rank=r, svd_solver="randomized", random_state=SEED)
     cap_decay = captured_rand(res_d, r)
     rand_is_full = ell >= b  # the engine falls back to the exact SVD
 
@@ -304,7 +300,8 @@ def run_case(X, Xd, d, K, r, repeats, sv_flat, sv_decay, results, shared=None):
         return a
 
     tr = alternate([("recon", recon), ("fill", fill), ("gemm", gemm_floor(d, r))], max(repeats, 5))
-    del keep, blocks
+    keep.clear()
+    del blocks
     row = dict(
         d=d,
         K=K,
@@ -338,9 +335,7 @@ def run_global(X, Xd, d, ranks, repeats, sv_decay):
 
     def rand(r):
         def run():
-            keep[r] = approximate(
-                X, method="global", rank=r, svd_solver="randomized", random_state=SEED
-            )
+            keep[r] = approximate(X, method="global", rank=r, svd_solver="randomized", random_state=SEED)
             return keep[r]
 
         return run
@@ -386,49 +381,99 @@ def _rank_label(x, results):
 
 def report(results, glob, args):
     L = []
-    L += ["", "## Exact path (`svd_solver=\"full\"`)", ""]
+    L += ["", '## Exact path (`svd_solver="full"`)', ""]
     L += [
-        "ours = `approximate(X, method=\"block\", n_blocks=K, rank=r, svd_solver=\"full\")` with the "
+        'ours = `approximate(X, method="block", n_blocks=K, rank=r, svd_solver="full")` with the '
         "default `n_jobs`; loop = `np.linalg.svd(block, full_matrices=False)` per block; "
         "1 thread = ours with `n_jobs=1` under `threadpool_limits(1)`; n_jobs=1 = one worker, "
         "BLAS threads free (the old default). Times in ms.",
         "",
     ]
     L += table(
-        ["d", "K", "r", "block", "ours", "loop", "loop/ours", "1 thread", "n_jobs=2",
-         "2 threads speedup", "n_jobs=1", "n_jobs=1/ours"],
         [
-            [x["d"], x["K"], _rank_label(x, results), f"{x['b']}²", ms(x["t_ours"]),
-             ms(x["t_loop"]), f"{x['t_loop'] / x['t_ours']:.2f}", ms(x["t_1thr"]),
-             ms(x["t_nj2"]), f"{x['t_1thr'] / x['t_nj2']:.2f}", ms(x["t_nj1"]),
-             f"{x['t_nj1'] / x['t_ours']:.2f}"]
+            "d",
+            "K",
+            "r",
+            "block",
+            "ours",
+            "loop",
+            "loop/ours",
+            "1 thread",
+            "n_jobs=2",
+            "2 threads speedup",
+            "n_jobs=1",
+            "n_jobs=1/ours",
+        ],
+        [
+            [
+                x["d"],
+                x["K"],
+                _rank_label(x, results),
+                f"{x['b']}²",
+                ms(x["t_ours"]),
+                ms(x["t_loop"]),
+                f"{x['t_loop'] / x['t_ours']:.2f}",
+                ms(x["t_1thr"]),
+                ms(x["t_nj2"]),
+                f"{x['t_1thr'] / x['t_nj2']:.2f}",
+                ms(x["t_nj1"]),
+                f"{x['t_nj1'] / x['t_ours']:.2f}",
+            ]
             for x in results
             if not x["reused"]
         ],
     )
     if any(x["reused"] for x in results):
-        L += ["", "†: measured once for both ranks (the exact solver computes every singular "
-              "vector, so its cost does not depend on r)."]
-    L += ["", "## Randomized path (`svd_solver=\"randomized\"`)", ""]
+        L += [
+            "",
+            "†: measured once for both ranks (the exact solver computes every singular "
+            "vector, so its cost does not depend on r).",
+        ]
+    L += ["", '## Randomized path (`svd_solver="randomized"`)', ""]
     L += [
-        "ours-rand = `approximate(..., svd_solver=\"randomized\", random_state=0)` (default "
+        'ours-rand = `approximate(..., svd_solver="randomized", random_state=0)` (default '
         "`n_jobs`); sk-loop = `sklearn.utils.extmath.randomized_svd(block, r)` per block (same "
-        "`n_oversamples=10`, `n_iter=\"auto\"`); exact = ours above. deficit = 1 - captured "
+        '`n_oversamples=10`, `n_iter="auto"`); exact = ours above. deficit = 1 - captured '
         "energy of the randomized rank-r blocks / that of the exact ones (flat: Gaussian X; "
         "decay: singular values ~ 1/i). `*`: sketch r+10 >= block side, the engine uses the "
-        "exact SVD. auto = what `svd_solver=\"auto\"` picks (old = the rule before this "
+        'exact SVD. auto = what `svd_solver="auto"` picks (old = the rule before this '
         "benchmark). †: exact timed in the run of the other rank. Times in ms.",
         "",
     ]
     L += table(
-        ["d", "K", "r", "block", "ours-rand", "sk-loop", "sk-loop/ours-rand", "exact",
-         "exact/rand", "deficit flat", "deficit flat (sklearn)", "deficit decay", "auto", "old auto"],
         [
-            [x["d"], x["K"], x["r"], f"{x['b']}²" + ("*" if x["rand_is_full"] else ""),
-             ms(x["t_rand"]), ms(x["t_sk"]), f"{x['t_sk'] / x['t_rand']:.2f}",
-             ms(x["t_ours"]) + ("†" if x["reused"] else ""),
-             f"{x['t_ours'] / x['t_rand']:.2f}", sci(x["def_flat"]), sci(x["def_flat_sk"]),
-             sci(x["def_decay"]), x["auto"], x["old_auto"]]
+            "d",
+            "K",
+            "r",
+            "block",
+            "ours-rand",
+            "sk-loop",
+            "sk-loop/ours-rand",
+            "exact",
+            "exact/rand",
+            "deficit flat",
+            "deficit flat (sklearn)",
+            "deficit decay",
+            "auto",
+            "old auto",
+        ],
+        [
+            [
+                x["d"],
+                x["K"],
+                x["r"],
+                f"{x['b']}²" + ("*" if x["rand_is_full"] else ""),
+                ms(x["t_rand"]),
+                ms(x["t_sk"]),
+                f"{x['t_sk'] / x['t_rand']:.2f}",
+                ms(x["t_ours"]) + ("†" if x["reused"] else ""),
+                f"{x['t_ours'] / x['t_rand']:.2f}",
+                sci(x["def_flat"]),
+                sci(x["def_flat_sk"]),
+                sci(x["def_decay"]),
+                x["auto"],
+                x["old_auto"],
+            ]
             for x in results
         ],
     )
@@ -443,20 +488,42 @@ def report(results, glob, args):
     ]
     L += table(
         ["d", "K", "r", "recon", "fill", "gemm", "recon/fill", "gemm/fill", "recon/gemm"],
-        [[x["d"], x["K"], x["r"], ms(x["t_recon"]), ms(x["t_fill"]), ms(x["t_gemm"]),
-          f"{x['t_recon'] / x['t_fill']:.2f}", f"{x['t_gemm'] / x['t_fill']:.2f}",
-          f"{x['t_recon'] / x['t_gemm']:.2f}"] for x in results],
+        [
+            [
+                x["d"],
+                x["K"],
+                x["r"],
+                ms(x["t_recon"]),
+                ms(x["t_fill"]),
+                ms(x["t_gemm"]),
+                f"{x['t_recon'] / x['t_fill']:.2f}",
+                f"{x['t_gemm'] / x['t_fill']:.2f}",
+                f"{x['t_recon'] / x['t_gemm']:.2f}",
+            ]
+            for x in results
+        ],
     )
     L += ["", "## One global truncated SVD (scale)", ""]
     L += [
-        "`approximate(X, method=\"global\", rank=r)`, exact (its cost does not depend on r; "
+        '`approximate(X, method="global", rank=r)`, exact (its cost does not depend on r; '
         "timed once at d=4096) and randomized. Times in ms.",
         "",
     ]
     L += table(
         ["d", "r", "exact", "randomized", "exact/rand", "deficit flat", "deficit decay", "auto"],
-        [[g["d"], g["r"], ms(g["t_full"]), ms(g["t_rand"]), f"{g['t_full'] / g['t_rand']:.1f}",
-          sci(g["def_flat"]), sci(g["def_decay"]), g["auto"]] for g in glob],
+        [
+            [
+                g["d"],
+                g["r"],
+                ms(g["t_full"]),
+                ms(g["t_rand"]),
+                f"{g['t_full'] / g['t_rand']:.1f}",
+                sci(g["def_flat"]),
+                sci(g["def_decay"]),
+                g["auto"],
+            ]
+            for g in glob
+        ],
     )
     L += ["", "## Targets", ""]
     L += targets(results, glob, args)
@@ -476,17 +543,23 @@ def targets(results, glob, args):
     # 1. exact never slower than the per-block loop
     w = min(results, key=lambda x: x["t_loop"] / x["t_ours"])
     v = w["t_loop"] / w["t_ours"]
-    line(v >= 1.0, f"exact path never slower than the per-block loop: worst loop/ours = {v:.2f} "
-         f"(d={w['d']}, K={w['K']}, r={w['r']}); median over cases "
-         f"{np.median([x['t_loop'] / x['t_ours'] for x in results]):.2f}")
+    line(
+        v >= 1.0,
+        f"exact path never slower than the per-block loop: worst loop/ours = {v:.2f} "
+        f"(d={w['d']}, K={w['K']}, r={w['r']}); median over cases "
+        f"{np.median([x['t_loop'] / x['t_ours'] for x in results]):.2f}",
+    )
     # 2. two threads
     rows = [x for x in results if x["d"] >= 4096 and x["K"] >= 4]
     if rows:
         w = min(rows, key=lambda x: x["t_1thr"] / x["t_nj2"])
         v = w["t_1thr"] / w["t_nj2"]
-        line(v >= 1.6, f"n_jobs=2 >= 1.6x faster than one thread at d=4096, K>=4: worst "
-             f"{v:.2f}x (K={w['K']}, r={w['r']}); all: "
-             + ", ".join(f"K={x['K']} r={x['r']}: {x['t_1thr'] / x['t_nj2']:.2f}" for x in rows))
+        line(
+            v >= 1.6,
+            f"n_jobs=2 >= 1.6x faster than one thread at d=4096, K>=4: worst "
+            f"{v:.2f}x (K={w['K']}, r={w['r']}); all: "
+            + ", ".join(f"K={x['K']} r={x['r']}: {x['t_1thr'] / x['t_nj2']:.2f}" for x in rows),
+        )
     else:
         out.append("- **n/a** n_jobs=2 speedup at d=4096 (not measured in --quick mode)")
     # 3. batched randomized vs sklearn loop
@@ -494,41 +567,51 @@ def targets(results, glob, args):
     if rows:
         w = min(rows, key=lambda x: x["t_sk"] / x["t_rand"])
         v = w["t_sk"] / w["t_rand"]
-        line(v >= 2.0, f"batched randomized >= 2x faster than looping randomized_svd at d=1024, "
-             f"K>=8: worst {v:.2f}x (K={w['K']}, r={w['r']})")
+        line(
+            v >= 2.0,
+            f"batched randomized >= 2x faster than looping randomized_svd at d=1024, "
+            f"K>=8: worst {v:.2f}x (K={w['K']}, r={w['r']})",
+        )
     # 4. reconstruction
     w = max(results, key=lambda x: x["t_recon"] / x["t_fill"])
     v = w["t_recon"] / w["t_fill"]
     per_d = {}
     for x in results:
         per_d[x["d"]] = max(per_d.get(x["d"], 0), x["t_recon"] / x["t_fill"])
-    line(v <= 2.0, f"reconstruction within 2x of a fresh fill: worst recon/fill = {v:.2f} "
-         f"(d={w['d']}, K={w['K']}, r={w['r']}, {ms(w['t_recon'])} ms vs {ms(w['t_fill'])} ms); "
-         "worst per d: " + ", ".join(f"d={d}: {v:.2f}" for d, v in sorted(per_d.items())))
+    line(
+        v <= 2.0,
+        f"reconstruction within 2x of a fresh fill: worst recon/fill = {v:.2f} "
+        f"(d={w['d']}, K={w['K']}, r={w['r']}, {ms(w['t_recon'])} ms vs {ms(w['t_fill'])} ms); "
+        "worst per d: " + ", ".join(f"d={d}: {v:.2f}" for d, v in sorted(per_d.items())),
+    )
     out_of_reach = [x for x in results if x["t_gemm"] / x["t_fill"] > 2.0]
     reach = [x for x in results if x["t_gemm"] / x["t_fill"] <= 2.0]
     miss = [x for x in reach if x["t_recon"] / x["t_fill"] > 2.0]
     out.append(
         f"  - {len(out_of_reach)} of {len(results)} cases are out of reach of any reconstruction: "
         "one BLAS call doing the same flops already takes more than 2x the fill there ("
-        + (", ".join(f"d={x['d']} K={x['K']} r={x['r']}: gemm/fill {x['t_gemm'] / x['t_fill']:.2f}"
-                     for x in out_of_reach) or "none")
+        + (
+            ", ".join(
+                f"d={x['d']} K={x['K']} r={x['r']}: gemm/fill {x['t_gemm'] / x['t_fill']:.2f}" for x in out_of_reach
+            )
+            or "none"
+        )
         + f"); of the other {len(reach)}, {len(miss)} miss"
         + (" (" + ", ".join(f"d={x['d']} K={x['K']} r={x['r']}" for x in miss) + ")" if miss else "")
     )
     w = max(results, key=lambda x: x["t_recon"] / x["t_gemm"])
-    out.append(f"  - reconstruction against that one-call floor: worst recon/gemm = "
-               f"{w['t_recon'] / w['t_gemm']:.2f} (d={w['d']}, K={w['K']}, r={w['r']}); median "
-               f"{np.median([x['t_recon'] / x['t_gemm'] for x in results]):.2f}")
+    out.append(
+        f"  - reconstruction against that one-call floor: worst recon/gemm = "
+        f"{w['t_recon'] / w['t_gemm']:.2f} (d={w['d']}, K={w['K']}, r={w['r']}); median "
+        f"{np.median([x['t_recon'] / x['t_gemm'] for x in results]):.2f}"
+    )
     # 5. auto rule, per (block side, rank): worst deficit over both spectra and all cases,
     # smallest exact/randomized time ratio
     cases = {}
-    for side, r, dflat, ddec, speed, auto, is_full in (
-        [(x["b"], x["r"], x["def_flat"], x["def_decay"], x["t_ours"] / x["t_rand"], x["auto"],
-          x["rand_is_full"]) for x in results]
-        + [(g["d"], g["r"], g["def_flat"], g["def_decay"], g["t_full"] / g["t_rand"], g["auto"],
-            False) for g in glob]
-    ):
+    for side, r, dflat, ddec, speed, auto, is_full in [
+        (x["b"], x["r"], x["def_flat"], x["def_decay"], x["t_ours"] / x["t_rand"], x["auto"], x["rand_is_full"])
+        for x in results
+    ] + [(g["d"], g["r"], g["def_flat"], g["def_decay"], g["t_full"] / g["t_rand"], g["auto"], False) for g in glob]:
         c = cases.setdefault((side, r), dict(deficit=0.0, speed=np.inf, auto=auto, full=is_full))
         c["deficit"] = max(c["deficit"], dflat, ddec)
         c["speed"] = min(c["speed"], speed)
@@ -536,23 +619,31 @@ def targets(results, glob, args):
     # here: does its cost rule try the sketch only where the sketch is faster than exact?
     picked = {k: c for k, c in cases.items() if c["auto"] == "certified"}
     bad = {k: c for k, c in picked.items() if c["speed"] <= 1.0}
-    line(not bad, f"svd_solver=\"auto\" tries the certified randomized solver only where it is faster "
-         f"than exact: tries it for {len(picked)} of {len(cases)} measured (block side, rank) pairs, "
-         f"{len(bad)} of them slower")
+    line(
+        not bad,
+        f'svd_solver="auto" tries the certified randomized solver only where it is faster '
+        f"than exact: tries it for {len(picked)} of {len(cases)} measured (block side, rank) pairs, "
+        f"{len(bad)} of them slower",
+    )
 
     def fmt(k, c):
         return f"side {k[0]} r={k[1]} (deficit {c['deficit']:.1e}, exact/rand {c['speed']:.1f})"
 
     ok = {k: c for k, c in cases.items() if not c["full"] and c["deficit"] < SAFE_DEFICIT}
     fast_ok = {k: c for k, c in ok.items() if c["speed"] > 1.0}
-    out.append("  - safe: " + (", ".join(fmt(k, c) for k, c in sorted(ok.items())) or "none")
-               + f"; of these faster than exact: {len(fast_ok)}")
+    out.append(
+        "  - safe: "
+        + (", ".join(fmt(k, c) for k, c in sorted(ok.items())) or "none")
+        + f"; of these faster than exact: {len(fast_ok)}"
+    )
     old = {k: c for k, c in cases.items() if _old_rule(*k)}
     if old:
         w = max(old.items(), key=lambda kc: kc[1]["deficit"])
         n_bad = sum(c["deficit"] >= SAFE_DEFICIT for c in old.values())
-        out.append(f"  - the old rule (side >= 512 and 10 (r + 10) <= side) picks randomized for "
-                   f"{len(old)} pairs, {n_bad} unsafe; worst: {fmt(*w)}")
+        out.append(
+            f"  - the old rule (side >= 512 and 10 (r + 10) <= side) picks randomized for "
+            f"{len(old)} pairs, {n_bad} unsafe; worst: {fmt(*w)}"
+        )
     return out
 
 

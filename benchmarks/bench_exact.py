@@ -66,7 +66,7 @@ def timed(fns, reps):
     pause before each call (BLAS's threads stop spinning after the last one)."""
     times = {k: [] for k in fns}
     for r in range(reps):
-        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+        for k in list(fns) if r % 2 == 0 else list(fns)[::-1]:
             time.sleep(0.15)
             t0 = time.perf_counter()
             fns[k]()
@@ -83,9 +83,12 @@ def paired(b, reps=5):
         A = np.random.default_rng(0).standard_normal((2, b, b)).astype(dtype)
         fns = competitors(A, resolve_n_jobs(None, 2, 2 * (float(b) ** 3 + 1e4)))
         times = timed({c: fns[c] for c in (comp, "ours")}, reps)
-        print(f"{np.dtype(dtype).name} 2 x {b}: ours / {comp}: fastest "
-              f"{min(times['ours']) / min(times[comp]):.2f}, median "
-              f"{np.median(times['ours']) / np.median(times[comp]):.2f}", flush=True)
+        print(
+            f"{np.dtype(dtype).name} 2 x {b}: ours / {comp}: fastest "
+            f"{min(times['ours']) / min(times[comp]):.2f}, median "
+            f"{np.median(times['ours']) / np.median(times[comp]):.2f}",
+            flush=True,
+        )
 
 
 def main(argv=None):
@@ -93,17 +96,24 @@ def main(argv=None):
     ap.add_argument("--big", action="store_true", help="add one 4096 x 4096 matrix")
     ap.add_argument("--repeats", type=int, default=5, help="of each competitor (3x for sides <= 256; 3 from side 2048)")
     ap.add_argument("--side", type=int, action="append", help="only the cases of this block side (repeatable)")
-    ap.add_argument("--paired", type=int, metavar="B",
-                    help="only 2 x B x B stacks (B >= 512): ours against the kernel it routes to, 5 alternating repeats")
+    ap.add_argument(
+        "--paired",
+        type=int,
+        metavar="B",
+        help="only 2 x B x B stacks (B >= 512): ours against the kernel it routes to, 5 alternating repeats",
+    )
     args = ap.parse_args(argv)
     if args.paired:
         return paired(args.paired)
     print(f"numpy {np.__version__}, scipy {scipy.__version__}, load average {os.getloadavg()[0]:.2f}")
     for i in threadpool_info():
-        print(f"  {i['internal_api']} {i.get('version')} ({i.get('architecture')}), {i['num_threads']} threads: "
-              f"{os.path.basename(i['filepath'])}")
-    print("| dtype | N x b | numpy split ms | scipy split ms | numpy direct ms | scipy direct ms | ours ms "
-          "| ours/best |")
+        print(
+            f"  {i['internal_api']} {i.get('version')} ({i.get('architecture')}), {i['num_threads']} threads: "
+            f"{os.path.basename(i['filepath'])}"
+        )
+    print(
+        "| dtype | N x b | numpy split ms | scipy split ms | numpy direct ms | scipy direct ms | ours ms | ours/best |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     rng = np.random.default_rng(0)
     for dtype in (np.float32, np.float64):
@@ -118,8 +128,13 @@ def main(argv=None):
             times = timed(fns, 3 if b >= 2048 else args.repeats * (3 if b <= 256 else 1))
             t = {k: min(v) * 1e3 for k, v in times.items()}
             best = min(v for k, v in t.items() if k != "ours")
-            print(f"| {np.dtype(dtype).name} | {N} x {b} | " + " | ".join(f"{v:.1f}" for v in t.values())
-                  + f" | {t['ours'] / best:.2f} |", flush=True)
+            print(
+                f"| {np.dtype(dtype).name} | {N} x {b} | "
+                + " | ".join(f"{v:.1f}" for v in t.values())
+                + f" | {t['ours'] / best:.2f} |",
+                flush=True,
+            )
+
 
 if __name__ == "__main__":
     main()

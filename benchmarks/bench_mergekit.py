@@ -47,9 +47,14 @@ def build_pair(folder, *, hidden, layers, rank, seed=0):
 
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=2048, hidden_size=hidden, intermediate_size=int(2.75 * hidden) // 64 * 64,
-        num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
-        max_position_embeddings=128, tie_word_embeddings=False,
+        vocab_size=2048,
+        hidden_size=hidden,
+        intermediate_size=int(2.75 * hidden) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
     )
     model = transformers.LlamaForCausalLM(config)
     base, tuned = os.path.join(folder, "base"), os.path.join(folder, "finetuned")
@@ -143,18 +148,64 @@ def main():
     os.makedirs(folder, exist_ok=True)
     base, tuned = build_pair(folder, hidden=args.hidden, layers=args.layers, rank=args.rank)
     size = sum(os.path.getsize(os.path.join(base, f)) for f in os.listdir(base)) / 2**20
-    print(f"# pair: Llama hidden {args.hidden}, {args.layers} layers, model.safetensors {size:.0f} MiB; "
-          f"rank {args.rank}; cores {os.cpu_count()}; load {os.getloadavg()[0]:.1f}; in {folder}")
+    print(
+        f"# pair: Llama hidden {args.hidden}, {args.layers} layers, model.safetensors {size:.0f} MiB; "
+        f"rank {args.rank}; cores {os.cpu_count()}; load {os.getloadavg()[0]:.1f}; in {folder}"
+    )
     ours_dir, mk_dir = os.path.join(folder, "ours"), os.path.join(folder, "mergekit")
     runs = {
-        "blocklowrank extract": ([sys.executable, "-m", "blocklowrank", "extract", base, tuned, "--out", ours_dir,
-                                  "--rank", str(args.rank), "--overwrite"], ours_dir),
+        "blocklowrank extract": (
+            [
+                sys.executable,
+                "-m",
+                "blocklowrank",
+                "extract",
+                base,
+                tuned,
+                "--out",
+                ours_dir,
+                "--rank",
+                str(args.rank),
+                "--overwrite",
+            ],
+            ours_dir,
+        ),
         "blocklowrank extract --svd-solver randomized": (
-            [sys.executable, "-m", "blocklowrank", "extract", base, tuned, "--out", ours_dir + "_randomized",
-             "--rank", str(args.rank), "--svd-solver", "randomized", "--overwrite"], ours_dir + "_randomized"),
-        "mergekit-extract-lora": ([args.mergekit, "--model", tuned, "--base-model", base, "--out-path", mk_dir,
-                                   "--max-rank", str(args.rank), "--exclude-regex", EXCLUDE, "--no-copy-tokenizer",
-                                   "--skip-undecomposable"], mk_dir),
+            [
+                sys.executable,
+                "-m",
+                "blocklowrank",
+                "extract",
+                base,
+                tuned,
+                "--out",
+                ours_dir + "_randomized",
+                "--rank",
+                str(args.rank),
+                "--svd-solver",
+                "randomized",
+                "--overwrite",
+            ],
+            ours_dir + "_randomized",
+        ),
+        "mergekit-extract-lora": (
+            [
+                args.mergekit,
+                "--model",
+                tuned,
+                "--base-model",
+                base,
+                "--out-path",
+                mk_dir,
+                "--max-rank",
+                str(args.rank),
+                "--exclude-regex",
+                EXCLUDE,
+                "--no-copy-tokenizer",
+                "--skip-undecomposable",
+            ],
+            mk_dir,
+        ),
     }
     ref = truncated(os.path.join(base, "model.safetensors"), os.path.join(tuned, "model.safetensors"), args.rank)
     rows = []
@@ -165,12 +216,16 @@ def main():
             config = json.load(f)
         rows.append((name, seconds, cpu, rss, err, to_svd, peft_check(base, out, ref), config.get("r")))
     print(f"\n(load average at the end: {os.getloadavg()[0]:.1f})")
-    print("| tool | wall s | CPU s | peak RSS MiB | rel. error vs ΔW | vs rank-r SVD (file) | vs rank-r SVD (PEFT merged) | r |")
+    print(
+        "| tool | wall s | CPU s | peak RSS MiB | rel. error vs ΔW | vs rank-r SVD (file) | vs rank-r SVD (PEFT merged) | r |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, seconds, cpu, rss, err, to_svd, merged, r in rows:
         print(f"| {name} | {seconds:.1f} | {cpu:.1f} | {rss:.0f} | {err:.6f} | {to_svd:.1e} | {merged:.1e} | {r} |")
-    print(f"\n{len(ref)} layers; optimum (rank-{args.rank} SVD) relative error: "
-          f"{np.sqrt(sum(np.linalg.norm(a - b) ** 2 for a, b in ref.values()) / sum(np.linalg.norm(a) ** 2 for a, _ in ref.values())):.6f}")
+    print(
+        f"\n{len(ref)} layers; optimum (rank-{args.rank} SVD) relative error: "
+        f"{np.sqrt(sum(np.linalg.norm(a - b) ** 2 for a, b in ref.values()) / sum(np.linalg.norm(a) ** 2 for a, _ in ref.values())):.6f}"
+    )
 
 
 if __name__ == "__main__":

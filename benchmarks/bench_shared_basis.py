@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from threadpoolctl import threadpool_info  # noqa: E402
 
-from blocklowrank.datasets import load_mnist_split  # noqa: E402
 from blocklowrank import fit_shared_basis, shared_basis_params  # noqa: E402
+from blocklowrank.datasets import load_mnist_split  # noqa: E402
 
 CONFIGS = ((2, 3), (4, 3), (7, 2))
 
@@ -33,11 +33,15 @@ CONFIGS = ((2, 3), (4, 3), (7, 2))
 def header():
     for info in threadpool_info():
         if info.get("user_api") == "blas":
-            print(f"# BLAS: {info.get('internal_api')} {info.get('version')} kernel={info.get('architecture')} "
-                  f"threads={info.get('num_threads')}")
+            print(
+                f"# BLAS: {info.get('internal_api')} {info.get('version')} kernel={info.get('architecture')} "
+                f"threads={info.get('num_threads')}"
+            )
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
-    print(f"# numpy {np.__version__}, cores {os.cpu_count()}, load average {load[0]:.2f}, "
-          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+    print(
+        f"# numpy {np.__version__}, cores {os.cpu_count()}, load average {load[0]:.2f}, "
+        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}"
+    )
 
 
 def timed(fn):
@@ -55,8 +59,10 @@ def main(argv=None):
     header()
     images, _ = load_mnist_split("test")
     S = images[: args.n].astype(np.float64)
-    print(f"\n| K | r | params | stack of {args.n}: wall s | CPU s | ms/digit (wall) | mean passes "
-          f"| loop of {args.loop_n}: ms/digit (wall) | loop/stack | max error diff |")
+    print(
+        f"\n| K | r | params | stack of {args.n}: wall s | CPU s | ms/digit (wall) | mean passes "
+        f"| loop of {args.loop_n}: ms/digit (wall) | loop/stack | max error diff |"
+    )
     print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for K, r in CONFIGS:
         batch, wall, cpu = timed(lambda: fit_shared_basis(S, K, r, n_jobs=args.n_jobs))
@@ -64,8 +70,11 @@ def main(argv=None):
         diff = max(abs(a.error - b) for a, b in zip(loop, batch.error[: args.loop_n]))
         per_b = 1e3 * wall / len(S)
         per_l = 1e3 * lwall / args.loop_n
-        print(f"| {K} | {r} | {shared_basis_params((28, 28), n_blocks=K, rank=r)} | {wall:.2f} | {cpu:.2f} | {per_b:.2f} "
-              f"| {batch.n_iter.mean():.1f} | {per_l:.1f} | {per_l / per_b:.1f}x | {diff:.1e} |", flush=True)
+        print(
+            f"| {K} | {r} | {shared_basis_params((28, 28), n_blocks=K, rank=r)} | {wall:.2f} | {cpu:.2f} | {per_b:.2f} "
+            f"| {batch.n_iter.mean():.1f} | {per_l:.1f} | {per_l / per_b:.1f}x | {diff:.1e} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

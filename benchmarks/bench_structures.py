@@ -54,8 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
-from blocklowrank import BlockLayout, approximate  # noqa: E402
-from blocklowrank import fit_hybrid, fit_shared_basis, match_budget  # noqa: E402
+from blocklowrank import BlockLayout, approximate, fit_hybrid, fit_shared_basis, match_budget  # noqa: E402  # noqa: E402
 
 BUDGETS = {28: 224, 256: 8192}
 
@@ -241,8 +240,11 @@ def run_stack(n, loop_n):
         singles = [fit(x) for x in S[:loop_n]]
         tl = (time.perf_counter() - t0) / loop_n
         diff = max(abs(a.error - b) for a, b in zip(singles, stack.error[:loop_n]))
-        print(f"| {name} | {ts:.2f} | {1e3 * ts / n:.2f} | {1e3 * tl:.1f} | {tl * n / ts:.1f}x | {diff:.1e} "
-              f"| {np.mean(stack.n_iter):.1f} |", flush=True)
+        print(
+            f"| {name} | {ts:.2f} | {1e3 * ts / n:.2f} | {1e3 * tl:.1f} | {tl * n / ts:.1f}x | {diff:.1e} "
+            f"| {np.mean(stack.n_iter):.1f} |",
+            flush=True,
+        )
 
 
 def run_experiment():
@@ -282,9 +284,7 @@ def run_size(d, repeat):
     print(f"| {'method':<{w}} | " + " | ".join(f"{nm:>16}" for nm, _ in mats) + " |")
     print(f"|{'-' * (w + 2)}|" + "|".join("-" * 17 + ":" for _ in mats) + "|")
     for b, nm in enumerate(names):
-        cells = [
-            f"{1e3 * times[a, b]:.2f}" + (f" ({notes[a][b]})" if notes[a][b] else "") for a in range(len(mats))
-        ]
+        cells = [f"{1e3 * times[a, b]:.2f}" + (f" ({notes[a][b]})" if notes[a][b] else "") for a in range(len(mats))]
         print(f"| {nm:<{w}} | " + " | ".join(f"{c:>16}" for c in cells) + " |")
 
 

@@ -27,10 +27,14 @@ def header():
 
     for info in threadpool_info():
         if info.get("user_api") == "blas":
-            print(f"# BLAS: {info.get('internal_api')} {info.get('version')} kernel={info.get('architecture')} "
-                  f"threads={info.get('num_threads')}")
-    print(f"# numpy {numpy.__version__}, cores {os.cpu_count()}, "
-          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+            print(
+                f"# BLAS: {info.get('internal_api')} {info.get('version')} kernel={info.get('architecture')} "
+                f"threads={info.get('num_threads')}"
+            )
+    print(
+        f"# numpy {numpy.__version__}, cores {os.cpu_count()}, "
+        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}"
+    )
 
 
 def main():
@@ -49,13 +53,17 @@ def main():
         st = compute_study(images, labels, progress=False)
         t.append(time.perf_counter() - t0)
     tm = st["timings"]
-    print(f"\nwhole study on {args.n} digits: median {statistics.median(t):.2f} s over {args.repeats} runs "
-          f"(last run: spectra {tm['spectra']:.2f} s, allocation {tm['allocation']:.2f} s, sweep {tm['sweep']:.2f} s, "
-          f"BLAST {tm.get('blast', 0.0):.2f} s)")
+    print(
+        f"\nwhole study on {args.n} digits: median {statistics.median(t):.2f} s over {args.repeats} runs "
+        f"(last run: spectra {tm['spectra']:.2f} s, allocation {tm['allocation']:.2f} s, sweep {tm['sweep']:.2f} s, "
+        f"BLAST {tm.get('blast', 0.0):.2f} s)"
+    )
     if st.get("blast"):
         bl = st["blast"]
-        print(f"  BLAST: curve on {bl['curve_n']} digits, K={bl['n_blocks']} r={bl['rank']} fitted on {bl['n']} digits "
-              f"in {bl['seconds']:.2f} s")
+        print(
+            f"  BLAST: curve on {bl['curve_n']} digits, K={bl['n_blocks']} r={bl['rank']} fitted on {bl['n']} digits "
+            f"in {bl['seconds']:.2f} s"
+        )
 
     S = images[: args.loop_n].astype(np.float64)
     batched, loop = [], []
@@ -68,8 +76,10 @@ def main():
         loop.append(time.perf_counter() - t0)
     assert np.allclose(a.error, e)
     b, l = statistics.median(batched), statistics.median(loop)
-    print(f"Localized K=2 r=2 on {args.loop_n} digits: batched {b:.3f} s, loop over digits {l:.3f} s, "
-          f"loop/batched = {l / b:.1f}x")
+    print(
+        f"Localized K=2 r=2 on {args.loop_n} digits: batched {b:.3f} s, loop over digits {l:.3f} s, "
+        f"loop/batched = {l / b:.1f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -8,13 +8,16 @@ registry (:mod:`blocklowrank.structures`) declares every structure, the hybrid
 returns its factors in one container (:class:`StructuredFactors`).
 """
 
-from ._version import __version__
-
-from .layout import BlockLayout, split_sizes
-from ._engine import Approximation, FitReport, block_spectra, fit_layout
 from ._allocation import allocate_ranks
+from ._engine import Approximation, FitReport, block_spectra, fit_layout
 from ._svd import batched_svd
+from ._version import __version__ as __version__
+from .budget import RecordList, budget_sweep_points, count_params, match_budget
+from .compare import compare_at_budget
+from .convert import rank_report, save_factors
+from .estimators import single_fit_cv
 from .factors import FactorsFileError, StructuredFactors, load_factors
+from .layout import BlockLayout, split_sizes
 from .structures import (
     BlockLowRank,
     DiagonalBlockLowRank,
@@ -30,10 +33,6 @@ from .structures import (
     shared_basis_params,
     structure_names,
 )
-from .estimators import single_fit_cv
-from .convert import rank_report, save_factors
-from .budget import RecordList, budget_sweep_points, count_params, match_budget
-from .compare import compare_at_budget
 
 __all__ = [
     "BlockLayout",

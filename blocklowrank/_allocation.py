@@ -103,8 +103,10 @@ def _check_inputs(gains, costs, max_ranks):
     costs = [check_int(c, "cost", minimum=1) for c in costs]
     max_ranks = [check_int(r, "max_ranks entry", minimum=0) for r in max_ranks]
     if not (len(costs) == len(max_ranks) == len(gains)):
-        raise ValueError(f"gains, costs and max_ranks need one entry per block, got lengths "
-                         f"{len(gains)}, {len(costs)} and {len(max_ranks)}")
+        raise ValueError(
+            f"gains, costs and max_ranks need one entry per block, got lengths "
+            f"{len(gains)}, {len(costs)} and {len(max_ranks)}"
+        )
     return gains, costs, max_ranks
 
 
@@ -257,5 +259,3 @@ def no_worse_than_uniform(alloc, gains, costs, maxr, budget):
     alloc = alloc.copy()
     alloc[better] = unif[better]
     return alloc
-
-

@@ -122,8 +122,10 @@ def check_rank_mode(layout, rank, budget, max_error, cap_rank):
         budget = check_budget(budget)
         cheapest = int(layout.block_costs[layout.active].min())
         if budget < cheapest:
-            raise ValueError(f"budget={budget} is below the cheapest configuration of this layout: one "
-                             f"rank-1 block costs {cheapest} parameters")
+            raise ValueError(
+                f"budget={budget} is below the cheapest configuration of this layout: one "
+                f"rank-1 block costs {cheapest} parameters"
+            )
         return "budget", budget
     if given[0] == "max_error":
         return "max_error", check_max_error(max_error)
@@ -145,8 +147,21 @@ def check_rank_mode(layout, rank, budget, max_error, cap_rank):
     return "layout", lay
 
 
-def fit_layout(X, layout, *, rank=None, budget=None, max_error=None, svd_solver="auto", n_oversamples=10,
-               iterated_power="auto", random_state=None, cap_rank=False, n_jobs=None, structure=None):
+def fit_layout(
+    X,
+    layout,
+    *,
+    rank=None,
+    budget=None,
+    max_error=None,
+    svd_solver="auto",
+    n_oversamples=10,
+    iterated_power="auto",
+    random_state=None,
+    cap_rank=False,
+    n_jobs=None,
+    structure=None,
+):
     """Fit every active block of ``layout`` by its truncated SVD (the engine's public entry).
 
     Parameters and result as :func:`blocklowrank.approximate`, with the layout
@@ -196,11 +211,19 @@ def _fit_layout(X, lay, mode, value, svd, rng, n_jobs, structure=None):
         computed = {key: (U, np.ldexp(sv, -k[..., None, None]), Vt, so) for key, (U, sv, Vt, so) in computed.items()}
     factors = StructuredFactors(lay, _groups=groups, ranks=ranks if batch else None, structure=structure)
     one = (lambda a: float(a)) if not batch else (lambda a: a)  # noqa: E731
-    spectra = {(int(i), int(j)): computed[shp][1][..., t, :].copy()
-               for shp, (ii, jj) in groups_idx.items() for t, (i, j) in enumerate(zip(ii, jj))}
-    report = FitReport(error=one(err), discarded_energy=one(discarded), total_energy=one(total),
-                       svd_solver={shp: c[3] for shp, c in computed.items()}, exact_allocation=exact,
-                       singular_values=spectra)
+    spectra = {
+        (int(i), int(j)): computed[shp][1][..., t, :].copy()
+        for shp, (ii, jj) in groups_idx.items()
+        for t, (i, j) in enumerate(zip(ii, jj))
+    }
+    report = FitReport(
+        error=one(err),
+        discarded_energy=one(discarded),
+        total_energy=one(total),
+        svd_solver={shp: c[3] for shp, c in computed.items()},
+        exact_allocation=exact,
+        singular_values=spectra,
+    )
     return Approximation(factors, report)
 
 
@@ -254,8 +277,10 @@ def _allocate(lay, groups_idx, computed, E, total, mode, value, batch):
         bad = fixed > value * value * tot * (1 + 1e-12)
         if np.any(bad):
             worst = float(np.sqrt(fixed[bad] / np.where(tot[bad] > 0, tot[bad], 1)).max())
-            raise ValueError(f"max_error={value} cannot be reached with this structure: its inactive "
-                             f"blocks alone leave a relative error of {worst:.4g}")
+            raise ValueError(
+                f"max_error={value} cannot be reached with this structure: its inactive "
+                f"blocks alone leave a relative error of {worst:.4g}"
+            )
         alloc, exact = _allocate_ranks(gains, costs, maxr, max_error=value, fixed_loss=fixed, total=tot)
     else:
         alloc, exact = _budget_allocation(gains, costs, maxr, value)
@@ -331,8 +356,6 @@ def _block_energies(X, layout):
         sq = np.einsum("...ahbw,...ahbw->...ab", reg, reg, dtype=np.float64)
         E[..., bi0 : bi0 + kr, bj0 : bj0 + kc] = sq
     return E
-
-
 
 
 def _randomized_residual(A, B, Vt, s_k, Eb):
@@ -507,8 +530,9 @@ def block_spectra(X, layout, *, n_jobs=None):
         A = blocks[shp]
         flat = A.reshape((-1,) + shp)
         jobs = _exact_jobs(n_jobs, flat.shape[0], *shp, flat.dtype)
-        (s,) = run_chunked(lambda a: _exact_svd(a, in_workers=min(jobs, len(flat)) > 1, compute_uv=False),
-                           (flat,), jobs)
+        (s,) = run_chunked(
+            lambda a: _exact_svd(a, in_workers=min(jobs, len(flat)) > 1, compute_uv=False), (flat,), jobs
+        )
         s = s.reshape(A.shape[:-2] + (min(shp),))
         for t, (i, j) in enumerate(zip(ii.tolist(), jj.tolist())):
             values[(i, j)] = s[..., t, :]

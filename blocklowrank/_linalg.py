@@ -209,4 +209,3 @@ def _spd_solve_lapack(Gf, bf, rtol):
     if bad.any():
         out[bad] = psd_solve(Gf[bad], bf[bad])
     return out
-

@@ -122,5 +122,3 @@ def run_chunked(fn, arrays, n_jobs):
                 lim["limiter"].restore_original_limits()
                 lim["limiter"] = None
     return tuple(np.concatenate([p[t] for p in parts], axis=0) for t in range(len(parts[0])))
-
-

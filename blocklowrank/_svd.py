@@ -364,12 +364,10 @@ def _solve(A, k, svd_solver, n_oversamples, iterated_power, random_state, n_jobs
         if svd_solver == "auto":
             arrays += (rng.standard_normal((N, L, _PROBES)).astype(flat.dtype, copy=False),)
         work = N * (m * n * ell * (2 * it + 2) / 16 + 1e4 * (it + 1))
-        out = run_chunked(lambda a, o, *p: _randomized_svd(a, k, it, o, *p), arrays,
-                          resolve_n_jobs(n_jobs, N, work))
+        out = run_chunked(lambda a, o, *p: _randomized_svd(a, k, it, o, *p), arrays, resolve_n_jobs(n_jobs, N, work))
         if svd_solver == "randomized" or bool(np.all(out[3])):
             result = out[:3] + ("randomized",)
     if result is None:
-
         jobs = _exact_jobs(n_jobs, N, m, n, flat.dtype)
 
         def exact_k(a):  # truncate inside the worker: only k vectors are copied and joined
@@ -383,9 +381,4 @@ def _solve(A, k, svd_solver, n_oversamples, iterated_power, random_state, n_jobs
         result = run_chunked(exact_k, (flat,), jobs) + ("full",)
     U, s, Vt, solver = result
     _flip(U, Vt)
-    return (
-        U.reshape(batch + U.shape[-2:]),
-        s.reshape(batch + s.shape[-1:]),
-        Vt.reshape(batch + Vt.shape[-2:]),
-        solver,
-    )
+    return (U.reshape(batch + U.shape[-2:]), s.reshape(batch + s.shape[-1:]), Vt.reshape(batch + Vt.shape[-2:]), solver)

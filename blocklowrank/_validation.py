@@ -113,7 +113,7 @@ def refuse_meaningless(X, name="X"):
         )
     if dt.kind in "Mm":
         raise TypeError(f"{name} holds dates or times (dtype {dt}), not numbers; convert them explicitly")
-    if dt == object:
+    if dt.kind == "O":
         flat = np.asarray(X, dtype=object).ravel()
         if any(isinstance(v, (str, bytes)) for v in flat[:1000]):
             raise TypeError(f"{name} holds strings inside an object array, not numbers; convert it explicitly")

@@ -147,10 +147,15 @@ def count_params(method, shape=None, *, rank=None, n_blocks=1, **extra):
     112
     """
     if isinstance(method, BlockLayout):
-        if shape is not None or extra or not (np.ndim(n_blocks) == 0 and n_blocks == 1
-                                               and not isinstance(n_blocks, (bool, np.bool_))):
-            raise TypeError("count_params(layout) takes no shape, n_blocks or other keys, only rank: "
-                            "the layout has its own shape and grid")
+        if (
+            shape is not None
+            or extra
+            or not (np.ndim(n_blocks) == 0 and n_blocks == 1 and not isinstance(n_blocks, (bool, np.bool_)))
+        ):
+            raise TypeError(
+                "count_params(layout) takes no shape, n_blocks or other keys, only rank: "
+                "the layout has its own shape and grid"
+            )
         from .structures.grid import _rank_matrix
 
         return method.n_params if rank is None else method.with_ranks(_rank_matrix(method, "given", rank)).n_params
@@ -164,8 +169,10 @@ def count_params(method, shape=None, *, rank=None, n_blocks=1, **extra):
     unknown = set(extra) - set(s.extra)
     if unknown:
         owners = [t.name for t in structures() if set(unknown) & set(t.extra)]
-        raise TypeError(f"count_params({method!r}) got unexpected keyword(s) {sorted(unknown)}"
-                        + (f" (a key of {', '.join(owners)})" if owners else ""))
+        raise TypeError(
+            f"count_params({method!r}) got unexpected keyword(s) {sorted(unknown)}"
+            + (f" (a key of {', '.join(owners)})" if owners else "")
+        )
     missing = set(s.extra) - set(extra)
     if missing:
         raise TypeError(f"count_params({method!r}) needs {sorted(missing)}")
@@ -189,8 +196,9 @@ def _check_k_list(shape, n_blocks):
     for K in n_blocks or ():
         if K > m or K > n:
             axis, side = ("rows", m) if K > m else ("columns", n)
-            raise ValueError(f"n_blocks={K} is more blocks than the {side} {axis} of the matrix; "
-                             f"use at most {min(m, n)} blocks")
+            raise ValueError(
+                f"n_blocks={K} is more blocks than the {side} {axis} of the matrix; use at most {min(m, n)} blocks"
+            )
 
 
 def match_budget(shape, budget, *, methods=None, n_blocks=None, ranks=None, exact=False):
@@ -268,22 +276,27 @@ def match_budget(shape, budget, *, methods=None, n_blocks=None, ranks=None, exac
     plans = [(get_structure(mth), _ks(get_structure(mth), shape, n_blocks, methods)) for mth in methods]
     cheap = [(c[0], s.name, c[1], c[2]) for s, ks in plans if (c := s.budget_rule.cheapest(shape, ks, ranks))]
     if not cheap:
-        raise ValueError(f"no configuration below full rank exists for shape {shape} with methods={methods}, "
-                         f"n_blocks={n_blocks}, ranks={ranks}: every candidate block would have rank >= its "
-                         "smaller side")
+        raise ValueError(
+            f"no configuration below full rank exists for shape {shape} with methods={methods}, "
+            f"n_blocks={n_blocks}, ranks={ranks}: every candidate block would have rank >= its "
+            "smaller side"
+        )
     count, name, K, r = min(cheap)
     if budget < count:
         extra = " plus a rank-1 global term" if get_structure(name).extra else ""
-        raise ValueError(f"budget={budget} is below the cheapest configuration: {name} with n_blocks={K} "
-                         f"and rank {r}{extra} costs {count} parameters")
+        raise ValueError(
+            f"budget={budget} is below the cheapest configuration: {name} with n_blocks={K} "
+            f"and rank {r}{extra} costs {count} parameters"
+        )
     records = [rec for s, ks in plans for rec in s.budget_rule.records(s.name, shape, budget, ks, ranks)]
     if not records:
-        best = max(((*s.budget_rule.largest(shape, ks, ranks, budget), s.name) for s, ks in plans),
-                   key=lambda t: t[0])
-        raise ValueError(f"budget={budget} is too large for shape {shape}: every configuration that spends it "
-                         "has a rank >= some block's smaller side (such blocks are cheaper stored densely); "
-                         f"the largest configuration below full rank is {best[2]} with n_blocks={best[1]}, "
-                         f"{best[0]} parameters")
+        best = max(((*s.budget_rule.largest(shape, ks, ranks, budget), s.name) for s, ks in plans), key=lambda t: t[0])
+        raise ValueError(
+            f"budget={budget} is too large for shape {shape}: every configuration that spends it "
+            "has a rank >= some block's smaller side (such blocks are cheaper stored densely); "
+            f"the largest configuration below full rank is {best[2]} with n_blocks={best[1]}, "
+            f"{best[0]} parameters"
+        )
     if exact:
         records = [r for r in records if r["exact"]]
     extra = tuple(dict.fromkeys(k for s, _ in plans for k in s.extra))
@@ -333,7 +346,9 @@ def budget_sweep_points(shape, *, methods=None, n_blocks=None, ranks=None, min_b
     if hi is not None and hi < lo:
         raise ValueError(f"min_budget={lo} is above max_budget={hi}")
     _check_k_list(shape, n_blocks)
-    reach = [get_structure(mth).budget_rule.reachable(shape, _ks(get_structure(mth), shape, n_blocks, methods), ranks)
-             for mth in methods]
+    reach = [
+        get_structure(mth).budget_rule.reachable(shape, _ks(get_structure(mth), shape, n_blocks, methods), ranks)
+        for mth in methods
+    ]
     common = set.intersection(*reach)
     return np.array(sorted(b for b in common if b >= lo and (hi is None or b <= hi)), dtype=np.int64)

@@ -256,8 +256,13 @@ def cmd_reproduce(args):
         elif name == "compress":
             from .experiments.compress import plot_compress, run_compress
 
-            res = run_compress(out, seeds=3 if args.seeds is None else args.seeds, subset=args.subset,
-                               progress=not args.quiet, n_jobs=-1 if args.n_jobs is None else args.n_jobs)
+            res = run_compress(
+                out,
+                seeds=3 if args.seeds is None else args.seeds,
+                subset=args.subset,
+                progress=not args.quiet,
+                n_jobs=-1 if args.n_jobs is None else args.n_jobs,
+            )
             plot_compress(res, out / "compress.png")
             written += [out / "compress.csv", out / "compress_summary.txt", out / "compress.png"]
     print("\nresults:")
@@ -279,24 +284,44 @@ def _target_modules(values):
 def cmd_study(args):
     from .checkpoints.study import run_study
 
-    budget = {"budget_rank": args.budget_rank or 16, "budget_fraction": args.budget_fraction,
-              "total_budget": args.total_budget}
-    res = run_study(args.base, args.finetuned, out=args.out, structures=args.structures,
-                    target_modules=_target_modules(args.target_modules), n_blocks=args.n_blocks,
-                    n_jobs=args.n_jobs, progress=not args.quiet, svd_solver=args.svd_solver,
-                    fit_options=None if args.max_iter is None else {"max_iter": args.max_iter}, **budget)
+    budget = {
+        "budget_rank": args.budget_rank or 16,
+        "budget_fraction": args.budget_fraction,
+        "total_budget": args.total_budget,
+    }
+    res = run_study(
+        args.base,
+        args.finetuned,
+        out=args.out,
+        structures=args.structures,
+        target_modules=_target_modules(args.target_modules),
+        n_blocks=args.n_blocks,
+        n_jobs=args.n_jobs,
+        progress=not args.quiet,
+        svd_solver=args.svd_solver,
+        fit_options=None if args.max_iter is None else {"max_iter": args.max_iter},
+        **budget,
+    )
     skipped = sum(1 for lay in res.layers if lay["skipped"])
     for lay in res.layers:
         if lay["skipped"]:
             print(f"skipped {lay['layer']}: {lay['skipped']}", file=sys.stderr)
-    print(f"studied {len(res.layers) - skipped} layers ({skipped} skipped) with {len(res.settings['structures'])} "
-          f"structures: {len(res)} configurations")
+    print(
+        f"studied {len(res.layers) - skipped} layers ({skipped} skipped) with {len(res.settings['structures'])} "
+        f"structures: {len(res)} configurations"
+    )
     for row in res.model_wide:
         if row["allocation"] == "model-wide":
-            unif = next(r for r in res.model_wide if r["allocation"] == "uniform"
-                        and (r["structure"], r["n_blocks"]) == (row["structure"], row["n_blocks"]))
-            print(f"  {row['structure']:<10} K={row['n_blocks']:<3} model-wide error {row['error']:.4f} "
-                  f"vs uniform {unif['error']:.4f}")
+            unif = next(
+                r
+                for r in res.model_wide
+                if r["allocation"] == "uniform"
+                and (r["structure"], r["n_blocks"]) == (row["structure"], row["n_blocks"])
+            )
+            print(
+                f"  {row['structure']:<10} K={row['n_blocks']:<3} model-wide error {row['error']:.4f} "
+                f"vs uniform {unif['error']:.4f}"
+            )
     print(f"wrote {args.out}/: layers.csv, model_wide.csv, summary.md, error_heatmap.png, error_vs_budget.png")
     return 0
 
@@ -308,10 +333,18 @@ def cmd_extract(args):
     if fixed is not None and args.n_blocks is not None:
         print(f"blocklowrank: warning: --n-blocks is ignored: {args.method} has {fixed} block", file=sys.stderr)
     report = extract_adapter(
-        args.base, args.finetuned, args.out, method=args.method,
+        args.base,
+        args.finetuned,
+        args.out,
+        method=args.method,
         n_blocks=fixed or (2 if args.n_blocks is None else args.n_blocks),
-        rank=args.rank, budget_rank=args.budget_rank, total_budget=args.total_budget, target_modules=_target_modules(args.target_modules),
-        peft_type=args.peft_type, svd_solver=args.svd_solver, overwrite=args.overwrite,
+        rank=args.rank,
+        budget_rank=args.budget_rank,
+        total_budget=args.total_budget,
+        target_modules=_target_modules(args.target_modules),
+        peft_type=args.peft_type,
+        svd_solver=args.svd_solver,
+        overwrite=args.overwrite,
     )
     print(report.summary())
     return 0
@@ -336,16 +369,28 @@ def build_parser():
         "Figure 2's adapter sweep (figure2), every structure at matched budgets (structures), "
         "the full fine-tune compressed at Figure 2's budgets (compress; after figure2), or all of them.",
     )
-    r.add_argument("what", choices=("all",) + EXPERIMENTS,
-                   help="which part; 'all' runs everything, Figure 2's sweep included (about 25 min on 2 cores)")
+    r.add_argument(
+        "what",
+        choices=("all",) + EXPERIMENTS,
+        help="which part; 'all' runs everything, Figure 2's sweep included (about 25 min on 2 cores)",
+    )
     r.add_argument("--out", default="results", help="output directory (default: results)")
     r.add_argument("--seeds", type=_count(1, "--seeds"), help="figure2, compress: seeds per configuration (default 3)")
-    r.add_argument("--epochs", type=_count(1, "--epochs"),
-                   help="figure2: most epochs per run; runs end earlier by early stopping (default 1000)")
-    r.add_argument("--n-jobs", type=_jobs,
-                   help="figure2, compress: parallel runs via joblib, one BLAS thread each (default -1: every core)")
-    r.add_argument("--subset", type=_count(10, "--subset"),
-                   help="figure2, compress: use only the first N (>= 10) images of each split (quick checks)")
+    r.add_argument(
+        "--epochs",
+        type=_count(1, "--epochs"),
+        help="figure2: most epochs per run; runs end earlier by early stopping (default 1000)",
+    )
+    r.add_argument(
+        "--n-jobs",
+        type=_jobs,
+        help="figure2, compress: parallel runs via joblib, one BLAS thread each (default -1: every core)",
+    )
+    r.add_argument(
+        "--subset",
+        type=_count(10, "--subset"),
+        help="figure2, compress: use only the first N (>= 10) images of each split (quick checks)",
+    )
     r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     r.set_defaults(func=cmd_reproduce)
 
@@ -391,22 +436,44 @@ def build_parser():
         "midway resumes where it stopped when run again with the same --out.",
     )
     st.add_argument("base", help="safetensors file, sharded checkpoint folder or index file")
-    st.add_argument("finetuned", nargs="?",
-                    help="the fine-tuned checkpoint, or a PEFT adapter directory (omit to compress BASE itself)")
+    st.add_argument(
+        "finetuned",
+        nargs="?",
+        help="the fine-tuned checkpoint, or a PEFT adapter directory (omit to compress BASE itself)",
+    )
     st.add_argument("--out", required=True, help="output folder (also the resumable log)")
-    st.add_argument("--structures", nargs="+", choices=structure_names(), default=None,
-                    help="structures to study (default: every registered one)")
+    st.add_argument(
+        "--structures",
+        nargs="+",
+        choices=structure_names(),
+        default=None,
+        help="structures to study (default: every registered one)",
+    )
     bg = st.add_mutually_exclusive_group()
-    bg.add_argument("--budget-rank", type=_count(1, "--budget-rank"), help="per-layer budget R (m + n), a LoRA-equivalent rank (default 16)")
+    bg.add_argument(
+        "--budget-rank",
+        type=_count(1, "--budget-rank"),
+        help="per-layer budget R (m + n), a LoRA-equivalent rank (default 16)",
+    )
     bg.add_argument("--budget-fraction", type=float, help="per-layer budget as a fraction of m n")
-    bg.add_argument("--total-budget", type=_count(1, "--total-budget"), help="one total over all layers (model-wide allocation)")
-    st.add_argument("--target-modules", nargs="+", default=["all-linear"],
-                    help="all-linear (default), module-name suffixes, or one regular expression")
+    bg.add_argument(
+        "--total-budget", type=_count(1, "--total-budget"), help="one total over all layers (model-wide allocation)"
+    )
+    st.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=["all-linear"],
+        help="all-linear (default), module-name suffixes, or one regular expression",
+    )
     st.add_argument("--n-blocks", nargs="+", type=int, default=None, help="grid sizes K (default 2 4 8)")
     st.add_argument("--n-jobs", type=_jobs, default=None, help="layers in parallel via joblib (default 1)")
     st.add_argument("--svd-solver", choices=SVD_SOLVERS, default="auto")
-    st.add_argument("--max-iter", type=_count(1, "--max-iter"), default=None,
-                    help="most alternations of the iterative structures per fit (default: theirs, 100)")
+    st.add_argument(
+        "--max-iter",
+        type=_count(1, "--max-iter"),
+        default=None,
+        help="most alternations of the iterative structures per fit (default: theirs, 100)",
+    )
     st.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     st.set_defaults(func=cmd_study)
 
@@ -420,20 +487,36 @@ def build_parser():
     e.add_argument("base", help="base model: .safetensors file, sharded index or model folder")
     e.add_argument("finetuned", help="fully fine-tuned model, same forms")
     e.add_argument("--out", required=True, help="adapter directory to write")
-    e.add_argument("--method", choices=[s for s in structure_names(spectral=True) if get_structure(s).peft],
-                   default="global")
+    e.add_argument(
+        "--method", choices=[s for s in structure_names(spectral=True) if get_structure(s).peft], default="global"
+    )
     e.add_argument("--n-blocks", type=_n_blocks, help="K (default 2; not for global)")
     size = e.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=_count(1, "--rank"), help="rank of every active block")
-    size.add_argument("--budget-rank", type=_count(1, "--budget-rank"),
-                      help="budget as a LoRA rank R: R*(m+n) parameters per layer, optimal per-block ranks")
-    size.add_argument("--total-budget", type=_count(1, "--total-budget"),
-                      help="one total over all layers, spread model-wide over every block of every layer")
-    e.add_argument("--target-modules", nargs="+", default=["all-linear"], metavar="NAME",
-                   help="module-name suffixes (q_proj v_proj), one regular expression matched against the "
-                   "whole module path, or all-linear (default)")
-    e.add_argument("--peft-type", choices=("auto", "LORA", "GRALORA"), default="auto",
-                   help="auto: the structure's own (LoRA for global/diagonal, GraLoRA for block)")
+    size.add_argument(
+        "--budget-rank",
+        type=_count(1, "--budget-rank"),
+        help="budget as a LoRA rank R: R*(m+n) parameters per layer, optimal per-block ranks",
+    )
+    size.add_argument(
+        "--total-budget",
+        type=_count(1, "--total-budget"),
+        help="one total over all layers, spread model-wide over every block of every layer",
+    )
+    e.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=["all-linear"],
+        metavar="NAME",
+        help="module-name suffixes (q_proj v_proj), one regular expression matched against the "
+        "whole module path, or all-linear (default)",
+    )
+    e.add_argument(
+        "--peft-type",
+        choices=("auto", "LORA", "GRALORA"),
+        default="auto",
+        help="auto: the structure's own (LoRA for global/diagonal, GraLoRA for block)",
+    )
     e.add_argument("--svd-solver", choices=SVD_SOLVERS, default="auto")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     e.set_defaults(func=cmd_extract)

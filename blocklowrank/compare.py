@@ -15,16 +15,42 @@ from .structures import get_structure
 __all__ = ["compare_at_budget", "COMPARE_COLUMNS"]
 
 #: Columns of the records returned by :func:`compare_at_budget` (plus the structures' extra keys).
-COMPARE_COLUMNS = ("method", "n_blocks", "rank", "allocation", "n_params", "budget", "exact", "error", "errors",
-                   "n_params_each", "block_ranks", "proven_optimal")
+COMPARE_COLUMNS = (
+    "method",
+    "n_blocks",
+    "rank",
+    "allocation",
+    "n_params",
+    "budget",
+    "exact",
+    "error",
+    "errors",
+    "n_params_each",
+    "block_ranks",
+    "proven_optimal",
+)
 
 #: Options of the iterative fits that compare_at_budget passes on (fit_options).
 _FIT_OPTIONS = ("max_iter", "tol")
 
 
-def compare_at_budget(X, budget, *, methods=None, n_blocks=None, ranks=None, exact=False, include_optimal=True,
-                      svd_solver="auto", n_oversamples=10, iterated_power="auto", random_state=None, n_jobs=None,
-                      fit_options=None, spectra=None):
+def compare_at_budget(
+    X,
+    budget,
+    *,
+    methods=None,
+    n_blocks=None,
+    ranks=None,
+    exact=False,
+    include_optimal=True,
+    svd_solver="auto",
+    n_oversamples=10,
+    iterated_power="auto",
+    random_state=None,
+    n_jobs=None,
+    fit_options=None,
+    spectra=None,
+):
     """Fit every configuration at a parameter budget and rank them by error.
 
     The configurations are those of :func:`~blocklowrank.budget.match_budget`.
@@ -103,8 +129,13 @@ def compare_at_budget(X, budget, *, methods=None, n_blocks=None, ranks=None, exa
     matched = match_budget(shape, budget, methods=methods, n_blocks=n_blocks, ranks=ranks, exact=exact)
     extra = tuple(k for k in matched.columns if k not in COMPARE_COLUMNS)
     budget = matched[0]["budget"] if matched else int(budget)
-    svd = dict(svd_solver=svd_solver, n_oversamples=n_oversamples, iterated_power=iterated_power,
-               random_state=random_state, n_jobs=n_jobs)
+    svd = dict(
+        svd_solver=svd_solver,
+        n_oversamples=n_oversamples,
+        iterated_power=iterated_power,
+        random_state=random_state,
+        n_jobs=n_jobs,
+    )
     spectral = svd_solver in ("auto", "full")
 
     def each(value):
@@ -113,24 +144,41 @@ def compare_at_budget(X, budget, *, methods=None, n_blocks=None, ranks=None, exa
     def row(rec, rank, allocation, n_each, err_each, block_ranks, proven):
         if not batch:
             n_each, err_each = int(n_each), float(err_each)
-        return {"method": rec["method"], "n_blocks": rec["n_blocks"], "rank": rank, "allocation": allocation,
-                "n_params": int(np.max(n_each)), "budget": budget, "exact": bool(np.all(np.asarray(n_each) == budget)),
-                "error": float(np.mean(err_each)), "errors": err_each, "n_params_each": n_each,
-                "block_ranks": block_ranks, "proven_optimal": proven, **{k: rec.get(k) for k in extra}}
+        return {
+            "method": rec["method"],
+            "n_blocks": rec["n_blocks"],
+            "rank": rank,
+            "allocation": allocation,
+            "n_params": int(np.max(n_each)),
+            "budget": budget,
+            "exact": bool(np.all(np.asarray(n_each) == budget)),
+            "error": float(np.mean(err_each)),
+            "errors": err_each,
+            "n_params_each": n_each,
+            "block_ranks": block_ranks,
+            "proven_optimal": proven,
+            **{k: rec.get(k) for k in extra},
+        }
 
     cache = []  # (layout without ranks, BlockSpectra): matched by layout equality
     if spectra is not None and not isinstance(spectra, Iterable):
         raise TypeError(f"spectra must be an iterable of BlockSpectra, got {spectra!r}")
     for sp in () if spectra is None else spectra:
-        if not isinstance(sp, BlockSpectra) or tuple(sp.layout.shape) != tuple(shape) \
-                or sp.block_energy.shape[:-2] != batch:
+        if (
+            not isinstance(sp, BlockSpectra)
+            or tuple(sp.layout.shape) != tuple(shape)
+            or sp.block_energy.shape[:-2] != batch
+        ):
             raise ValueError(f"spectra must hold BlockSpectra of matrices shaped like X {X.shape}, got {sp!r}")
         # the spectra of another matrix would give wrong errors silently: its block energies tell
         Xp = sp.layout.permute(X) if sp.layout.permuted else X
-        if not np.allclose(sp.block_energy, _block_energies(Xp, sp.layout), rtol=1e-5,
-                           atol=1e-5 * float(np.max(sp.total_energy, initial=0.0))):
-            raise ValueError("spectra must be those of X: the block energies of a given BlockSpectra differ "
-                             "from X's")
+        if not np.allclose(
+            sp.block_energy,
+            _block_energies(Xp, sp.layout),
+            rtol=1e-5,
+            atol=1e-5 * float(np.max(sp.total_energy, initial=0.0)),
+        ):
+            raise ValueError("spectra must be those of X: the block energies of a given BlockSpectra differ from X's")
         cache.append((sp.layout.with_ranks(0), sp))
 
     def spectra_of(lay):
@@ -148,21 +196,33 @@ def compare_at_budget(X, budget, *, methods=None, n_blocks=None, ranks=None, exa
         if not s.spectral:
             opts = {k: v for k, v in {**svd, **fit_options}.items() if k in s.options}
             res = s.fit(X, n_blocks=K, rank=rec["rank"], **config, **opts)
-            rows.append(row(rec, rec["rank"], "uniform", each(res.factors.n_params), res.error,
-                            np.array(res.layout.ranks), None))
+            rows.append(
+                row(
+                    rec, rec["rank"], "uniform", each(res.factors.n_params), res.error, np.array(res.layout.ranks), None
+                )
+            )
             continue
         lay = s.layout(shape, K)
         lay_r = lay.with_ranks(rec["rank"])
         if spectral:
             sp = spectra_of(lay)
-            rows.append(row(rec, rec["rank"], "uniform", each(lay_r.n_params), sp.error(lay_r.ranks),
-                            np.array(lay_r.ranks), None))
+            rows.append(
+                row(
+                    rec,
+                    rec["rank"],
+                    "uniform",
+                    each(lay_r.n_params),
+                    sp.error(lay_r.ranks),
+                    np.array(lay_r.ranks),
+                    None,
+                )
+            )
         else:
             res = fit_layout(X, lay_r, **svd)
             rows.append(row(rec, rec["rank"], "uniform", res.n_params, res.error, np.array(lay_r.ranks), None))
         if (s.name, K) not in [p[:2] for p in partitions]:
             partitions.append((s.name, K, lay, rec))
-    for name, K, lay, rec in partitions if include_optimal else ():
+    for _name, _K, lay, rec in partitions if include_optimal else ():
         if spectral:
             sp = spectra_of(lay)
             R, proven = sp.allocate(budget)
@@ -171,5 +231,7 @@ def compare_at_budget(X, budget, *, methods=None, n_blocks=None, ranks=None, exa
             res = fit_layout(X, lay, budget=budget, **svd)
             rows.append(row(rec, None, "optimal", res.n_params, res.error, res.ranks, bool(res.exact_allocation)))
     order = {mth: t for t, mth in enumerate(methods)}
-    rows.sort(key=lambda d: (d["error"], d["n_params"], order[d["method"]], d["n_blocks"], d["allocation"] == "optimal"))
+    rows.sort(
+        key=lambda d: (d["error"], d["n_params"], order[d["method"]], d["n_blocks"], d["allocation"] == "optimal")
+    )
     return RecordList(rows, columns=COMPARE_COLUMNS + extra)

@@ -27,8 +27,8 @@ from __future__ import annotations
 import numpy as np
 
 from ._engine import Approximation, fit_layout
-from .factors import FactorsFileError, StructuredFactors, load_factors
 from ._validation import check_nonneg_float
+from .factors import FactorsFileError, StructuredFactors, load_factors
 from .layout import BlockLayout
 
 __all__ = [
@@ -189,9 +189,7 @@ def _gralora_grid(sf):
     lay = sf.layout
     kr, kc = lay.n_blocks
     if kr != kc or not lay.active.all():
-        raise ValueError(
-            f"GraLoRA needs a full K x K grid; this layout is {lay.pattern} {kr}x{kc}"
-        )
+        raise ValueError(f"GraLoRA needs a full K x K grid; this layout is {lay.pattern} {kr}x{kc}")
     if len(set(lay.row_sizes)) != 1 or len(set(lay.col_sizes)) != 1:
         raise ValueError(
             "GraLoRA needs equal blocks (out_features and in_features divisible by K); "
@@ -314,10 +312,7 @@ def from_gralora(gralora_A, gralora_B, *, gralora_A_general=None, gralora_B_gene
         raise ValueError(f"gralora_A and gralora_B must be 3-D, got {gA.shape} and {gB.shape}")
     K, nb, r = gA.shape
     if gB.shape[0] != K or gB.shape[1] != r:
-        raise ValueError(
-            f"gralora_B must have shape [N={K}, r={r}, out/N], got {gB.shape} "
-            f"(gralora_A is {gA.shape})"
-        )
+        raise ValueError(f"gralora_B must have shape [N={K}, r={r}, out/N], got {gB.shape} (gralora_A is {gA.shape})")
     if r % K:
         raise ValueError(f"r={r} must be divisible by gralora_k={K}")
     mb = gB.shape[2]
@@ -342,8 +337,7 @@ def from_gralora(gralora_A, gralora_B, *, gralora_A_general=None, gralora_B_gene
         Bg = np.asarray(gralora_B_general)
         if Ag.ndim != 2 or Bg.ndim != 2 or Ag.shape[1] != K * nb or Bg.shape[0] != K * mb or Ag.shape[0] != Bg.shape[1]:
             raise ValueError(
-                f"hybrid weights must be [hybrid_r, {K * nb}] and [{K * mb}, hybrid_r], "
-                f"got {Ag.shape} and {Bg.shape}"
+                f"hybrid weights must be [hybrid_r, {K * nb}] and [{K * mb}, hybrid_r], got {Ag.shape} and {Bg.shape}"
             )
         gf = (np.ascontiguousarray(Bg * scaling, dtype=dtype), np.ascontiguousarray(Ag, dtype=dtype))
     return StructuredFactors(lay, factors, global_factors=gf)
@@ -352,11 +346,7 @@ def from_gralora(gralora_A, gralora_B, *, gralora_A_general=None, gralora_B_gene
 def gralora_delta_weight(gralora_A, gralora_B, *, gralora_A_general=None, gralora_B_general=None, scaling=1.0):
     """``Delta W`` (``out x in``) of PEFT GraLoRA tensors, assembled through our factors."""
     return from_gralora(
-        gralora_A,
-        gralora_B,
-        gralora_A_general=gralora_A_general,
-        gralora_B_general=gralora_B_general,
-        scaling=scaling,
+        gralora_A, gralora_B, gralora_A_general=gralora_A_general, gralora_B_general=gralora_B_general, scaling=scaling
     ).to_dense()
 
 

@@ -165,10 +165,7 @@ class MNISTNotAvailableError(RuntimeError):
 
 def _unavailable_message(missing: Sequence[str], failures: Sequence[tuple[str, str]],
                          checksums: Mapping[str, str]) -> str:  # fmt: skip
-    lines = [
-        "MNIST could not be loaded: no source provided " + ", ".join(missing) + ".",
-        "Sources tried, in order:",
-    ]
+    lines = ["MNIST could not be loaded: no source provided " + ", ".join(missing) + ".", "Sources tried, in order:"]
     for i, (source, reason) in enumerate(failures, 1):
         lines.append(f"  {i}. {source}: {reason}")
     example = (DEFAULT_MIRRORS[0] if DEFAULT_MIRRORS else "<mirror>") + "/" + MNIST_FILES[0] + ".gz"

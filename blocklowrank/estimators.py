@@ -161,8 +161,7 @@ class StructuredEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         for k, side, what in ((kr, X.shape[0], "block-rows"), (kc, X.shape[1], "block-columns")):
             if k > side:
                 axis = "n_samples" if what == "block-rows" else "n_features"
-                raise ValueError(f"n_blocks asks for {k} {what} but X has {axis} = {side}; "
-                                 f"use at most {side} {what}")
+                raise ValueError(f"n_blocks asks for {k} {what} but X has {axis} = {side}; use at most {side} {what}")
         res = self._fit_structure(X)
         self._store(res, X.dtype)
         self._fit_rows = np.linalg.norm(X, axis=1)

@@ -30,12 +30,12 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from ._engine import block_spectra
 from .checkpoints import ALL_LINEAR, Checkpoint, iter_deltas, pair_layers
 from .checkpoints.select import _listing
+from .checkpoints.study import allocate_model_wide
 from .convert import as_factors
 from .peft import PEFT_TYPES, _gralora_fits, _open, adapter_deltas, adapter_pairs, save_peft_adapter
-from ._engine import block_spectra
-from .checkpoints.study import allocate_model_wide
 from .structures import approximate, get_structure
 
 __all__ = ["extract_adapter", "adapter_deltas", "adapter_pairs", "ExtractReport"]
@@ -100,8 +100,10 @@ class ExtractReport:
             f"{self.seconds:.1f} s",
         ]
         worst = sorted(self.layers.items(), key=lambda kv: -kv[1]["error"])[:max_names]
-        lines += [f"    {name} {v['shape'][0]}x{v['shape'][1]}: error {v['error']:.4f}, "
-                  f"{v['n_params']:,} params" for name, v in worst]
+        lines += [
+            f"    {name} {v['shape'][0]}x{v['shape'][1]}: error {v['error']:.4f}, {v['n_params']:,} params"
+            for name, v in worst
+        ]
         if len(self.layers) > len(worst):
             lines.append(f"    ... ({len(self.layers) - len(worst)} more layers, lower errors)")
         lines.append("not in the adapter:")
@@ -109,8 +111,9 @@ class ExtractReport:
         if self.unchanged:
             lines.append(_listing("unchanged (ΔW = 0)", self.unchanged, max_names))
         if self.changed_not_written:
-            lines.append(_listing("changed but not 2-D (biases, norms: not written)",
-                                  self.changed_not_written, max_names))
+            lines.append(
+                _listing("changed but not 2-D (biases, norms: not written)", self.changed_not_written, max_names)
+            )
         return "\n".join(lines)
 
     __str__ = summary
@@ -118,17 +121,24 @@ class ExtractReport:
 
 def _grid_size(structure, n_blocks, rank, budget_rank, total_budget=None):
     """The grid size to fit with, after checking that exactly one size is given, a positive int."""
-    given = [(k, v) for k, v in (("rank", rank), ("budget_rank", budget_rank), ("total_budget", total_budget))
-             if v is not None]
+    given = [
+        (k, v)
+        for k, v in (("rank", rank), ("budget_rank", budget_rank), ("total_budget", total_budget))
+        if v is not None
+    ]
     if len(given) != 1:
-        raise ValueError("give exactly one of rank (per block), budget_rank (a LoRA-equivalent rank per layer) "
-                         "and total_budget (one total over all layers)")
+        raise ValueError(
+            "give exactly one of rank (per block), budget_rank (a LoRA-equivalent rank per layer) "
+            "and total_budget (one total over all layers)"
+        )
     name, size = given[0]
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise ValueError(f"{name} must be a positive integer, got {size!r}")
     if name == "total_budget" and not structure.spectral:
-        raise ValueError(f"total_budget spreads ranks over the blocks of layout structures; {structure.name!r} "
-                         "is not one (use budget_rank)")
+        raise ValueError(
+            f"total_budget spreads ranks over the blocks of layout structures; {structure.name!r} "
+            "is not one (use budget_rank)"
+        )
     return structure.fixed_blocks or n_blocks
 
 
@@ -151,17 +161,21 @@ def _check_peft_fit(structure, n_blocks, pairs, peft_type):
         raise ValueError(f"peft_type must be one of {PEFT_TYPES}, got {peft_type!r}")
     kind = structure.peft if peft_type == "auto" else peft_type
     if kind is None:
-        raise ValueError(f"the {structure.name} structure has no PEFT adapter form; "
-                         "pick a structure with one (global, diagonal, block, hybrid)")
+        raise ValueError(
+            f"the {structure.name} structure has no PEFT adapter form; "
+            "pick a structure with one (global, diagonal, block, hybrid)"
+        )
     for pair in pairs:
         layout = structure.layout(tuple(pair.shape), n_blocks)
         if kind != "GRALORA":
             continue
         K = layout.n_blocks[0]
         if layout.n_blocks != (K, K) or K < 2:
-            raise ValueError(f"a GraLoRA adapter needs a K x K grid with K >= 2; the {structure.name} "
-                             f"structure with n_blocks={n_blocks!r} gives {layout.n_blocks}; "
-                             "use peft_type='LORA' or method='block'")
+            raise ValueError(
+                f"a GraLoRA adapter needs a K x K grid with K >= 2; the {structure.name} "
+                f"structure with n_blocks={n_blocks!r} gives {layout.n_blocks}; "
+                "use peft_type='LORA' or method='block'"
+            )
         problem = _gralora_fits(pair.module, SimpleNamespace(layout=layout), K)
         if problem:
             raise ValueError(f"{problem}, or leave the layer out with target_modules; nothing was written")
@@ -170,8 +184,11 @@ def _check_peft_fit(structure, n_blocks, pairs, peft_type):
 
 def _changed(base, finetuned, names):
     """The tensors among ``names`` whose values differ between the two checkpoints."""
-    return [n for n in names
-            if not np.array_equal(np.asarray(base.get(n), np.float64), np.asarray(finetuned.get(n), np.float64))]
+    return [
+        n
+        for n in names
+        if not np.array_equal(np.asarray(base.get(n), np.float64), np.asarray(finetuned.get(n), np.float64))
+    ]
 
 
 def _check_out(out, overwrite):
@@ -291,12 +308,17 @@ def extract_adapter(
     try:
         pairing = pair_layers(base_ckpt, tuned_ckpt, target_modules)
         if not pairing.pairs:
-            raise ValueError(f"no layer selected: target_modules={target_modules!r} matches no 2-D weight "
-                             f"present in both checkpoints with the same shape "
-                             f"({len(pairing.excluded)} excluded, {len(pairing.shape_mismatch)} shape mismatches)")
+            raise ValueError(
+                f"no layer selected: target_modules={target_modules!r} matches no 2-D weight "
+                f"present in both checkpoints with the same shape "
+                f"({len(pairing.excluded)} excluded, {len(pairing.shape_mismatch)} shape mismatches)"
+            )
         kind = _check_peft_fit(structure, n_blocks, pairing.pairs, peft_type)
-        alloc = None if total_budget is None else _model_wide_ranks(base_ckpt, tuned_ckpt, pairing, structure,
-                                                                    n_blocks, total_budget)
+        alloc = (
+            None
+            if total_budget is None
+            else _model_wide_ranks(base_ckpt, tuned_ckpt, pairing, structure, n_blocks, total_budget)
+        )
         fits, layers, unchanged = {}, {}, []
         for pair, delta in iter_deltas(base_ckpt, tuned_ckpt, pairing):
             if not np.any(delta) or (alloc is not None and not alloc[pair.name].any()):
@@ -307,28 +329,44 @@ def extract_adapter(
                 size = {"rank": alloc[pair.name]}
             else:
                 size = {"rank": rank} if rank is not None else {"budget": int(budget_rank) * sum(pair.shape)}
-            res = approximate(delta, method=structure.name, n_blocks=n_blocks, svd_solver=svd_solver,
-                              **size, **options)
+            res = approximate(delta, method=structure.name, n_blocks=n_blocks, svd_solver=svd_solver, **size, **options)
             fits[pair.module] = as_factors(res)
-            layers[pair.module] = {"shape": tuple(pair.shape), "n_params": int(res.n_params),
-                                   "error": float(res.error), "ranks": res.ranks.tolist()}
+            layers[pair.module] = {
+                "shape": tuple(pair.shape),
+                "n_params": int(res.n_params),
+                "error": float(res.error),
+                "ranks": res.ranks.tolist(),
+            }
             del delta, res  # before the next layer is read: one layer in memory, not two
         if not fits:
-            raise ValueError(f"no selected layer changed: the {len(unchanged)} layers chosen by "
-                             f"target_modules={target_modules!r} are equal in both checkpoints")
+            raise ValueError(
+                f"no selected layer changed: the {len(unchanged)} layers chosen by "
+                f"target_modules={target_modules!r} are equal in both checkpoints"
+            )
         changed = _changed(base_ckpt, tuned_ckpt, pairing.not_2d)
     finally:
         for ckpt, opened in ((base_ckpt, close_base), (tuned_ckpt, close_tuned)):
             if opened:
                 ckpt.close()
-    written = save_peft_adapter(out, fits, peft_type=kind, overwrite=overwrite,
-                                base_model_name_or_path=None if isinstance(base, Checkpoint) else os.fspath(base))
+    written = save_peft_adapter(
+        out,
+        fits,
+        peft_type=kind,
+        overwrite=overwrite,
+        base_model_name_or_path=None if isinstance(base, Checkpoint) else os.fspath(base),
+    )
     for name, info in written["layers"].items():
         layers[name]["n_params_written"] = info["n_params_written"]
     return ExtractReport(
-        directory=written["directory"], peft_type=written["peft_type"], config=written["config"],
-        layers=layers, pairing=pairing, unchanged=unchanged, changed_not_written=changed,
-        n_params=written["n_params_effective"], n_params_written=written["n_params_written"],
+        directory=written["directory"],
+        peft_type=written["peft_type"],
+        config=written["config"],
+        layers=layers,
+        pairing=pairing,
+        unchanged=unchanged,
+        changed_not_written=changed,
+        n_params=written["n_params_effective"],
+        n_params_written=written["n_params_written"],
         dense_params=sum(int(np.prod(v["shape"])) for v in layers.values()),
         seconds=time.perf_counter() - t0,
     )

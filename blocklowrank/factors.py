@@ -126,8 +126,18 @@ class StructuredFactors(Mapping):
     (16, 16.0)
     """
 
-    def __init__(self, layout, factors=None, *, global_factors=None, shared=None, structure=None,
-                 ranks=None, meta=None, _groups=None):
+    def __init__(
+        self,
+        layout,
+        factors=None,
+        *,
+        global_factors=None,
+        shared=None,
+        structure=None,
+        ranks=None,
+        meta=None,
+        _groups=None,
+    ):
         if not isinstance(layout, BlockLayout):
             raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
         self.layout = layout
@@ -136,9 +146,11 @@ class StructuredFactors(Mapping):
         if shared is not None:
             if factors is not None or _groups is not None:
                 raise ValueError("give either shared bases or per-block factors, not both")
-            U, V, S = ([_as_array(u, f"U[{i}]") for i, u in enumerate(shared[0])],
-                       [_as_array(v, f"V[{j}]") for j, v in enumerate(shared[1])],
-                       _as_array(shared[2], "S"))
+            U, V, S = (
+                [_as_array(u, f"U[{i}]") for i, u in enumerate(shared[0])],
+                [_as_array(v, f"V[{j}]") for j, v in enumerate(shared[1])],
+                _as_array(shared[2], "S"),
+            )
             arrays += U + V + [S]
         elif _groups is None:
             if factors is None:
@@ -178,8 +190,9 @@ class StructuredFactors(Mapping):
             ranks = np.broadcast_to(layout.ranks, self.batch_shape + layout.n_blocks)
         ranks = np.asarray(ranks, dtype=np.int64)
         if ranks.shape != self.batch_shape + layout.n_blocks or np.any(ranks > layout.ranks):
-            raise ValueError(f"ranks must have shape {self.batch_shape + layout.n_blocks} "
-                             "and stay within the layout's ranks")
+            raise ValueError(
+                f"ranks must have shape {self.batch_shape + layout.n_blocks} and stay within the layout's ranks"
+            )
         self.ranks = ranks
         self.structure = structure
 
@@ -296,7 +309,7 @@ class StructuredFactors(Mapping):
 
     @property
     def kind(self):
-        """"shared_basis", "hybrid" or "blocks" (the file layout of the factors)."""
+        """ "shared_basis", "hybrid" or "blocks" (the file layout of the factors)."""
         if self.shared is not None:
             return "shared_basis"
         return "hybrid" if self.global_rank else "blocks"
@@ -372,8 +385,10 @@ class StructuredFactors(Mapping):
         """
         lay = self.layout
         r_g = self.global_rank
-        blocks = {(i, j): (Z[..., lay.block_slice(i, j)[0], off : off + r], self[(i, j)][1])
-                  for (i, j), off, r in self._offsets()}
+        blocks = {
+            (i, j): (Z[..., lay.block_slice(i, j)[0], off : off + r], self[(i, j)][1])
+            for (i, j), off, r in self._offsets()
+        }
         gf = None if self.global_factors is None else (Z[..., :r_g], self.global_factors[1])
         return StructuredFactors(lay, blocks, global_factors=gf, structure=self.structure, meta=self.meta)
 
@@ -403,8 +418,10 @@ class StructuredFactors(Mapping):
             raise ValueError("save the factors of one matrix, not of a stack")
         path = _npz_path(path)
         arrays = {
-            "format": np.array(FORMAT_NAME), "format_version": np.array(FORMAT_VERSION, dtype=np.int64),
-            "library_version": np.array(__version__), "kind": np.array(self.kind),
+            "format": np.array(FORMAT_NAME),
+            "format_version": np.array(FORMAT_VERSION, dtype=np.int64),
+            "library_version": np.array(__version__),
+            "kind": np.array(self.kind),
             "structure": np.array(self.structure or ""),
             "layout": np.array(json.dumps(self.layout.to_dict())),
             "meta": np.array(json.dumps(self.meta, default=float)),
@@ -460,8 +477,17 @@ def load_factors(path):
             return _read(z, p)
     except FactorsFileError:
         raise
-    except (zipfile.BadZipFile, EOFError, OSError, KeyError, json.JSONDecodeError, ValueError,
-            TypeError, IndexError, zipfile.LargeZipFile) as exc:
+    except (
+        zipfile.BadZipFile,
+        EOFError,
+        OSError,
+        KeyError,
+        json.JSONDecodeError,
+        ValueError,
+        TypeError,
+        IndexError,
+        zipfile.LargeZipFile,
+    ) as exc:
         raise FactorsFileError(f"{p}: damaged blocklowrank factors file ({type(exc).__name__}: {exc})") from None
 
 
@@ -478,8 +504,11 @@ def _expected_shapes(kind, lay, z):
     m, n = lay.shape
     if kind == "shared_basis":
         r = lay.uniform_rank or 0
-        return {**{f"U_{i}": (h, r) for i, h in enumerate(lay.row_sizes)},
-                **{f"V_{j}": (w, r) for j, w in enumerate(lay.col_sizes)}, "S": (kr, kc, r)}
+        return {
+            **{f"U_{i}": (h, r) for i, h in enumerate(lay.row_sizes)},
+            **{f"V_{j}": (w, r) for j, w in enumerate(lay.col_sizes)},
+            "S": (kr, kc, r),
+        }
     out = {}
     for i, j in zip(*np.nonzero(lay.active)):
         (h, w), r = lay.block_shape(i, j), int(lay.ranks[i, j])
@@ -493,21 +522,27 @@ def _expected_shapes(kind, lay, z):
 def _read(z, p):
     keys = set(z.files)
     if "format" not in keys or str(_scalar(z, "format", "U", p)) != FORMAT_NAME:
-        raise FactorsFileError(f"{p} is not a blocklowrank factors file (no format field '{FORMAT_NAME}'); "
-                               "write one with StructuredFactors.save or blocklowrank.convert.save_factors")
+        raise FactorsFileError(
+            f"{p} is not a blocklowrank factors file (no format field '{FORMAT_NAME}'); "
+            "write one with StructuredFactors.save or blocklowrank.convert.save_factors"
+        )
     missing = {"format_version", "library_version", "kind", "layout", "meta"} - keys
     if missing:
         raise FactorsFileError(f"{p} is a damaged blocklowrank factors file: missing {sorted(missing)}")
     fv = int(_scalar(z, "format_version", "i", p))
     wrote = str(_scalar(z, "library_version", "U", p))
     if fv != FORMAT_VERSION:
-        raise FactorsFileError(f"{p} uses factors format version {fv} (written by blocklowrank {wrote}); "
-                               f"this blocklowrank {__version__} reads format version {FORMAT_VERSION} only")
+        raise FactorsFileError(
+            f"{p} uses factors format version {fv} (written by blocklowrank {wrote}); "
+            f"this blocklowrank {__version__} reads format version {FORMAT_VERSION} only"
+        )
     if not wrote.split(".")[0].isdigit():
         raise FactorsFileError(f"{p}: library_version {wrote!r} is not a version number")
     if wrote.split(".")[0] != __version__.split(".")[0]:
-        raise FactorsFileError(f"{p} was written by blocklowrank {wrote}, whose major version differs from "
-                               f"this blocklowrank {__version__}; load it with a {wrote.split('.')[0]}.x release")
+        raise FactorsFileError(
+            f"{p} was written by blocklowrank {wrote}, whose major version differs from "
+            f"this blocklowrank {__version__}; load it with a {wrote.split('.')[0]}.x release"
+        )
     kind = str(_scalar(z, "kind", "U", p))
     if kind not in KINDS:
         raise FactorsFileError(f"{p}: unknown kind of structure {kind!r}")
@@ -580,7 +615,11 @@ def _assemble(layout, groups, batch, dtype):
             A = g.A if whole else g.A[..., sel, :, :]
             B = B.reshape(batch + (kr, kc, h, B.shape[-1]))
             A = A.reshape(batch + (kr, kc, A.shape[-2], w))
-            step = h if nbatch * nblk * h * w <= _ASSEMBLE_ROWS else max(1, (_ASSEMBLE_ROWS * h) // (nbatch * nblk * h * w))
+            step = (
+                h
+                if nbatch * nblk * h * w <= _ASSEMBLE_ROWS
+                else max(1, (_ASSEMBLE_ROWS * h) // (nbatch * nblk * h * w))
+            )
             for i in range(0, h, step):
                 np.matmul(B[..., i : i + step, :], A, out=view[..., i : i + step, :])
             continue

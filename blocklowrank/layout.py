@@ -149,9 +149,7 @@ class BlockLayout:
         object.__setattr__(self, "col_sizes", cs)
         active = np.asarray(self.active, dtype=bool)
         if active.shape != (len(rs), len(cs)):
-            raise ValueError(
-                f"active mask has shape {active.shape}, expected {(len(rs), len(cs))}"
-            )
+            raise ValueError(f"active mask has shape {active.shape}, expected {(len(rs), len(cs))}")
         ranks = np.asarray(self.ranks)
         if ranks.shape != active.shape:
             raise ValueError(f"ranks has shape {ranks.shape}, expected {active.shape}")
@@ -229,8 +227,7 @@ class BlockLayout:
         else:
             if len(rs) != len(cs):
                 raise ValueError(
-                    f"the diagonal pattern needs as many block-rows as block-columns, "
-                    f"got {len(rs)} x {len(cs)}"
+                    f"the diagonal pattern needs as many block-rows as block-columns, got {len(rs)} x {len(cs)}"
                 )
             active = np.eye(len(rs), dtype=bool)
         ranks = _expand_rank(rank, active)
@@ -259,9 +256,7 @@ class BlockLayout:
         r = _expand_rank(ranks, self.active)
         if cap_rank:
             r = np.minimum(r, self.max_ranks)
-        return BlockLayout(
-            self.shape, self.row_sizes, self.col_sizes, self.active, r, self.row_perm, self.col_perm
-        )
+        return BlockLayout(self.shape, self.row_sizes, self.col_sizes, self.active, r, self.row_perm, self.col_perm)
 
     def with_permutation(self, row_perm=None, col_perm=None):
         """Same blocks and ranks, cutting ``X[row_perm][:, col_perm]`` instead of ``X``.
@@ -271,9 +266,7 @@ class BlockLayout:
         and so on. None keeps the natural order. See
         :func:`blocklowrank.permutations.strided_permutation` and friends.
         """
-        return BlockLayout(
-            self.shape, self.row_sizes, self.col_sizes, self.active, self.ranks, row_perm, col_perm
-        )
+        return BlockLayout(self.shape, self.row_sizes, self.col_sizes, self.active, self.ranks, row_perm, col_perm)
 
     def without_permutation(self):
         """The same layout in its own (permuted) coordinates."""
@@ -302,9 +295,7 @@ class BlockLayout:
     # ------------------------------------------------------------------ properties
     @staticmethod
     def _max_ranks(rs, cs, active):
-        return np.where(active, np.minimum.outer(np.asarray(rs), np.asarray(cs)), 0).astype(
-            np.int64
-        )
+        return np.where(active, np.minimum.outer(np.asarray(rs), np.asarray(cs)), 0).astype(np.int64)
 
     @property
     def n_blocks(self):
@@ -316,7 +307,7 @@ class BlockLayout:
 
     @property
     def pattern(self):
-        """"full", "diagonal" or "custom" (the name of the active-block pattern)."""
+        """ "full", "diagonal" or "custom" (the name of the active-block pattern)."""
         kr, kc = self.n_blocks
         if self.active.all():
             return "full"
@@ -407,9 +398,8 @@ class BlockLayout:
         kr, kc = self.n_blocks
         ur = self.uniform_rank
         rank = f"rank {ur}" if ur is not None else "ranks " + str(self.ranks[self.active].tolist())
-        return (
-            f"{self.pattern} {kr}x{kc} layout of a {self.shape[0]}x{self.shape[1]} matrix, "
-            f"{rank}" + (f", {self.n_params} parameters" if params else "")
+        return f"{self.pattern} {kr}x{kc} layout of a {self.shape[0]}x{self.shape[1]} matrix, {rank}" + (
+            f", {self.n_params} parameters" if params else ""
         )
 
     def __repr__(self):
@@ -474,9 +464,7 @@ def _expand_rank(rank, active):
     if arr.shape != active.shape:
         raise ValueError(f"per-block rank must have shape {active.shape}, got {arr.shape}")
     if not np.issubdtype(arr.dtype, np.integer):
-        if np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(
-            arr == np.round(arr)
-        ):
+        if np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
             raise TypeError("per-block ranks must be an integer array, got floats")
         raise TypeError(f"per-block ranks must be integers, got dtype {arr.dtype}")
     if np.any(arr[active] < 0):

@@ -44,7 +44,14 @@ from .checkpoints.select import LayerPair
 from .convert import StructuredFactors, as_factors, from_gralora, to_gralora
 from .layout import BlockLayout
 
-__all__ = ["save_peft_adapter", "load_peft_adapter", "adapter_pairs", "adapter_deltas", "ADAPTER_WEIGHTS", "ADAPTER_CONFIG"]
+__all__ = [
+    "save_peft_adapter",
+    "load_peft_adapter",
+    "adapter_pairs",
+    "adapter_deltas",
+    "ADAPTER_WEIGHTS",
+    "ADAPTER_CONFIG",
+]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -343,8 +350,11 @@ def save_peft_adapter(
             tensors.update({f"{PREFIX}{name}.{key}": value for key, value in padded.items()})
             written[name] = sum(v.size for v in padded.values())
     report = {
-        name: {"rank": int(ranks[name] if kind == "LORA" else config["r"]),
-               "n_params_effective": int(sf.n_params), "n_params_written": int(written[name])}
+        name: {
+            "rank": int(ranks[name] if kind == "LORA" else config["r"]),
+            "n_params_effective": int(sf.n_params),
+            "n_params_written": int(written[name]),
+        }
         for name, sf in sfs.items()
     }
     tensors = {k: np.ascontiguousarray(v, dtype) for k, v in tensors.items()}
@@ -537,11 +547,15 @@ def _adapter_layers(base, adapter_dir):
         for module, sf in layers.items():
             name = module + ".weight"
             if name not in names:
-                raise ValueError(f"{os.path.join(os.fspath(adapter_dir), ADAPTER_WEIGHTS)}: module {module!r} "
-                                 f"has no weight {name!r} in the base checkpoint")
+                raise ValueError(
+                    f"{os.path.join(os.fspath(adapter_dir), ADAPTER_WEIGHTS)}: module {module!r} "
+                    f"has no weight {name!r} in the base checkpoint"
+                )
             if tuple(ckpt.info(name).shape) != tuple(sf.layout.shape):
-                raise ValueError(f"adapter module {module!r} is {sf.layout.shape[0]}x{sf.layout.shape[1]}, "
-                                 f"the base's {name!r} is {ckpt.info(name).shape}")
+                raise ValueError(
+                    f"adapter module {module!r} is {sf.layout.shape[0]}x{sf.layout.shape[1]}, "
+                    f"the base's {name!r} is {ckpt.info(name).shape}"
+                )
             pairs.append(LayerPair(name, module, tuple(sf.layout.shape)))
     finally:
         if opened:

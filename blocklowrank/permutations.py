@@ -107,7 +107,6 @@ def cluster_permutation(X, n_groups, *, axis=0, n_components=None, random_state=
     """
     from sklearn.cluster import KMeans
 
-
     X = validate_matrix(X, min_ndim=2, max_ndim=2)
     if axis not in (0, 1):
         raise ValueError(f"axis must be 0 (rows) or 1 (columns), got {axis!r}")
@@ -141,7 +140,6 @@ def cocluster_permutations(X, n_groups, *, random_state=0):
     row_perm, col_perm : ndarray of int
     """
     from scipy.optimize import linear_sum_assignment
-
 
     X = validate_matrix(X, min_ndim=2, max_ndim=2)
     kr, kc = (n_groups, n_groups) if np.ndim(n_groups) == 0 else n_groups
@@ -177,9 +175,7 @@ def resolve_permutation(spec, X, n_groups, axis, *, other=None, diagonal=False):
             if diagonal and other == "cluster":
                 return cocluster_permutations(X, n_groups)[axis]
             return cluster_permutation(X, n_groups, axis=axis)
-        raise ValueError(
-            f"permutation must be None, an index array, 'strided' or 'cluster'; got {spec!r}"
-        )
+        raise ValueError(f"permutation must be None, an index array, 'strided' or 'cluster'; got {spec!r}")
     arr = np.asarray(spec)
     if arr.ndim != 1 or arr.shape[0] != length:
         what = "rows" if axis == 0 else "columns"

@@ -89,15 +89,7 @@ import numpy as np
 from ._validation import check_int as _check_int
 from .layout import PATTERNS, BlockLayout
 
-__all__ = [
-    "STRUCTURES",
-    "PlantedInfo",
-    "planted_matrix",
-    "random_layout",
-    "matrices",
-    "layouts",
-    "planted_matrices",
-]
+__all__ = ["STRUCTURES", "PlantedInfo", "planted_matrix", "random_layout", "matrices", "layouts", "planted_matrices"]
 
 #: Names of the planted structures accepted by :func:`planted_matrix`.
 STRUCTURES = ("global", "diagonal", "block", "shared_basis")
@@ -127,9 +119,7 @@ def _rng(random_state):
         return np.random.default_rng(random_state.randint(0, 2**31 - 1))
     if random_state is None or isinstance(random_state, (numbers.Integral, np.random.SeedSequence)):
         return np.random.default_rng(random_state)
-    raise TypeError(
-        f"random_state must be None, an int, a numpy Generator or RandomState, got {random_state!r}"
-    )
+    raise TypeError(f"random_state must be None, an int, a numpy Generator or RandomState, got {random_state!r}")
 
 
 def _check_dtype(dtype):
@@ -192,15 +182,7 @@ class PlantedInfo:
 
 
 def planted_matrix(
-    shape=None,
-    *,
-    structure="block",
-    n_blocks=None,
-    rank=1,
-    noise=0.0,
-    layout=None,
-    random_state=None,
-    dtype=np.float64,
+    shape=None, *, structure="block", n_blocks=None, rank=1, noise=0.0, layout=None, random_state=None, dtype=np.float64
 ):
     """A matrix with a planted structured low-rank part plus Gaussian noise.
 
@@ -269,9 +251,7 @@ def planted_matrix(
         if structure == "global" and layout.n_blocks != (1, 1):
             raise ValueError(f"the global structure needs a 1x1 layout, got {layout.n_blocks}")
         kr, kc = layout.n_blocks
-        if structure == "diagonal" and (
-            kr != kc or not np.array_equal(layout.active, np.eye(kr, dtype=bool))
-        ):
+        if structure == "diagonal" and (kr != kc or not np.array_equal(layout.active, np.eye(kr, dtype=bool))):
             raise ValueError(f"the diagonal structure needs a diagonal layout, got {layout.pattern!r}")
         if shape is not None and tuple(shape) != layout.shape:
             raise ValueError(f"shape {tuple(shape)} does not match the layout's {layout.shape}")
@@ -452,14 +432,7 @@ def _element_strategy(st, dtype, max_abs):
 
 
 def matrices(
-    shape=None,
-    *,
-    min_side=1,
-    max_side=12,
-    dtype=np.float64,
-    elements="floats",
-    max_abs=100.0,
-    batch_shape=(),
+    shape=None, *, min_side=1, max_side=12, dtype=np.float64, elements="floats", max_abs=100.0, batch_shape=()
 ):
     """Hypothesis strategy for finite real matrices (or stacks of them).
 
@@ -519,8 +492,18 @@ def matrices(
     return _matrices()
 
 
-def layouts(shape=None, *, patterns=PATTERNS, max_blocks=4, cuts="any", with_ranks=True, min_rank=1,
-            max_rank=None, min_side=1, max_side=12):
+def layouts(
+    shape=None,
+    *,
+    patterns=PATTERNS,
+    max_blocks=4,
+    cuts="any",
+    with_ranks=True,
+    min_rank=1,
+    max_rank=None,
+    min_side=1,
+    max_side=12,
+):
     """Hypothesis strategy for valid :class:`~blocklowrank.BlockLayout` objects.
 
     Same parameters as :func:`random_layout`; ``shape`` may also be a
@@ -557,15 +540,7 @@ def layouts(shape=None, *, patterns=PATTERNS, max_blocks=4, cuts="any", with_ran
 
 
 def planted_matrices(
-    shape=None,
-    *,
-    structures=STRUCTURES,
-    max_blocks=3,
-    max_rank=3,
-    noise=0.0,
-    min_side=2,
-    max_side=16,
-    dtype=np.float64,
+    shape=None, *, structures=STRUCTURES, max_blocks=3, max_rank=3, noise=0.0, min_side=2, max_side=16, dtype=np.float64
 ):
     """Hypothesis strategy for ``(X, info)`` pairs from :func:`planted_matrix`.
 
@@ -621,13 +596,7 @@ def planted_matrices(
                 ranks[i, j] = draw(st.integers(1, int(cap[i, j])))
         lay = lay.with_ranks(ranks)
         seed = draw(st.integers(0, 2**32 - 1))
-        return planted_matrix(
-            layout=lay,
-            structure=structure,
-            noise=draw(noises),
-            random_state=seed,
-            dtype=dtype,
-        )
+        return planted_matrix(layout=lay, structure=structure, noise=draw(noises), random_state=seed, dtype=dtype)
 
     return _planted()
 

@@ -14,8 +14,15 @@ def md(text):
 
 
 def code(text):
-    cells.append({"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [],
-                  "source": text.strip("\n").splitlines(True)})
+    cells.append(
+        {
+            "cell_type": "code",
+            "metadata": {},
+            "execution_count": None,
+            "outputs": [],
+            "source": text.strip("\n").splitlines(True),
+        }
+    )
 
 
 md("""

@@ -60,12 +60,7 @@ HOSTILE = {
     "NaN constant": ('{"a": NaN}', b"", "contains NaN", None),
     "deep nesting": ('{"a":' + "[" * 100_000 + "]" * 100_000 + "}", b"", "nested too deeply", None),
     "entry not object": ({"a": 3}, b"", "entry must be an object", "a"),
-    "missing offsets": (
-        {"a": {"dtype": "F32", "shape": [1]}},
-        b"\0" * 4,
-        "lacks data_offsets",
-        "a",
-    ),
+    "missing offsets": ({"a": {"dtype": "F32", "shape": [1]}}, b"\0" * 4, "lacks data_offsets", "a"),
     "dtype not str": ({"a": entry(dtype=3)}, b"\0" * 4, "unknown dtype 3", "a"),
     "unknown dtype": ({"a": entry(dtype="F128")}, b"\0" * 4, "unknown dtype 'F128'", "a"),
     "negative shape": ({"a": entry(shape=(-1,))}, b"\0" * 4, "non-negative integers", "a"),
@@ -82,20 +77,10 @@ HOSTILE = {
     "overlap": ({"a": F4, "b": F4}, b"\0" * 4, "overlaps tensor 'a'", "b"),
     "gap": ({"a": entry(offsets=(4, 8))}, b"\0" * 8, "4 bytes unused", "a"),
     "trailing bytes": ({"a": F4}, b"\0" * 8, "cover 4 of the 8 bytes", None),
-    "duplicate name": (
-        f'{{"a": {json.dumps(F4)}, "a": {json.dumps(F4)}}}',
-        b"\0" * 4,
-        "key 'a' twice",
-        None,
-    ),
+    "duplicate name": (f'{{"a": {json.dumps(F4)}, "a": {json.dumps(F4)}}}', b"\0" * 4, "key 'a' twice", None),
     "duplicate field": ('{"a": {"dtype": "F32", "dtype": "F32"}}', b"", "key 'dtype' twice", None),
     "metadata not map": ({"__metadata__": [1]}, b"", "__metadata__ must be a JSON object", None),
-    "metadata value int": (
-        {"__metadata__": {"k": 1}},
-        b"",
-        r"__metadata__\['k'\] must be a string",
-        None,
-    ),
+    "metadata value int": ({"__metadata__": {"k": 1}}, b"", r"__metadata__\['k'\] must be a string", None),
 }
 
 

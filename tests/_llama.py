@@ -30,8 +30,13 @@ def tiny_llama(seed=0):
     """A random ``LlamaForCausalLM``: vocabulary 96, hidden 64, MLP 128, 2 layers, 4 heads."""
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=32,
     )
     return transformers.LlamaForCausalLM(config).eval()
 

@@ -76,23 +76,20 @@ def error_from_spectra(gains, inactive, total, ranks):
     """Relative error of per-block ranks ``ranks`` ({(i, j): r}) from the spectra."""
     if total == 0:
         return 0.0
-    lost = inactive + sum(float(g[ranks[b]:].sum()) for b, g in gains.items())
+    lost = inactive + sum(float(g[ranks[b] :].sum()) for b, g in gains.items())
     return float(np.sqrt(max(lost, 0.0) / total))
 
 
 def n_params(rcuts, ccuts, ranks):
     """``sum r_ij (m_i + n_j)`` over the blocks of ``ranks`` ({(i, j): r})."""
     return sum(
-        int(r) * ((rcuts[i].stop - rcuts[i].start) + (ccuts[j].stop - ccuts[j].start))
-        for (i, j), r in ranks.items()
+        int(r) * ((rcuts[i].stop - rcuts[i].start) + (ccuts[j].stop - ccuts[j].start)) for (i, j), r in ranks.items()
     )
 
 
 def all_rank_tuples(rcuts, ccuts, active):
     """Every assignment of a rank in ``0..min(m_i, n_j)`` to every active block."""
     blocks = [(i, j) for i in range(len(rcuts)) for j in range(len(ccuts)) if active[i, j]]
-    sides = [
-        min(rcuts[i].stop - rcuts[i].start, ccuts[j].stop - ccuts[j].start) for i, j in blocks
-    ]
+    sides = [min(rcuts[i].stop - rcuts[i].start, ccuts[j].stop - ccuts[j].start) for i, j in blocks]
     for combo in itertools.product(*(range(s + 1) for s in sides)):
         yield dict(zip(blocks, combo))

@@ -30,10 +30,5 @@ if hypothesis is not None:
         database=None,
         suppress_health_check=[hypothesis.HealthCheck.too_slow],
     )
-    hypothesis.settings.register_profile(
-        "dev",
-        deadline=None,
-        max_examples=200,
-        print_blob=True,
-    )
+    hypothesis.settings.register_profile("dev", deadline=None, max_examples=200, print_blob=True)
     hypothesis.settings.load_profile(os.environ.get("BLOCKLOWRANK_HYPOTHESIS_PROFILE", "ci"))

@@ -63,11 +63,11 @@ LAYOUTS = {
     "block-even": lambda s: BlockLayout.block(s, (2, 1), 2),
     "block-uneven": lambda s: BlockLayout.block(s, 3, 2),
     "block-rect-grid": lambda s: BlockLayout.block(s, (2, 4), 1),
-    "block-per-block-ranks": lambda s: BlockLayout.from_blocks(
-        s, 3, rank=np.array([[1, 2, 3], [2, 1, 1], [3, 3, 1]])
-    ),
+    "block-per-block-ranks": lambda s: BlockLayout.from_blocks(s, 3, rank=np.array([[1, 2, 3], [2, 1, 1], [3, 3, 1]])),
     "custom-pattern": lambda s: BlockLayout(
-        s, (4, 3, 3), (5, 4, 4),
+        s,
+        (4, 3, 3),
+        (5, 4, 4),
         np.array([[1, 0, 1], [1, 1, 0], [0, 0, 1]], bool),
         np.array([[2, 0, 1], [1, 2, 0], [0, 0, 3]]),
     ),

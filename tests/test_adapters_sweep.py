@@ -200,8 +200,9 @@ def test_epoch_bars_only_for_runs_in_this_process(tmp_path, monkeypatch, n_jobs)
     # a per-epoch bar cannot be drawn below the sweep's bar from a worker process
     term = _Terminal()
     monkeypatch.setattr(sys, "stderr", term)
-    res = run_sweep([{"id": "r0"}, {"id": "r1"}], _live_task_fn, RunLog(tmp_path / f"{n_jobs}.jsonl"),
-                    n_jobs=n_jobs, name="demo")
+    res = run_sweep(
+        [{"id": "r0"}, {"id": "r1"}], _live_task_fn, RunLog(tmp_path / f"{n_jobs}.jsonl"), n_jobs=n_jobs, name="demo"
+    )
     assert [r["live"] for r in res.values()] == [n_jobs == 1] * 2
     text = term.getvalue()
     assert "[demo] r1: done" in text and "2/2" in text
@@ -292,8 +293,9 @@ def test_run_figure2_tiny_resume_and_determinism(tmp_path):
 
 def test_run_figure2_records_diverged_runs(tmp_path):
     data = _synthetic_mnist(n_train=300, n_test=100)
-    res = run_figure2(tmp_path, seeds=1, epochs=2, lrs=(1e30,), grid={"global": [{"rank": 2}]}, data=data,
-                      progress=False)
+    res = run_figure2(
+        tmp_path, seeds=1, epochs=2, lrs=(1e30,), grid={"global": [{"rank": 2}]}, data=data, progress=False
+    )
     assert all(r["status"] == "failed" for r in res.runs)
     assert all("lr=1e+30" in r["error"] for r in res.runs)
     assert res.selected == [] and res.full_ft is None

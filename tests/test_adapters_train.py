@@ -64,7 +64,7 @@ def test_set_factors_roundtrip_and_init_bounds():
     lay = BlockLayout.block((64, 784), 4, 2)
     ad = StructuredAdapter(lay, random_state=0)
     f = ad.factors()
-    for (i, j), (B, A) in f.items():
+    for (_i, _j), (B, A) in f.items():
         assert np.abs(A).max() <= 1 / np.sqrt(196) + 1e-7  # Kaiming-uniform from the block width
         assert np.abs(A).max() > 0.5 / np.sqrt(196)
         assert np.all(B == 0)
@@ -134,8 +134,7 @@ def test_full_fine_tuning_and_sgd():
     res = fine_tune(pre.mlp, X, y, optimizer="sgd", lr=0.05, epochs=3, random_state=0)
     assert not np.array_equal(res.mlp.W1, pre.mlp.W1)
     assert res.n_trainable == pre.mlp.n_params
-    res2 = fine_tune(pre.mlp, X, y, optimizer="sgd", lr=0.05, epochs=3, random_state=0,
-                     optimizer_kw={"momentum": 0.9})
+    res2 = fine_tune(pre.mlp, X, y, optimizer="sgd", lr=0.05, epochs=3, random_state=0, optimizer_kw={"momentum": 0.9})
     assert not np.array_equal(res2.mlp.W1, res.mlp.W1)
 
 
@@ -150,8 +149,16 @@ def test_same_seed_same_numbers_float32_and_float64():
         assert runs[0].history.train_loss == runs[1].history.train_loss
         for k in runs[0].adapter.params:
             np.testing.assert_array_equal(runs[0].adapter.params[k], runs[1].adapter.params[k])
-        other = train(mlp, X, y, adapter=StructuredAdapter.localized((8, 20), 2, 1, random_state=3, dtype=dtype),
-                      lr=1e-2, epochs=4, random_state=8, dtype=dtype)
+        other = train(
+            mlp,
+            X,
+            y,
+            adapter=StructuredAdapter.localized((8, 20), 2, 1, random_state=3, dtype=dtype),
+            lr=1e-2,
+            epochs=4,
+            random_state=8,
+            dtype=dtype,
+        )
         assert other.history.train_loss != runs[0].history.train_loss
 
 
@@ -205,8 +212,13 @@ def test_divergence_names_epoch_and_lr():
 )
 def test_bad_input_fails_before_training(kwargs, exc, match):
     mlp = MLP.init((20, 8, 3), random_state=0)
-    args = dict(X=np.zeros((10, 20), np.float32), y=np.zeros(10, int), adapter=StructuredAdapter.lora((8, 20), 1),
-                lr=1e-3, epochs=1)
+    args = dict(
+        X=np.zeros((10, 20), np.float32),
+        y=np.zeros(10, int),
+        adapter=StructuredAdapter.lora((8, 20), 1),
+        lr=1e-3,
+        epochs=1,
+    )
     args.update(kwargs)
     calls = []
     with pytest.raises(exc, match=match):

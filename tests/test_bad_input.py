@@ -6,14 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from blocklowrank import (
-    BlockLayout,
-    BlockLowRank,
-    DiagonalBlockLowRank,
-    GlobalLowRank,
-    approximate,
-    batched_svd,
-)
+from blocklowrank import BlockLayout, BlockLowRank, DiagonalBlockLowRank, GlobalLowRank, approximate, batched_svd
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((6, 5))
@@ -74,8 +67,20 @@ def _ids(fns):
         (np.array([["a", "b"], ["c", "d"]]), (TypeError, ValueError), r"numeric|string"),
         (np.array([[{}, None], [1, 2]], dtype=object), TypeError, r"numeric|number"),
     ],
-    ids=["1-D", "0-D", "no-rows", "no-columns", "nan", "nan-float32", "inf", "-inf",
-         "complex", "complex-zero-imag", "strings", "objects"],
+    ids=[
+        "1-D",
+        "0-D",
+        "no-rows",
+        "no-columns",
+        "nan",
+        "nan-float32",
+        "inf",
+        "-inf",
+        "complex",
+        "complex-zero-imag",
+        "strings",
+        "objects",
+    ],
 )
 def test_bad_data(fit, bad, exc, match):
     with pytest.raises(exc, match=match):
@@ -127,9 +132,15 @@ def test_sparse_after_fit_is_rejected():
 @pytest.mark.parametrize("fit", ALL, ids=_ids(ALL))
 @pytest.mark.parametrize(
     "rank, exc",
-    [(0, ValueError), (-1, ValueError), (2.5, (TypeError, ValueError)),
-     (2.0, (TypeError, ValueError)), (np.float64(2.0), (TypeError, ValueError)),
-     ("2", (TypeError, ValueError)), (True, (TypeError, ValueError))],
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        (2.5, (TypeError, ValueError)),
+        (2.0, (TypeError, ValueError)),
+        (np.float64(2.0), (TypeError, ValueError)),
+        ("2", (TypeError, ValueError)),
+        (True, (TypeError, ValueError)),
+    ],
     ids=["0", "-1", "2.5", "2.0", "np.float64(2.0)", "str", "bool"],
 )
 def test_bad_rank(fit, rank, exc):
@@ -167,8 +178,12 @@ def test_rank_above_a_blocks_smaller_side(fit):
 @pytest.mark.parametrize("fit", GRIDDED, ids=_ids(GRIDDED))
 @pytest.mark.parametrize(
     "n_blocks, match",
-    [(7, "rows|block-rows"), ((7, 1), "rows|block-rows|square"), (6, "columns|block-columns"),
-     ((1, 6), "columns|block-columns|square")],
+    [
+        (7, "rows|block-rows"),
+        ((7, 1), "rows|block-rows|square"),
+        (6, "columns|block-columns"),
+        ((1, 6), "columns|block-columns|square"),
+    ],
 )
 def test_more_blocks_than_rows_or_columns(fit, n_blocks, match):
     with pytest.raises(ValueError, match=match):
@@ -338,6 +353,7 @@ def _outputs(obj):
 
 def _calls():
     """Every public call that takes the user's matrix, as (name, fn(A) -> result)."""
+
     def est_calls(name, make):
         def fit(A):
             return make().fit(A)
@@ -364,21 +380,28 @@ def _calls():
             make().fit(A).score(A)
             return ()
 
-        return [(f"{name}.fit", fit), (f"{name}.fit_transform", fit_transform),
-                (f"{name}.transform", transform), (f"{name}.inverse_transform", inverse),
-                (f"{name}.score", score)]
+        return [
+            (f"{name}.fit", fit),
+            (f"{name}.fit_transform", fit_transform),
+            (f"{name}.transform", transform),
+            (f"{name}.inverse_transform", inverse),
+            (f"{name}.score", score),
+        ]
 
     calls = [
         ("approximate-rank", lambda A: approximate(A, method="block", n_blocks=2, rank=2)),
         ("approximate-budget", lambda A: approximate(A, method="block", n_blocks=(2, 3), budget=30)),
         ("approximate-tol", lambda A: approximate(A, method="diagonal", n_blocks=2, max_error=0.9)),
-        ("approximate-randomized", lambda A: approximate(A, rank=1, svd_solver="randomized",
-                                                         n_oversamples=1, random_state=0)),
+        (
+            "approximate-randomized",
+            lambda A: approximate(A, rank=1, svd_solver="randomized", n_oversamples=1, random_state=0),
+        ),
         ("approximate-stack", lambda A: approximate(np.stack([A, A]), n_blocks=2, rank=1)),
         ("batched_svd", lambda A: batched_svd(A, 2)),
-        ("batched_svd-randomized", lambda A: batched_svd(np.asarray(A, float), 1,
-                                                         svd_solver="randomized", random_state=0,
-                                                         n_oversamples=1)),
+        (
+            "batched_svd-randomized",
+            lambda A: batched_svd(np.asarray(A, float), 1, svd_solver="randomized", random_state=0, n_oversamples=1),
+        ),
     ]
     calls += est_calls("GlobalLowRank", lambda: GlobalLowRank(rank=2))
     calls += est_calls("BlockLowRank", lambda: BlockLowRank(n_blocks=2, rank=1))

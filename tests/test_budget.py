@@ -16,13 +16,7 @@ from hypothesis import strategies as st
 
 import blocklowrank._allocation as allocation
 import blocklowrank._engine as engine
-from blocklowrank.budget import (
-    MATCH_COLUMNS,
-    RecordList,
-    budget_sweep_points,
-    count_params,
-    match_budget,
-)
+from blocklowrank.budget import MATCH_COLUMNS, RecordList, budget_sweep_points, count_params, match_budget
 from blocklowrank.compare import COMPARE_COLUMNS, compare_at_budget
 from blocklowrank.layout import BlockLayout
 
@@ -68,12 +62,7 @@ def ref_blocks(X, method, k):
     re = np.cumsum([0] + sizes(X.shape[0], k))
     ce = np.cumsum([0] + sizes(X.shape[1], k))
     act = active_mask(method, k)
-    return [
-        (i, j, X[re[i] : re[i + 1], ce[j] : ce[j + 1]])
-        for i in range(k)
-        for j in range(k)
-        if act[i, j]
-    ]
+    return [(i, j, X[re[i] : re[i + 1], ce[j] : ce[j + 1]]) for i in range(k) for j in range(k) if act[i, j]]
 
 
 def ref_error(X, method, k, ranks):
@@ -300,11 +289,22 @@ class TestMatchBudget:
     def test_default_k_range(self):
         # K = 1 is the global layout: listed under global when global is among the methods
         recs = match_budget((28, 28), 56)
-        assert as_tuples(recs) == [("global", 1, 1, 56), ("diagonal", 2, 1, 56), ("diagonal", 3, 1, 56),
-                                   ("diagonal", 4, 1, 56), ("diagonal", 5, 1, 56), ("diagonal", 6, 1, 56),
-                                   ("diagonal", 7, 1, 56), ("diagonal", 8, 1, 56), ("diagonal", 9, 1, 56),
-                                   ("diagonal", 10, 1, 56), ("diagonal", 11, 1, 56), ("diagonal", 12, 1, 56),
-                                   ("diagonal", 13, 1, 56), ("diagonal", 14, 1, 56)]
+        assert as_tuples(recs) == [
+            ("global", 1, 1, 56),
+            ("diagonal", 2, 1, 56),
+            ("diagonal", 3, 1, 56),
+            ("diagonal", 4, 1, 56),
+            ("diagonal", 5, 1, 56),
+            ("diagonal", 6, 1, 56),
+            ("diagonal", 7, 1, 56),
+            ("diagonal", 8, 1, 56),
+            ("diagonal", 9, 1, 56),
+            ("diagonal", 10, 1, 56),
+            ("diagonal", 11, 1, 56),
+            ("diagonal", 12, 1, 56),
+            ("diagonal", 13, 1, 56),
+            ("diagonal", 14, 1, 56),
+        ]
         # ... and under the method itself otherwise
         assert as_tuples(match_budget((28, 28), 56, methods=["block"])) == [("block", 1, 1, 56)]
 
@@ -465,7 +465,12 @@ class TestBudgetSweepPoints:
 
     @pytest.mark.parametrize(
         "shape, kw",
-        [((16, 16), {}), ((9, 6), {}), ((12, 12), dict(methods=("diagonal", "block"))), ((10, 7), dict(n_blocks=[2, 3]))],
+        [
+            ((16, 16), {}),
+            ((9, 6), {}),
+            ((12, 12), dict(methods=("diagonal", "block"))),
+            ((10, 7), dict(n_blocks=[2, 3])),
+        ],
     )
     def test_exactly_the_budgets_where_every_method_matches(self, shape, kw):
         """A budget is listed iff match_budget(..., exact=True) has every method at it."""
@@ -567,7 +572,9 @@ class TestCompareAtBudget:
                 k = 1 if r["method"] == "global" else r["n_blocks"]
                 assert r["block_ranks"].shape == (4, k, k)
                 for t in range(4):
-                    assert ref_count(r["method"], S.shape[1:], r["n_blocks"], r["block_ranks"][t]) == r["n_params_each"][t]
+                    assert (
+                        ref_count(r["method"], S.shape[1:], r["n_blocks"], r["block_ranks"][t]) == r["n_params_each"][t]
+                    )
 
     def test_one_batched_spectrum_per_partition(self, monkeypatch):
         """No loop over matrices: with the exact solver, one batched spectrum per partition
@@ -648,13 +655,7 @@ class TestCompareAtBudget:
                 assert np.all(opt[(r["method"], r["n_blocks"])]["errors"] <= r["errors"] + 1e-12)
 
     @SMALL
-    @given(
-        st.integers(4, 14),
-        st.integers(4, 14),
-        st.integers(0, 10**6),
-        st.integers(1, 4),
-        st.floats(0.05, 0.9),
-    )
+    @given(st.integers(4, 14), st.integers(4, 14), st.integers(0, 10**6), st.integers(1, 4), st.floats(0.05, 0.9))
     def test_optimal_never_worse_than_uniform(self, m, n, seed, batch, frac):
         """compare_at_budget's optimal allocation row is never worse than any uniform row of
         the same partition at the same or lower count (per matrix of a stack), every row is
@@ -812,10 +813,14 @@ class TestBeyondThePaper:
                 assert r["n_params"] == ref_shared_count((12, 12), k, r["rank"])
                 assert r["global_rank"] is None and np.all(r["block_ranks"] == r["rank"])
             elif r["method"] == "hybrid":
-                want = fit_hybrid(S, BlockLayout.block((12, 12), k, rank=r["rank"]), r["global_rank"], max_iter=30).error
+                want = fit_hybrid(
+                    S, BlockLayout.block((12, 12), k, rank=r["rank"]), r["global_rank"], max_iter=30
+                ).error
                 assert r["n_params"] == ref_hybrid_count((12, 12), k, r["rank"], r["global_rank"])
                 for t in range(len(S)):  # and the single-matrix fit
-                    one = fit_hybrid(S[t], BlockLayout.block((12, 12), k, rank=r["rank"]), r["global_rank"], max_iter=30)
+                    one = fit_hybrid(
+                        S[t], BlockLayout.block((12, 12), k, rank=r["rank"]), r["global_rank"], max_iter=30
+                    )
                     assert r["errors"][t] == pytest.approx(one.error, rel=1e-10)
             else:
                 assert r["global_rank"] is None
@@ -857,9 +862,11 @@ def test_compare_computes_each_spectrum_once_and_takes_given_ones(monkeypatch):
     seeded = compare_at_budget(X, 88, methods=["global", "block"], n_blocks=[1, 2], spectra=given_spectra)
     assert calls == []
     for a, b, c in zip(plain, again, seeded):
-        assert (a["method"], a["n_blocks"], a["rank"], a["error"]) == (b["method"], b["n_blocks"], b["rank"],
-                                                                      b["error"]) == (
-            c["method"], c["n_blocks"], c["rank"], c["error"])
+        assert (
+            (a["method"], a["n_blocks"], a["rank"], a["error"])
+            == (b["method"], b["n_blocks"], b["rank"], b["error"])
+            == (c["method"], c["n_blocks"], c["rank"], c["error"])
+        )
     with pytest.raises(ValueError, match="spectra must hold BlockSpectra"):
         compare_at_budget(X, 88, spectra=[real(X.T, BlockLayout.block(X.T.shape, 1))])
     with pytest.raises(ValueError, match="spectra must hold BlockSpectra"):

@@ -13,14 +13,7 @@ import numpy as np
 import pytest
 from _checkpoint_files import HOSTILE, entry, raw_file, same_bits, sample_tensors, write_hostile
 
-from blocklowrank.checkpoints import (
-    Checkpoint,
-    CheckpointError,
-    TensorInfo,
-    load_file,
-    open_checkpoint,
-    save_file,
-)
+from blocklowrank.checkpoints import Checkpoint, CheckpointError, TensorInfo, load_file, open_checkpoint, save_file
 from blocklowrank.checkpoints import safetensors as st
 from blocklowrank.checkpoints._dtypes import DTYPES
 
@@ -251,9 +244,7 @@ def test_pickle_checkpoints_are_refused_unopened(tmp_path, name):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize(
-    "content", [b"PK\x03\x04" + b"\0" * 60, pickle.dumps({"w": 1}, protocol=2)]
-)
+@pytest.mark.parametrize("content", [b"PK\x03\x04" + b"\0" * 60, pickle.dumps({"w": 1}, protocol=2)])
 def test_pickle_content_under_a_safetensors_name_is_recognised(tmp_path, content):
     path = tmp_path / "model.safetensors"
     path.write_bytes(content)
@@ -283,9 +274,7 @@ def test_folder_resolution(tmp_path):
     two.mkdir()
     save_file(two / "a.safetensors", {"a": one})
     save_file(two / "b.safetensors", {"a": one})
-    with pytest.raises(
-        CheckpointError, match=r"several candidate checkpoints \(a.safetensors, b.safetensors\)"
-    ):
+    with pytest.raises(CheckpointError, match=r"several candidate checkpoints \(a.safetensors, b.safetensors\)"):
         Checkpoint(two)
 
     empty = tmp_path / "empty"
@@ -337,12 +326,8 @@ def test_sharded_subfolder_and_hub_cache_symlinks(tmp_path):
     save_file(blobs / "abc123", {"w": np.ones(2)})
     snapshot = tmp_path / "snapshots" / "rev"
     (snapshot / "sub").mkdir(parents=True)
-    (snapshot / "sub" / "w.safetensors").symlink_to(
-        os.path.relpath(blobs / "abc123", snapshot / "sub")
-    )
-    (snapshot / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"w": "sub/w.safetensors"}})
-    )
+    (snapshot / "sub" / "w.safetensors").symlink_to(os.path.relpath(blobs / "abc123", snapshot / "sub"))
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "sub/w.safetensors"}}))
     assert np.array_equal(Checkpoint(snapshot).get("w"), np.ones(2))
 
 
@@ -352,14 +337,8 @@ SHARD_1, SHARD_2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.saf
 @pytest.mark.parametrize(
     "weight_map, match",
     [
-        (
-            {"a": SHARD_1, "b": SHARD_2, "c": SHARD_2, "d": SHARD_2},
-            "tensor 'd': the weight_map puts it in",
-        ),
-        (
-            {"a": SHARD_1, "b": SHARD_2},
-            "tensor 'c': stored in shard '.*' but is missing from the index",
-        ),
+        ({"a": SHARD_1, "b": SHARD_2, "c": SHARD_2, "d": SHARD_2}, "tensor 'd': the weight_map puts it in"),
+        ({"a": SHARD_1, "b": SHARD_2}, "tensor 'c': stored in shard '.*' but is missing from the index"),
         (
             {"a": SHARD_1, "b": SHARD_2, "c": "model-00003.safetensors"},
             "shard 'model-00003.safetensors' named in the weight_map does not exist",
@@ -382,15 +361,11 @@ def test_bad_index(tmp_path, weight_map, match):
 def test_tensor_in_two_shards(tmp_path):
     shards = {SHARD_1: {"a": np.ones(1)}, SHARD_2: {"a": np.ones(1), "b": np.ones(1)}}
     index = write_sharded(tmp_path / "m", {"a": SHARD_1, "b": SHARD_2}, shards)
-    with pytest.raises(
-        CheckpointError, match=f"tensor 'a': stored in shard '{SHARD_2}' but is also in '{SHARD_1}'"
-    ):
+    with pytest.raises(CheckpointError, match=f"tensor 'a': stored in shard '{SHARD_2}' but is also in '{SHARD_1}'"):
         Checkpoint(index)
 
 
-@pytest.mark.parametrize(
-    "text", ['{"metadata": {}}', "[]", '{"weight_map": {"a": "x", "a": "y"}}', "{"]
-)
+@pytest.mark.parametrize("text", ['{"metadata": {}}', "[]", '{"weight_map": {"a": "x", "a": "y"}}', "{"])
 def test_index_without_a_weight_map_or_not_json(tmp_path, text):
     index = tmp_path / "model.safetensors.index.json"
     index.write_text(text)

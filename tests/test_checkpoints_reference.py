@@ -120,22 +120,17 @@ def test_bf16_encode_float64_rounds_once():
     near = ties + ulp / 2 + ulp * rng.choice([-1e-9, 0, 1e-9], size=ties.size)
     x = np.concatenate([near, -near, [1 + 2**-8 + 2**-30, 3.4e38, 1e39, 1e-50, -1e-50]])
     assert np.array_equal(float_to_bf16(x), nearest_even_bf16(x))
-    assert (
-        float_to_bf16(np.array([1 + 2**-8 + 2**-30]))[0] == 0x3F81
-    )  # float32 first would give 0x3F80
+    assert float_to_bf16(np.array([1 + 2**-8 + 2**-30]))[0] == 0x3F81  # float32 first would give 0x3F80
 
 
 def test_bf16_encode_keeps_nan_and_float16_input():
-    nan_bits = np.array(
-        [0x7FC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FA00000], dtype=np.uint32
-    )
+    nan_bits = np.array([0x7FC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FA00000], dtype=np.uint32)
     encoded = float_to_bf16(nan_bits.view(np.float32))
     assert np.isnan(bf16_to_float32(encoded)).all()
     assert np.array_equal(encoded >> 15, (nan_bits >> 31).astype(np.uint16))  # sign kept
     half = np.array([1.0, 65504.0, 6e-8, -0.0], dtype=np.float16)
     assert np.array_equal(
-        bf16_to_float32(float_to_bf16(half)),
-        np.array([1.0, 65536.0, 5.9604645e-08, -0.0], np.float32),
+        bf16_to_float32(float_to_bf16(half)), np.array([1.0, 65536.0, 5.9604645e-08, -0.0], np.float32)
     )
     with pytest.raises(TypeError, match="floating"):
         float_to_bf16(np.arange(3))
@@ -183,13 +178,7 @@ def test_our_files_read_by_the_reference(tmp_path, reference):
         (interop_tensors(), None),
         (interop_tensors(), {"format": "pt"}),
         ({}, None),
-        (
-            {
-                'é 名 "quoted" \\ \n\x01\x7f\u2028': np.ones(3, np.float32),
-                "a" * 300: np.zeros((2, 0)),
-            },
-            {"k": "ü\t"},
-        ),
+        ({'é 名 "quoted" \\ \n\x01\x7f\u2028': np.ones(3, np.float32), "a" * 300: np.zeros((2, 0))}, {"k": "ü\t"}),
     ],
     ids=["all-dtypes", "metadata", "empty", "odd-names"],
 )
@@ -219,10 +208,7 @@ def test_bf16_agrees_with_the_reference_and_ml_dtypes(tmp_path, reference):
     ml_dtypes = pytest.importorskip("ml_dtypes")
     rng = np.random.default_rng(4)
     x = np.concatenate(
-        [
-            rng.standard_normal(500).astype(np.float32),
-            bf16_to_float32(np.arange(0, 2**16, 7, dtype=np.uint16)),
-        ]
+        [rng.standard_normal(500).astype(np.float32), bf16_to_float32(np.arange(0, 2**16, 7, dtype=np.uint16))]
     )
     x = x[~np.isnan(x)]  # NaN payloads: both keep NaN, their bits may differ
     assert np.array_equal(float_to_bf16(x), x.astype(ml_dtypes.bfloat16).view(np.uint16))
@@ -232,9 +218,7 @@ def test_bf16_agrees_with_the_reference_and_ml_dtypes(tmp_path, reference):
     assert np.array_equal(theirs.view(np.uint16).ravel(), float_to_bf16(x))
     reference.save_file({"w": theirs}, str(tmp_path / "theirs.safetensors"))
     assert (tmp_path / "theirs.safetensors").read_bytes() == path.read_bytes()
-    assert np.array_equal(
-        Checkpoint(tmp_path / "theirs.safetensors").get("w"), theirs.astype(np.float32)
-    )
+    assert np.array_equal(Checkpoint(tmp_path / "theirs.safetensors").get("w"), theirs.astype(np.float32))
 
 
 # ---------------------------------------------------------------- property tests
@@ -244,27 +228,10 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as hs  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
-DTYPE_CHOICES = [
-    "<f8",
-    "<f4",
-    "<f2",
-    ">f4",
-    "<i8",
-    "<i4",
-    "<i2",
-    "|i1",
-    "<u8",
-    "<u4",
-    "<u2",
-    "|u1",
-    "|b1",
-    "<c8",
-]
+DTYPE_CHOICES = ["<f8", "<f4", "<f2", ">f4", "<i8", "<i4", "<i2", "|i1", "<u8", "<u4", "<u2", "|u1", "|b1", "<c8"]
 NAMES = hs.text(min_size=1, max_size=12).filter(lambda name: name != "__metadata__")
 ARRAYS = hs.sampled_from(DTYPE_CHOICES).flatmap(
-    lambda dtype: hnp.arrays(
-        np.dtype(dtype), hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)
-    )
+    lambda dtype: hnp.arrays(np.dtype(dtype), hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))
 )
 
 
@@ -282,14 +249,8 @@ def test_round_trip_property(tmp_path_factory, tensors, metadata):
 
 
 def _valid_file(folder):
-    tensors = {
-        "a": np.arange(6, dtype=np.float32).reshape(2, 3),
-        "b": np.arange(3, dtype=np.int16),
-        "c": np.ones(2),
-    }
-    return save_file(
-        folder / "good.safetensors", tensors, dtypes={"c": "BF16"}, metadata={"k": "v"}
-    )
+    tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.arange(3, dtype=np.int16), "c": np.ones(2)}
+    return save_file(folder / "good.safetensors", tensors, dtypes={"c": "BF16"}, metadata={"k": "v"})
 
 
 @given(
@@ -297,9 +258,7 @@ def _valid_file(folder):
     cut=hs.none() | hs.integers(0, 400),
     tail=hs.binary(max_size=16),
 )
-def test_corrupted_header_gives_the_right_tensors_or_checkpoint_error(
-    tmp_path_factory, edits, cut, tail
-):
+def test_corrupted_header_gives_the_right_tensors_or_checkpoint_error(tmp_path_factory, edits, cut, tail):
     folder = tmp_path_factory.mktemp("corrupt")
     good = Checkpoint(_valid_file(folder))
     data = bytearray(good.path.read_bytes())
@@ -321,9 +280,7 @@ def test_corrupted_header_gives_the_right_tensors_or_checkpoint_error(
         pass
 
 
-@given(
-    edits=hs.lists(hs.tuples(hs.integers(0, 10**6), hs.integers(0, 255)), min_size=1, max_size=3)
-)
+@given(edits=hs.lists(hs.tuples(hs.integers(0, 10**6), hs.integers(0, 255)), min_size=1, max_size=3))
 def test_corrupted_index_gives_the_right_tensors_or_checkpoint_error(tmp_path_factory, edits):
     folder = tmp_path_factory.mktemp("index")
     tensors = {"a": np.ones((2, 2), np.float32), "b": np.arange(3.0), "c": np.zeros(1, np.int8)}

@@ -69,10 +69,7 @@ def models(tmp_path):
     folder = tmp_path / "tuned"
     folder.mkdir()
     names = sorted(tuned)
-    shards = {
-        "model-00001-of-00002.safetensors": names[::2],
-        "model-00002-of-00002.safetensors": names[1::2],
-    }
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
     for shard, part in shards.items():
         save_file(folder / shard, {name: tuned[name] for name in part}, dtypes="BF16")
     weight_map = {name: shard for shard, part in shards.items() for name in part}
@@ -199,11 +196,7 @@ def test_select_names_errors(target, kwargs, error, match):
 
 def test_module_of():
     assert module_of("a.b.weight") == "a.b"
-    assert (
-        module_of(".weight") is None
-        and module_of("weight") is None
-        and module_of("a.gralora_A") is None
-    )
+    assert module_of(".weight") is None and module_of("weight") is None and module_of("a.gralora_A") is None
 
 
 # ---------------------------------------------------------------- pair_layers
@@ -221,13 +214,9 @@ def test_pair_layers_reports_everything(models):
     ]
     assert sorted(report.not_2d) == sorted(n for n, a in base_arrays.items() if a.ndim == 1)
     assert report.excluded == []  # embeddings and head already in shape_mismatch
-    expected = [
-        n for n in base.names() if "proj.weight" in n and n != "model.layers.1.mlp.down_proj.weight"
-    ]
+    expected = [n for n in base.names() if "proj.weight" in n and n != "model.layers.1.mlp.down_proj.weight"]
     assert [p.name for p in report.pairs] == expected  # checkpoint order
-    assert report.pairs[0] == LayerPair(
-        expected[0], module_of(expected[0]), base.info(expected[0]).shape
-    )
+    assert report.pairs[0] == LayerPair(expected[0], module_of(expected[0]), base.info(expected[0]).shape)
     # every tensor lands in exactly one group
     grouped = (
         [p.name for p in report.pairs]
@@ -246,15 +235,11 @@ def test_pair_layers_reports_everything(models):
 def test_pair_layers_with_a_target_list_and_without_finetuned(models):
     base, tuned, _, _ = models
     report = pair_layers(base, tuned, ["q_proj", "v_proj"])
-    assert [p.module for p in report.pairs] == [
-        f"model.layers.{i}.self_attn.{x}_proj" for i in range(2) for x in "qv"
-    ]
+    assert [p.module for p in report.pairs] == [f"model.layers.{i}.self_attn.{x}_proj" for i in range(2) for x in "qv"]
     assert "model.layers.0.mlp.up_proj.weight" in report.excluded
     alone = pair_layers(base, None)
     assert alone.only_in_base == alone.only_in_finetuned == alone.shape_mismatch == []
-    assert alone.excluded == [
-        n for n in base.names() if n in ("model.embed_tokens.weight", "lm_head.weight")
-    ]
+    assert alone.excluded == [n for n in base.names() if n in ("model.embed_tokens.weight", "lm_head.weight")]
     assert len(alone.pairs) == 14
 
 
@@ -275,9 +260,7 @@ def test_iter_deltas_values_and_dtypes(models):
     report = pair_layers(base, tuned)
     seen = []
     for pair, delta in iter_deltas(base, tuned, report):
-        assert (
-            isinstance(pair, LayerPair) and delta.shape == pair.shape and delta.dtype == np.float32
-        )
+        assert isinstance(pair, LayerPair) and delta.shape == pair.shape and delta.dtype == np.float32
         exact = tuned.get(pair.name).astype(np.float64) - base_arrays[pair.name].astype(np.float64)
         assert np.array_equal(delta, exact.astype(np.float32))  # one rounding, in float32
         seen.append(pair)
@@ -350,11 +333,21 @@ def test_chunked_read_equals_the_whole_tensor(tmp_path, code, chunk_bytes):
     ckpt = open_checkpoint(save_file(tmp_path / "c.safetensors", {"a": a, "b": b}, dtypes=code))
     raw = {  # the stored values, decoded independently of the reader
         name: (
-            (np.frombuffer(ckpt._buffer(ckpt.info(name).file), np.uint16, 91, ckpt.info(name).offsets[0])
-             .astype(np.uint32) << 16).view(np.float32).reshape(13, 7)
+            (
+                np.frombuffer(ckpt._buffer(ckpt.info(name).file), np.uint16, 91, ckpt.info(name).offsets[0]).astype(
+                    np.uint32
+                )
+                << 16
+            )
+            .view(np.float32)
+            .reshape(13, 7)
             if code == "BF16"
-            else np.frombuffer(ckpt._buffer(ckpt.info(name).file), {"F16": np.float16, "F32": np.float32,
-                               "F64": np.float64}[code], 91, ckpt.info(name).offsets[0]).reshape(13, 7)
+            else np.frombuffer(
+                ckpt._buffer(ckpt.info(name).file),
+                {"F16": np.float16, "F32": np.float32, "F64": np.float64}[code],
+                91,
+                ckpt.info(name).offsets[0],
+            ).reshape(13, 7)
         )
         for name in ("a", "b")
     }
@@ -402,8 +395,5 @@ def test_pairing_report_is_a_plain_record():
 
 
 def test_the_package_never_imports_torch():
-    code = (
-        "import sys, blocklowrank.checkpoints; "
-        "sys.exit('torch' in sys.modules or 'safetensors' in sys.modules)"
-    )
+    code = "import sys, blocklowrank.checkpoints; sys.exit('torch' in sys.modules or 'safetensors' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

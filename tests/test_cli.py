@@ -39,8 +39,9 @@ def test_approximate_files(tmp_path, capsys, suffix):
     else:
         np.savez(src, W=X)
     out = tmp_path / "rec.npy"
-    code, text, _ = run(["approximate", str(src), "--method", "block", "--n-blocks", "2",
-                         "--rank", "2", "--out", str(out)], capsys)
+    code, text, _ = run(
+        ["approximate", str(src), "--method", "block", "--n-blocks", "2", "--rank", "2", "--out", str(out)], capsys
+    )
     assert code == 0
     assert "parameters  88" in text  # 2 * 2 * (12 + 10)
     rec = np.load(out)
@@ -61,8 +62,21 @@ def test_approximate_image_and_budget(tmp_path, capsys):
     img = np.random.default_rng(1).random((16, 16))
     src = tmp_path / "img.png"
     plt.imsave(src, img, cmap="gray")
-    code, text, _ = run(["approximate", str(src), "--method", "block", "--n-blocks", "2",
-                         "--budget", "128", "--out", str(tmp_path / "o.png")], capsys)
+    code, text, _ = run(
+        [
+            "approximate",
+            str(src),
+            "--method",
+            "block",
+            "--n-blocks",
+            "2",
+            "--budget",
+            "128",
+            "--out",
+            str(tmp_path / "o.png"),
+        ],
+        capsys,
+    )
     assert code == 0 and (tmp_path / "o.png").exists()
     assert "ranks" in text
 
@@ -70,8 +84,19 @@ def test_approximate_image_and_budget(tmp_path, capsys):
 def test_approximate_tol_and_global(tmp_path, capsys):
     X = np.random.default_rng(2).standard_normal((10, 10))
     np.save(tmp_path / "a.npy", X)
-    code, text, _ = run(["approximate", str(tmp_path / "a.npy"), "--method", "global", "--max-error", "0.5",
-                         "--out", str(tmp_path / "b.npy")], capsys)
+    code, text, _ = run(
+        [
+            "approximate",
+            str(tmp_path / "a.npy"),
+            "--method",
+            "global",
+            "--max-error",
+            "0.5",
+            "--out",
+            str(tmp_path / "b.npy"),
+        ],
+        capsys,
+    )
     assert code == 0 and "structure   global, 1x1 blocks" in text
 
 
@@ -127,8 +152,11 @@ def test_reproduce_defaults_use_every_core_and_converge(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):  # the part must be named: no 25-minute default
         main(["reproduce"])
 
-@pytest.mark.parametrize("opt", [["--n-jobs", "0"], ["--budget-rank", "-2"], ["--total-budget", "0"],
-                                 ["--max-iter", "0"], ["--max-iter", "-3"]])
+
+@pytest.mark.parametrize(
+    "opt",
+    [["--n-jobs", "0"], ["--budget-rank", "-2"], ["--total-budget", "0"], ["--max-iter", "0"], ["--max-iter", "-3"]],
+)
 def test_study_options_are_validated(tmp_path, opt, capsys):
     """Nonsense counts are refused in one line before any checkpoint is read."""
     with pytest.raises(SystemExit) as exc:

@@ -3,10 +3,10 @@
 import csv
 
 import numpy as np
+from test_adapters_sweep import _synthetic_mnist
 
 from blocklowrank.experiments.compress import plot_compress, run_compress
 from blocklowrank.experiments.figure2 import figure2_configs
-from test_adapters_sweep import _synthetic_mnist
 
 
 def test_run_compress_small(tmp_path):
@@ -14,10 +14,30 @@ def test_run_compress_small(tmp_path):
     with open(tmp_path / "sweep.csv", "w", newline="") as f:  # a Figure 2 result to compare with
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
-        w.writerow(dict(method="full", config="full", n_params=50565, lr=2e-3, n_seeds=2, test_acc_mean=0.9,
-                        test_acc_std=0.01, selected=True))
-        w.writerow(dict(method="global", config="r=2", n_params=1696, lr=1e-3, n_seeds=2, test_acc_mean=0.0,
-                        test_acc_std=0.0, selected=True))
+        w.writerow(
+            dict(
+                method="full",
+                config="full",
+                n_params=50565,
+                lr=2e-3,
+                n_seeds=2,
+                test_acc_mean=0.9,
+                test_acc_std=0.01,
+                selected=True,
+            )
+        )
+        w.writerow(
+            dict(
+                method="global",
+                config="r=2",
+                n_params=1696,
+                lr=1e-3,
+                n_seeds=2,
+                test_acc_mean=0.0,
+                test_acc_std=0.0,
+                selected=True,
+            )
+        )
     res = run_compress(tmp_path, seeds=2, subset=120, data=_synthetic_mnist(), epochs=3, progress=False)
     assert res.settings["ft_lr"] == 2e-3 and res.settings["lr_source"] == "Figure 2's selection"
     kept, _ = figure2_configs()

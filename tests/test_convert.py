@@ -9,9 +9,12 @@ from blocklowrank import (
     BlockLowRank,
     DiagonalBlockLowRank,
     GlobalLowRank,
+    HybridLowRank,
+    SharedBasisLowRank,
     approximate,
+    fit_hybrid,
+    fit_shared_basis,
 )
-from blocklowrank.factors import FORMAT_VERSION
 from blocklowrank.convert import (
     FactorsFileError,
     StructuredFactors,
@@ -27,8 +30,7 @@ from blocklowrank.convert import (
     to_gralora,
     to_melora,
 )
-from blocklowrank import HybridLowRank, fit_hybrid
-from blocklowrank import SharedBasisLowRank, fit_shared_basis
+from blocklowrank.factors import FORMAT_VERSION
 
 
 # ---------------------------------------------------------------------------- PEFT reference
@@ -69,11 +71,15 @@ def peft_get_delta_weight(gA, gB, scaling=1.0):
     i_idx = idx % in_sub
     scattered = np.zeros((in_features, N, r))
     scattered[idx, n_idx, :] = gA[n_idx, i_idx, :]
-    dw = np.einsum(
-        "ikr,kro->iko",
-        scattered.reshape(in_features, N, N, sub).transpose(0, 2, 1, 3).reshape(in_features, N, r),
-        gB,
-    ).reshape(in_features, out_features).T
+    dw = (
+        np.einsum(
+            "ikr,kro->iko",
+            scattered.reshape(in_features, N, N, sub).transpose(0, 2, 1, 3).reshape(in_features, N, r),
+            gB,
+        )
+        .reshape(in_features, out_features)
+        .T
+    )
     return dw * scaling
 
 
@@ -194,7 +200,10 @@ def test_melora_round_trip(rng):
 
 
 def test_from_melora_mixed_ranks_and_sizes(rng):
-    pairs = [(rng.standard_normal((3, 1)), rng.standard_normal((1, 5))), (rng.standard_normal((6, 2)), rng.standard_normal((2, 2)))]
+    pairs = [
+        (rng.standard_normal((3, 1)), rng.standard_normal((1, 5))),
+        (rng.standard_normal((6, 2)), rng.standard_normal((2, 2))),
+    ]
     sf = from_melora(pairs)
     assert sf.layout.shape == (9, 7) and sf.layout.ranks.tolist() == [[1, 0], [0, 2]]
     np.testing.assert_allclose(sf.to_dense(), block_diag(*[B @ A for B, A in pairs]))

@@ -54,10 +54,8 @@ def test_run_table1_writes_files(mnist_test, tmp_path):
 
 def test_study_on_a_slice(mnist_test, tmp_path):
     """The study's numbers agree with direct fits of each structure on the same digits."""
-    from blocklowrank import approximate
+    from blocklowrank import approximate, fit_shared_basis
     from blocklowrank.experiments.study import compute_study, plot_budget, plot_study, summarize, write_study
-
-    from blocklowrank import fit_shared_basis
 
     images, labels = mnist_test
     imgs, labs = images[:300], labels[:300]
@@ -98,8 +96,9 @@ def test_cli_reproduce_figure2_wiring(tmp_path, capsys):
 
     if os.environ.get("BLOCKLOWRANK_TEST_REAL_DATA") != "1":
         pytest.importorskip("blocklowrank.datasets").load_mnist(use_npm=False, mirrors=[])
-    code = main(["reproduce", "figure2", "--out", str(tmp_path), "--seeds", "1", "--epochs", "2",
-                 "--subset", "200", "-q"])
+    code = main(
+        ["reproduce", "figure2", "--out", str(tmp_path), "--seeds", "1", "--epochs", "2", "--subset", "200", "-q"]
+    )
     assert code == 0
     for name in ("sweep.csv", "figure2_summary.txt", "figure2.png", "figure2_runs.jsonl"):
         assert (tmp_path / name).exists(), name

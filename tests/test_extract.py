@@ -12,14 +12,13 @@ import os
 
 import numpy as np
 import pytest
+from _llama import ATTN, MLP, captured, key_problems, peft, structured_delta, tiny_llama, tokens, torch, weight
 
 from blocklowrank import approximate
 from blocklowrank.checkpoints import load_file, save_file
 from blocklowrank.cli import main
 from blocklowrank.extract import adapter_deltas, adapter_pairs, extract_adapter
 from blocklowrank.peft import load_peft_adapter
-
-from _llama import ATTN, MLP, captured, key_problems, peft, structured_delta, tiny_llama, tokens, torch, weight
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
@@ -70,14 +69,22 @@ def _check_with_peft(llama, report, ckpts, ft, fit):
 
 CASES = {  # name -> (extract_adapter keywords, approximate keywords per layer, peft_type)
     "global": (dict(method="global", rank=4), lambda s: dict(method="global", rank=4), "LORA"),
-    "diagonal": (dict(method="diagonal", n_blocks=2, rank=3), lambda s: dict(method="diagonal", n_blocks=2, rank=3),
-                 "LORA"),
-    "block": (dict(method="block", n_blocks=2, rank=2), lambda s: dict(method="block", n_blocks=2, rank=2),
-              "GRALORA"),
-    "block_budget": (dict(method="block", n_blocks=4, budget_rank=3),
-                     lambda s: dict(method="block", n_blocks=4, budget=3 * sum(s)), "GRALORA"),
-    "block_as_lora": (dict(method="block", n_blocks=2, rank=1, peft_type="LORA"),
-                      lambda s: dict(method="block", n_blocks=2, rank=1), "LORA"),
+    "diagonal": (
+        dict(method="diagonal", n_blocks=2, rank=3),
+        lambda s: dict(method="diagonal", n_blocks=2, rank=3),
+        "LORA",
+    ),
+    "block": (dict(method="block", n_blocks=2, rank=2), lambda s: dict(method="block", n_blocks=2, rank=2), "GRALORA"),
+    "block_budget": (
+        dict(method="block", n_blocks=4, budget_rank=3),
+        lambda s: dict(method="block", n_blocks=4, budget=3 * sum(s)),
+        "GRALORA",
+    ),
+    "block_as_lora": (
+        dict(method="block", n_blocks=2, rank=1, peft_type="LORA"),
+        lambda s: dict(method="block", n_blocks=2, rank=1),
+        "LORA",
+    ),
 }
 
 
@@ -112,8 +119,21 @@ def test_all_linear_report(ckpts, tmp_path):
 
 def test_cli_end_to_end(ckpts, tmp_path, capsys):
     out = tmp_path / "cli"
-    argv = ["extract", str(ckpts["base"]), str(ckpts["ft"]), "--out", str(out), "--method", "block",
-            "--n-blocks", "2", "--budget-rank", "4", "--target-modules", r".*\.(q|v)_proj"]
+    argv = [
+        "extract",
+        str(ckpts["base"]),
+        str(ckpts["ft"]),
+        "--out",
+        str(out),
+        "--method",
+        "block",
+        "--n-blocks",
+        "2",
+        "--budget-rank",
+        "4",
+        "--target-modules",
+        r".*\.(q|v)_proj",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "wrote GRALORA adapter" in printed and "lm_head.weight" in printed
@@ -134,15 +154,22 @@ def _one_line_error(argv, capsys, match):
 
 def test_cli_hostile_inputs(ckpts, tmp_path, capsys):
     base, ft, out = str(ckpts["base"]), str(ckpts["ft"]), str(tmp_path / "x")
-    _one_line_error(["extract", base, str(tmp_path / "missing.safetensors"), "--out", out, "--rank", "1"],
-                    capsys, "does not exist")
+    _one_line_error(
+        ["extract", base, str(tmp_path / "missing.safetensors"), "--out", out, "--rank", "1"], capsys, "does not exist"
+    )
     pickled = tmp_path / "pytorch_model.bin"
     pickled.write_bytes(b"\x80\x04\x95" + bytes(64))
     _one_line_error(["extract", base, str(pickled), "--out", out, "--rank", "1"], capsys, "pickle")
-    _one_line_error(["extract", base, ft, "--out", out, "--rank", "1", "--target-modules", "nothing_here"],
-                    capsys, "no layer selected")
-    err = _one_line_error(["extract", base, ft, "--out", out, "--method", "block", "--n-blocks", "3",
-                           "--rank", "1"], capsys, "not divisible by gralora_k=3")
+    _one_line_error(
+        ["extract", base, ft, "--out", out, "--rank", "1", "--target-modules", "nothing_here"],
+        capsys,
+        "no layer selected",
+    )
+    err = _one_line_error(
+        ["extract", base, ft, "--out", out, "--method", "block", "--n-blocks", "3", "--rank", "1"],
+        capsys,
+        "not divisible by gralora_k=3",
+    )
     assert "layer 'model.layers.0." in err and "peft_type='LORA'" in err
     _one_line_error(["extract", base, base, "--out", out, "--rank", "1"], capsys, "no selected layer changed")
     assert not os.path.exists(out)  # nothing written by any of them
@@ -153,8 +180,9 @@ def test_cli_hostile_inputs(ckpts, tmp_path, capsys):
 
 def test_adapter_deltas(ckpts, tmp_path):
     """An adapter read back as (base weight name, ΔW): what the model study takes."""
-    report = extract_adapter(ckpts["base"], ckpts["ft"], tmp_path / "a", method="block", n_blocks=2, rank=2,
-                             target_modules=TARGETS)
+    report = extract_adapter(
+        ckpts["base"], ckpts["ft"], tmp_path / "a", method="block", n_blocks=2, rank=2, target_modules=TARGETS
+    )
     layers, _ = load_peft_adapter(report.directory)
     seen = dict(adapter_deltas(ckpts["base"], report.directory))
     assert sorted(seen) == sorted(m + ".weight" for m in TUNED)

@@ -7,7 +7,6 @@ the code under test. Classes 5-8 and the friction items are in
 ``test_hostile_more.py``.
 """
 
-
 import numpy as np
 import pytest
 
@@ -16,25 +15,27 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import blocklowrank._engine as engine  # noqa: E402  (block_spectra)
-from blocklowrank._svd import svd_flip_v  # noqa: E402
-from blocklowrank import (  # noqa: E402
+from blocklowrank import (  # noqa: E402  # noqa: E402
     BlockLayout,
     BlockLowRank,
     DiagonalBlockLowRank,
     allocate_ranks,
     approximate,
-    budget_sweep_points,
     batched_svd,
+    budget_sweep_points,
+    convert,
     fit_hybrid,
     fit_shared_basis,
     hybrid_params,
     load_factors,
+    permutations,
     rank_report,
     save_factors,
     shared_basis_params,
     split_sizes,
+    testing,
 )
-from blocklowrank import convert, permutations, testing  # noqa: E402
+from blocklowrank._svd import svd_flip_v  # noqa: E402
 
 FileError = convert.FactorsFileError
 CLEAR = (ValueError, TypeError)
@@ -81,7 +82,9 @@ def test_to_gralora_permuted_round_trips_or_refuses():
     except ValueError as exc:
         assert "permut" in str(exc)
         return
-    np.testing.assert_allclose(convert.gralora_delta_weight(t["gralora_A"], t["gralora_B"]), a.reconstruction, atol=1e-12)
+    np.testing.assert_allclose(
+        convert.gralora_delta_weight(t["gralora_A"], t["gralora_B"]), a.reconstruction, atol=1e-12
+    )
 
 
 def test_to_melora_permuted_round_trips_or_refuses():
@@ -148,7 +151,9 @@ def test_from_gralora_bad_scaling(scaling):
 
 def test_from_gralora_1d_hybrid_weights():
     with pytest.raises(ValueError, match="hybrid"):
-        convert.from_gralora(np.ones((2, 2, 2)), np.ones((2, 2, 2)), gralora_A_general=np.ones(4), gralora_B_general=np.ones(4))
+        convert.from_gralora(
+            np.ones((2, 2, 2)), np.ones((2, 2, 2)), gralora_A_general=np.ones(4), gralora_B_general=np.ones(4)
+        )
 
 
 @FUZZ
@@ -372,43 +377,85 @@ KERNEL_CASES = {
     "batched_svd k=True": (lambda: batched_svd(_X(), k=True), "k"),
     "batched_svd k='3'": (lambda: batched_svd(_X(), k="3"), "k"),
     "batched_svd k>min(m,n)": (lambda: batched_svd(_X(), k=100), "k"),
-    "batched_svd n_oversamples=-5": (lambda: batched_svd(_Y, k=2, svd_solver="randomized", n_oversamples=-5), "n_oversamples"),
-    "batched_svd n_oversamples=2.5": (lambda: batched_svd(_Y, k=2, svd_solver="randomized", n_oversamples=2.5), "n_oversamples"),
-    "batched_svd iterated_power=-1": (lambda: batched_svd(_Y, k=2, svd_solver="randomized", iterated_power=-1), "iterated_power"),
-    "batched_svd iterated_power=1.5": (lambda: batched_svd(_Y, k=2, svd_solver="randomized", iterated_power=1.5), "iterated_power"),
-    "batched_svd n_iter='x'": (lambda: batched_svd(_Y, k=2, svd_solver="randomized", iterated_power="x"), "iterated_power"),
-    "approximate n_oversamples=-5": (lambda: approximate(_Y, rank=1, svd_solver="randomized", n_oversamples=-5), "n_oversamples"),
-    "approximate iterated_power=-1": (lambda: approximate(_Y, rank=1, svd_solver="randomized", iterated_power=-1), "iterated_power"),
-    "approximate iterated_power=1.5": (lambda: approximate(_Y, rank=1, svd_solver="randomized", iterated_power=1.5), "iterated_power"),
+    "batched_svd n_oversamples=-5": (
+        lambda: batched_svd(_Y, k=2, svd_solver="randomized", n_oversamples=-5),
+        "n_oversamples",
+    ),
+    "batched_svd n_oversamples=2.5": (
+        lambda: batched_svd(_Y, k=2, svd_solver="randomized", n_oversamples=2.5),
+        "n_oversamples",
+    ),
+    "batched_svd iterated_power=-1": (
+        lambda: batched_svd(_Y, k=2, svd_solver="randomized", iterated_power=-1),
+        "iterated_power",
+    ),
+    "batched_svd iterated_power=1.5": (
+        lambda: batched_svd(_Y, k=2, svd_solver="randomized", iterated_power=1.5),
+        "iterated_power",
+    ),
+    "batched_svd n_iter='x'": (
+        lambda: batched_svd(_Y, k=2, svd_solver="randomized", iterated_power="x"),
+        "iterated_power",
+    ),
+    "approximate n_oversamples=-5": (
+        lambda: approximate(_Y, rank=1, svd_solver="randomized", n_oversamples=-5),
+        "n_oversamples",
+    ),
+    "approximate iterated_power=-1": (
+        lambda: approximate(_Y, rank=1, svd_solver="randomized", iterated_power=-1),
+        "iterated_power",
+    ),
+    "approximate iterated_power=1.5": (
+        lambda: approximate(_Y, rank=1, svd_solver="randomized", iterated_power=1.5),
+        "iterated_power",
+    ),
     "approximate cap_rank='no'": (lambda: approximate(_X(), rank=100, cap_rank="no"), "cap_rank"),
     "approximate layout + other method": (
-        lambda: approximate(_X(), BlockLayout.block((8, 8), 2), method="diagonal", rank=1), "method|layout"),
+        lambda: approximate(_X(), BlockLayout.block((8, 8), 2), method="diagonal", rank=1),
+        "method|layout",
+    ),
     "approximate layout + other n_blocks": (
-        lambda: approximate(_X(), BlockLayout.block((8, 8), 2), n_blocks=4, rank=1), "n_blocks|layout"),
+        lambda: approximate(_X(), BlockLayout.block((8, 8), 2), n_blocks=4, rank=1),
+        "n_blocks|layout",
+    ),
     "allocate_ranks budget=-1": (lambda: allocate_ranks(_G, [2, 2], [2, 2], budget=-1), "budget"),
     "allocate_ranks budget=2.5": (lambda: allocate_ranks(_G, [2, 2], [2, 2], budget=2.5), "budget"),
-    "allocate_ranks budget and tol": (lambda: allocate_ranks(_G, [2, 2], [2, 2], budget=4, max_error=0.1), "budget|max_error"),
+    "allocate_ranks budget and tol": (
+        lambda: allocate_ranks(_G, [2, 2], [2, 2], budget=4, max_error=0.1),
+        "budget|max_error",
+    ),
     "allocate_ranks neither": (lambda: allocate_ranks(_G, [2, 2], [2, 2]), "budget|tol"),
     "allocate_ranks cost 0": (lambda: allocate_ranks(_G, [0, 2], [2, 2], budget=4), "cost"),
     "allocate_ranks cost < 0": (lambda: allocate_ranks(_G, [-2, 2], [2, 2], budget=4), "cost"),
     "allocate_ranks lengths differ": (lambda: allocate_ranks(_G, [2], [2, 2], budget=4), "cost|length"),
     "allocate_ranks NaN gains": (
-        lambda: allocate_ranks([np.array([[np.nan, 1.0]]), _G[1]], [2, 2], [2, 2], budget=4), "gain|NaN|finite"),
+        lambda: allocate_ranks([np.array([[np.nan, 1.0]]), _G[1]], [2, 2], [2, 2], budget=4),
+        "gain|NaN|finite",
+    ),
     "allocate_ranks unsorted gains": (
-        lambda: allocate_ranks([np.array([[1.0, 4.0]]), _G[1]], [2, 2], [2, 2], budget=2), "gain|decreasing|sorted"),
+        lambda: allocate_ranks([np.array([[1.0, 4.0]]), _G[1]], [2, 2], [2, 2], budget=2),
+        "gain|decreasing|sorted",
+    ),
     "allocate_ranks max_ranks<0": (lambda: allocate_ranks(_G, [2, 2], [-1, 2], budget=4), "max_ranks|rank"),
     "allocate_ranks empty": (lambda: allocate_ranks([], [], [], budget=4), "gain|empty|block"),
     "allocate_ranks tol=-1": (
-        lambda: allocate_ranks(_G, [2, 2], [2, 2], max_error=-1, fixed_loss=np.zeros(1), total=np.array([30.0])), "max_error"),
+        lambda: allocate_ranks(_G, [2, 2], [2, 2], max_error=-1, fixed_loss=np.zeros(1), total=np.array([30.0])),
+        "max_error",
+    ),
     "allocate_ranks tol without total": (lambda: allocate_ranks(_G, [2, 2], [2, 2], max_error=0.1), "total|fixed_loss"),
     "allocate_ranks 1-D gains": (lambda: allocate_ranks([np.array([4.0, 1.0])], [2], [2], budget=4), "gain|2-D|shape"),
     "svd_flip_v 1-D": (lambda: svd_flip_v(np.ones(3), np.ones(3)), "2-D|shape|dim"),
     "svd_flip_v shapes disagree": (lambda: svd_flip_v(np.ones((3, 2)), np.ones((3, 3))), "Vt"),
     "svd_flip_v lists": (lambda: svd_flip_v([[1.0, 2.0]], [[-1.0], [2.0]]), "array|U|Vt"),
-    "BlockSpectra.error rank 2.5": (lambda: engine.block_spectra(_X(), BlockLayout.block(np.shape(_X())[-2:], 2)).error(2.5), "rank"),
+    "BlockSpectra.error rank 2.5": (
+        lambda: engine.block_spectra(_X(), BlockLayout.block(np.shape(_X())[-2:], 2)).error(2.5),
+        "rank",
+    ),
     "BlockLayout rank 2**70": (lambda: BlockLayout.block((8, 8), 2, rank=2**70), "rank"),
     "BlockLayout shape 8.7": (
-        lambda: BlockLayout((8.7, 8), (4, 4), (4, 4), np.ones((2, 2), bool), np.ones((2, 2), int)), "shape"),
+        lambda: BlockLayout((8.7, 8), (4, 4), (4, 4), np.ones((2, 2), bool), np.ones((2, 2), int)),
+        "shape",
+    ),
     "BlockLayout.from_dict missing keys": (lambda: BlockLayout.from_dict({"shape": [4, 4]}), "row_sizes|layout"),
     "BlockLayout.from_dict not a dict": (lambda: BlockLayout.from_dict("x"), "dict|mapping|layout"),
     "split_sizes length 8.5": (lambda: split_sizes(8.5, 2), "length"),
@@ -417,9 +464,18 @@ KERNEL_CASES = {
     "rank_report rtol=nan": (lambda: rank_report(approximate(_X(), rank=1), rtol=np.nan), "rtol"),
     "rank_report rtol='x'": (lambda: rank_report(approximate(_X(), rank=1), rtol="x"), "rtol"),
     "image_patch_permutation 3-tuple tile": (lambda: permutations.image_patch_permutation(4, 4, (1, 2, 3)), "tile"),
-    "cluster_permutation n_components=0": (lambda: permutations.cluster_permutation(_X(), 2, n_components=0), "n_components"),
-    "cluster_permutation n_components=-1": (lambda: permutations.cluster_permutation(_X(), 2, n_components=-1), "n_components"),
-    "resolve_permutation non-permutation": (lambda: permutations.resolve_permutation([0] * 8, _X(), 2, 0), "permutation"),
+    "cluster_permutation n_components=0": (
+        lambda: permutations.cluster_permutation(_X(), 2, n_components=0),
+        "n_components",
+    ),
+    "cluster_permutation n_components=-1": (
+        lambda: permutations.cluster_permutation(_X(), 2, n_components=-1),
+        "n_components",
+    ),
+    "resolve_permutation non-permutation": (
+        lambda: permutations.resolve_permutation([0] * 8, _X(), 2, 0),
+        "permutation",
+    ),
     "resolve_permutation axis=5": (lambda: permutations.resolve_permutation("strided", _X(), 2, 5), "axis"),
     "planted_matrix rank=0": (lambda: testing.planted_matrix((8, 8), rank=0), "rank"),
     "random_layout max_blocks=0": (lambda: testing.random_layout((8, 8), max_blocks=0), "max_blocks"),
@@ -427,13 +483,22 @@ KERNEL_CASES = {
     "random_layout max_rank=0 with ranks": (lambda: testing.random_layout((8, 8), max_rank=0), "rank"),
     "shared_basis_params rank=0": (lambda: shared_basis_params((8, 8), n_blocks=2, rank=0), "rank"),
     "shared_basis_params rank > block side": (lambda: shared_basis_params((8, 8), n_blocks=2, rank=100), "rank"),
-    "hybrid_params global_rank > min(m, n)": (lambda: hybrid_params((8, 8), n_blocks=2, rank=1, global_rank=100), "global_rank"),
+    "hybrid_params global_rank > min(m, n)": (
+        lambda: hybrid_params((8, 8), n_blocks=2, rank=1, global_rank=100),
+        "global_rank",
+    ),
     "budget_sweep_points min_budget > max_budget": (
-        lambda: budget_sweep_points((8, 8), min_budget=100, max_budget=10), "min_budget|max_budget"),
+        lambda: budget_sweep_points((8, 8), min_budget=100, max_budget=10),
+        "min_budget|max_budget",
+    ),
     "approximate rank array of the wrong shape": (
-        lambda: approximate(_X(), method="block", n_blocks=2, rank=[1, 2, 3]), "rank"),
+        lambda: approximate(_X(), method="block", n_blocks=2, rank=[1, 2, 3]),
+        "rank",
+    ),
     "BlockLowRank rank array of the wrong shape": (
-        lambda: BlockLowRank(n_blocks=2, rank=[[1, 1, 1]]).fit(_X()), "rank"),
+        lambda: BlockLowRank(n_blocks=2, rank=[[1, 1, 1]]).fit(_X()),
+        "rank",
+    ),
 }
 
 
@@ -469,7 +534,9 @@ def test_fuzz_batched_svd_arguments(k, solver, n_oversamples, n_iter):
         n_iter == "auto" or (type(n_iter) is int and n_iter >= 0)
     )
     try:
-        U, s, Vt = batched_svd(A, k, svd_solver=solver, n_oversamples=n_oversamples, iterated_power=n_iter, random_state=0)
+        U, s, Vt = batched_svd(
+            A, k, svd_solver=solver, n_oversamples=n_oversamples, iterated_power=n_iter, random_state=0
+        )
     except CLEAR:
         assert not (valid_k and params_ok), "valid arguments refused"
         return

@@ -36,8 +36,8 @@ from blocklowrank import (  # noqa: E402
     compare_at_budget,
     fit_hybrid,
     fit_shared_basis,
+    permutations,  # noqa: E402
 )
-from blocklowrank import permutations  # noqa: E402
 
 CLEAR = (ValueError, TypeError)
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None)
@@ -127,7 +127,15 @@ def _assert_cli_error(rc, err, *words):
 
 @pytest.mark.parametrize(
     "opt",
-    [("--epochs", 0), ("--epochs", -3), ("--seeds", 0), ("--seeds", -1), ("--subset", 0), ("--subset", -5), ("--n-jobs", 0)],
+    [
+        ("--epochs", 0),
+        ("--epochs", -3),
+        ("--seeds", 0),
+        ("--seeds", -1),
+        ("--subset", 0),
+        ("--subset", -5),
+        ("--n-jobs", 0),
+    ],
     ids=lambda o: f"{o[0]}={o[1]}",
 )
 def test_figure2_nonsense_counts_refused(tmp_path, monkeypatch, opt):
@@ -210,7 +218,9 @@ def test_budget_large_shape_shows_progress_or_refuses():
     env = {**os.environ, "PYTHONPATH": root, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "blocklowrank", "budget", "100000x100000", "100000000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
     )
     try:
         out, err = proc.communicate(timeout=5)
@@ -324,7 +334,9 @@ def test_estimator_error_and_score_extreme(dtype, e):
 @pytest.mark.parametrize("e", [1000, -1000])
 def test_block_spectra_extreme(e):
     X = _extreme(np.float64, e)
-    assert float(engine.block_spectra(X, BlockLayout.block(np.shape(X)[-2:], 2)).error(1)) == pytest.approx(_block_error(_unit(X), 2, 1), rel=1e-6)
+    assert float(engine.block_spectra(X, BlockLayout.block(np.shape(X)[-2:], 2)).error(1)) == pytest.approx(
+        _block_error(_unit(X), 2, 1), rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("e", [1000, -1000])

@@ -31,9 +31,7 @@ def _planted(rng, m=24, n=24, K=2, rg=2, rb=1):
 def test_params_exact(shape, n_blocks, rank, rg, pattern):
     m, n = shape
     lay = BlockLayout.from_blocks(shape, n_blocks, rank=rank, pattern=pattern)
-    expected = sum(
-        rank * (lay.row_sizes[i] + lay.col_sizes[j]) for i, j in zip(*np.nonzero(lay.active))
-    ) + rg * (m + n)
+    expected = sum(rank * (lay.row_sizes[i] + lay.col_sizes[j]) for i, j in zip(*np.nonzero(lay.active))) + rg * (m + n)
     assert hybrid_params(shape, n_blocks=n_blocks, rank=rank, global_rank=rg, pattern=pattern) == expected
     X = np.random.default_rng(0).standard_normal(shape)
     est = HybridLowRank(n_blocks=n_blocks, rank=rank, global_rank=rg, pattern=pattern).fit(X)
@@ -111,8 +109,15 @@ def test_planted_hybrid_is_recovered():
 def test_randomized_solver_keeps_monotone_trace():
     X = np.random.default_rng(3).standard_normal((40, 30))
     res = fit_hybrid(
-        X, BlockLayout.block(X.shape, 2, rank=2), 2, svd_solver="randomized", random_state=0, iterated_power=1,
-        n_oversamples=1, tol=0, max_iter=20,
+        X,
+        BlockLayout.block(X.shape, 2, rank=2),
+        2,
+        svd_solver="randomized",
+        random_state=0,
+        iterated_power=1,
+        n_oversamples=1,
+        tol=0,
+        max_iter=20,
     )
     assert np.all(np.diff(res.error_trace) <= STEP_TOL)
     assert res.stop_reason in {"tol", "max_iter", "increase"}
@@ -213,15 +218,22 @@ def test_zero_matrix():
 # ---------------------------------------------------------------------------- stacks
 @pytest.mark.parametrize(
     "grid, rank, rg, pattern, init",
-    [(2, 1, 2, "full", "global"), ((3, 2), 1, 1, "full", "blocks"), (3, 2, 1, "diagonal", "global"),
-     (2, 1, 0, "full", "global"), (2, 0, 2, "full", "global")],
+    [
+        (2, 1, 2, "full", "global"),
+        ((3, 2), 1, 1, "full", "blocks"),
+        (3, 2, 1, "diagonal", "global"),
+        (2, 1, 0, "full", "global"),
+        (2, 0, 2, "full", "global"),
+    ],
 )
 def test_stack_equals_per_matrix_fits(grid, rank, rg, pattern, init):
     """A stack is fitted matrix by matrix within one alternation: each matrix gets the
     error, passes, stop reason, trace and factors of its own fit; traces never increase."""
     rng = np.random.default_rng(21)
-    S = np.stack([_planted(rng, 12, 13, K=2, rg=1, rb=1) + 0.3 * rng.standard_normal((12, 13))
-                  for _ in range(9)] + [np.zeros((12, 13))])
+    S = np.stack(
+        [_planted(rng, 12, 13, K=2, rg=1, rb=1) + 0.3 * rng.standard_normal((12, 13)) for _ in range(9)]
+        + [np.zeros((12, 13))]
+    )
     lay = BlockLayout.from_blocks((12, 13), grid, rank=rank, pattern=pattern)
     batch = fit_hybrid(S, lay, rg, first_step=init, max_iter=25, svd_solver="full")
     assert batch.error.shape == (10,) and batch.reconstruction.shape == S.shape

@@ -52,12 +52,7 @@ def test_notebook_has_no_outputs(path):
 def test_notebook_runs(path, tmp_path):
     env = dict(os.environ, BLOCKLOWRANK_NB_FAST="1", MPLBACKEND="Agg")
     proc = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, "-c", RUNNER, str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip().endswith("ok")

@@ -11,10 +11,9 @@ import struct
 import numpy as np
 import pytest
 
-from blocklowrank import BlockLayout, approximate, fit_shared_basis
+from blocklowrank import BlockLayout, approximate, fit_hybrid, fit_shared_basis
 from blocklowrank.checkpoints.safetensors import load_file, save_file
 from blocklowrank.convert import StructuredFactors, as_factors
-from blocklowrank import fit_hybrid
 from blocklowrank.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, save_peft_adapter
 
 Q, U = "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"
@@ -72,8 +71,14 @@ def test_gralora_pads_ranks_and_hybrid(tmp_path):
     layers = {Q: budget, U: fit_hybrid(_X((16, 12), 1), BlockLayout.block((16, 12), 2, rank=1), global_rank=2)}
     rep, config = _roundtrip(tmp_path, layers)
     rho = int(budget.layout.ranks.max())
-    assert config == {**config, "peft_type": "GRALORA", "gralora_k": 2, "r": 2 * rho, "hybrid_r": 2,
-                      "alpha": 2 * rho + 2}
+    assert config == {
+        **config,
+        "peft_type": "GRALORA",
+        "gralora_k": 2,
+        "r": 2 * rho,
+        "hybrid_r": 2,
+        "alpha": 2 * rho + 2,
+    }
     assert rep["layers"][Q]["n_params_written"] == (2 * rho + 2) * (16 + 12) > rep["layers"][Q]["n_params_effective"]
 
 
@@ -130,8 +135,11 @@ def test_library_never_imports_torch():
 # ---------------------------------------------------------------------------- refusals and writes
 def test_shape_not_divisible_names_layer_and_options(tmp_path):
     layers = {Q: approximate(_X((15, 12)), n_blocks=2, rank=1)}  # uneven rows: PEFT would reject it
-    with pytest.raises(ValueError, match=rf"layer '{Q}' of shape \(out=15, in=12\) is not divisible by "
-                                         r"gralora_k=2.*another K or write it as LoRA"):
+    with pytest.raises(
+        ValueError,
+        match=rf"layer '{Q}' of shape \(out=15, in=12\) is not divisible by "
+        r"gralora_k=2.*another K or write it as LoRA",
+    ):
         save_peft_adapter(tmp_path / "a", layers)
     assert os.listdir(tmp_path) == []
     _roundtrip(tmp_path, layers, peft_type="LORA")
@@ -172,7 +180,9 @@ def test_safetensors_file_is_standard(tmp_path):
     save_peft_adapter(tmp_path / "a", {Q: fit})
     theirs = safetensors_numpy.load_file(tmp_path / "a" / ADAPTER_WEIGHTS)
     assert {k: v.shape for k, v in theirs.items()} == {
-        f"base_model.model.{Q}.gralora_A": (2, 3, 2), f"base_model.model.{Q}.gralora_B": (2, 2, 4)}
+        f"base_model.model.{Q}.gralora_A": (2, 3, 2),
+        f"base_model.model.{Q}.gralora_B": (2, 2, 4),
+    }
     assert all(v.dtype == np.float32 for v in theirs.values())
     safetensors_numpy.save_file(theirs, tmp_path / "a" / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     np.testing.assert_allclose(load_peft_adapter(tmp_path / "a")[0][Q].to_dense(), fit.reconstruction, atol=1e-6)
@@ -216,7 +226,11 @@ KEY_A, KEY_B = f"base_model.model.{Q}.lora_A.weight", f"base_model.model.{Q}.lor
         (lambda d: (d / ADAPTER_CONFIG).write_text("{"), ValueError, "adapter_config.json is not valid JSON"),
         (lambda d: _edit_config(d, peft_type="IA3"), ValueError, "peft_type 'IA3' is not one of"),
         (lambda d: _edit_config(d, r=0), ValueError, "'r' must be a positive integer"),
-        (lambda d: _edit_config(d, r=3), ValueError, rf"tensor '{KEY_A}' has shape \[2, 6\], the config implies \[3, \*\]"),
+        (
+            lambda d: _edit_config(d, r=3),
+            ValueError,
+            rf"tensor '{KEY_A}' has shape \[2, 6\], the config implies \[3, \*\]",
+        ),
         (lambda d: _edit_config(d, rank_pattern={"q_proj": 1}), ValueError, "has shape .2, 6., the config implies .1,"),
         (lambda d: _edit_config(d, use_dora=True), ValueError, "DoRA"),
         (lambda d: _edit_config(d, rank_pattern=[2]), ValueError, "'rank_pattern' must map module patterns to numbers"),
@@ -225,19 +239,39 @@ KEY_A, KEY_B = f"base_model.model.{Q}.lora_A.weight", f"base_model.model.{Q}.lor
         (lambda d: _edit_config(d, target_modules=3), ValueError, "target_modules must be a string or a list"),
         (lambda d: _edit_config(d, target_modules=["k_proj"]), ValueError, "outside the config's target_modules"),
         (lambda d: _edit_config(d, peft_type="GRALORA", gralora_k=2), ValueError, "is not a gralora_A/"),
-        (lambda d: _edit_config(d, peft_type="GRALORA", gralora_k=3), ValueError, "r=2 is not divisible by gralora_k=3"),
+        (
+            lambda d: _edit_config(d, peft_type="GRALORA", gralora_k=3),
+            ValueError,
+            "r=2 is not divisible by gralora_k=3",
+        ),
         (lambda d: _rewrite(d, drop=KEY_B), ValueError, f"module '{Q}' has no lora_B.weight"),
         (lambda d: _rewrite(d, rename=(KEY_B, KEY_B + "x")), ValueError, "is not a lora_A.weight/lora_B.weight"),
-        (lambda d: _rewrite(d, rename=(KEY_B, KEY_B[len("base_model.model."):])), ValueError, "is not a lora_A"),
-        (lambda d: _rewrite(d, reshape=KEY_A), ValueError, rf"'{KEY_A}' has shape \[1, 6\], the config implies \[2, \*\]"),
+        (lambda d: _rewrite(d, rename=(KEY_B, KEY_B[len("base_model.model.") :])), ValueError, "is not a lora_A"),
+        (
+            lambda d: _rewrite(d, reshape=KEY_A),
+            ValueError,
+            rf"'{KEY_A}' has shape \[1, 6\], the config implies \[2, \*\]",
+        ),
         (lambda d: (d / ADAPTER_WEIGHTS).write_bytes(b"\x00" * 4), ValueError, "too few for a safetensors header"),
         (lambda d: _raw_header(d, {KEY_A: 3}), ValueError, f"tensor '{KEY_A}': its header entry must be an object"),
-        (lambda d: _raw_header(d, {KEY_A: {"dtype": "I8", "shape": [2, 6], "data_offsets": [0, 12]},
-                                   KEY_B: {"dtype": "I8", "shape": [8, 2], "data_offsets": [12, 28]}}, 28),
-         ValueError, f"tensor '{KEY_A}' has dtype int8, not a floating type"),
+        (
+            lambda d: _raw_header(
+                d,
+                {
+                    KEY_A: {"dtype": "I8", "shape": [2, 6], "data_offsets": [0, 12]},
+                    KEY_B: {"dtype": "I8", "shape": [8, 2], "data_offsets": [12, 28]},
+                },
+                28,
+            ),
+            ValueError,
+            f"tensor '{KEY_A}' has dtype int8, not a floating type",
+        ),
         (lambda d: (d / ADAPTER_WEIGHTS).write_bytes(struct.pack("<Q", 4) + b"abcd"), ValueError, "header"),
-        (lambda d: (d / ADAPTER_WEIGHTS).write_bytes((d / ADAPTER_WEIGHTS).read_bytes()[:-8]), ValueError,
-         f"{ADAPTER_WEIGHTS}, tensor '.*': data_offsets .* fall outside"),
+        (
+            lambda d: (d / ADAPTER_WEIGHTS).write_bytes((d / ADAPTER_WEIGHTS).read_bytes()[:-8]),
+            ValueError,
+            f"{ADAPTER_WEIGHTS}, tensor '.*': data_offsets .* fall outside",
+        ),
     ],
 )
 def test_hostile_lora_dirs(lora_dir, damage, error, match):

@@ -19,14 +19,15 @@ import os
 
 import numpy as np
 import pytest
+from _llama import ATTN, MLP, peft, tiny_llama, torch
+from _llama import captured as _captured
+from _llama import structured_delta as _delta
+from _llama import tokens as _tokens
+from _llama import weight as _weight
 
-from blocklowrank import BlockLayout, approximate
+from blocklowrank import BlockLayout, approximate, fit_hybrid
 from blocklowrank.convert import as_factors
-from blocklowrank import fit_hybrid
 from blocklowrank.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, save_peft_adapter
-
-from _llama import ATTN, MLP, captured as _captured, peft, structured_delta as _delta, tiny_llama, torch
-from _llama import tokens as _tokens, weight as _weight
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
@@ -56,18 +57,36 @@ FITS = {
 CASES = {
     "lora_global": ({ATTN.format(0, "q_proj"): "global", ATTN.format(1, "v_proj"): "global"}, {}, "LORA"),
     "lora_melora_rank_pattern": (
-        {ATTN.format(0, "q_proj"): "global", MLP.format(0, "up_proj"): "diagonal",
-         MLP.format(1, "down_proj"): "diagonal_r1"}, {}, "LORA"),
+        {
+            ATTN.format(0, "q_proj"): "global",
+            MLP.format(0, "up_proj"): "diagonal",
+            MLP.format(1, "down_proj"): "diagonal_r1",
+        },
+        {},
+        "LORA",
+    ),
     "gralora": ({ATTN.format(0, "q_proj"): "block", MLP.format(1, "gate_proj"): "block"}, {}, "GRALORA"),
     "gralora_k4": ({ATTN.format(1, "o_proj"): "block_k4"}, {}, "GRALORA"),
     "gralora_padded_ranks": (
-        {ATTN.format(0, "k_proj"): "block_budget", MLP.format(0, "down_proj"): "block"}, {}, "GRALORA"),
+        {ATTN.format(0, "k_proj"): "block_budget", MLP.format(0, "down_proj"): "block"},
+        {},
+        "GRALORA",
+    ),
     "gralora_hybrid": ({ATTN.format(0, "v_proj"): "hybrid", MLP.format(1, "up_proj"): "block"}, {}, "GRALORA"),
     "gralora_forced_mixed": (
-        {ATTN.format(0, "q_proj"): "global", MLP.format(0, "up_proj"): "diagonal_r1",
-         MLP.format(1, "down_proj"): "hybrid"}, {"peft_type": "GRALORA"}, "GRALORA"),
+        {
+            ATTN.format(0, "q_proj"): "global",
+            MLP.format(0, "up_proj"): "diagonal_r1",
+            MLP.format(1, "down_proj"): "hybrid",
+        },
+        {"peft_type": "GRALORA"},
+        "GRALORA",
+    ),
     "lora_forced_blocks": (
-        {ATTN.format(1, "q_proj"): "block", MLP.format(0, "gate_proj"): "hybrid"}, {"peft_type": "LORA"}, "LORA"),
+        {ATTN.format(1, "q_proj"): "block", MLP.format(0, "gate_proj"): "hybrid"},
+        {"peft_type": "LORA"},
+        "LORA",
+    ),
 }
 
 
@@ -126,7 +145,9 @@ def test_a_wrong_key_is_caught(base_model, tmp_path):
         model = peft.PeftModel.from_pretrained(copy.deepcopy(base_model), tmp_path / "a")
     assert any("missing adapter keys" in s for s in seen), seen
     merged = model.merge_and_unload()  # B stayed at its initial zeros: the update is lost
-    np.testing.assert_array_equal(_weight(merged, ATTN.format(0, "q_proj")), _weight(base_model, ATTN.format(0, "q_proj")))
+    np.testing.assert_array_equal(
+        _weight(merged, ATTN.format(0, "q_proj")), _weight(base_model, ATTN.format(0, "q_proj"))
+    )
 
 
 def test_rank_pattern_picks_one_module(tmp_path):
@@ -143,8 +164,10 @@ def test_rank_pattern_picks_one_module(tmp_path):
 
     torch.manual_seed(0)
     net = Net()
-    fits = {"encoder.proj": approximate(_delta((8, 12), 0), method="global", rank=1),
-            "decoder.proj": approximate(_delta((8, 12), 1), method="global", rank=3)}
+    fits = {
+        "encoder.proj": approximate(_delta((8, 12), 0), method="global", rank=1),
+        "decoder.proj": approximate(_delta((8, 12), 1), method="global", rank=3),
+    }
     save_peft_adapter(tmp_path / "a", fits)
     with _captured() as seen:
         merged = peft.PeftModel.from_pretrained(copy.deepcopy(net), tmp_path / "a").merge_and_unload()
@@ -155,8 +178,10 @@ def test_rank_pattern_picks_one_module(tmp_path):
 
 
 def test_write_and_read_back_are_exact(tmp_path, base_model):
-    fits = {module: FITS[fit](_delta(_weight(base_model, module).shape, seed=3)) for module, fit in
-            CASES["gralora_hybrid"][0].items()}
+    fits = {
+        module: FITS[fit](_delta(_weight(base_model, module).shape, seed=3))
+        for module, fit in CASES["gralora_hybrid"][0].items()
+    }
     save_peft_adapter(tmp_path / "a", fits, dtype=np.float64)
     layers, config = load_peft_adapter(tmp_path / "a")
     assert config["hybrid_r"] == 2 and config["alpha"] == config["r"] + config["hybrid_r"]
@@ -186,8 +211,11 @@ def _peft_made(base_model, config, tmp_path, dtype=None):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_read_lora_made_by_peft(base_model, tmp_path, dtype):
     config = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
-        rank_pattern={"up_proj": 6}, alpha_pattern={"v_proj": 3},
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+        rank_pattern={"up_proj": 6},
+        alpha_pattern={"v_proj": 3},
     )
     deltas, (layers, saved) = _peft_made(base_model, config, tmp_path, getattr(torch, dtype))
     raw = (tmp_path / "peft" / ADAPTER_WEIGHTS).read_bytes()
@@ -201,9 +229,7 @@ def test_read_lora_made_by_peft(base_model, tmp_path, dtype):
 
 @pytest.mark.parametrize("hybrid_r", [0, 2])
 def test_read_gralora_made_by_peft(base_model, tmp_path, hybrid_r):
-    config = peft.GraloraConfig(
-        r=4, alpha=12, gralora_k=2, hybrid_r=hybrid_r, target_modules=["k_proj", "down_proj"],
-    )
+    config = peft.GraloraConfig(r=4, alpha=12, gralora_k=2, hybrid_r=hybrid_r, target_modules=["k_proj", "down_proj"])
     deltas, (layers, saved) = _peft_made(base_model, config, tmp_path)
     assert saved["peft_type"] == "GRALORA" and len(deltas) == 4 and set(layers) == set(deltas)
     for module, dW in deltas.items():
@@ -235,6 +261,13 @@ def test_config_is_minimal(base_model, tmp_path):
     save_peft_adapter(tmp_path / "g", {ATTN.format(0, "q_proj"): fit})
     with open(tmp_path / "g" / ADAPTER_CONFIG) as f:
         config = json.load(f)
-    assert set(config) == {"peft_type", "base_model_name_or_path", "target_modules", "r", "alpha", "gralora_k",
-                           "hybrid_r"}
+    assert set(config) == {
+        "peft_type",
+        "base_model_name_or_path",
+        "target_modules",
+        "r",
+        "alpha",
+        "gralora_k",
+        "hybrid_r",
+    }
     assert peft.PeftConfig.from_pretrained(tmp_path / "g").gralora_k == 2

@@ -4,11 +4,7 @@ import numpy as np
 import pytest
 
 from blocklowrank import BlockLayout, BlockLowRank, DiagonalBlockLowRank, approximate
-from blocklowrank.permutations import (
-    cluster_permutation,
-    image_patch_permutation,
-    strided_permutation,
-)
+from blocklowrank.permutations import cluster_permutation, image_patch_permutation, strided_permutation
 
 
 def _blockwise_svd(Xp, rows, cols, r):

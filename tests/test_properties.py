@@ -10,18 +10,11 @@ import numpy as np
 import pytest
 
 pytest.importorskip("hypothesis")
+import _reference as ref  # noqa: E402
 from hypothesis import assume, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import _reference as ref  # noqa: E402
-from blocklowrank import (  # noqa: E402
-    BlockLayout,
-    BlockLowRank,
-    DiagonalBlockLowRank,
-    GlobalLowRank,
-    approximate,
-    batched_svd,
-)
+from blocklowrank import BlockLayout, BlockLowRank, DiagonalBlockLowRank, GlobalLowRank, approximate, batched_svd  # noqa: E402
 from blocklowrank.testing import layouts, matrices, planted_matrices, planted_matrix  # noqa: E402
 
 ESTIMATORS = {"global": GlobalLowRank, "diagonal": DiagonalBlockLowRank, "block": BlockLowRank}
@@ -142,10 +135,7 @@ def test_error_never_grows_with_rank(structure, case):
     assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:])), errors
     if structure != "diagonal":
         assert errors[-1] <= 1e-7
-    est_errors = [
-        ESTIMATORS[structure](rank=r, cap_rank=True, svd_solver="full", **kw).fit(X).error_
-        for r in (1, top)
-    ]
+    est_errors = [ESTIMATORS[structure](rank=r, cap_rank=True, svd_solver="full", **kw).fit(X).error_ for r in (1, top)]
     assert est_errors[1] <= est_errors[0] + 1e-12
 
 
@@ -154,9 +144,7 @@ def test_error_never_grows_with_budget(case):
     """Claim: the budget-optimal error is non-increasing in the budget."""
     X, grid, _ = case
     m, n = X.shape
-    cheapest = min(s.stop - s.start for s in ref.cuts(m, grid[0])) + min(
-        s.stop - s.start for s in ref.cuts(n, grid[1])
-    )
+    cheapest = min(s.stop - s.start for s in ref.cuts(m, grid[0])) + min(s.stop - s.start for s in ref.cuts(n, grid[1]))
     budgets = range(cheapest, cheapest + 3 * (m + n), max(1, (m + n) // 3))
     errors = [approximate(X, method="block", n_blocks=grid, budget=p).error for p in budgets]
     assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:])), errors
@@ -214,8 +202,9 @@ def tiny_budget_case(draw, uneven):
     pattern = draw(st.sampled_from(["full", "diagonal"]))
     rc, cc = ref.cuts(m, k), ref.cuts(n, k)
     mask = ref.full_mask(k, k) if pattern == "full" else ref.diag_mask(k)
-    cheapest = min((rc[i].stop - rc[i].start) + (cc[j].stop - cc[j].start)
-                   for i in range(k) for j in range(k) if mask[i, j])
+    cheapest = min(
+        (rc[i].stop - rc[i].start) + (cc[j].stop - cc[j].start) for i in range(k) for j in range(k) if mask[i, j]
+    )
     budget = draw(st.integers(cheapest, 2 * (m + n) + 2))
     return X, k, pattern, rc, cc, mask, budget
 
@@ -314,8 +303,7 @@ def test_reported_error_is_the_reconstruction_error(layout, X, data):
     assert res.error == pytest.approx(ref.rel_error(X, res.reconstruction), abs=1e-9)
     # the estimators: array_split cuts of the same grid
     kr, kc = layout.n_blocks
-    cheapest = min(s.stop - s.start for s in ref.cuts(m, kr)) + min(
-        s.stop - s.start for s in ref.cuts(n, kc))
+    cheapest = min(s.stop - s.start for s in ref.cuts(m, kr)) + min(s.stop - s.start for s in ref.cuts(n, kc))
     est = BlockLowRank(n_blocks=(kr, kc), budget=max(budget, cheapest)).fit(X)
     assert est.error_ == pytest.approx(ref.rel_error(X, est.reconstruct()), abs=1e-9)
     if layout.active.all():
@@ -323,8 +311,7 @@ def test_reported_error_is_the_reconstruction_error(layout, X, data):
         assert est.error_ == pytest.approx(ref.rel_error(X, est.reconstruct()), abs=1e-9)
 
 
-@given(matrices(elements="gaussian", max_side=10, batch_shape=st.sampled_from([(), (3,), (2, 2)])),
-       st.data())
+@given(matrices(elements="gaussian", max_side=10, batch_shape=st.sampled_from([(), (3,), (2, 2)])), st.data())
 def test_batched_svd_equals_loop(A, data):
     """Claim: batched_svd on a stack equals np.linalg.svd matrix by matrix (singular
     values, rank-k products) and follows the svd_flip(u_based_decision=False) signs."""
@@ -354,7 +341,7 @@ def test_float32_in_float32_out(solver, layout, seed):
     X = np.random.default_rng(seed).standard_normal(layout.shape).astype(np.float32)
     res = approximate(X, layout, svd_solver=solver, random_state=0, n_oversamples=1)
     assert res.reconstruction.dtype == np.float32
-    for (B, A) in res.factors.values():
+    for B, A in res.factors.values():
         assert B.dtype == np.float32 and A.dtype == np.float32
     for s in res.singular_values.values():
         assert s.dtype == np.float32
@@ -490,13 +477,14 @@ def test_global_transform_equals_truncated_svd(X, data):
     np.testing.assert_allclose(est.components_, tsvd.components_, atol=1e-8)
     _close(est.transform(X), tsvd.transform(X), scale, rtol=1e-8)
     _close(est.fit_transform(X), tsvd.transform(X), scale, rtol=1e-8)
-    _close(est.inverse_transform(est.transform(X)), tsvd.inverse_transform(tsvd.transform(X)),
-           scale, rtol=1e-8)
+    _close(est.inverse_transform(est.transform(X)), tsvd.inverse_transform(tsvd.transform(X)), scale, rtol=1e-8)
 
 
 # ---------------------------------------------------------------------------- randomized solver
-@given(planted_matrices(structures=("global",), min_side=14, max_side=40, max_rank=3,
-                        noise=1e-6), st.integers(0, 2**31 - 1))
+@given(
+    planted_matrices(structures=("global",), min_side=14, max_side=40, max_rank=3, noise=1e-6),
+    st.integers(0, 2**31 - 1),
+)
 def test_randomized_recovers_exact_low_rank(planted, seed):
     """Claim: on a matrix of exact low rank r (plus 1e-6 relative noise), the randomized
     solver at rank r has the exact solver's error within 1e-6 (never below it), and is
@@ -504,14 +492,12 @@ def test_randomized_recovers_exact_low_rank(planted, seed):
     X, info = planted
     r = info.layout.uniform_rank
     exact = approximate(X, method="global", rank=r, svd_solver="full")
-    rnd = approximate(X, method="global", rank=r, svd_solver="randomized",
-                      random_state=seed, n_oversamples=2)
+    rnd = approximate(X, method="global", rank=r, svd_solver="randomized", random_state=seed, n_oversamples=2)
     assert set(rnd.svd_solver.values()) == {"randomized"}
     assert rnd.error >= exact.error - 1e-12
     assert rnd.error <= exact.error + 1e-6
     assert ref.rel_error(X, rnd.reconstruction) == pytest.approx(rnd.error, abs=1e-9)
-    again = approximate(X, method="global", rank=r, svd_solver="randomized",
-                        random_state=seed, n_oversamples=2)
+    again = approximate(X, method="global", rank=r, svd_solver="randomized", random_state=seed, n_oversamples=2)
     np.testing.assert_array_equal(again.reconstruction, rnd.reconstruction)
     e1 = GlobalLowRank(rank=r, svd_solver="randomized", random_state=seed, n_oversamples=2).fit(X)
     e2 = GlobalLowRank(rank=r, svd_solver="randomized", random_state=seed, n_oversamples=2).fit(X)
@@ -524,8 +510,7 @@ def test_randomized_recovers_planted_blocks(seed, grid, r):
     """Claim: the same holds block by block: on a planted K_rows x K_cols block matrix of
     rank r per block (plus 1e-6 noise), BlockLowRank(svd_solver="randomized") at rank r
     has the exact error within 1e-6, deterministically for a fixed random_state."""
-    X, info = planted_matrix((30, 36), structure="block", n_blocks=grid, rank=r, noise=1e-6,
-                             random_state=seed)
+    X, info = planted_matrix((30, 36), structure="block", n_blocks=grid, rank=r, noise=1e-6, random_state=seed)
     exact = approximate(X, method="block", n_blocks=grid, rank=r, svd_solver="full")
     kw = dict(n_blocks=grid, rank=r, svd_solver="randomized", random_state=seed, n_oversamples=2)
     e1, e2 = BlockLowRank(**kw).fit(X), BlockLowRank(**kw).fit(X)
@@ -537,8 +522,13 @@ def test_randomized_recovers_planted_blocks(seed, grid, r):
     np.testing.assert_array_equal(e1.reconstruct(), e2.reconstruct())
 
 
-@given(matrices(min_side=4, max_side=40), st.sampled_from([1, 2, 3]), st.sampled_from([1, 2, 4]),
-       st.sampled_from([np.float64, np.float32]), st.integers(0, 2**31 - 1))
+@given(
+    matrices(min_side=4, max_side=40),
+    st.sampled_from([1, 2, 3]),
+    st.sampled_from([1, 2, 4]),
+    st.sampled_from([np.float64, np.float32]),
+    st.integers(0, 2**31 - 1),
+)
 def test_randomized_error_is_the_error_of_its_reconstruction(X, K, r, dtype, seed):
     """Claim: the error reported by the randomized solver (computed as ||A||^2 - sum s^2 per
     block, the factors being a projection of the block, or from the residual where that
@@ -548,8 +538,9 @@ def test_randomized_error_is_the_error_of_its_reconstruction(X, K, r, dtype, see
     K = min(K, *X.shape)
     lay = BlockLayout.block(X.shape, K)
     r = min(r, int(lay.max_ranks[lay.active].min()))
-    res = approximate(X, method="block", n_blocks=K, rank=r, svd_solver="randomized",
-                      random_state=seed, n_oversamples=2)
+    res = approximate(
+        X, method="block", n_blocks=K, rank=r, svd_solver="randomized", random_state=seed, n_oversamples=2
+    )
     want = ref.rel_error(X.astype(np.float64), res.reconstruction.astype(np.float64))
     tol = 1e-9 if dtype == np.float64 else 2e-3 * max(want, 1e-2)
     assert res.error == pytest.approx(want, abs=tol)

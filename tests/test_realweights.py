@@ -22,8 +22,14 @@ from blocklowrank.experiments import realweights as rw
 from blocklowrank.structures import approximate
 
 REQUIRED = os.environ.get("BLOCKLOWRANK_TEST_REAL_DATA") == "1"
-LINEAR = ("attention.self.query", "attention.self.key", "attention.self.value",
-          "attention.output.dense", "intermediate.dense", "output.dense")
+LINEAR = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
 SHAPES = {"intermediate.dense": (1536, 384), "output.dense": (384, 1536)}
 
 
@@ -73,15 +79,16 @@ def test_all_linear_selects_the_36_encoder_linears_and_the_pooler(minilm):
 
 def _tail_error(W, rank):
     s = np.linalg.svd(W, compute_uv=False)
-    return np.sum(s[rank:] ** 2), np.sum(s ** 2)
+    return np.sum(s[rank:] ** 2), np.sum(s**2)
 
 
 def _blocks(W, K):
     return [b for rows in np.array_split(W, K, axis=0) for b in np.array_split(rows, K, axis=1)]
 
 
-@pytest.mark.parametrize(("layer", "rank"), [("encoder.layer.0.attention.self.query", 8),
-                                             ("encoder.layer.5.intermediate.dense", 32)])
+@pytest.mark.parametrize(
+    ("layer", "rank"), [("encoder.layer.0.attention.self.query", 8), ("encoder.layer.5.intermediate.dense", 32)]
+)
 def test_compression_of_real_layers_matches_independent_svd(minilm, layer, rank):
     [(pair, W)] = list(iter_deltas(minilm, None, pair_layers(minilm, None, [layer]), dtype=np.float64))
     m, n = W.shape
@@ -90,8 +97,9 @@ def test_compression_of_real_layers_matches_independent_svd(minilm, layer, rank)
     assert fit.error == pytest.approx(np.sqrt(tail / total), rel=1e-9)
     budget = rank * (m + n)  # LoRA's parameter count at this rank
     for K in (2, 4):  # K x K blocks of rank r / K: the same budget
-        [rec] = compare_at_budget(W, budget, methods=["block"], n_blocks=[K], ranks=[rank // K],
-                                  include_optimal=False, svd_solver="full")
+        [rec] = compare_at_budget(
+            W, budget, methods=["block"], n_blocks=[K], ranks=[rank // K], include_optimal=False, svd_solver="full"
+        )
         assert rec["n_params"] == budget
         block_tail = sum(_tail_error(B, rank // K)[0] for B in _blocks(W, K))
         assert rec["error"] == pytest.approx(np.sqrt(block_tail / total), rel=1e-9)
@@ -117,8 +125,10 @@ def test_extraction_is_verified_and_atomic(tmp_path, monkeypatch):
 
 
 def test_the_module_never_imports_torch():
-    code = ("import sys, blocklowrank.experiments.realweights, blocklowrank.experiments._finetune_minilm; "
-            "sys.exit('torch' in sys.modules or 'transformers' in sys.modules)")
+    code = (
+        "import sys, blocklowrank.experiments.realweights, blocklowrank.experiments._finetune_minilm; "
+        "sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
@@ -127,16 +137,16 @@ def test_run_realweights_studies_the_three_pairs(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     names = [f"encoder.layer.0.{m}.weight" for m in LINEAR] + ["pooler.dense.weight"]
     base = {name: rng.standard_normal((16, 12)).astype(np.float32) for name in names}
-    tuned = {name: w + np.float32(0.1) * rng.standard_normal(w.shape).astype(np.float32)
-             for name, w in base.items()}
+    tuned = {name: w + np.float32(0.1) * rng.standard_normal(w.shape).astype(np.float32) for name, w in base.items()}
     base_path = save_file(tmp_path / "base.safetensors", base)
     out = tmp_path / "out"
     (out / "minilm").mkdir(parents=True)
     save_file(out / "minilm" / "model.safetensors", tuned)
     (out / "minilm" / "finetune.json").write_text(json.dumps({"accuracy_after": 0.5, "loss": [1.0]}))
     monkeypatch.setattr(rw, "minilm_checkpoint", lambda: base_path)
-    results = rw.run_realweights(out, structures=["global", "block"], budget_rank=2, progress=False,
-                                 mlp_data=_fake_mnist(), mlp_epochs=3)
+    results = rw.run_realweights(
+        out, structures=["global", "block"], budget_rank=2, progress=False, mlp_data=_fake_mnist(), mlp_epochs=3
+    )
     assert set(results) == {"minilm_compression", "minilm_delta", "mlp_delta"}
     encoder = {name.removesuffix(".weight") for name in names[:-1]}  # not the pooler
     for name in ("minilm_compression", "minilm_delta"):
@@ -196,8 +206,9 @@ def test_finetune_script_writes_a_checkpoint_that_pairs_with_the_base(minilm, tm
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")
-    rec = rw.finetune_minilm(tmp_path, extra_args=["--steps", "1", "--subset", "8", "--batch-size", "4",
-                                                   "--max-length", "16"])
+    rec = rw.finetune_minilm(
+        tmp_path, extra_args=["--steps", "1", "--subset", "8", "--batch-size", "4", "--max-length", "16"]
+    )
     assert rec["settings"]["steps"] == 1 and 0 <= rec["accuracy_after"] <= 1
     with open_checkpoint(tmp_path / "model.safetensors") as tuned:
         assert tuned.names() == minilm.names()

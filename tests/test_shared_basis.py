@@ -9,11 +9,7 @@ from blocklowrank import BlockLayout, BlockLowRank, GlobalLowRank
 from blocklowrank._linalg import STEP_TOL, psd_solve
 from blocklowrank.budget import match_budget
 from blocklowrank.structures._als import _gram, _pad, _s_solve, _u_solve, _v_solve
-from blocklowrank.structures.shared_basis import (
-    SharedBasisLowRank,
-    fit_shared_basis,
-    shared_basis_params,
-)
+from blocklowrank.structures.shared_basis import SharedBasisLowRank, fit_shared_basis, shared_basis_params
 
 
 def _random_state(layout, r, rng):
@@ -31,9 +27,7 @@ def _random_state(layout, r, rng):
 
 def _W(layout, V, S, i):
     """Decoder of block-row i: [diag(s_i1) V_1^T, ..., diag(s_iK) V_K^T] (r x n)."""
-    return np.concatenate(
-        [S[i, j][:, None] * V[j, :w].T for j, w in enumerate(layout.col_sizes)], axis=1
-    )
+    return np.concatenate([S[i, j][:, None] * V[j, :w].T for j, w in enumerate(layout.col_sizes)], axis=1)
 
 
 # ---------------------------------------------------------------------------- counting
@@ -261,9 +255,7 @@ def test_stack_threads_and_shapes():
     assert np.all(d[~np.isnan(d)] <= STEP_TOL)
     W = one.decoders()
     assert W.shape == (7, 10, 2, 2, 10)
-    np.testing.assert_allclose(
-        one.shared[0][0][3, 4] @ W[3, 4, 0], one.reconstruction[3, 4, :5], atol=1e-10
-    )
+    np.testing.assert_allclose(one.shared[0][0][3, 4] @ W[3, 4, 0], one.reconstruction[3, 4, :5], atol=1e-10)
 
 
 def test_spd_solve_matches_solve_and_pinv():

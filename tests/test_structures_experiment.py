@@ -5,11 +5,9 @@ import csv
 import numpy as np
 import pytest
 
-from blocklowrank import BlockLayout, approximate
+from blocklowrank import BlockLayout, approximate, fit_hybrid, fit_shared_basis
 from blocklowrank.datasets import MNISTNotAvailableError, load_mnist_split
-from blocklowrank import fit_hybrid
 from blocklowrank.permutations import cluster_permutation, strided_permutation
-from blocklowrank import fit_shared_basis
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +51,9 @@ def test_digit_numbers_equal_direct_fits(result, mnist_test):
     images, _ = mnist_test
     D = images[:12].astype(float)
     rows = _rows(result, "MNIST digits (12 x 28x28)")
-    np.testing.assert_allclose(rows[("global", "natural", "uniform")]["errors"],
-                               approximate(D, method="global", rank=4).error, rtol=1e-10)
+    np.testing.assert_allclose(
+        rows[("global", "natural", "uniform")]["errors"], approximate(D, method="global", rank=4).error, rtol=1e-10
+    )
     blk = rows[("block", "natural", "uniform")]
     K, r = _config_ints(blk["config"], "K", "r")
     np.testing.assert_allclose(blk["errors"], approximate(D, method="block", n_blocks=K, rank=r).error, rtol=1e-10)
@@ -70,8 +69,9 @@ def test_digit_numbers_equal_direct_fits(result, mnist_test):
     K, r = _config_ints(hy["config"], "K", "r")
     r_g = int(hy["config"].split("global r=")[1].split()[0])
     assert hy["n_params"] == r * K * 56 + r_g * 56 == 224
-    np.testing.assert_allclose(hy["errors"], fit_hybrid(D, BlockLayout.block((28, 28), K, rank=r), r_g).error,
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        hy["errors"], fit_hybrid(D, BlockLayout.block((28, 28), K, rank=r), r_g).error, rtol=1e-10
+    )
     st = rows[("block", "strided", "uniform")]
     K, r = _config_ints(st["config"], "K", "r")
     p = strided_permutation(28, K)
@@ -79,8 +79,15 @@ def test_digit_numbers_equal_direct_fits(result, mnist_test):
     np.testing.assert_allclose(st["errors"], approximate(D, lay).error, rtol=1e-10)
     cl = rows[("block", "cluster", "uniform")]
     K, r = _config_ints(cl["config"], "K", "r")
-    want = [approximate(x[cluster_permutation(x, K, axis=0)][:, cluster_permutation(x, K, axis=1)],
-                        method="block", n_blocks=K, rank=r).error for x in D]
+    want = [
+        approximate(
+            x[cluster_permutation(x, K, axis=0)][:, cluster_permutation(x, K, axis=1)],
+            method="block",
+            n_blocks=K,
+            rank=r,
+        ).error
+        for x in D
+    ]
     np.testing.assert_allclose(cl["errors"], want, rtol=1e-10)
 
 
@@ -90,7 +97,8 @@ def test_data_matrix_patches_and_oracle(result, mnist_test):
     rows = _rows(result, "MNIST data matrix (60x784)")
     budget = 16 * (60 + 784)
     assert rows[("global", "natural", "uniform")]["error"] == pytest.approx(
-        approximate(A, method="global", rank=16).error, rel=1e-10)
+        approximate(A, method="global", rank=16).error, rel=1e-10
+    )
     from blocklowrank.permutations import image_patch_permutation
 
     for K, tile in ((4, 14), (16, 7)):
@@ -109,9 +117,11 @@ def test_data_matrix_patches_and_oracle(result, mnist_test):
 def test_planted_each_structure_wins_its_own(result):
     """At 48 x 48 (budget = global rank 8), the planted global, diagonal and block matrices are
     fitted best (to noise) by their own structure."""
-    for name, key in (("global", ("global", "natural", "uniform")),
-                      ("diagonal", ("diagonal", "natural", "uniform")),
-                      ("block", ("block", "natural", "uniform"))):
+    for name, key in (
+        ("global", ("global", "natural", "uniform")),
+        ("diagonal", ("diagonal", "natural", "uniform")),
+        ("block", ("block", "natural", "uniform")),
+    ):
         rows = _rows(result, f"planted {name} 48x48")
         assert rows[key]["error"] <= min(r["error"] for r in rows.values()) + 1e-12
         assert rows[key]["error"] < 0.12  # 10% noise

@@ -16,8 +16,14 @@ from blocklowrank.cli import main
 from blocklowrank.layout import BlockLayout
 
 D, F = 24, 40
-MODULES = {"self_attn.q_proj": (D, D), "self_attn.k_proj": (12, D), "self_attn.v_proj": (12, D),
-           "self_attn.o_proj": (D, D), "mlp.up_proj": (F, D), "mlp.down_proj": (D, F)}
+MODULES = {
+    "self_attn.q_proj": (D, D),
+    "self_attn.k_proj": (12, D),
+    "self_attn.v_proj": (12, D),
+    "self_attn.o_proj": (D, D),
+    "mlp.up_proj": (F, D),
+    "mlp.down_proj": (D, F),
+}
 
 
 def _planted(rng, shape):
@@ -50,9 +56,11 @@ def model(tmp_path_factory):
 def _deltas(base, tuned=None):
     b = load_file(base)
     t = load_file(tuned) if tuned else None
-    return {k[: -len(".weight")]: (t[k].astype(np.float64) - v if t else v.astype(np.float64))
-            for k, v in b.items() if v.ndim == 2 and (t is None or (k in t and t[k].shape == v.shape))
-            and "embed" not in k}
+    return {
+        k[: -len(".weight")]: (t[k].astype(np.float64) - v if t else v.astype(np.float64))
+        for k, v in b.items()
+        if v.ndim == 2 and (t is None or (k in t and t[k].shape == v.shape)) and "embed" not in k
+    }
 
 
 def _global_error(X, r):
@@ -99,8 +107,9 @@ def test_records_match_independent_svds(model, studied):
 
 
 def test_compression_of_one_checkpoint(model, tmp_path):
-    records = run_study(model[0], budget_fraction=0.25, structures=["global", "block"], n_blocks=[2],
-                        progress=False, out=tmp_path)
+    records = run_study(
+        model[0], budget_fraction=0.25, structures=["global", "block"], n_blocks=[2], progress=False, out=tmp_path
+    )
     W = _deltas(model[0])["model.layers.0.self_attn.q_proj"]
     g = _row(records, "model.layers.0.self_attn.q_proj", "global", "K=1 r=3")
     assert g["budget"] == int(0.25 * D * D) and g["error"] == pytest.approx(_global_error(W, 3), rel=1e-5)
@@ -115,8 +124,7 @@ def test_effective_rank():
 
 def test_model_wide_never_worse_than_uniform(model):
     for kwargs in ({"budget_rank": 3}, {"total_budget": 5000}):
-        res = run_study(*model, structures=["global", "diagonal", "block"], n_blocks=[2, 3], progress=False,
-                        **kwargs)
+        res = run_study(*model, structures=["global", "diagonal", "block"], n_blocks=[2, 3], progress=False, **kwargs)
         rows = {(r["structure"], r["n_blocks"], r["allocation"]): r for r in res.model_wide}
         assert {k[0] for k in rows} == {"global", "diagonal", "block"}
         for (name, K, alloc), r in rows.items():
@@ -134,8 +142,9 @@ def test_model_wide_never_worse_than_uniform(model):
 
 def _brute_force(spectra, budget):
     """Most energy kept by any per-block ranks within the budget (every combination)."""
-    items = [(sp, key, int(sp.layout.block_costs[key]), int(sp.layout.max_ranks[key]))
-             for sp in spectra for key in sp.values]
+    items = [
+        (sp, key, int(sp.layout.block_costs[key]), int(sp.layout.max_ranks[key])) for sp in spectra for key in sp.values
+    ]
     best = 0.0
     for ranks in itertools.product(*[range(mr + 1) for *_, mr in items]):
         if sum(r * c for r, (_, _, c, _) in zip(ranks, items)) <= budget:
@@ -175,8 +184,10 @@ def test_model_wide_against_brute_force(monkeypatch):
         gap = opt - _kept(spectra, g_ranks)
         assert -1e-12 <= gap <= min(largest_gain, g_gap + 1e-12)  # the certificate holds
         gaps.append(gap / opt)
-    print(f"greedy vs brute force: worst relative shortfall of kept energy {max(gaps):.3%} "
-          f"over {len(gaps)} budgets, exact on {sum(g < 1e-12 for g in gaps)}")
+    print(
+        f"greedy vs brute force: worst relative shortfall of kept energy {max(gaps):.3%} "
+        f"over {len(gaps)} budgets, exact on {sum(g < 1e-12 for g in gaps)}"
+    )
     # equal costs: water-filling is exact without the DP
     eq = [block_spectra(decaying((5, 5)), BlockLayout.global_((5, 5))) for _ in range(3)]
     with monkeypatch.context() as mp:
@@ -224,8 +235,9 @@ def test_resume_after_torn_log(model, tmp_path, spy):
     assert spy.calls == n - 4  # the torn layer and those after it, nothing else
     ids = _log_ids(tmp_path)
     assert len(ids) == len(set(ids)) == n
-    assert [(r["layer"], r["config"], r["error"]) for r in again] == [(r["layer"], r["config"], r["error"])
-                                                                      for r in first]
+    assert [(r["layer"], r["config"], r["error"]) for r in again] == [
+        (r["layer"], r["config"], r["error"]) for r in first
+    ]
 
 
 def test_killed_study_continues(model, tmp_path, spy):
@@ -249,8 +261,9 @@ def test_reads_one_layer_at_a_time(model, monkeypatch):
     """Each selected weight is read once per checkpoint, and nothing else is read."""
     reads, mapped = [], []
     real = Checkpoint._read_into  # every chunked read; _buffer is the memory-mapped way in
-    monkeypatch.setattr(Checkpoint, "_read_into",
-                        lambda self, name, out, **kw: reads.append(name) or real(self, name, out, **kw))
+    monkeypatch.setattr(
+        Checkpoint, "_read_into", lambda self, name, out, **kw: reads.append(name) or real(self, name, out, **kw)
+    )
     monkeypatch.setattr(Checkpoint, "_buffer", lambda self, file: mapped.append(file))
     res = run_study(*model, **SMALL)
     names = [lay["id"] for lay in res.layers]
@@ -262,8 +275,10 @@ def test_dask_cluster_through_joblib(model, tmp_path):
     import joblib
 
     expected = run_study(*model, **SMALL)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         with joblib.parallel_config(backend="dask"), distributed.get_task_stream(client) as stream:
             got = run_study(*model, out=tmp_path, n_jobs=2, **SMALL)
     assert len(stream.data) >= 12  # the layers ran as Dask tasks
@@ -274,30 +289,65 @@ def test_dask_cluster_through_joblib(model, tmp_path):
 
 def test_cli_end_to_end(model, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["study", str(model[0]), str(model[1]), "--out", str(out), "--budget-rank", "3", "--n-blocks",
-               "2", "4", "--structures", "global", "block", "hybrid", "-q"])
+    rc = main(
+        [
+            "study",
+            str(model[0]),
+            str(model[1]),
+            "--out",
+            str(out),
+            "--budget-rank",
+            "3",
+            "--n-blocks",
+            "2",
+            "4",
+            "--structures",
+            "global",
+            "block",
+            "hybrid",
+            "-q",
+        ]
+    )
     assert rc == 0
     for name in ("layers.csv", "model_wide.csv", "summary.md", "error_heatmap.png", "error_vs_budget.png"):
         assert (out / name).stat().st_size > 0
     with open(out / "layers.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["structure"] for r in rows} == {"global", "block", "hybrid"}
-    assert {"layer", "module_type", "shape", "structure", "config", "allocation", "n_params", "budget", "error",
-            "energy"} <= set(rows[0])
+    assert {
+        "layer",
+        "module_type",
+        "shape",
+        "structure",
+        "config",
+        "allocation",
+        "n_params",
+        "budget",
+        "error",
+        "energy",
+    } <= set(rows[0])
     summary = (out / "summary.md").read_text()
-    for listed in ("model.layers.0.self_attn.q_proj.bias", "model.lm_head.weight",
-                   "model.layers.1.mlp.gate_proj.weight (40, 24) vs (42, 24)", "| q_proj |", "model-wide"):
+    for listed in (
+        "model.layers.0.self_attn.q_proj.bias",
+        "model.lm_head.weight",
+        "model.layers.1.mlp.gate_proj.weight (40, 24) vs (42, 24)",
+        "| q_proj |",
+        "model-wide",
+    ):
         assert listed in summary
     assert "model-wide error" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["{tmp}/missing.safetensors"], "no checkpoint at"),
-    (["{base}", "{tuned}", "--target-modules", "nothing"], "no layer selected"),
-    (["{base}", "--budget-fraction", "2"], "budget_fraction must be"),
-    (["{base}", "--total-budget", "10"], "total_budget=10 is below"),
-    (["{base}", "--n-blocks", "0"], "n_blocks must hold"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["{tmp}/missing.safetensors"], "no checkpoint at"),
+        (["{base}", "{tuned}", "--target-modules", "nothing"], "no layer selected"),
+        (["{base}", "--budget-fraction", "2"], "budget_fraction must be"),
+        (["{base}", "--total-budget", "10"], "total_budget=10 is below"),
+        (["{base}", "--n-blocks", "0"], "n_blocks must hold"),
+    ],
+)
 def test_cli_hostile_inputs(model, tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path, base=model[0], tuned=model[1]) for a in argv]
     assert main(["study", *argv, "--out", str(tmp_path / "o"), "-q"]) == 2
@@ -307,8 +357,25 @@ def test_cli_hostile_inputs(model, tmp_path, capsys, argv, message):
 
 def test_budget_too_small_is_a_listed_skip(model, tmp_path, capsys):
     """A budget below every configuration of a layer skips it, with the reason, in the summary."""
-    assert main(["study", str(model[0]), str(model[1]), "--out", str(tmp_path), "--budget-fraction", "0.02",
-                 "--structures", "block", "--n-blocks", "4", "-q"]) == 0
+    assert (
+        main(
+            [
+                "study",
+                str(model[0]),
+                str(model[1]),
+                "--out",
+                str(tmp_path),
+                "--budget-fraction",
+                "0.02",
+                "--structures",
+                "block",
+                "--n-blocks",
+                "4",
+                "-q",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "skipped model.layers.0.self_attn.k_proj: budget=5 is below the cheapest" in err
     assert "budget=5 is below the cheapest configuration" in (tmp_path / "summary.md").read_text()

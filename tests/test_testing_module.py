@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
+from _reference import cuts, cuts_from_sizes  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from _reference import cuts, cuts_from_sizes  # noqa: E402
 from blocklowrank import BlockLayout, BlockLowRank  # noqa: E402
 from blocklowrank.testing import (  # noqa: E402
     STRUCTURES,
@@ -26,9 +26,7 @@ from blocklowrank.testing import (  # noqa: E402
 
 def block_ranks(M, rcuts, ccuts):
     """np.linalg.matrix_rank of every block (computed here, not by the library)."""
-    return np.array(
-        [[np.linalg.matrix_rank(M[rs, cs]) for cs in ccuts] for rs in rcuts], dtype=int
-    )
+    return np.array([[np.linalg.matrix_rank(M[rs, cs]) for cs in ccuts] for rs in rcuts], dtype=int)
 
 
 # ---------------------------------------------------------------------------- planted_matrix
@@ -36,8 +34,7 @@ def block_ranks(M, rcuts, ccuts):
 def test_planted_block_has_the_stated_ranks_per_block(seed):
     """Claim: "block" plants an independent matrix of exactly rank r_ij in block (i, j)."""
     ranks = np.array([[1, 2, 3], [3, 0, 2]])
-    X, info = planted_matrix((11, 13), structure="block", n_blocks=(2, 3), rank=ranks,
-                             random_state=seed)
+    X, info = planted_matrix((11, 13), structure="block", n_blocks=(2, 3), rank=ranks, random_state=seed)
     rc, cc = cuts(11, 2), cuts(13, 3)
     np.testing.assert_array_equal(block_ranks(X, rc, cc), ranks)
     np.testing.assert_array_equal(info.layout.ranks, ranks)
@@ -69,8 +66,7 @@ def test_planted_shared_bases():
     """Claim: "shared_basis" blocks are U_i diag(s_ij) V_j^T: rank r per block, and a whole
     block-row (block-column) still has rank r because U_i (V_j) is shared along it."""
     r = 2
-    X, info = planted_matrix((12, 15), structure="shared_basis", n_blocks=(3, 3), rank=r,
-                             random_state=5)
+    X, info = planted_matrix((12, 15), structure="shared_basis", n_blocks=(3, 3), rank=r, random_state=5)
     rc, cc = cuts(12, 3), cuts(15, 3)
     np.testing.assert_array_equal(block_ranks(X, rc, cc), np.full((3, 3), r))
     for rs in rc:
@@ -97,8 +93,7 @@ def test_planted_independent_blocks_do_not_share():
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_planted_noise_level_and_dtype(noise, dtype):
     """Claim: ||X - clean||_F = noise * ||clean||_F; X has the requested dtype."""
-    X, info = planted_matrix((20, 16), structure="block", n_blocks=2, rank=2, noise=noise,
-                             random_state=1, dtype=dtype)
+    X, info = planted_matrix((20, 16), structure="block", n_blocks=2, rank=2, noise=noise, random_state=1, dtype=dtype)
     assert X.dtype == dtype and X.flags.c_contiguous
     assert info.clean.dtype == np.float64
     rel = np.linalg.norm(X.astype(np.float64) - info.clean) / np.linalg.norm(info.clean)
@@ -135,8 +130,7 @@ def test_planted_is_deterministic_for_a_seed():
 
 def test_planted_from_a_layout_with_explicit_cuts():
     """Claim: with ``layout=``, exactly that layout's blocks and ranks are planted."""
-    lay = BlockLayout.from_blocks((9, 8), row_sizes=(2, 7), col_sizes=(5, 1, 2),
-                                  rank=np.array([[1, 1, 2], [0, 1, 2]]))
+    lay = BlockLayout.from_blocks((9, 8), row_sizes=(2, 7), col_sizes=(5, 1, 2), rank=np.array([[1, 1, 2], [0, 1, 2]]))
     X, info = planted_matrix(layout=lay, random_state=0)
     rc, cc = cuts_from_sizes((2, 7)), cuts_from_sizes((5, 1, 2))
     np.testing.assert_array_equal(block_ranks(X, rc, cc), [[1, 1, 2], [0, 1, 2]])
@@ -279,8 +273,7 @@ def test_planted_matrices_strategy_ranks(planted):
             assert np.linalg.matrix_rank(X[rs]) == r
 
 
-@given(planted_matrices(structures=("block", "shared_basis"), noise=st.floats(0.0, 0.2),
-                        dtype=np.float32, max_side=10))
+@given(planted_matrices(structures=("block", "shared_basis"), noise=st.floats(0.0, 0.2), dtype=np.float32, max_side=10))
 def test_planted_matrices_strategy_noise(planted):
     X, info = planted
     assert X.dtype == np.float32
@@ -298,15 +291,13 @@ def test_strategy_argument_errors():
 
 
 # ---------------------------------------------------------------------------- the example property
-@given(planted_matrices(structures=("block", "shared_basis"), noise=st.floats(0.0, 0.1),
-                        max_side=16))
+@given(planted_matrices(structures=("block", "shared_basis"), noise=st.floats(0.0, 0.1), max_side=16))
 def test_block_low_rank_recovers_planted_blocks(planted):
     """Claim (the module's example property): on a planted K x K block-low-rank matrix,
     BlockLowRank at the planted ranks is never farther from X than the planted
     matrix (Eckart-Young per block), hence within twice the noise of the clean one."""
     X, info = planted
-    est = BlockLowRank(n_blocks=info.layout.n_blocks, rank=info.layout.ranks,
-                       svd_solver="full").fit(X)
+    est = BlockLowRank(n_blocks=info.layout.n_blocks, rank=info.layout.ranks, svd_solver="full").fit(X)
     scale = np.linalg.norm(info.clean)
     X_hat = est.reconstruct()
     assert np.linalg.norm(X - X_hat) <= info.noise * scale * (1 + 1e-9) + 1e-12 * scale

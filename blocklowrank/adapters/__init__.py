@@ -14,7 +14,6 @@
 from .mlp import MLP
 from .optim import SGD, Adam
 from .structured import StructuredAdapter
-from . import training
 from .training import (
     MODES,
     History,
@@ -28,4 +27,19 @@ from .training import (
     train,
 )
 
-__all__ = ["MLP", "StructuredAdapter", "Adam", "SGD", *training.__all__]
+__all__ = [
+    "MLP",
+    "StructuredAdapter",
+    "Adam",
+    "SGD",
+    "MODES",
+    "History",
+    "TrainingDivergedError",
+    "TrainResult",
+    "evaluate",
+    "fine_tune",
+    "fit_adapter",
+    "loss_and_grad",
+    "pretrain",
+    "train",
+]

@@ -80,9 +80,7 @@ class MLP:
         if self.W1.ndim != 2 or self.b1.shape != (h,):
             raise ValueError(f"W1 must be (n_hidden, n_in) and b1 (n_hidden,), got {self.W1.shape}, {self.b1.shape}")
         if self.W2.ndim != 2 or self.W2.shape[1] != h or self.b2.shape != (self.W2.shape[0],):
-            raise ValueError(
-                f"W2 must be (n_out, {h}) and b2 (n_out,), got {self.W2.shape}, {self.b2.shape}"
-            )
+            raise ValueError(f"W2 must be (n_out, {h}) and b2 (n_out,), got {self.W2.shape}, {self.b2.shape}")
 
     # ------------------------------------------------------------------ construction
     @classmethod

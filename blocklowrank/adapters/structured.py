@@ -34,8 +34,25 @@ __all__ = ["StructuredAdapter"]
 
 class _Region:
     __slots__ = (
-        "r0", "r1", "c0", "c1", "kr", "kc", "h", "w", "R", "kind",
-        "ii", "jj", "bi0", "bj0", "rows_all", "cols_all", "rows_unique", "mask_A", "mask_B",
+        "r0",
+        "r1",
+        "c0",
+        "c1",
+        "kr",
+        "kc",
+        "h",
+        "w",
+        "R",
+        "kind",
+        "ii",
+        "jj",
+        "bi0",
+        "bj0",
+        "rows_all",
+        "cols_all",
+        "rows_unique",
+        "mask_A",
+        "mask_B",
     )
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..sweep import RunFailed
-
 from .mlp import MLP, nll_and_grad
 from .optim import OPTIMIZERS, make_optimizer
 from .structured import StructuredAdapter
@@ -517,8 +516,15 @@ def pretrain(X, y, *, sizes=(784, 64, 5), random_state=None, lr=1e-3, epochs=20,
     init_seed, shuffle_seed = ss.spawn(2)
     mlp = MLP.init(sizes, random_state=np.random.default_rng(init_seed))
     return train(
-        mlp, X, y, mode="full", lr=lr, epochs=epochs, batch_size=batch_size,
-        random_state=np.random.default_rng(shuffle_seed), **kw,
+        mlp,
+        X,
+        y,
+        mode="full",
+        lr=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        random_state=np.random.default_rng(shuffle_seed),
+        **kw,
     )
 
 

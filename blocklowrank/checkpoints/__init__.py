@@ -25,15 +25,7 @@ from .safetensors import (
     open_checkpoint,
     save_file,
 )
-from .select import (
-    ALL_LINEAR,
-    LayerPair,
-    PairingReport,
-    iter_deltas,
-    module_of,
-    pair_layers,
-    select_names,
-)
+from .select import ALL_LINEAR, LayerPair, PairingReport, iter_deltas, module_of, pair_layers, select_names
 from .study import allocate_model_wide, effective_rank, run_study
 
 __all__ = [

@@ -74,9 +74,7 @@ def _table():
 DTYPES = _table()
 
 _CODE_OF = {
-    spec.numpy.newbyteorder("<"): code
-    for code, spec in DTYPES.items()
-    if spec.numpy is not None and code != "BF16"
+    spec.numpy.newbyteorder("<"): code for code, spec in DTYPES.items() if spec.numpy is not None and code != "BF16"
 }
 
 

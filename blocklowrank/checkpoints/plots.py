@@ -48,38 +48,80 @@ def summary_markdown(records):
     names = st["structures"]
     best = _best_errors(records)
     what = "ΔW = W_finetuned - W_base" if st["finetuned"] else "W (compression of one checkpoint)"
-    out = ["# Checkpoint study", "", f"- base: `{st['base']}`", f"- fine-tuned: `{st['finetuned']}`",
-           f"- studied: {what}", f"- layers: {len(layers)} selected by target_modules={st['target_modules']!r}",
-           f"- budget: {st['budget'][0]} = {st['budget'][1]}; grid sizes K in {st['n_blocks']}",
-           f"- structures: {', '.join(names)}", "",
-           "## Mean relative error by structure and module type", "",
-           "Best configuration of each structure on each layer (lowest error over its grid sizes, uniform "
-           "and optimal ranks), averaged over the layers of each module type; `-`: never matched.", ""]
+    out = [
+        "# Checkpoint study",
+        "",
+        f"- base: `{st['base']}`",
+        f"- fine-tuned: `{st['finetuned']}`",
+        f"- studied: {what}",
+        f"- layers: {len(layers)} selected by target_modules={st['target_modules']!r}",
+        f"- budget: {st['budget'][0]} = {st['budget'][1]}; grid sizes K in {st['n_blocks']}",
+        f"- structures: {', '.join(names)}",
+        "",
+        "## Mean relative error by structure and module type",
+        "",
+        "Best configuration of each structure on each layer (lowest error over its grid sizes, uniform "
+        "and optimal ranks), averaged over the layers of each module type; `-`: never matched.",
+        "",
+    ]
     types = _module_types(layers)
     rows = []
     for name in names:
         cells = []
         for mt in types + [None]:
-            errs = [best[(lay["layer"], name)] for lay in layers
-                    if (mt is None or lay["module_type"] == mt) and (lay["layer"], name) in best]
+            errs = [
+                best[(lay["layer"], name)]
+                for lay in layers
+                if (mt is None or lay["module_type"] == mt) and (lay["layer"], name) in best
+            ]
             cells.append(f"{np.mean(errs):.4f}" if errs else "-")
         rows.append([name] + cells)
     out += _table(["structure"] + types + ["all"], rows)
-    erank = [f"{mt}: {np.mean([lay['effective_rank'] for lay in layers if lay['module_type'] == mt]):.1f}"
-             for mt in types]
-    out += ["", "Mean effective rank (entropy effective rank, Roy & Vetterli) by module type: "
-            + ", ".join(erank) + ".", "", "## Model-wide allocation against uniform", "",
-            "One total budget spread over every block of every layer by gain-per-parameter water-filling "
-            "(`model-wide`), against every layer at the same per-layer budget (`uniform`, optimal ranks "
-            "inside each layer). `error` is the model-wide relative error sqrt(sum of discarded energy / "
-            "sum of ||ΔW||²), which the allocation minimises; `exact`: provably optimal (equal block costs, "
-            "or the exact dynamic programme); otherwise greedy, and the optimum lies between `lower bound` "
-            "(from the fractional relaxation) and `error`.", ""]
-    mw = [[r["structure"], r["n_blocks"], r["allocation"], r["total_budget"], r["n_params"], f"{r['error']:.4f}",
-           f"{r['mean_layer_error']:.4f}", "-" if r["exact"] is None else r["exact"],
-           "-" if r["error_lower_bound"] is None else f"{r['error_lower_bound']:.4f}"] for r in records.model_wide]
-    out += _table(["structure", "K", "allocation", "total budget", "parameters", "error", "mean layer error",
-                   "exact", "lower bound"], mw)
+    erank = [
+        f"{mt}: {np.mean([lay['effective_rank'] for lay in layers if lay['module_type'] == mt]):.1f}" for mt in types
+    ]
+    out += [
+        "",
+        "Mean effective rank (entropy effective rank, Roy & Vetterli) by module type: " + ", ".join(erank) + ".",
+        "",
+        "## Model-wide allocation against uniform",
+        "",
+        "One total budget spread over every block of every layer by gain-per-parameter water-filling "
+        "(`model-wide`), against every layer at the same per-layer budget (`uniform`, optimal ranks "
+        "inside each layer). `error` is the model-wide relative error sqrt(sum of discarded energy / "
+        "sum of ||ΔW||²), which the allocation minimises; `exact`: provably optimal (equal block costs, "
+        "or the exact dynamic programme); otherwise greedy, and the optimum lies between `lower bound` "
+        "(from the fractional relaxation) and `error`.",
+        "",
+    ]
+    mw = [
+        [
+            r["structure"],
+            r["n_blocks"],
+            r["allocation"],
+            r["total_budget"],
+            r["n_params"],
+            f"{r['error']:.4f}",
+            f"{r['mean_layer_error']:.4f}",
+            "-" if r["exact"] is None else r["exact"],
+            "-" if r["error_lower_bound"] is None else f"{r['error_lower_bound']:.4f}",
+        ]
+        for r in records.model_wide
+    ]
+    out += _table(
+        [
+            "structure",
+            "K",
+            "allocation",
+            "total budget",
+            "parameters",
+            "error",
+            "mean layer error",
+            "exact",
+            "lower bound",
+        ],
+        mw,
+    )
     wide = [r for r in records.model_wide if r["allocation"] == "model-wide"]
     if wide:
         top = min(wide, key=lambda r: r["error"])
@@ -89,18 +131,26 @@ def summary_markdown(records):
             if (r["structure"], r["n_blocks"], r["allocation"]) == key:
                 given.setdefault(r["module_type"], []).append(r["rank_equivalent"])
         ranks = [f"{mt}: {np.mean(given[mt]):.1f}" for mt in types]
-        out += ["", f"Where the best model-wide allocation ({top['structure']}, K={top['n_blocks']}) puts the "
-                "parameters, as mean LoRA-equivalent rank by module type: " + ", ".join(ranks) + "."]
+        out += [
+            "",
+            f"Where the best model-wide allocation ({top['structure']}, K={top['n_blocks']}) puts the "
+            "parameters, as mean LoRA-equivalent rank by module type: " + ", ".join(ranks) + ".",
+        ]
     if any(r["fallback"] for r in records.model_wide):
         out += ["", "Rows with a greedy result worse than uniform were replaced by the uniform allocation."]
     out += [f"- {note}" for note in records.notes]
-    skipped = [f"- `{lay['layer']}` ({lay['shape'][0]}x{lay['shape'][1]}): {lay['skipped']}"
-               for lay in layers if lay["skipped"]]
-    missing = [f"- `{lay['layer']}`: no configuration of {', '.join(lay['missing'])} at budget {lay['budget']}"
-               for lay in layers if lay["missing"] and not lay["skipped"]]
+    skipped = [
+        f"- `{lay['layer']}` ({lay['shape'][0]}x{lay['shape'][1]}): {lay['skipped']}"
+        for lay in layers
+        if lay["skipped"]
+    ]
+    missing = [
+        f"- `{lay['layer']}`: no configuration of {', '.join(lay['missing'])} at budget {lay['budget']}"
+        for lay in layers
+        if lay["missing"] and not lay["skipped"]
+    ]
     out += ["", "## Skipped layers and structures", ""] + (skipped + missing or ["None."])
-    out += ["", "## Pairing of the checkpoints", "", "```",
-            records.pairing.summary(max_names=10**9), "```", ""]
+    out += ["", "## Pairing of the checkpoints", "", "```", records.pairing.summary(max_names=10**9), "```", ""]
     return "\n".join(out)
 
 
@@ -146,7 +196,7 @@ def plot_error_vs_budget(records, path):
     ncols = min(4, len(types))
     nrows = -(-len(types) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.4 * nrows), squeeze=False, constrained_layout=True)
-    for ax in axes.flat[len(types):]:
+    for ax in axes.flat[len(types) :]:
         ax.set_visible(False)
     colors = dict(zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
     for ax, mt in zip(axes.flat, types):
@@ -159,11 +209,19 @@ def plot_error_vs_budget(records, path):
             full = sorted((r, np.mean(v)) for r, v in pts.items() if len(v) == len(group))
             if full:
                 ax.plot(*zip(*full), "o-", ms=3, color=colors[name], label=name)
-            at = [(best[(lay["layer"], name)], lay["budget"] / sum(lay["shape"])) for lay in group
-                  if (lay["layer"], name) in best]
+            at = [
+                (best[(lay["layer"], name)], lay["budget"] / sum(lay["shape"]))
+                for lay in group
+                if (lay["layer"], name) in best
+            ]
             if at and not full:
-                ax.plot(np.mean([a[1] for a in at]), np.mean([a[0] for a in at]), "D", color=colors[name],
-                        label=f"{name} (study budget)")
+                ax.plot(
+                    np.mean([a[1] for a in at]),
+                    np.mean([a[0] for a in at]),
+                    "D",
+                    color=colors[name],
+                    label=f"{name} (study budget)",
+                )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("budget (LoRA-equivalent rank)")
         ax.set_title(f"{mt} ({len(group)} layers)")
@@ -185,9 +243,11 @@ def write_study(records, out):
     out.mkdir(parents=True, exist_ok=True)
     from ..budget import RecordList
 
-    paths = [_write_csv(out / "layers.csv", RecordList(records, columns=STUDY_COLUMNS)),
-             _write_csv(out / "model_wide.csv", records.model_wide),
-             _write_csv(out / "model_wide_layers.csv", records.model_wide_layers)]
+    paths = [
+        _write_csv(out / "layers.csv", RecordList(records, columns=STUDY_COLUMNS)),
+        _write_csv(out / "model_wide.csv", records.model_wide),
+        _write_csv(out / "model_wide_layers.csv", records.model_wide_layers),
+    ]
     (out / "summary.md").write_text(summary_markdown(records))
     paths.append(out / "summary.md")
     paths.append(plot_error_heatmap(records, out / "error_heatmap.png"))

@@ -140,9 +140,7 @@ def _load_json(raw, path, what):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _error(
-            path, f"the {what} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
-        ) from None
+        raise _error(path, f"the {what} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
 
     def no_duplicates(pairs):
         obj = {}
@@ -158,9 +156,7 @@ def _load_json(raw, path, what):
     try:
         return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constants)
     except json.JSONDecodeError as exc:
-        raise _error(
-            path, f"the {what} is not valid JSON ({exc.msg} at character {exc.pos})"
-        ) from None
+        raise _error(path, f"the {what} is not valid JSON ({exc.msg} at character {exc.pos})") from None
     except RecursionError:
         raise _error(path, f"the {what} is nested too deeply to be a safetensors {what}") from None
 
@@ -196,15 +192,12 @@ def _check_entry(path, name, entry, buffer_size):
         raise _error(path, f"data_offsets must be two non-negative integers, got {offsets!r}", name)
     begin, end = offsets
     if not begin <= end <= buffer_size:
-        raise _error(
-            path, f"data_offsets {offsets} fall outside the {buffer_size}-byte data buffer", name
-        )
+        raise _error(path, f"data_offsets {offsets} fall outside the {buffer_size}-byte data buffer", name)
     n_bits = math.prod(shape) * DTYPES[dtype].bits  # Python ints: no overflow
     if n_bits % 8 or n_bits // 8 != end - begin:
         raise _error(
             path,
-            f"shape {shape} of {dtype} needs {n_bits / 8:g} bytes but data_offsets {offsets} "
-            f"hold {end - begin}",
+            f"shape {shape} of {dtype} needs {n_bits / 8:g} bytes but data_offsets {offsets} hold {end - begin}",
             name,
         )
     return dtype, tuple(shape), begin, end
@@ -235,9 +228,7 @@ def _read_header(path):
             if n > min(MAX_HEADER_BYTES, size - 8):
                 if _looks_pickled(first):
                     raise _pickle_refusal(path)
-                limit = (
-                    "the file" if n <= MAX_HEADER_BYTES else f"the {MAX_HEADER_BYTES}-byte limit"
-                )
+                limit = "the file" if n <= MAX_HEADER_BYTES else f"the {MAX_HEADER_BYTES}-byte limit"
                 raise _error(path, f"header length {n} runs past {limit} ({size} bytes in all)")
             raw = f.read(n)
     except OSError as exc:
@@ -258,16 +249,12 @@ def _read_header(path):
     for begin, end, name, _, _ in entries:
         if begin != cursor:
             problem = (
-                f"overlaps tensor {previous!r}"
-                if begin < cursor
-                else f"leaves {begin - cursor} bytes unused before it"
+                f"overlaps tensor {previous!r}" if begin < cursor else f"leaves {begin - cursor} bytes unused before it"
             )
             raise _error(path, f"its data_offsets [{begin}, {end}] {problem}", name)
         cursor, previous = end, name
     if cursor != buffer_size:
-        raise _error(
-            path, f"the tensors cover {cursor} of the {buffer_size} bytes after the header"
-        )
+        raise _error(path, f"the tensors cover {cursor} of the {buffer_size} bytes after the header")
     tensors = {
         name: TensorInfo(name, dtype, shape, path, (data_start + begin, data_start + end))
         for begin, end, name, dtype, shape in entries
@@ -281,9 +268,7 @@ def _check_shard_path(index_path, shard):
         raise _error(index_path, f"weight_map values must be file names, got {shard!r}")
     posix, windows = PurePosixPath(shard), PureWindowsPath(shard)
     if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in windows.parts:
-        raise _error(
-            index_path, f"shard path {shard!r} leaves the checkpoint's folder; refusing it"
-        )
+        raise _error(index_path, f"shard path {shard!r} leaves the checkpoint's folder; refusing it")
     return index_path.parent / shard
 
 
@@ -308,17 +293,11 @@ def _read_index(index_path):
         headers[shard] = _read_header(shard_path)
     for name, shard in weight_map.items():
         if name not in headers[shard].tensors:
-            raise _error(
-                index_path, f"the weight_map puts it in {shard!r}, which does not hold it", name
-            )
+            raise _error(index_path, f"the weight_map puts it in {shard!r}, which does not hold it", name)
     for shard, header in headers.items():
         for name in header.tensors:
             if weight_map.get(name) != shard:
-                where = (
-                    f"is also in {weight_map[name]!r}"
-                    if name in weight_map
-                    else "is missing from the index"
-                )
+                where = f"is also in {weight_map[name]!r}" if name in weight_map else "is missing from the index"
                 raise _error(index_path, f"stored in shard {shard!r} but {where}", name)
     return list(headers.values())
 
@@ -332,19 +311,13 @@ def _resolve(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     if not path.is_dir():
         return path, path.name.endswith(".json")
-    standard = [
-        p for p in (path / "model.safetensors", path / ("model" + _INDEX_SUFFIX)) if p.is_file()
-    ]
-    candidates = (
-        standard or sorted(path.glob("*" + _INDEX_SUFFIX)) or sorted(path.glob("*.safetensors"))
-    )
+    standard = [p for p in (path / "model.safetensors", path / ("model" + _INDEX_SUFFIX)) if p.is_file()]
+    candidates = standard or sorted(path.glob("*" + _INDEX_SUFFIX)) or sorted(path.glob("*.safetensors"))
     if len(candidates) == 1:
         return candidates[0], candidates[0].name.endswith(".json")
     if candidates:
         names = ", ".join(p.name for p in candidates)
-        raise _error(
-            path, f"the folder holds several candidate checkpoints ({names}); pass one of them"
-        )
+        raise _error(path, f"the folder holds several candidate checkpoints ({names}); pass one of them")
     if any(p.suffix.lower() in _PICKLE_SUFFIXES for p in path.iterdir()):
         raise _pickle_refusal(path)
     raise _error(path, "the folder holds no .safetensors file")
@@ -502,9 +475,7 @@ class Checkpoint:
         info = self.info(name)
         spec = DTYPES[info.dtype]
         if spec.numpy is None:
-            raise _error(
-                info.file, f"dtype {info.dtype} has no NumPy equivalent to read it into", name
-            )
+            raise _error(info.file, f"dtype {info.dtype} has no NumPy equivalent to read it into", name)
         if dtype is not None:
             target = np.dtype(dtype)
         else:
@@ -512,10 +483,7 @@ class Checkpoint:
         if info.dtype == "BF16" or (target != spec.numpy and info.dtype != "BOOL"):  # decoded chunk by chunk
             return self._read_into(name, np.empty(info.shape, dtype=target))
         array = np.frombuffer(
-            self._buffer(info.file),
-            dtype=spec.numpy,
-            count=math.prod(info.shape),
-            offset=info.offsets[0],
+            self._buffer(info.file), dtype=spec.numpy, count=math.prod(info.shape), offset=info.offsets[0]
         ).reshape(info.shape)
         if info.dtype == "BOOL" and array.view(np.uint8).max(initial=0) > 1:
             raise _error(info.file, "a BOOL byte is neither 0 nor 1", name)
@@ -559,21 +527,15 @@ def _stored_code(name, array, dtypes):
     if forced is None:
         code = code_of(array.dtype)
         if code is None:
-            raise TypeError(
-                f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot store"
-            )
+            raise TypeError(f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot store")
         return code
     if forced not in DTYPES or DTYPES[forced].numpy is None:
         writable = ", ".join(code for code, spec in DTYPES.items() if spec.numpy is not None)
-        raise ValueError(
-            f"cannot write dtype {forced!r} for tensor {name!r}; use one of {writable}"
-        )
+        raise ValueError(f"cannot write dtype {forced!r} for tensor {name!r}; use one of {writable}")
     if forced == "BF16" and array.dtype.kind != "f":
         raise TypeError(f"BF16 needs a floating array, but tensor {name!r} has dtype {array.dtype}")
     if forced != "BF16" and not np.can_cast(array.dtype, DTYPES[forced].numpy, "same_kind"):
-        raise TypeError(
-            f"tensor {name!r} of dtype {array.dtype} cannot be stored as {forced}; cast it first"
-        )
+        raise TypeError(f"tensor {name!r} of dtype {array.dtype} cannot be stored as {forced}; cast it first")
     return forced
 
 
@@ -587,9 +549,7 @@ def _encoded(array, code):
 def _write_atomically(path, chunks):
     """Write the byte chunks to a temporary file beside ``path``, then rename it into place."""
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(
-        temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666
-    )
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
@@ -634,22 +594,12 @@ def save_file(path, tensors, *, metadata=None, dtypes=None):
     """
     path = Path(path)
     for what, value in (("tensors", tensors), ("metadata", metadata), ("dtypes", dtypes)):
-        if not (
-            value is None
-            or isinstance(value, Mapping)
-            or (what == "dtypes" and isinstance(value, str))
-        ):
+        if not (value is None or isinstance(value, Mapping) or (what == "dtypes" and isinstance(value, str))):
             raise TypeError(f"{what} must be a mapping by name, got {type(value).__name__}")
     if metadata is not None:
-        bad = {
-            key: value
-            for key, value in metadata.items()
-            if not (isinstance(key, str) and isinstance(value, str))
-        }
+        bad = {key: value for key, value in metadata.items() if not (isinstance(key, str) and isinstance(value, str))}
         if bad:
-            raise TypeError(
-                f"metadata keys and values must be strings (the format's rule), got {bad!r}"
-            )
+            raise TypeError(f"metadata keys and values must be strings (the format's rule), got {bad!r}")
         metadata = dict(sorted(metadata.items()))
     if dtypes is not None and not isinstance(dtypes, str):
         unknown = sorted(set(dtypes) - set(tensors), key=str)
@@ -668,11 +618,7 @@ def save_file(path, tensors, *, metadata=None, dtypes=None):
     offset = 0
     for name, code, array in plan:
         size = array.size * DTYPES[code].bits // 8
-        header[name] = {
-            "dtype": code,
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + size],
-        }
+        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + size]}
         offset += size
     try:
         raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

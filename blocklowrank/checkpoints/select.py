@@ -61,26 +61,14 @@ import numpy as np
 
 from .safetensors import _error
 
-__all__ = [
-    "ALL_LINEAR",
-    "select_names",
-    "module_of",
-    "LayerPair",
-    "PairingReport",
-    "pair_layers",
-    "iter_deltas",
-]
+__all__ = ["ALL_LINEAR", "select_names", "module_of", "LayerPair", "PairingReport", "pair_layers", "iter_deltas"]
 
 #: The ``target_modules`` shorthand for every linear layer.
 ALL_LINEAR = "all-linear"
 
-_NOT_LINEAR = frozenset(
-    {"wte", "wpe", "shared", "relative_attention_bias", "lm_head", "output_layer"}
-)
+_NOT_LINEAR = frozenset({"wte", "wpe", "shared", "relative_attention_bias", "lm_head", "output_layer"})
 _TOP_LEVEL_HEADS = frozenset({"output"})
-_ADAPTER_PARTS = frozenset(
-    {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
-)
+_ADAPTER_PARTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
 _WEIGHT = ".weight"
 
 
@@ -117,9 +105,7 @@ def _matcher(target_modules):
         try:
             pattern = re.compile(target_modules)
         except re.error as exc:
-            raise ValueError(
-                f"target_modules {target_modules!r} is not a valid regular expression ({exc})"
-            ) from None
+            raise ValueError(f"target_modules {target_modules!r} is not a valid regular expression ({exc})") from None
         return False, lambda module: pattern.fullmatch(module) is not None
     if isinstance(target_modules, Iterable) and not isinstance(target_modules, Mapping):
         suffixes = tuple(target_modules)
@@ -162,9 +148,7 @@ def select_names(names, target_modules=ALL_LINEAR, *, shapes=None):
     """
     all_linear, matches = _matcher(target_modules)
     if all_linear and shapes is None:
-        raise ValueError(
-            "target_modules='all-linear' needs the shapes of the tensors (pass shapes=)"
-        )
+        raise ValueError("target_modules='all-linear' needs the shapes of the tensors (pass shapes=)")
     selected = []
     for name in names:
         module = module_of(name)
@@ -227,8 +211,7 @@ class PairingReport:
         """Return a short multi-line account of the pairing."""
         n_weights = sum(int(np.prod(pair.shape)) for pair in self.pairs)
         lines = [
-            f"{len(self.pairs)} layer pairs ({n_weights:,} weights) selected by "
-            f"target_modules={self.target_modules!r}"
+            f"{len(self.pairs)} layer pairs ({n_weights:,} weights) selected by target_modules={self.target_modules!r}"
         ]
         mismatches = [f"{name} {base} vs {tuned}" for name, base, tuned in self.shape_mismatch]
         groups = [
@@ -240,9 +223,7 @@ class PairingReport:
         ]
         lines += [_listing(title, items, max_names) for title, items in groups if items]
         unpaired = self.only_in_base + self.only_in_finetuned
-        if not self.pairs and any(
-            not _ADAPTER_PARTS.isdisjoint(name.split(".")) for name in unpaired
-        ):
+        if not self.pairs and any(not _ADAPTER_PARTS.isdisjoint(name.split(".")) for name in unpaired):
             lines.append(
                 "  hint: one checkpoint looks like a PEFT adapter (lora_A/lora_B names); "
                 "merge it into its base model first"
@@ -287,9 +268,7 @@ def pair_layers(base, finetuned, target_modules=ALL_LINEAR):
         else:
             groups["pairs"].append(LayerPair(name, module_of(name), shape))
     only_in_finetuned = [name for name in tuned_shapes if name not in base_shapes]
-    return PairingReport(
-        only_in_finetuned=only_in_finetuned, target_modules=target_modules, **groups
-    )
+    return PairingReport(only_in_finetuned=only_in_finetuned, target_modules=target_modules, **groups)
 
 
 def _layer(base, finetuned, pair, dtype):
@@ -297,11 +276,7 @@ def _layer(base, finetuned, pair, dtype):
     infos = [ckpt.info(pair.name) for ckpt in (base, finetuned) if ckpt is not None]
     for info in infos:
         if info.shape != tuple(pair.shape):
-            raise _error(
-                info.file,
-                f"shape {info.shape} differs from the pair's {tuple(pair.shape)}",
-                pair.name,
-            )
+            raise _error(info.file, f"shape {info.shape} differs from the pair's {tuple(pair.shape)}", pair.name)
     if any(info.dtype == "F64" for info in infos):
         dtype = np.dtype(np.float64)
     # Read chunk by chunk into the one full-size result: no second copy of the

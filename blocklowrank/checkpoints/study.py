@@ -97,20 +97,53 @@ from ..structures import get_structure, structure_names
 from .safetensors import open_checkpoint
 from .select import ALL_LINEAR, LayerPair, iter_deltas, pair_layers
 
-__all__ = ["run_study", "effective_rank", "allocate_model_wide", "STUDY_COLUMNS", "MODEL_WIDE_COLUMNS",
-           "DEFAULT_N_BLOCKS"]
+__all__ = [
+    "run_study",
+    "effective_rank",
+    "allocate_model_wide",
+    "STUDY_COLUMNS",
+    "MODEL_WIDE_COLUMNS",
+    "DEFAULT_N_BLOCKS",
+]
 
 #: Grid sizes K tried by default (those at most a layer's smaller side).
 DEFAULT_N_BLOCKS = (2, 4, 8)
 #: LoRA-equivalent ranks of the error-vs-budget curves (those below a layer's dense size).
 CURVE_RANKS = (1, 2, 4, 8, 16, 32, 64)
 #: Columns of the per-layer records.
-STUDY_COLUMNS = ("layer", "module_type", "shape", "structure", "config", "allocation", "n_blocks", "rank",
-                 "block_ranks", "n_params", "budget", "budget_rank", "exact", "error", "energy", "best",
-                 "effective_rank")
+STUDY_COLUMNS = (
+    "layer",
+    "module_type",
+    "shape",
+    "structure",
+    "config",
+    "allocation",
+    "n_blocks",
+    "rank",
+    "block_ranks",
+    "n_params",
+    "budget",
+    "budget_rank",
+    "exact",
+    "error",
+    "energy",
+    "best",
+    "effective_rank",
+)
 #: Columns of the model-wide records.
-MODEL_WIDE_COLUMNS = ("structure", "n_blocks", "allocation", "total_budget", "n_params", "error",
-                      "mean_layer_error", "exact", "error_lower_bound", "fallback", "n_layers")
+MODEL_WIDE_COLUMNS = (
+    "structure",
+    "n_blocks",
+    "allocation",
+    "total_budget",
+    "n_params",
+    "error",
+    "mean_layer_error",
+    "exact",
+    "error_lower_bound",
+    "fallback",
+    "n_layers",
+)
 
 
 def effective_rank(singular_values):
@@ -175,8 +208,11 @@ def _load_spectra(arrays, name, K, shape):
     if prefix + "E" not in arrays:
         return None
     lay = get_structure(name).layout(tuple(shape), K)
-    values = {tuple(int(t) for t in key[len(prefix):].split("|")): np.asarray(arrays[key])
-              for key in arrays if key.startswith(prefix) and not key.endswith("|E")}
+    values = {
+        tuple(int(t) for t in key[len(prefix) :].split("|")): np.asarray(arrays[key])
+        for key in arrays
+        if key.startswith(prefix) and not key.endswith("|E")
+    }
     return BlockSpectra(lay, values, np.asarray(arrays[prefix + "E"]))
 
 
@@ -213,7 +249,7 @@ def _study_layer(task, *, base, finetuned, settings, progress=False, live=False)
 
         ((_, delta),) = list(adapter_deltas(base, finetuned, names=[pair.name]))
     else:
-        with open_checkpoint(base) as b, (open_checkpoint(finetuned) if finetuned else nullcontext()) as f:
+        with open_checkpoint(base) as b, open_checkpoint(finetuned) if finetuned else nullcontext() as f:
             ((_, delta),) = list(iter_deltas(b, f, [pair]))  # arrays stay valid after close
     names, ks = settings["structures"], settings["n_blocks"]
     shape = delta.shape
@@ -221,9 +257,17 @@ def _study_layer(task, *, base, finetuned, settings, progress=False, live=False)
     whole = [k for k in arrays if k.endswith("|1|0|0")]  # a one-block partition holds the spectrum
     erank = effective_rank(arrays[whole[0]] if whole else np.linalg.svd(delta, compute_uv=False))
     _save_npz(task["spectra"], arrays)
-    rec = {"layer": module, "module_type": module.split(".")[-1], "shape": list(shape), "effective_rank": erank,
-           "budget": task["budget"], "curve": _curve(arrays, names, ks, shape), "rows": [], "skipped": None,
-           "missing": []}
+    rec = {
+        "layer": module,
+        "module_type": module.split(".")[-1],
+        "shape": list(shape),
+        "effective_rank": erank,
+        "budget": task["budget"],
+        "curve": _curve(arrays, names, ks, shape),
+        "rows": [],
+        "skipped": None,
+        "missing": [],
+    }
     layer_ks = [K for K in ks if K <= min(shape)] or [1]
     try:  # only a budget that no configuration of this layer spends skips it; other errors stop the study
         match_budget(shape, task["budget"], methods=names, n_blocks=layer_ks)
@@ -232,9 +276,15 @@ def _study_layer(task, *, base, finetuned, settings, progress=False, live=False)
         rec["summary"] = "skipped: " + rec["skipped"]
         return jsonable(rec)
     known = [_load_spectra(arrays, name, K, shape) for name, K in _partitions(names, shape, ks)]
-    found = compare_at_budget(delta, task["budget"], methods=names, n_blocks=layer_ks,
-                              svd_solver=settings["svd_solver"], fit_options=settings["fit_options"],
-                              spectra=[sp for sp in known if sp is not None])  # computed once per layer
+    found = compare_at_budget(
+        delta,
+        task["budget"],
+        methods=names,
+        n_blocks=layer_ks,
+        svd_solver=settings["svd_solver"],
+        fit_options=settings["fit_options"],
+        spectra=[sp for sp in known if sp is not None],
+    )  # computed once per layer
     rec["rows"] = [_row(r, rec) for r in found]
     rec["missing"] = [name for name in names if name not in {r["structure"] for r in rec["rows"]}]
     best = min(rec["rows"], key=lambda r: r["error"])
@@ -244,13 +294,24 @@ def _study_layer(task, *, base, finetuned, settings, progress=False, live=False)
 
 def _row(r, layer):
     m, n = layer["shape"]
-    return {"layer": layer["layer"], "module_type": layer["module_type"], "shape": f"{m}x{n}",
-            "structure": r["method"], "config": _config(r), "allocation": r["allocation"],
-            "n_blocks": r["n_blocks"], "rank": r["rank"],
-            "block_ranks": ";".join(" ".join(str(int(v)) for v in row) for row in np.atleast_2d(r["block_ranks"])),
-            "n_params": r["n_params"], "budget": r["budget"], "budget_rank": r["budget"] / (m + n),
-            "exact": r["exact"], "error": r["error"], "energy": 1.0 - r["error"] ** 2,
-            "effective_rank": layer["effective_rank"]}
+    return {
+        "layer": layer["layer"],
+        "module_type": layer["module_type"],
+        "shape": f"{m}x{n}",
+        "structure": r["method"],
+        "config": _config(r),
+        "allocation": r["allocation"],
+        "n_blocks": r["n_blocks"],
+        "rank": r["rank"],
+        "block_ranks": ";".join(" ".join(str(int(v)) for v in row) for row in np.atleast_2d(r["block_ranks"])),
+        "n_params": r["n_params"],
+        "budget": r["budget"],
+        "budget_rank": r["budget"] / (m + n),
+        "exact": r["exact"],
+        "error": r["error"],
+        "energy": 1.0 - r["error"] ** 2,
+        "effective_rank": layer["effective_rank"],
+    }
 
 
 def _mark_best(rows):
@@ -341,8 +402,10 @@ def _model_wide(layers, files, names, ks, total, uniform_budgets):
             notes.append(f"{name} K={K}: not every layer has {K} blocks per side; no model-wide row")
             continue
         energy = sum(float(sp.total_energy) for sp in spectra)
-        unif = [sp.allocate(b)[0] if b >= 1 else np.zeros(sp.layout.n_blocks, int)
-                for sp, b in zip(spectra, uniform_budgets)]
+        unif = [
+            sp.allocate(b)[0] if b >= 1 else np.zeros(sp.layout.n_blocks, int)
+            for sp, b in zip(spectra, uniform_budgets)
+        ]
         ranks, exact, gap = allocate_model_wide(spectra, total)
         floor = _discarded(spectra, ranks) - gap  # no allocation within the total discards less
         fallback = not exact and _discarded(spectra, ranks) > _discarded(spectra, unif)
@@ -350,19 +413,51 @@ def _model_wide(layers, files, names, ks, total, uniform_budgets):
         for alloc, R, budget in (("model-wide", ranks, total), ("uniform", unif, sum(uniform_budgets))):
             errs = [float(sp.error(r)) for sp, r in zip(spectra, R)]
             wide = alloc == "model-wide"
-            out.append({"structure": name, "n_blocks": K, "allocation": alloc, "total_budget": int(budget),
-                        "n_params": int(sum(int(sp.n_params(r)) for sp, r in zip(spectra, R))),
-                        "error": _total_error(_discarded(spectra, R), energy), "mean_layer_error": float(np.mean(errs)),
-                        "exact": exact if wide else None,
-                        "error_lower_bound": _total_error(floor, energy) if wide else None,
-                        "fallback": fallback if wide else None, "n_layers": len(spectra)})
-            per_layer += [{"structure": name, "n_blocks": K, "allocation": alloc, "layer": lay["layer"],
-                           "module_type": lay["module_type"], "n_params": int(sp.n_params(r)),
-                           "rank_equivalent": int(sp.n_params(r)) / sum(lay["shape"]), "error": e}
-                          for lay, sp, r, e in zip(layers, spectra, R, errs)]
-    return (RecordList(out, columns=MODEL_WIDE_COLUMNS),
-            RecordList(per_layer, columns=("structure", "n_blocks", "allocation", "layer", "module_type", "n_params",
-                                           "rank_equivalent", "error")), notes)
+            out.append(
+                {
+                    "structure": name,
+                    "n_blocks": K,
+                    "allocation": alloc,
+                    "total_budget": int(budget),
+                    "n_params": int(sum(int(sp.n_params(r)) for sp, r in zip(spectra, R))),
+                    "error": _total_error(_discarded(spectra, R), energy),
+                    "mean_layer_error": float(np.mean(errs)),
+                    "exact": exact if wide else None,
+                    "error_lower_bound": _total_error(floor, energy) if wide else None,
+                    "fallback": fallback if wide else None,
+                    "n_layers": len(spectra),
+                }
+            )
+            per_layer += [
+                {
+                    "structure": name,
+                    "n_blocks": K,
+                    "allocation": alloc,
+                    "layer": lay["layer"],
+                    "module_type": lay["module_type"],
+                    "n_params": int(sp.n_params(r)),
+                    "rank_equivalent": int(sp.n_params(r)) / sum(lay["shape"]),
+                    "error": e,
+                }
+                for lay, sp, r, e in zip(layers, spectra, R, errs)
+            ]
+    return (
+        RecordList(out, columns=MODEL_WIDE_COLUMNS),
+        RecordList(
+            per_layer,
+            columns=(
+                "structure",
+                "n_blocks",
+                "allocation",
+                "layer",
+                "module_type",
+                "n_params",
+                "rank_equivalent",
+                "error",
+            ),
+        ),
+        notes,
+    )
 
 
 def _discarded(spectra, ranks):
@@ -395,15 +490,29 @@ def _settings_file(out, settings):
         old = json.loads(path.read_text())
         if old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise ValueError(f"{out} holds a study with other settings ({', '.join(diff)}); "
-                             "use another --out or remove that folder")
+            raise ValueError(
+                f"{out} holds a study with other settings ({', '.join(diff)}); use another --out or remove that folder"
+            )
     else:  # a new study, or one stopped before its first layer
         path.write_text(json.dumps(settings, indent=1, sort_keys=True))
 
 
-def run_study(base, finetuned=None, *, out=None, structures=None, budget_rank=16, budget_fraction=None,
-              total_budget=None, target_modules=ALL_LINEAR, n_blocks=None, n_jobs=None, progress=True,
-              svd_solver="auto", fit_options=None):
+def run_study(
+    base,
+    finetuned=None,
+    *,
+    out=None,
+    structures=None,
+    budget_rank=16,
+    budget_fraction=None,
+    total_budget=None,
+    target_modules=ALL_LINEAR,
+    n_blocks=None,
+    n_jobs=None,
+    progress=True,
+    svd_solver="auto",
+    fit_options=None,
+):
     """Approximate every layer of a checkpoint by every registered structure at matched budgets.
 
     Parameters
@@ -515,8 +624,10 @@ def run_study(base, finetuned=None, *, out=None, structures=None, budget_rank=16
     if not ks or min(ks) < 1:
         raise ValueError(f"n_blocks must hold ints >= 1, got {n_blocks!r}")
     adapter = finetuned is not None and (Path(finetuned) / "adapter_config.json").is_file()
-    with open_checkpoint(base) as b, (open_checkpoint(finetuned) if finetuned is not None and not adapter
-                                      else nullcontext()) as f:
+    with (
+        open_checkpoint(base) as b,
+        open_checkpoint(finetuned) if finetuned is not None and not adapter else nullcontext() as f,
+    ):
         pairing = pair_layers(b, f, target_modules)
         paths = str(b.path), (str(f.path) if f is not None else None)
     if adapter:  # the adapter's layers, in the base's names (lazy import: peft imports the checkpoints package)
@@ -526,8 +637,10 @@ def run_study(base, finetuned=None, *, out=None, structures=None, budget_rank=16
         pairing.pairs[:] = [p for p in pairing.pairs if p.name in held]
         paths = paths[0], str(Path(finetuned).resolve())
     if not pairing.pairs:
-        raise ValueError(f"no layer selected by target_modules={target_modules!r}: "
-                         + "; ".join(line.strip() for line in pairing.summary().splitlines()))
+        raise ValueError(
+            f"no layer selected by target_modules={target_modules!r}: "
+            + "; ".join(line.strip() for line in pairing.summary().splitlines())
+        )
     sides = sum(p.shape[0] + p.shape[1] for p in pairing.pairs)
     if mode == "total_budget" and value < sides:
         raise ValueError(f"total_budget={value} is below LoRA-equivalent rank 1 on every layer ({sides} parameters)")
@@ -536,20 +649,36 @@ def run_study(base, finetuned=None, *, out=None, structures=None, budget_rank=16
     else:
         budgets = [_budget(p.shape, value, value if mode == "fraction" else None) for p in pairing.pairs]
     total = value if mode == "total_budget" else sum(budgets)
-    settings = {"base": paths[0], "finetuned": paths[1], "structures": list(names), "n_blocks": ks,
-                "budget": [mode, value], "target_modules": target_modules, "svd_solver": svd_solver,
-                "fit_options": fit_options or {}, "adapter": adapter}
+    settings = {
+        "base": paths[0],
+        "finetuned": paths[1],
+        "structures": list(names),
+        "n_blocks": ks,
+        "budget": [mode, value],
+        "target_modules": target_modules,
+        "svd_solver": svd_solver,
+        "fit_options": fit_options or {},
+        "adapter": adapter,
+    }
     tmp = tempfile.TemporaryDirectory() if out is None else None
     folder = Path(tmp.name if tmp else out)
     try:
         (folder / "spectra").mkdir(parents=True, exist_ok=True)
         _settings_file(folder, settings)
-        tasks = [{"id": p.name, "pair": list(p), "budget": bud,
-                  "spectra": str(folder / "spectra" / f"{_safe(p.name)}.npz")}
-                 for p, bud in zip(pairing.pairs, budgets)]
+        tasks = [
+            {"id": p.name, "pair": list(p), "budget": bud, "spectra": str(folder / "spectra" / f"{_safe(p.name)}.npz")}
+            for p, bud in zip(pairing.pairs, budgets)
+        ]
         fn = functools.partial(_study_layer, base=paths[0], finetuned=paths[1], settings=settings)
-        done = run_sweep(tasks, fn, RunLog(folder / "study.jsonl"), n_jobs=1 if n_jobs is None else n_jobs,
-                         progress=progress, name="study", label=lambda t: t["pair"][1])
+        done = run_sweep(
+            tasks,
+            fn,
+            RunLog(folder / "study.jsonl"),
+            n_jobs=1 if n_jobs is None else n_jobs,
+            progress=progress,
+            name="study",
+            label=lambda t: t["pair"][1],
+        )
         layers = [done[t["id"]] for t in tasks]
         files = [t["spectra"] for t in tasks]
         model_wide, model_layers, notes = _model_wide(layers, files, names, ks, total, budgets)

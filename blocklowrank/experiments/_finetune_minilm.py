@@ -54,11 +54,16 @@ def build_parser(parser=None):
     parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    parser.add_argument("--max-length", type=int, default=DEFAULTS["max_length"],
-                        help="tokens per sentence at most (default 64; 95%% of the sentences fit)")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=DEFAULTS["max_length"],
+        help="tokens per sentence at most (default 64; 95%% of the sentences fit)",
+    )
     parser.add_argument("--n-topics", type=int, default=DEFAULTS["n_topics"])
-    parser.add_argument("--subset", type=int, default=None,
-                        help="use only this many train and test sentences (quick checks)")
+    parser.add_argument(
+        "--subset", type=int, default=None, help="use only this many train and test sentences (quick checks)"
+    )
     parser.add_argument("--log-every", type=int, default=25)
     return parser
 
@@ -103,9 +108,7 @@ def _load(torch, base_path):
     model = BertModel(BertConfig.from_json_file(str(folder / "config.json")), add_pooling_layer=True)
     with open_checkpoint(base_path) as ck:
         base = {name: np.array(ck.get(name)) for name in ck.names()}
-    missing, unexpected = model.load_state_dict(
-        {name: torch.from_numpy(a) for name, a in base.items()}, strict=False
-    )
+    missing, unexpected = model.load_state_dict({name: torch.from_numpy(a) for name, a in base.items()}, strict=False)
     if missing or set(unexpected) - {"embeddings.position_ids"}:
         raise RuntimeError(f"weights do not fit BertModel: missing {missing}, unexpected {unexpected}")
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -146,8 +149,10 @@ def finetune(args):
     for p in model.pooler.parameters():
         p.requires_grad_(False)
     optimizer = torch.optim.AdamW(encoder_params + list(head.parameters()), lr=args.lr)
-    _say(f"{len(train_y)} train / {len(test_y)} test sentences, {len(data['topics'])} topics, "
-         f"torch {torch.__version__} on {torch.get_num_threads()} threads")
+    _say(
+        f"{len(train_y)} train / {len(test_y)} test sentences, {len(data['topics'])} topics, "
+        f"torch {torch.__version__} on {torch.get_num_threads()} threads"
+    )
     acc_before = _accuracy(model, head, tokenizer, test_text, test_y, torch)
     _say(f"test accuracy before: {acc_before:.4f}")
     model.train()
@@ -158,15 +163,16 @@ def finetune(args):
                 order = np.concatenate([order, rng.permutation(len(train_y))])
             idx, order = order[: args.batch_size], order[args.batch_size :]
             ids, mask = _batches(tokenizer, [train_text[i] for i in idx], torch)
-            loss = torch.nn.functional.cross_entropy(head(_embed(model, ids, mask)),
-                                                     torch.from_numpy(train_y[idx]))
+            loss = torch.nn.functional.cross_entropy(head(_embed(model, ids, mask)), torch.from_numpy(train_y[idx]))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
             if step % args.log_every == 0 or step == args.steps:
-                _say(f"step {step}/{args.steps}  loss {np.mean(losses[-args.log_every:]):.4f}  "
-                     f"{time.perf_counter() - t_train:.0f}s")
+                _say(
+                    f"step {step}/{args.steps}  loss {np.mean(losses[-args.log_every :]):.4f}  "
+                    f"{time.perf_counter() - t_train:.0f}s"
+                )
     except KeyboardInterrupt:
         _say(f"interrupted after {len(losses)} of {args.steps} steps: evaluating and saving those")
     train_seconds = time.perf_counter() - t_train
@@ -174,21 +180,40 @@ def finetune(args):
     _say(f"test accuracy after: {acc_after:.4f}")
     tuned = {name: p.detach().numpy() for name, p in model.state_dict().items()}
     encoder = {name: tuned.get(name, array) for name, array in base.items()}  # base names only
-    meta = {"format": "pt", "base": "all-MiniLM-L6-v2", "base_sha256": MINILM_SAFETENSORS_SHA256,
-            "task": "pydoc_topic_sentences", "steps": str(len(losses)), "seed": str(args.seed)}
+    meta = {
+        "format": "pt",
+        "base": "all-MiniLM-L6-v2",
+        "base_sha256": MINILM_SAFETENSORS_SHA256,
+        "task": "pydoc_topic_sentences",
+        "steps": str(len(losses)),
+        "seed": str(args.seed),
+    }
     save_file(out / "model.safetensors", encoder, metadata=meta)
-    save_file(out / "head.safetensors", {k: v.detach().numpy() for k, v in head.state_dict().items()},
-              metadata={"format": "pt", "topics": json.dumps(data["topics"])})
+    save_file(
+        out / "head.safetensors",
+        {k: v.detach().numpy() for k, v in head.state_dict().items()},
+        metadata={"format": "pt", "topics": json.dumps(data["topics"])},
+    )
     record = {
-        "accuracy_before": acc_before, "accuracy_after": acc_after, "steps_done": len(losses),
+        "accuracy_before": acc_before,
+        "accuracy_after": acc_after,
+        "steps_done": len(losses),
         "majority_share": float(np.bincount(test_y).max() / len(test_y)),
-        "n_train": len(train_y), "n_test": len(test_y), "topics": data["topics"],
+        "n_train": len(train_y),
+        "n_test": len(test_y),
+        "topics": data["topics"],
         "settings": {k: getattr(args, k) for k in (*DEFAULTS, "subset")},
-        "train_seconds": train_seconds, "total_seconds": time.perf_counter() - t_start,
-        "loss": losses, "base": str(base_path),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-                     "threads": torch.get_num_threads()},
+        "train_seconds": train_seconds,
+        "total_seconds": time.perf_counter() - t_start,
+        "loss": losses,
+        "base": str(base_path),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+            "threads": torch.get_num_threads(),
+        },
     }
     (out / "finetune.json").write_text(json.dumps(record, indent=1) + "\n")
     return record

@@ -54,9 +54,23 @@ __all__ = ["run_compress", "plot_compress", "CompressResult", "read_figure2_sele
 #: Learning rate of the full fine-tune when Figure 2's sweep.csv is not there to choose it.
 DEFAULT_FT_LR = 5e-4
 RULES = ("uniform", "budget")
-_FIELDS = ["method", "label", "config", "n_blocks", "rank", "rule", "n_params", "n_params_used", "n_trainable",
-           "n_seeds",
-           "error_mean", "val_acc_mean", "test_acc_mean", "test_acc_std", "selected"]
+_FIELDS = [
+    "method",
+    "label",
+    "config",
+    "n_blocks",
+    "rank",
+    "rule",
+    "n_params",
+    "n_params_used",
+    "n_trainable",
+    "n_seeds",
+    "error_mean",
+    "val_acc_mean",
+    "test_acc_mean",
+    "test_acc_std",
+    "selected",
+]
 
 
 @dataclass
@@ -101,9 +115,17 @@ def read_figure2_selected(path):
         rows = [r for r in csv.DictReader(f) if r.get("selected") == "True"]
     keep = []
     for r in rows:
-        keep.append({"method": r["method"], "config": r["config"], "n_params": int(r["n_params"]),
-                     "lr": float(r["lr"]), "n_seeds": int(r["n_seeds"]),
-                     "test_acc_mean": float(r["test_acc_mean"]), "test_acc_std": float(r["test_acc_std"])})
+        keep.append(
+            {
+                "method": r["method"],
+                "config": r["config"],
+                "n_params": int(r["n_params"]),
+                "lr": float(r["lr"]),
+                "n_seeds": int(r["n_seeds"]),
+                "test_acc_mean": float(r["test_acc_mean"]),
+                "test_acc_std": float(r["test_acc_std"]),
+            }
+        )
     return keep
 
 
@@ -119,8 +141,14 @@ def _fine_tuned(out_dir, seeds, d, settings, lr, pretrained, progress):
             continue
         if progress:
             print(f"[compress] full fine-tuning, seed {s}, lr {lr:g} ...", file=sys.stderr, flush=True)
-        task = {"method": "full", "seed": s, "lr": lr, "epochs": settings["epochs"],
-                "batch_size": settings["batch_size"], "patience": f2.PATIENCE}
+        task = {
+            "method": "full",
+            "seed": s,
+            "lr": lr,
+            "epochs": settings["epochs"],
+            "batch_size": settings["batch_size"],
+            "patience": f2.PATIENCE,
+        }
         res, _ = f2.train_run(task, data=d, pretrained={s: pretrained[s].to_dict()})
         res.mlp.save(path)
         out[s] = res.mlp
@@ -130,8 +158,7 @@ def _fine_tuned(out_dir, seeds, d, settings, lr, pretrained, progress):
 def _fits(dW, cfg):
     """``{rule: Approximation}`` of ΔW1 for one Figure 2 configuration."""
     kw = dict(method=cfg["method"], n_blocks=cfg["n_blocks"])
-    return {"uniform": approximate(dW, rank=cfg["rank"], **kw),
-            "budget": approximate(dW, budget=cfg["n_params"], **kw)}
+    return {"uniform": approximate(dW, rank=cfg["rank"], **kw), "budget": approximate(dW, budget=cfg["n_params"], **kw)}
 
 
 def _seed_rows(seed, pre, ft, d, configs):
@@ -141,16 +168,33 @@ def _seed_rows(seed, pre, ft, d, configs):
     Xv, yv, Xt, yt = X[va], y[va], f2._float(d["te_X"]), d["te_y"]
     mixed = MLP(pre.W1, pre.b1, ft.W2, ft.b2)  # pretrained first layer, fine-tuned output layer
     dW = (ft.W1.astype(np.float64) - pre.W1).astype(np.float32)
-    exact = {"method": "exact", "config": "ΔW1", "n_blocks": 1, "rank": min(dW.shape), "rule": "uniform",
-             "n_params": dW.size, "n_params_used": dW.size, "error": 0.0, "val_acc": mixed.score(Xv, yv, dW),
-             "test_acc": mixed.score(Xt, yt, dW)}
+    exact = {
+        "method": "exact",
+        "config": "ΔW1",
+        "n_blocks": 1,
+        "rank": min(dW.shape),
+        "rule": "uniform",
+        "n_params": dW.size,
+        "n_params_used": dW.size,
+        "error": 0.0,
+        "val_acc": mixed.score(Xv, yv, dW),
+        "test_acc": mixed.score(Xt, yt, dW),
+    }
     rows = [exact]
     for cfg in configs:
         for rule, fit in _fits(dW, cfg).items():
             approx = fit.reconstruction.astype(np.float32)
-            rows.append({**cfg, "config": f2._config_name(cfg["method"], cfg["n_blocks"], cfg["rank"]),
-                         "rule": rule, "n_params_used": int(fit.n_params), "error": float(fit.error),
-                         "val_acc": mixed.score(Xv, yv, approx), "test_acc": mixed.score(Xt, yt, approx)})
+            rows.append(
+                {
+                    **cfg,
+                    "config": f2._config_name(cfg["method"], cfg["n_blocks"], cfg["rank"]),
+                    "rule": rule,
+                    "n_params_used": int(fit.n_params),
+                    "error": float(fit.error),
+                    "val_acc": mixed.score(Xv, yv, approx),
+                    "test_acc": mixed.score(Xt, yt, approx),
+                }
+            )
     for r in rows:
         r["seed"] = seed
     return rows
@@ -163,15 +207,25 @@ def _aggregate(runs):
     table = []
     for (method, config, rule), rs in groups.items():
         acc_mean, acc_std = f2._mean_std([r["test_acc"] for r in rs])
-        table.append({
-            "method": method, "label": f2.LABELS.get(method, "exact ΔW1"), "config": config,
-            "n_blocks": rs[0]["n_blocks"], "rank": rs[0]["rank"], "rule": rule,
-            "n_params": rs[0]["n_params"], "n_params_used": int(round(np.mean([r["n_params_used"] for r in rs]))),
-            "n_trainable": rs[0]["n_params"] + 325, "n_seeds": len(rs),
-            "error_mean": float(np.mean([r["error"] for r in rs])),
-            "val_acc_mean": float(np.mean([r["val_acc"] for r in rs])),
-            "test_acc_mean": acc_mean, "test_acc_std": acc_std, "selected": False,
-        })
+        table.append(
+            {
+                "method": method,
+                "label": f2.LABELS.get(method, "exact ΔW1"),
+                "config": config,
+                "n_blocks": rs[0]["n_blocks"],
+                "rank": rs[0]["rank"],
+                "rule": rule,
+                "n_params": rs[0]["n_params"],
+                "n_params_used": int(round(np.mean([r["n_params_used"] for r in rs]))),
+                "n_trainable": rs[0]["n_params"] + 325,
+                "n_seeds": len(rs),
+                "error_mean": float(np.mean([r["error"] for r in rs])),
+                "val_acc_mean": float(np.mean([r["val_acc"] for r in rs])),
+                "test_acc_mean": acc_mean,
+                "test_acc_std": acc_std,
+                "selected": False,
+            }
+        )
     best = {}
     for row in table:
         key = (row["method"], row["rule"], row["n_params"])
@@ -200,8 +254,10 @@ def _verdicts(selected, figure2):
             verdict = "the trained adapter wins"
         else:
             verdict = "within the seed spread"
-        lines.append(f"  {f2.LABELS[c['method']]:<15}{c['n_params']:>7d}  compressed {c['config']:<9}"
-                     f"{ca:6.2f}+-{cs:4.2f}%  trained {t['config']:<9}{ta:6.2f}+-{ts:4.2f}%  {verdict}")
+        lines.append(
+            f"  {f2.LABELS[c['method']]:<15}{c['n_params']:>7d}  compressed {c['config']:<9}"
+            f"{ca:6.2f}+-{cs:4.2f}%  trained {t['config']:<9}{ta:6.2f}+-{ts:4.2f}%  {verdict}"
+        )
     return lines
 
 
@@ -216,18 +272,26 @@ def _summary(selected, full_ft, figure2, settings):
         f"{'method':<15}{'rule':<9}{'config':<10}{'params':>8}{'ΔW1 err':>9}{'test acc %':>16}",
     ]
     for r in selected:
-        lines.append(f"{r['label']:<15}{r['rule']:<9}{r['config']:<10}{r['n_params']:>8d}{r['error_mean']:>9.3f}"
-                     f"{100 * r['test_acc_mean']:>9.2f} +- {100 * r['test_acc_std']:<4.2f}")
-    lines += ["", "Compressed (uniform ranks) vs trained adapter (Figure 2), same method and parameter count "
-              "(mean +- std intervals):"]
+        lines.append(
+            f"{r['label']:<15}{r['rule']:<9}{r['config']:<10}{r['n_params']:>8d}{r['error_mean']:>9.3f}"
+            f"{100 * r['test_acc_mean']:>9.2f} +- {100 * r['test_acc_std']:<4.2f}"
+        )
+    lines += [
+        "",
+        "Compressed (uniform ranks) vs trained adapter (Figure 2), same method and parameter count "
+        "(mean +- std intervals):",
+    ]
     verdicts = _verdicts(selected, figure2)
-    lines += verdicts or ["  Figure 2's sweep.csv is not in the output directory: run `blocklowrank reproduce "
-                          "figure2` first for the comparison"]
+    lines += verdicts or [
+        "  Figure 2's sweep.csv is not in the output directory: run `blocklowrank reproduce "
+        "figure2` first for the comparison"
+    ]
     return "\n".join(lines) + "\n"
 
 
-def run_compress(out_dir, *, seeds=3, subset=None, data=None, ft_lr=None, epochs=f2.DEFAULT_EPOCHS, progress=True,
-                 n_jobs=1):
+def run_compress(
+    out_dir, *, seeds=3, subset=None, data=None, ft_lr=None, epochs=f2.DEFAULT_EPOCHS, progress=True, n_jobs=1
+):
     """Fit the full fine-tune's ΔW1 with each structure at Figure 2's budgets and evaluate without training.
 
     Parameters
@@ -296,8 +360,9 @@ def run_compress(out_dir, *, seeds=3, subset=None, data=None, ft_lr=None, epochs
         f.write(text)
     if progress:
         print(text, file=sys.stderr, flush=True)
-    return CompressResult(runs=runs, table=table, selected=selected, full_ft=full_ft, figure2=figure2,
-                          summary=text, settings=settings)
+    return CompressResult(
+        runs=runs, table=table, selected=selected, full_ft=full_ft, figure2=figure2, summary=text, settings=settings
+    )
 
 
 def plot_compress(result, path=None):
@@ -325,16 +390,30 @@ def plot_compress(result, path=None):
         st = f2._STYLE[method]
         trained = sorted((r for r in result.figure2 if r["method"] == method), key=lambda r: r["n_params"])
         if trained:
-            left.errorbar([r["n_params"] for r in trained], [100 * r["test_acc_mean"] for r in trained],
-                          yerr=[100 * r["test_acc_std"] for r in trained], color=st["color"], marker=st["marker"],
-                          capsize=3, label=f2.LABELS[method])
+            left.errorbar(
+                [r["n_params"] for r in trained],
+                [100 * r["test_acc_mean"] for r in trained],
+                yerr=[100 * r["test_acc_std"] for r in trained],
+                color=st["color"],
+                marker=st["marker"],
+                capsize=3,
+                label=f2.LABELS[method],
+            )
         for rule, fill in (("uniform", st["color"]), ("budget", "white")):
-            rows = sorted((r for r in result.selected if r["method"] == method and r["rule"] == rule),
-                          key=lambda r: r["n_params"])
-            right.errorbar([r["n_params"] for r in rows], [100 * r["test_acc_mean"] for r in rows],
-                           yerr=[100 * r["test_acc_std"] for r in rows], color=st["color"], marker=st["marker"],
-                           mfc=fill, ls="-" if rule == "uniform" else "--", capsize=3,
-                           label=f"{f2.LABELS[method]} ({'uniform' if rule == 'uniform' else 'budget-optimal'} ranks)")
+            rows = sorted(
+                (r for r in result.selected if r["method"] == method and r["rule"] == rule), key=lambda r: r["n_params"]
+            )
+            right.errorbar(
+                [r["n_params"] for r in rows],
+                [100 * r["test_acc_mean"] for r in rows],
+                yerr=[100 * r["test_acc_std"] for r in rows],
+                color=st["color"],
+                marker=st["marker"],
+                mfc=fill,
+                ls="-" if rule == "uniform" else "--",
+                capsize=3,
+                label=f"{f2.LABELS[method]} ({'uniform' if rule == 'uniform' else 'budget-optimal'} ranks)",
+            )
     ft = 100 * result.full_ft["mean"]
     for ax, title in ((left, "trained adapters (Figure 2)"), (right, "compressed full fine-tune, no training")):
         ax.axhline(ft, color="k", ls=":", lw=1, label=f"full FT {ft:.2f}%")
@@ -346,8 +425,14 @@ def plot_compress(result, path=None):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     if not result.figure2:
-        left.text(0.5, 0.5, "no sweep.csv:\nrun `blocklowrank reproduce figure2`", transform=left.transAxes,
-                  ha="center", va="center")
+        left.text(
+            0.5,
+            0.5,
+            "no sweep.csv:\nrun `blocklowrank reproduce figure2`",
+            transform=left.transAxes,
+            ha="center",
+            va="center",
+        )
     left.set_ylabel("test accuracy on digits 5-9 (%)")
     fig.supxlabel("parameters of the first-layer update (both roads also spend the output layer's 325)", fontsize=9)
     fig.suptitle(f"MNIST 0-4 -> 5-9, {len(result.settings.get('seeds', []))} seeds", fontsize=10)

@@ -69,9 +69,9 @@ import numpy as np
 
 from ..adapters.mlp import MLP
 from ..adapters.structured import StructuredAdapter
-from ..sweep import RunLog, epoch_progress, run_sweep
 from ..adapters.training import pretrain, train
 from ..structures import get_structure
+from ..sweep import RunLog, epoch_progress, run_sweep
 
 __all__ = [
     "run_figure2",
@@ -176,9 +176,12 @@ def _prepare(data, subset):
             raise ValueError(f"{nm} must be digits 0-9")
     lo, hi, th = ytr < 5, ytr >= 5, yte >= 5
     out = {
-        "pre_X": Xtr[lo], "pre_y": ytr[lo],
-        "ad_X": Xtr[hi], "ad_y": ytr[hi] - 5,
-        "te_X": Xte[th], "te_y": yte[th] - 5,
+        "pre_X": Xtr[lo],
+        "pre_y": ytr[lo],
+        "ad_X": Xtr[hi],
+        "ad_y": ytr[hi] - 5,
+        "te_X": Xte[th],
+        "te_y": yte[th] - 5,
     }
     if subset is not None:
         subset = int(subset)
@@ -217,10 +220,15 @@ def _fingerprint(d):
 def protocol_settings(d, *, epochs=DEFAULT_EPOCHS, batch_size=BATCH_SIZE, subset=None):
     """The settings that define a run of the protocol, with their hash ``tag`` (names cached files)."""
     settings = {
-        "protocol": PROTOCOL_VERSION, "epochs": int(epochs), "batch_size": int(batch_size),
+        "protocol": PROTOCOL_VERSION,
+        "epochs": int(epochs),
+        "batch_size": int(batch_size),
         "patience": PATIENCE,
-        "subset": subset, "val_fraction": VAL_FRACTION, "train_head": TRAIN_HEAD,
-        "pretrain": PRETRAIN, "data": _fingerprint(d),
+        "subset": subset,
+        "val_fraction": VAL_FRACTION,
+        "train_head": TRAIN_HEAD,
+        "pretrain": PRETRAIN,
+        "data": _fingerprint(d),
     }
     settings["tag"] = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return settings
@@ -252,8 +260,13 @@ def pretrained_mlps(out_dir, seeds, d, tag, *, n_jobs=1, progress=False):
 # ---------------------------------------------------------------------------- one run
 def _pretrain_task(seed, pre_X, pre_y):
     res = pretrain(
-        _float(pre_X), pre_y, sizes=SIZES, random_state=np.random.SeedSequence([seed, 0]),
-        lr=PRETRAIN["lr"], epochs=PRETRAIN["epochs"], batch_size=PRETRAIN["batch_size"],
+        _float(pre_X),
+        pre_y,
+        sizes=SIZES,
+        random_state=np.random.SeedSequence([seed, 0]),
+        lr=PRETRAIN["lr"],
+        epochs=PRETRAIN["epochs"],
+        batch_size=PRETRAIN["batch_size"],
     )
     return res.mlp
 
@@ -277,15 +290,20 @@ def train_run(task, *, data, pretrained, callback=None):
     y = data["ad_y"]
     tr, va = _split(len(y), seed)
     kw = dict(
-        lr=task["lr"], epochs=task["epochs"], batch_size=task["batch_size"],
-        X_val=X[va], y_val=y[va], random_state=np.random.SeedSequence([seed, 2]),
-        restore_best=True, patience=task.get("patience"), callback=callback,
+        lr=task["lr"],
+        epochs=task["epochs"],
+        batch_size=task["batch_size"],
+        X_val=X[va],
+        y_val=y[va],
+        random_state=np.random.SeedSequence([seed, 2]),
+        restore_best=True,
+        patience=task.get("patience"),
+        callback=callback,
     )
     if task["method"] == "full":
         return train(mlp, X[tr], y[tr], mode="full", **kw), N_MODEL_PARAMS
     ad = StructuredAdapter(
-        _layout(task["method"], task["n_blocks"], task["rank"]),
-        random_state=np.random.SeedSequence([seed, 1]),
+        _layout(task["method"], task["n_blocks"], task["rank"]), random_state=np.random.SeedSequence([seed, 1])
     )
     return train(mlp, X[tr], y[tr], adapter=ad, mode="adapter", train_head=TRAIN_HEAD, **kw), ad.n_params
 
@@ -381,28 +399,52 @@ def _aggregate(runs, seeds, skipped):
         n_train = N_MODEL_PARAMS if method == "full" else n_params + (325 if TRAIN_HEAD else 0)
         vl, va = _mean_std([r["val_loss"] for r in ok])
         ta, ts = _mean_std([r["test_acc"] for r in ok])
-        table.append({
-            "method": method, "label": LABELS[method], "config": _config_name(method, k, rank),
-            "n_blocks": k, "rank": rank, "lr": lr, "n_params": n_params, "n_trainable": n_train,
-            "fraction": n_train / N_MODEL_PARAMS, "n_seeds": len(ok), "n_failed": len(failed),
-            "val_loss_mean": vl, "val_loss_std": va, "test_acc_mean": ta, "test_acc_std": ts,
-            "best_epoch_mean": _mean_std([r["best_epoch"] for r in ok])[0],
-            "status": "ok" if not failed else ("failed" if not ok else "partly failed"),
-            "error": failed[0].get("error") if failed else "",
-            "seeds": [r["task"]["seed"] for r in ok],
-            "test_accs": [r["test_acc"] for r in ok],
-            "selected": False, "reason": "",
-        })
+        table.append(
+            {
+                "method": method,
+                "label": LABELS[method],
+                "config": _config_name(method, k, rank),
+                "n_blocks": k,
+                "rank": rank,
+                "lr": lr,
+                "n_params": n_params,
+                "n_trainable": n_train,
+                "fraction": n_train / N_MODEL_PARAMS,
+                "n_seeds": len(ok),
+                "n_failed": len(failed),
+                "val_loss_mean": vl,
+                "val_loss_std": va,
+                "test_acc_mean": ta,
+                "test_acc_std": ts,
+                "best_epoch_mean": _mean_std([r["best_epoch"] for r in ok])[0],
+                "status": "ok" if not failed else ("failed" if not ok else "partly failed"),
+                "error": failed[0].get("error") if failed else "",
+                "seeds": [r["task"]["seed"] for r in ok],
+                "test_accs": [r["test_acc"] for r in ok],
+                "selected": False,
+                "reason": "",
+            }
+        )
     for s in skipped:
         n_params = _layout(s["method"], s["n_blocks"], min(s["rank"], 1)).n_params * s["rank"]
-        table.append({
-            "method": s["method"], "label": LABELS[s["method"]],
-            "config": _config_name(s["method"], s["n_blocks"], s["rank"]),
-            "n_blocks": s["n_blocks"], "rank": s["rank"], "lr": None, "n_params": n_params,
-            "n_trainable": n_params + (325 if TRAIN_HEAD else 0),
-            "fraction": (n_params + (325 if TRAIN_HEAD else 0)) / N_MODEL_PARAMS,
-            "n_seeds": 0, "n_failed": 0, "status": "skipped", "reason": s["reason"], "selected": False,
-        })
+        table.append(
+            {
+                "method": s["method"],
+                "label": LABELS[s["method"]],
+                "config": _config_name(s["method"], s["n_blocks"], s["rank"]),
+                "n_blocks": s["n_blocks"],
+                "rank": s["rank"],
+                "lr": None,
+                "n_params": n_params,
+                "n_trainable": n_params + (325 if TRAIN_HEAD else 0),
+                "fraction": (n_params + (325 if TRAIN_HEAD else 0)) / N_MODEL_PARAMS,
+                "n_seeds": 0,
+                "n_failed": 0,
+                "status": "skipped",
+                "reason": s["reason"],
+                "selected": False,
+            }
+        )
     order = {"full": 0, "global": 1, "diagonal": 2, "block": 3}
     table.sort(key=lambda r: (order[r["method"]], r["n_params"], r["n_blocks"], r["rank"], r["lr"] or 0))
     return table
@@ -450,11 +492,19 @@ def _compare(best):
                 verdict = "worse, beyond the seed spread"
             else:
                 verdict = "within the seed spread (no clear difference)"
-            out.append({
-                "n_params": n, "localized": L["config"], "other_method": LABELS[other],
-                "other": O["config"], "localized_acc": la, "localized_std": ls,
-                "other_acc": oa, "other_std": os_, "verdict": verdict,
-            })
+            out.append(
+                {
+                    "n_params": n,
+                    "localized": L["config"],
+                    "other_method": LABELS[other],
+                    "other": O["config"],
+                    "localized_acc": la,
+                    "localized_std": ls,
+                    "other_acc": oa,
+                    "other_std": os_,
+                    "verdict": verdict,
+                }
+            )
     return out
 
 
@@ -466,8 +516,7 @@ def _summary_text(selected, ft, comps, skipped, settings):
         f"lrs={list(settings['lrs'])}, subset={settings['subset']}, head trained={TRAIN_HEAD}"
     )
     lines.append(
-        f"Skip rule: a configuration is skipped when a block's rank r > min(m_i, n_j)/2 "
-        f"({len(skipped)} skipped)."
+        f"Skip rule: a configuration is skipped when a block's rank r > min(m_i, n_j)/2 ({len(skipped)} skipped)."
     )
     if ft:
         lines.append(
@@ -511,9 +560,28 @@ def _summary_text(selected, ft, comps, skipped, settings):
 
 
 _CSV_FIELDS = [
-    "method", "label", "config", "n_blocks", "rank", "lr", "n_params", "n_trainable", "fraction",
-    "n_seeds", "n_failed", "val_loss_mean", "val_loss_std", "test_acc_mean", "test_acc_std",
-    "drop_mean", "drop_std", "best_epoch_mean", "selected", "status", "reason", "error",
+    "method",
+    "label",
+    "config",
+    "n_blocks",
+    "rank",
+    "lr",
+    "n_params",
+    "n_trainable",
+    "fraction",
+    "n_seeds",
+    "n_failed",
+    "val_loss_mean",
+    "val_loss_std",
+    "test_acc_mean",
+    "test_acc_std",
+    "drop_mean",
+    "drop_std",
+    "best_epoch_mean",
+    "selected",
+    "status",
+    "reason",
+    "error",
 ]
 
 
@@ -613,29 +681,36 @@ def run_figure2(
         for lr in lrs:
             for s in seed_list:
                 name = f"{LABELS[cfg['method']]} {_config_name(cfg['method'], cfg['n_blocks'], cfg['rank'])}"
-                tasks.append({
-                    "id": f"{cfg['method']}|{cfg['n_blocks']}|{cfg['rank']}|{lr:g}|{s}|{tag}",
-                    "method": cfg["method"], "n_blocks": cfg["n_blocks"], "rank": cfg["rank"],
-                    "lr": lr, "seed": s, "epochs": int(epochs), "batch_size": int(batch_size),
-                    "patience": PATIENCE,
-                    "label": f"{name} lr={lr:g} seed={s}",
-                })
-    fn = functools.partial(_adapt_task, data={k: d[k] for k in ("ad_X", "ad_y", "te_X", "te_y")},
-                           pretrained=pre_dicts)
+                tasks.append(
+                    {
+                        "id": f"{cfg['method']}|{cfg['n_blocks']}|{cfg['rank']}|{lr:g}|{s}|{tag}",
+                        "method": cfg["method"],
+                        "n_blocks": cfg["n_blocks"],
+                        "rank": cfg["rank"],
+                        "lr": lr,
+                        "seed": s,
+                        "epochs": int(epochs),
+                        "batch_size": int(batch_size),
+                        "patience": PATIENCE,
+                        "label": f"{name} lr={lr:g} seed={s}",
+                    }
+                )
+    fn = functools.partial(_adapt_task, data={k: d[k] for k in ("ad_X", "ad_y", "te_X", "te_y")}, pretrained=pre_dicts)
     log = RunLog(os.path.join(out_dir, "figure2_runs.jsonl"))
     # longest runs first, so that the workers finish together: a run's time grows
     # with 1 / lr (epochs to converge) and with its parameters (work per step)
     order = sorted(tasks, key=lambda t: -_cost_estimate(t))
-    results = run_sweep(order, fn, log, n_jobs=n_jobs, progress=progress, name="figure2",
-                        label=lambda t: t["label"])
+    results = run_sweep(order, fn, log, n_jobs=n_jobs, progress=progress, name="figure2", label=lambda t: t["label"])
     runs = [results[t["id"]] for t in tasks]
 
     # 3. aggregate, select, compare
     table = _aggregate(runs, seed_list, skipped)
     best = _select(table, len(seed_list))
     ft = best.get(("full", N_MODEL_PARAMS))
-    selected = sorted((r for (m, _), r in best.items() if m != "full"),
-                      key=lambda r: ({"global": 0, "diagonal": 1, "block": 2}[r["method"]], r["n_params"]))
+    selected = sorted(
+        (r for (m, _), r in best.items() if m != "full"),
+        key=lambda r: ({"global": 0, "diagonal": 1, "block": 2}[r["method"]], r["n_params"]),
+    )
     if ft is not None:
         for r in selected:
             r["drop_mean"], r["drop_std"] = _paired_drop(r, ft)
@@ -650,8 +725,11 @@ def run_figure2(
         capped = [t["label"] for (t, r), e in zip(ok, n_ep) if e >= int(epochs) and e - r["best_epoch"] < PATIENCE]
         k = int(np.argmax(n_ep))
         settings["convergence"] = {
-            "ok": len(ok), "early_stopped": len(ok) - len(capped), "capped": capped,
-            "longest": int(n_ep[k]), "longest_label": ok[k][0]["label"],
+            "ok": len(ok),
+            "early_stopped": len(ok) - len(capped),
+            "capped": capped,
+            "longest": int(n_ep[k]),
+            "longest_label": ok[k][0]["label"],
         }
     text = _summary_text(selected, ft, comps, skipped, settings)
     _write_csv(os.path.join(out_dir, "sweep.csv"), table)
@@ -659,8 +737,17 @@ def run_figure2(
         f.write(text)
     if progress:
         print(text, file=sys.stderr, flush=True)
-    return Figure2Result(runs=runs, table=table, selected=selected, full_ft=ft, comparisons=comps,
-                         skipped=skipped, summary=text, settings=settings, out_dir=out_dir)
+    return Figure2Result(
+        runs=runs,
+        table=table,
+        selected=selected,
+        full_ft=ft,
+        comparisons=comps,
+        skipped=skipped,
+        summary=text,
+        settings=settings,
+        out_dir=out_dir,
+    )
 
 
 # ---------------------------------------------------------------------------- plot
@@ -718,11 +805,11 @@ def plot_figure2(result, path=None, *, ax=None, title=None):
         y = np.array([r["drop_mean"] for r in rows])
         e = np.array([r["drop_std"] for r in rows])
         st = _STYLE[method]
-        ax.errorbar(x, y, yerr=e, ls="none", marker=st["marker"], color=st["color"], capsize=3,
-                    label=LABELS[method], alpha=0.9)
+        ax.errorbar(
+            x, y, yerr=e, ls="none", marker=st["marker"], color=st["color"], capsize=3, label=LABELS[method], alpha=0.9
+        )
         for xi, yi, r in zip(x, y, rows):
-            ax.annotate(r["config"], (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=6,
-                        color=st["color"])
+            ax.annotate(r["config"], (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=6, color=st["color"])
         front = _pareto(list(zip(x, y)))
         fx, fy = zip(*front)
         ax.step(fx, fy, where="post", color=st["color"], lw=1.2, alpha=0.7)
@@ -731,8 +818,11 @@ def plot_figure2(result, path=None, *, ax=None, title=None):
     ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([0.5, 1, 2, 5, 10, 20, 50, 100]))
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("trainable parameters: adapter + output layer (% of the MLP's 50,565)"
-                  if TRAIN_HEAD else "trainable parameters (% of the MLP's 50,565)")
+    ax.set_xlabel(
+        "trainable parameters: adapter + output layer (% of the MLP's 50,565)"
+        if TRAIN_HEAD
+        else "trainable parameters (% of the MLP's 50,565)"
+    )
     ax.set_ylabel("accuracy drop from full fine-tuning (pp)")
     ft = result.full_ft
     n = len(result.settings.get("seeds", [])) if result.settings else 0

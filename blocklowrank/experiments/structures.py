@@ -59,12 +59,7 @@ import numpy as np
 from .._engine import block_spectra
 from ..budget import match_budget
 from ..layout import BlockLayout
-from ..permutations import (
-    cluster_permutation,
-    cocluster_permutations,
-    image_patch_permutation,
-    strided_permutation,
-)
+from ..permutations import cluster_permutation, cocluster_permutations, image_patch_permutation, strided_permutation
 from ..structures import approximate, fit_hybrid, fit_shared_basis, get_structure
 
 DIGIT_BUDGET = 224
@@ -113,14 +108,35 @@ ROW_LABELS = {
 #: Row groups of the figure (separated by lines).
 GROUP_OF = {}
 for _key, _lab in ROW_LABELS.items():
-    GROUP_OF[_lab] = ("paper" if _key[0] in ("global", "diagonal", "block") and _key[1] == "natural"
-                      else "beyond" if _key[1] == "natural"
-                      else {"stripes": "patches", "cocluster": "cluster"}.get(_key[1].split("@")[0],
-                                                                              _key[1].split("@")[0]))
+    GROUP_OF[_lab] = (
+        "paper"
+        if _key[0] in ("global", "diagonal", "block") and _key[1] == "natural"
+        else "beyond"
+        if _key[1] == "natural"
+        else {"stripes": "patches", "cocluster": "cluster"}.get(_key[1].split("@")[0], _key[1].split("@")[0])
+    )
 
-FIELDS = ("dataset", "shape", "n_matrices", "budget", "structure", "ordering", "allocation", "label",
-          "config", "n_params", "error", "error_median", "error_p10", "error_p90", "fit_seconds",
-          "fit_ms_per_matrix", "ordering_seconds", "passes", "check")
+FIELDS = (
+    "dataset",
+    "shape",
+    "n_matrices",
+    "budget",
+    "structure",
+    "ordering",
+    "allocation",
+    "label",
+    "config",
+    "n_params",
+    "error",
+    "error_median",
+    "error_p10",
+    "error_p90",
+    "fit_seconds",
+    "fit_ms_per_matrix",
+    "ordering_seconds",
+    "passes",
+    "check",
+)
 
 
 def _say(progress, msg):
@@ -145,14 +161,19 @@ def _planted(d, budget, seed):
     for t, (name, kw) in enumerate(specs):
         X, info = planted_matrix((d, d), noise=NOISE, random_state=seed + t, **kw)
         r = info.layout.uniform_rank
-        desc = {"global": f"rank {r}", "diagonal": f"4 diagonal blocks of rank {r}",
-                "block": f"2x2 blocks of rank {r}", "shared_basis": f"2x2 shared bases, rank {r}"}[name]
+        desc = {
+            "global": f"rank {r}",
+            "diagonal": f"4 diagonal blocks of rank {r}",
+            "block": f"2x2 blocks of rank {r}",
+            "shared_basis": f"2x2 shared bases, rank {r}",
+        }[name]
         out.append((f"planted {name} {d}x{d}", X, f"{desc} + {NOISE:.0%} noise"))
         if name == "diagonal":
             rng = np.random.default_rng(seed + 100)
             Xs = X[rng.permutation(d)][:, rng.permutation(d)]
-            out.append((f"planted diagonal, shuffled {d}x{d}", Xs,
-                        f"{desc} + {NOISE:.0%} noise, rows and columns shuffled"))
+            out.append(
+                (f"planted diagonal, shuffled {d}x{d}", Xs, f"{desc} + {NOISE:.0%} noise, rows and columns shuffled")
+            )
     return out
 
 
@@ -171,8 +192,12 @@ def _uniform_rank(method, shape, K, budget):
 
 def _stats(e):
     e = np.atleast_1d(np.asarray(e, dtype=np.float64))
-    return dict(error=float(e.mean()), error_median=float(np.median(e)),
-                error_p10=float(np.percentile(e, 10)), error_p90=float(np.percentile(e, 90)))
+    return dict(
+        error=float(e.mean()),
+        error_median=float(np.median(e)),
+        error_p10=float(np.percentile(e, 10)),
+        error_p90=float(np.percentile(e, 90)),
+    )
 
 
 def _timed(fn):
@@ -222,8 +247,18 @@ def _spectral_rows(X, budget, method, ks, ordering, allocations=("uniform", "opt
             res, secs = _timed(lambda: approximate(X, _layout(method, shape, K), budget=budget))
         _ = res.reconstruction
         check = float(np.max(np.abs(np.asarray(res.error) - b["errors"])))
-        rows.append(dict(structure=method, ordering=ordering, allocation=alloc, config=cfg,
-                         n_params=b["n_params"], errors=b["errors"], fit_seconds=secs, check=check))
+        rows.append(
+            dict(
+                structure=method,
+                ordering=ordering,
+                allocation=alloc,
+                config=cfg,
+                n_params=b["n_params"],
+                errors=b["errors"],
+                fit_seconds=secs,
+                check=check,
+            )
+        )
     return rows
 
 
@@ -232,8 +267,16 @@ def _global_row(X, budget):
     r, n_params = _uniform_rank("global", shape, 1, budget)
     res, secs = _timed(lambda: approximate(X, BlockLayout.global_(shape, r)))
     _ = res.reconstruction
-    return dict(structure="global", ordering="natural", allocation="uniform", config=f"r={r}",
-                n_params=n_params, errors=np.asarray(res.error), fit_seconds=secs, check=0.0)
+    return dict(
+        structure="global",
+        ordering="natural",
+        allocation="uniform",
+        config=f"r={r}",
+        n_params=n_params,
+        errors=np.asarray(res.error),
+        fit_seconds=secs,
+        check=0.0,
+    )
 
 
 def _blast_row(X, budget, ks, n_jobs):
@@ -246,9 +289,17 @@ def _blast_row(X, budget, ks, n_jobs):
             best = (res, secs, rec)
     res, secs, rec = best
     tried = ", ".join(f"K={r['n_blocks']}" for r in recs)
-    return dict(structure="BLAST", ordering="natural", allocation="uniform",
-                config=f"K={rec['n_blocks']} r={rec['rank']} (best of {tried})", n_params=rec["n_params"],
-                errors=np.asarray(res.error), fit_seconds=secs, passes=float(np.mean(res.n_iter)), check=0.0)
+    return dict(
+        structure="BLAST",
+        ordering="natural",
+        allocation="uniform",
+        config=f"K={rec['n_blocks']} r={rec['rank']} (best of {tried})",
+        n_params=rec["n_params"],
+        errors=np.asarray(res.error),
+        fit_seconds=secs,
+        passes=float(np.mean(res.n_iter)),
+        check=0.0,
+    )
 
 
 def _hybrid_row(X, budget, ks, fit_options):
@@ -273,10 +324,17 @@ def _hybrid_row(X, budget, ks, fit_options):
         return None
     res, secs, rec = best
     tried = ", ".join(f"K={c['n_blocks']} r={c['rank']}+g{c['global_rank']}" for _, c in cands.values())
-    return dict(structure="hybrid", ordering="natural", allocation="uniform",
-                config=f"K={rec['n_blocks']} r={rec['rank']} + global r={rec['global_rank']} (best of {tried})",
-                n_params=rec["n_params"], errors=np.asarray(res.error), fit_seconds=secs,
-                passes=float(np.mean(res.n_iter)), check=0.0)
+    return dict(
+        structure="hybrid",
+        ordering="natural",
+        allocation="uniform",
+        config=f"K={rec['n_blocks']} r={rec['rank']} + global r={rec['global_rank']} (best of {tried})",
+        n_params=rec["n_params"],
+        errors=np.asarray(res.error),
+        fit_seconds=secs,
+        passes=float(np.mean(res.n_iter)),
+        check=0.0,
+    )
 
 
 def _permute_each(X, perms):
@@ -285,8 +343,23 @@ def _permute_each(X, perms):
 
 
 # ---------------------------------------------------------------------------- per dataset
-def _structures_of(name, X, budget, *, ks, blast_ks, hybrid_ks, note, orderings, n_jobs, fit_options,
-                   progress, n_ordering=None, labels=None, image_shape=None):
+def _structures_of(
+    name,
+    X,
+    budget,
+    *,
+    ks,
+    blast_ks,
+    hybrid_ks,
+    note,
+    orderings,
+    n_jobs,
+    fit_options,
+    progress,
+    n_ordering=None,
+    labels=None,
+    image_shape=None,
+):
     """All rows of one dataset. X: stack (N, m, n) (N = 1 for a single matrix)."""
     t0 = time.perf_counter()
     shape = X.shape[-2:]
@@ -300,8 +373,9 @@ def _structures_of(name, X, budget, *, ks, blast_ks, hybrid_ks, note, orderings,
     m, n = shape
     for ordering in orderings:
         if ordering == "strided":
-            rows += _ordered_block_rows(X, budget, ks, "strided",
-                                        lambda K: (strided_permutation(m, K), strided_permutation(n, K)))
+            rows += _ordered_block_rows(
+                X, budget, ks, "strided", lambda K: (strided_permutation(m, K), strided_permutation(n, K))
+            )
         elif ordering == "patches":
             # row stripes (the natural pixel order) against 2-D tiles, at the same K (at K=2
             # both are the image's halves, so K=4 and K=16 are compared)
@@ -312,8 +386,11 @@ def _structures_of(name, X, budget, *, ks, blast_ks, hybrid_ks, note, orderings,
                 for tag, perm in ((f"stripes@{K}", np.arange(n)), (f"patches@{K}", cp)):
                     new = _ordered_block_rows(X, budget, [K], tag, lambda K, perm=perm: (np.arange(m), perm))
                     for r in new:
-                        r["config"] += (f", {tile[0]}x{tile[1]} tiles" if tag.startswith("patches")
-                                        else f", stripes of {h * w // K} pixels ({h / K:g} image rows)")
+                        r["config"] += (
+                            f", {tile[0]}x{tile[1]} tiles"
+                            if tag.startswith("patches")
+                            else f", stripes of {h * w // K} pixels ({h / K:g} image rows)"
+                        )
                     rows += new
         elif ordering == "label":
             rp = np.argsort(labels, kind="stable")
@@ -378,8 +455,9 @@ def _cluster_rows(X, budget, ks, n_ordering):
         t0 = time.perf_counter()
         coperms = [cocluster_permutations(x, K) for x in sub]
         t_co = time.perf_counter() - t0
-        rows = _spectral_rows(_permute_each(sub, coperms), budget, "diagonal", [K], "cocluster",
-                              allocations=("uniform",))
+        rows = _spectral_rows(
+            _permute_each(sub, coperms), budget, "diagonal", [K], "cocluster", allocations=("uniform",)
+        )
         for r in rows:
             r["ordering_seconds"] = t_co
         out += rows
@@ -392,8 +470,19 @@ def _cluster_rows(X, budget, ks, n_ordering):
 
 
 # ---------------------------------------------------------------------------- the experiment
-def compute_structures(images, labels, *, n_digits=N_DIGITS, n_cluster_digits=N_CLUSTER_DIGITS, n_rows=N_ROWS,
-                       synthetic_sizes=SYNTHETIC_SIZES, n_jobs=-1, hybrid_max_iter=None, progress=True, seed=SEED):
+def compute_structures(
+    images,
+    labels,
+    *,
+    n_digits=N_DIGITS,
+    n_cluster_digits=N_CLUSTER_DIGITS,
+    n_rows=N_ROWS,
+    synthetic_sizes=SYNTHETIC_SIZES,
+    n_jobs=-1,
+    hybrid_max_iter=None,
+    progress=True,
+    seed=SEED,
+):
     """Rows (one per dataset and structure) with errors, configurations and fit times.
 
     Parameters
@@ -428,24 +517,53 @@ def compute_structures(images, labels, *, n_digits=N_DIGITS, n_cluster_digits=N_
         if n_digits:
             D = images[:n_digits].astype(np.float64)
             rows += _structures_of(
-                f"MNIST digits ({D.shape[0]} x 28x28)", D, DIGIT_BUDGET, ks=(2, 3, 4, 7), blast_ks=(2, 4, 7),
-                hybrid_ks=(2, 3), note="each digit on its own", orderings=("strided", "cluster"), n_jobs=n_jobs,
-                fit_options=fit_options, progress=progress, n_ordering=n_cluster_digits)
+                f"MNIST digits ({D.shape[0]} x 28x28)",
+                D,
+                DIGIT_BUDGET,
+                ks=(2, 3, 4, 7),
+                blast_ks=(2, 4, 7),
+                hybrid_ks=(2, 3),
+                note="each digit on its own",
+                orderings=("strided", "cluster"),
+                n_jobs=n_jobs,
+                fit_options=fit_options,
+                progress=progress,
+                n_ordering=n_cluster_digits,
+            )
         if n_rows:
             A = (images[:n_rows].reshape(n_rows, -1).astype(np.float64) / 255.0)[None]
             budget = DATA_RANK * (A.shape[1] + A.shape[2])
             rows += _structures_of(
-                f"MNIST data matrix ({n_rows}x784)", A, budget, ks=(2, 4, 8, 16), blast_ks=(2, 4, 8),
-                hybrid_ks=(2,), note="digits as rows, pixels as columns",
-                orderings=("strided", "patches", "cluster", "label"), n_jobs=n_jobs, fit_options=fit_options,
-                progress=progress, labels=labels[:n_rows], image_shape=(28, 28))
+                f"MNIST data matrix ({n_rows}x784)",
+                A,
+                budget,
+                ks=(2, 4, 8, 16),
+                blast_ks=(2, 4, 8),
+                hybrid_ks=(2,),
+                note="digits as rows, pixels as columns",
+                orderings=("strided", "patches", "cluster", "label"),
+                n_jobs=n_jobs,
+                fit_options=fit_options,
+                progress=progress,
+                labels=labels[:n_rows],
+                image_shape=(28, 28),
+            )
         for d in synthetic_sizes:
             budget = 2 * d * (8 if d <= 64 else 16)  # global rank 8 (64 x 64) or 16 (256 x 256)
             for name, X, note in _planted(d, budget, seed):
                 rows += _structures_of(
-                    name, X[None], budget, ks=(2, 4, 8), blast_ks=(2, 4, 8), hybrid_ks=(2, 4) if d <= 64 else (2,),
+                    name,
+                    X[None],
+                    budget,
+                    ks=(2, 4, 8),
+                    blast_ks=(2, 4, 8),
+                    hybrid_ks=(2, 4) if d <= 64 else (2,),
                     note=note,
-                    orderings=("strided", "cluster"), n_jobs=n_jobs, fit_options=fit_options, progress=progress)
+                    orderings=("strided", "cluster"),
+                    n_jobs=n_jobs,
+                    fit_options=fit_options,
+                    progress=progress,
+                )
     order = {k: t for t, k in enumerate(ROW_LABELS)}
     for r in rows:
         key = (r["structure"], r["ordering"], r["allocation"])
@@ -493,8 +611,11 @@ def ordering_verdict(result):
     for ds in result["datasets"]:
         nat = "natural-subset" if (ds, "block", "natural-subset", "uniform") in by else "natural"
         parts = []
-        for struct, ordk, alloc in (("block", "cluster", "uniform"), ("block", "cluster", "optimal"),
-                                    ("diagonal", "cocluster", "uniform")):
+        for struct, ordk, alloc in (
+            ("block", "cluster", "uniform"),
+            ("block", "cluster", "optimal"),
+            ("diagonal", "cocluster", "uniform"),
+        ):
             a, b = by.get((ds, struct, nat, alloc)), by.get((ds, struct, ordk, alloc))
             if a is None or b is None:
                 continue
@@ -504,13 +625,18 @@ def ordering_verdict(result):
             parts.append(f"{what} {a['error']:.4f} -> {b['error']:.4f} ({rel:+.0%}, {v})")
         if not parts:
             continue
-        nat_best = min(r["error"] for k, r in by.items() if k[0] == ds and k[2] == nat and k[1] in ("block", "diagonal"))
+        nat_best = min(
+            r["error"] for k, r in by.items() if k[0] == ds and k[2] == nat and k[1] in ("block", "diagonal")
+        )
         ord_best = min(r["error"] for k, r in by.items() if k[0] == ds and k[2] in ("cluster", "cocluster"))
         best.append((ds, nat_best, ord_best))
         v, rel = verdict(nat_best, ord_best)
         n = by[(ds, "block", "cluster", "uniform")]["n_matrices"]
-        lines.append(f"    {ds} [{n} matri{'ces' if n > 1 else 'x'}]: " + "; ".join(parts)
-                     + f". Best layout: {nat_best:.4f} natural vs {ord_best:.4f} ordered ({v}).")
+        lines.append(
+            f"    {ds} [{n} matri{'ces' if n > 1 else 'x'}]: "
+            + "; ".join(parts)
+            + f". Best layout: {nat_best:.4f} natural vs {ord_best:.4f} ordered ({v})."
+        )
     return lines, counts, best
 
 
@@ -524,8 +650,10 @@ def summarize_structures(result):
         for r in rs:
             mark = "  <- lowest" if r is best else ""
             extra = f", ordering {r['ordering_seconds']:.2f} s" if r["ordering_seconds"] else ""
-            lines.append(f"    {r['label']:<32} {r['error']:.4f}  {r['n_params']:>6} params  "
-                         f"{r['fit_seconds']:7.3f} s{extra}   [{r['config']}]{mark}")
+            lines.append(
+                f"    {r['label']:<32} {r['error']:.4f}  {r['n_params']:>6} params  "
+                f"{r['fit_seconds']:7.3f} s{extra}   [{r['config']}]{mark}"
+            )
     vlines, counts, best = ordering_verdict(result)
     total = sum(counts.values())
     lower = [ds for ds, nb, o in best if o < nb * (1 - SAME)]
@@ -534,9 +662,12 @@ def summarize_structures(result):
     lines.append(
         f"Does the data-driven ordering lower the error at equal budget? {answer}. Same matrices, same budget, "
         f"cluster/cocluster order vs natural order: lower in {counts['lower']}, about the same (within "
-        f"{SAME:.0%}) in {counts['same']}, higher in {counts['higher']} of {total} comparisons.")
-    lines.append(f"  The best layout of a dataset gets lower with an ordering on {len(lower)} of {len(best)} datasets "
-                 f"({', '.join(lower) or 'none'}) and higher on {len(higher)} ({', '.join(higher) or 'none'}).")
+        f"{SAME:.0%}) in {counts['same']}, higher in {counts['higher']} of {total} comparisons."
+    )
+    lines.append(
+        f"  The best layout of a dataset gets lower with an ordering on {len(lower)} of {len(best)} datasets "
+        f"({', '.join(lower) or 'none'}) and higher on {len(higher)} ({', '.join(higher) or 'none'})."
+    )
     lines += _hidden_order_line(result)
     lines += vlines
     return lines
@@ -555,9 +686,11 @@ def _hidden_order_line(result):
         if ref is None or not got:
             continue
         ok = min(got) <= 1.5 * ref["error"]
-        out.append(f"  Hidden ordering ({ds}): the unshuffled diagonal fits to {ref['error']:.4f}; after shuffling, "
-                   f"the best ordered layout reaches {min(got):.4f}: the ordering "
-                   f"{'recovers' if ok else 'does not recover'} the planted blocks.")
+        out.append(
+            f"  Hidden ordering ({ds}): the unshuffled diagonal fits to {ref['error']:.4f}; after shuffling, "
+            f"the best ordered layout reaches {min(got):.4f}: the ordering "
+            f"{'recovers' if ok else 'does not recover'} the planted blocks."
+        )
     return out
 
 
@@ -594,8 +727,13 @@ def plot_structures(result, path):
         E[i, j] = r["error"]
         T[i, j] = r["fit_seconds"] + r["ordering_seconds"]
     rel = E / np.nanmin(E, axis=0, keepdims=True)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(19, 0.42 * len(labels) + 3.2), constrained_layout=True,
-                                   gridspec_kw=dict(width_ratios=[len(datasets), 4.5]))
+    fig, (ax1, ax2) = plt.subplots(
+        1,
+        2,
+        figsize=(19, 0.42 * len(labels) + 3.2),
+        constrained_layout=True,
+        gridspec_kw=dict(width_ratios=[len(datasets), 4.5]),
+    )
     im = ax1.imshow(np.log2(rel), cmap="RdYlGn_r", vmin=0, vmax=3, aspect="auto")
     ax1.set_facecolor("#eeeeee")  # grey: not applicable to that dataset
     groups = [GROUP_OF.get(lab, "") for lab in labels]
@@ -607,14 +745,26 @@ def plot_structures(result, path):
         for j in range(len(datasets)):
             if np.isfinite(E[i, j]):
                 best = rel[i, j] <= 1 + 1e-9
-                ax1.text(j, i, f"{E[i, j]:.3f}", ha="center", va="center", fontsize=7,
-                         fontweight="bold" if best else "normal")
-    short = [d.replace("planted ", "").replace("MNIST ", "MNIST\n").replace(", shuffled", "\nshuffled")
-             .replace(" (", "\n(") for d in datasets]
+                ax1.text(
+                    j,
+                    i,
+                    f"{E[i, j]:.3f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    fontweight="bold" if best else "normal",
+                )
+    short = [
+        d.replace("planted ", "").replace("MNIST ", "MNIST\n").replace(", shuffled", "\nshuffled").replace(" (", "\n(")
+        for d in datasets
+    ]
     ax1.set_xticks(range(len(datasets)), short, fontsize=7)
     ax1.set_yticks(range(len(labels)), labels, fontsize=8)
-    ax1.set_title("Relative error at matched budgets (bold: lowest of the column; "
-                  "colour: error / column's lowest, log scale; grey: not applicable)", fontsize=9)
+    ax1.set_title(
+        "Relative error at matched budgets (bold: lowest of the column; "
+        "colour: error / column's lowest, log scale; grey: not applicable)",
+        fontsize=9,
+    )
     cb = fig.colorbar(im, ax=ax1, fraction=0.025, pad=0.01)
     cb.set_ticks([0, 1, 2, 3], labels=["1x", "2x", "4x", ">=8x"])
     med = np.nanmedian(T, axis=1)
@@ -632,8 +782,17 @@ def plot_structures(result, path):
     return path
 
 
-def run_structures(out_dir, *, progress=True, data=None, n_digits=N_DIGITS, n_cluster_digits=N_CLUSTER_DIGITS,
-                   n_rows=N_ROWS, synthetic_sizes=SYNTHETIC_SIZES, hybrid_max_iter=None):
+def run_structures(
+    out_dir,
+    *,
+    progress=True,
+    data=None,
+    n_digits=N_DIGITS,
+    n_cluster_digits=N_CLUSTER_DIGITS,
+    n_rows=N_ROWS,
+    synthetic_sizes=SYNTHETIC_SIZES,
+    hybrid_max_iter=None,
+):
     """Load MNIST, compare every structure, write structures.csv and figure_structures.png."""
     from ..datasets import load_mnist_split
 
@@ -641,9 +800,16 @@ def run_structures(out_dir, *, progress=True, data=None, n_digits=N_DIGITS, n_cl
     out_dir.mkdir(parents=True, exist_ok=True)
     images, labels = load_mnist_split("test") if data is None else data
     _say(progress, "structures: every structure at matched budgets")
-    result = compute_structures(images, labels, n_digits=n_digits, n_cluster_digits=n_cluster_digits,
-                                n_rows=n_rows, synthetic_sizes=synthetic_sizes, hybrid_max_iter=hybrid_max_iter,
-                                progress=progress)
+    result = compute_structures(
+        images,
+        labels,
+        n_digits=n_digits,
+        n_cluster_digits=n_cluster_digits,
+        n_rows=n_rows,
+        synthetic_sizes=synthetic_sizes,
+        hybrid_max_iter=hybrid_max_iter,
+        progress=progress,
+    )
     paths = [write_structures(result, out_dir), plot_structures(result, out_dir / "figure_structures.png")]
     if progress:
         print("\n".join(summarize_structures(result)))
@@ -651,5 +817,11 @@ def run_structures(out_dir, *, progress=True, data=None, n_digits=N_DIGITS, n_cl
     return paths
 
 
-__all__ = ["compute_structures", "summarize_structures", "ordering_verdict", "write_structures",
-           "plot_structures", "run_structures"]
+__all__ = [
+    "compute_structures",
+    "summarize_structures",
+    "ordering_verdict",
+    "write_structures",
+    "plot_structures",
+    "run_structures",
+]

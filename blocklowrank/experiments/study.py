@@ -44,11 +44,7 @@ from ..layout import BlockLayout
 from ..structures import fit_shared_basis, get_structure
 
 BUDGET = 224
-PAPER_CONFIGS = {
-    "LoRA": ("global", 1, 4),
-    "MELoRA": ("diagonal", 4, 4),
-    "Localized": ("block", 2, 2),
-}
+PAPER_CONFIGS = {"LoRA": ("global", 1, 4), "MELoRA": ("diagonal", 4, 4), "Localized": ("block", 2, 2)}
 OPTIMAL_PARTITIONS = (2, 4, 7)  # even splits of 28: the allocation is provably optimal there
 BLAST_BLOCKS = (2, 4, 7)  # BLAST grids tried (even splits of 28)
 BLAST_N = 2000  # digits BLAST is fitted on at the study's budget (the first ones)
@@ -77,8 +73,18 @@ def _stats(e):
 BLOCK_COUNTS = (1, 2, 3, 4, 5, 6, 7, 14)
 
 
-def compute_study(images, labels, *, budget=BUDGET, block_counts=BLOCK_COUNTS, n_jobs=-1, progress=True,
-                  blast_blocks=BLAST_BLOCKS, blast_n=BLAST_N, blast_curve_n=BLAST_CURVE_N):
+def compute_study(
+    images,
+    labels,
+    *,
+    budget=BUDGET,
+    block_counts=BLOCK_COUNTS,
+    n_jobs=-1,
+    progress=True,
+    blast_blocks=BLAST_BLOCKS,
+    blast_n=BLAST_N,
+    blast_curve_n=BLAST_CURVE_N,
+):
     """Errors of every structure on an image stack.
 
     Parameters
@@ -113,8 +119,7 @@ def compute_study(images, labels, *, budget=BUDGET, block_counts=BLOCK_COUNTS, n
         if K > min(m, n):
             continue
         spectra[K] = block_spectra(S, BlockLayout.block((m, n), K), n_jobs=n_jobs)
-        _say(progress, f"  spectra of {K}x{K} blocks on {S.shape[0]} images "
-             f"({time.perf_counter() - t0:.1f} s)")
+        _say(progress, f"  spectra of {K}x{K} blocks on {S.shape[0]} images ({time.perf_counter() - t0:.1f} s)")
     t_spectra = time.perf_counter() - t0
 
     def err(method, K, r):
@@ -122,8 +127,9 @@ def compute_study(images, labels, *, budget=BUDGET, block_counts=BLOCK_COUNTS, n
         return spectra[K].error(get_structure(method).layout((m, n), K).with_ranks(r).ranks)
 
     def min_side(K):
-        return min(min(np.array_split(np.arange(m), K), key=len).size,
-                   min(np.array_split(np.arange(n), K), key=len).size)
+        return min(
+            min(np.array_split(np.arange(m), K), key=len).size, min(np.array_split(np.arange(n), K), key=len).size
+        )
 
     # ---- part 1: the paper's budget
     at_budget, configs = {}, {}
@@ -146,7 +152,8 @@ def compute_study(images, labels, *, budget=BUDGET, block_counts=BLOCK_COUNTS, n
         cand["MELoRA"] = [(f"N={K} r={t}", err("diagonal", K, t)) for K in spectra if K >= 2 and t < min_side(K)]
         cand["Localized"] = [
             (f"K={K} r={t // K}", err("block", K, t // K))
-            for K in spectra if K >= 2 and t % K == 0 and t // K < min_side(K)
+            for K in spectra
+            if K >= 2 and t % K == 0 and t // K < min_side(K)
         ]
         opt = []
         for K in OPTIMAL_PARTITIONS:
@@ -166,8 +173,18 @@ def compute_study(images, labels, *, budget=BUDGET, block_counts=BLOCK_COUNTS, n
     t3 = time.perf_counter()
     blast = None
     if blast_blocks:
-        blast = _blast(S, labels, budget, tuple(blast_blocks), min(blast_n, S.shape[0]),
-                       min(blast_curve_n, S.shape[0]), unit, sweep, n_jobs, progress)
+        blast = _blast(
+            S,
+            labels,
+            budget,
+            tuple(blast_blocks),
+            min(blast_n, S.shape[0]),
+            min(blast_curve_n, S.shape[0]),
+            unit,
+            sweep,
+            n_jobs,
+            progress,
+        )
         k = blast["curve_n"]
         # the other methods on the BLAST curve's digits, for a like-for-like comparison
         blast["others_on_curve_digits"] = {key: float(np.mean(e[:k])) for key, e in chosen.items()}
@@ -179,8 +196,9 @@ def compute_study(images, labels, *, budget=BUDGET, block_counts=BLOCK_COUNTS, n
         labels=labels,
         budget=budget,
         blast=blast,
-        timings=dict(spectra=t_spectra, allocation=t_alloc, sweep=t_sweep, blast=t_blast,
-                     total=time.perf_counter() - t0),
+        timings=dict(
+            spectra=t_spectra, allocation=t_alloc, sweep=t_sweep, blast=t_blast, total=time.perf_counter() - t0
+        ),
     )
 
 
@@ -206,8 +224,9 @@ def _blast(S, labels, budget, blocks, n_fit, n_curve, unit, sweep, n_jobs, progr
             at_budget_options = options
     if not at_budget_options:  # the study's budget is not on the curve's grid
         recs = match_budget((m, n), budget, methods=["shared_basis"], n_blocks=list(blocks))
-        at_budget_options = [(None, fit_shared_basis(curve, r["n_blocks"], r["rank"], n_jobs=n_jobs).error, r)
-                             for r in recs]
+        at_budget_options = [
+            (None, fit_shared_basis(curve, r["n_blocks"], r["rank"], n_jobs=n_jobs).error, r) for r in recs
+        ]
     _say(progress, f"  BLAST curve on {n_curve} digits ({time.perf_counter() - t0:.1f} s)")
     _, _, best = min(at_budget_options, key=lambda o: float(np.mean(o[1])))
     t1 = time.perf_counter()
@@ -215,10 +234,16 @@ def _blast(S, labels, budget, blocks, n_fit, n_curve, unit, sweep, n_jobs, progr
     seconds = time.perf_counter() - t1
     _say(progress, f"  BLAST K={best['n_blocks']} r={best['rank']} on {n_fit} digits ({seconds:.1f} s)")
     return dict(
-        errors=np.asarray(res.error), n_blocks=best["n_blocks"], rank=best["rank"], n_params=best["n_params"],
+        errors=np.asarray(res.error),
+        n_blocks=best["n_blocks"],
+        rank=best["rank"],
+        n_params=best["n_params"],
         config=f"shared_basis K={best['n_blocks']} r={best['rank']} ({best['n_params']} params; "
-               f"K in {list(blocks)} chosen on the first {n_curve} digits)",
-        n=n_fit, curve_n=n_curve, seconds=seconds, mean_passes=float(np.mean(res.n_iter)),
+        f"K in {list(blocks)} chosen on the first {n_curve} digits)",
+        n=n_fit,
+        curve_n=n_curve,
+        seconds=seconds,
+        mean_passes=float(np.mean(res.n_iter)),
         choices={f"K={r['n_blocks']} r={r['rank']}": float(np.mean(e)) for _, e, r in at_budget_options},
     )
 
@@ -230,27 +255,37 @@ def summarize(study):
     lines = [f"At budget {study['budget']} on {loc.size} test digits (relative Frobenius error):"]
     for name, e in ab.items():
         s = _stats(e)
-        lines.append(f"  {name:<12} mean {s['mean']:.4f}  median {s['median']:.4f}  "
-                     f"p10-p90 {s['p10']:.4f}-{s['p90']:.4f}   [{study['configs'][name]}]")
+        lines.append(
+            f"  {name:<12} mean {s['mean']:.4f}  median {s['median']:.4f}  "
+            f"p10-p90 {s['p10']:.4f}-{s['p90']:.4f}   [{study['configs'][name]}]"
+        )
     w_lora = float(np.mean(loc < lora))
     w_mel = float(np.mean(loc < mel))
-    lines.append(f"  Localized (K=2, r=2) beats LoRA (r=4) on {100 * w_lora:.1f}% of digits "
-                 f"and MELoRA (N=4, r=4) on {100 * w_mel:.1f}%.")
+    lines.append(
+        f"  Localized (K=2, r=2) beats LoRA (r=4) on {100 * w_lora:.1f}% of digits "
+        f"and MELoRA (N=4, r=4) on {100 * w_mel:.1f}%."
+    )
     verdict = "better than" if loc.mean() < lora.mean() else "worse than"
-    lines.append(f"  On average Localized is {verdict} LoRA "
-                 f"({loc.mean():.4f} vs {lora.mean():.4f}); the paper's single digit "
-                 f"(0.2119 vs 0.2313) is {'typical' if (loc < lora).mean() > 0.5 else 'not typical'}.")
+    lines.append(
+        f"  On average Localized is {verdict} LoRA "
+        f"({loc.mean():.4f} vs {lora.mean():.4f}); the paper's single digit "
+        f"(0.2119 vs 0.2313) is {'typical' if (loc < lora).mean() > 0.5 else 'not typical'}."
+    )
     per = []
     for d in np.unique(labels):
         sel = labels == d
         per.append((int(d), float(np.mean(loc[sel] < lora[sel])), float(loc[sel].mean()), float(lora[sel].mean())))
     worst = min(per, key=lambda p: p[1])
     best = max(per, key=lambda p: p[1])
-    lines.append(f"  Per class, Localized beats LoRA most often on digit {best[0]} ({100 * best[1]:.0f}%) "
-                 f"and least often on digit {worst[0]} ({100 * worst[1]:.0f}%).")
+    lines.append(
+        f"  Per class, Localized beats LoRA most often on digit {best[0]} ({100 * best[1]:.0f}%) "
+        f"and least often on digit {worst[0]} ({100 * worst[1]:.0f}%)."
+    )
     gain = ab["Localized"] - ab["Optimal 2x2"]
-    lines.append(f"  The budget-optimal 2x2 allocation lowers Localized's error by {gain.mean():.4f} on "
-                 f"average (never raises it: min change {gain.min():.2e}).")
+    lines.append(
+        f"  The budget-optimal 2x2 allocation lowers Localized's error by {gain.mean():.4f} on "
+        f"average (never raises it: min change {gain.min():.2e})."
+    )
     # sweep: who wins at each budget
     sw = study["sweep"]
     budgets = sorted({r["budget"] for r in sw})
@@ -272,7 +307,7 @@ def _summarize_blast(study):
     bl = study.get("blast")
     if not bl:
         return []
-    ab, labels = study["at_budget"], study["labels"]
+    ab = study["at_budget"]
     k = bl["n"]
     e = bl["errors"]
     lora, loc, opt = ab["LoRA"][:k], ab["Localized"][:k], ab["Optimal 2x2"][:k]
@@ -294,16 +329,31 @@ def _summarize_blast(study):
         if rivals:
             (below if r["mean"] < min(rivals) else above).append(r["budget"])
     if curve:
-        out.append(f"    BLAST curve (first {bl['curve_n']} digits, same digits for the others): lowest mean error "
-                   f"of the four at budgets {below}, not at {above}.")
+        out.append(
+            f"    BLAST curve (first {bl['curve_n']} digits, same digits for the others): lowest mean error "
+            f"of the four at budgets {below}, not at {above}."
+        )
     return out
 
 
 def write_study(study, out_dir):
     out_dir = Path(out_dir)
     path = out_dir / "study.csv"
-    fields = ["section", "method", "config", "budget", "digit", "mean", "median", "std", "p10", "p90", "n",
-              "win_rate_vs_LoRA", "win_rate_vs_MELoRA"]
+    fields = [
+        "section",
+        "method",
+        "config",
+        "budget",
+        "digit",
+        "mean",
+        "median",
+        "std",
+        "p10",
+        "p90",
+        "n",
+        "win_rate_vs_LoRA",
+        "win_rate_vs_MELoRA",
+    ]
     ab, labels = study["at_budget"], study["labels"]
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
@@ -311,8 +361,14 @@ def write_study(study, out_dir):
         for name, e in ab.items():
             for d in ["all"] + [int(x) for x in np.unique(labels)]:
                 sel = np.ones(e.size, bool) if d == "all" else labels == d
-                row = dict(section="at_budget", method=name, config=study["configs"][name],
-                           budget=study["budget"], digit=d, **_stats(e[sel]))
+                row = dict(
+                    section="at_budget",
+                    method=name,
+                    config=study["configs"][name],
+                    budget=study["budget"],
+                    digit=d,
+                    **_stats(e[sel]),
+                )
                 row["win_rate_vs_LoRA"] = f"{np.mean(e[sel] < ab['LoRA'][sel]):.4f}"
                 row["win_rate_vs_MELoRA"] = f"{np.mean(e[sel] < ab['MELoRA'][sel]):.4f}"
                 w.writerow(row)
@@ -321,8 +377,14 @@ def write_study(study, out_dir):
             k, e = bl["n"], bl["errors"]
             for d in ["all"] + [int(x) for x in np.unique(labels[:k])]:
                 sel = np.ones(k, bool) if d == "all" else labels[:k] == d
-                row = dict(section="at_budget", method="BLAST", config=bl["config"] + f"; first {k} digits",
-                           budget=study["budget"], digit=d, **_stats(e[sel]))
+                row = dict(
+                    section="at_budget",
+                    method="BLAST",
+                    config=bl["config"] + f"; first {k} digits",
+                    budget=study["budget"],
+                    digit=d,
+                    **_stats(e[sel]),
+                )
                 row["win_rate_vs_LoRA"] = f"{np.mean(e[sel] < ab['LoRA'][:k][sel]):.4f}"
                 row["win_rate_vs_MELoRA"] = f"{np.mean(e[sel] < ab['MELoRA'][:k][sel]):.4f}"
                 w.writerow(row)
@@ -350,8 +412,9 @@ def plot_study(study, path):
     colors = {"LoRA": "#1f77b4", "MELoRA": "#d62728", "Localized": "#2ca02c", "Optimal 2x2": "#9467bd"}
     if bl:
         colors[names[-1]] = "#ff7f0e"
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.6), constrained_layout=True,
-                                   gridspec_kw=dict(width_ratios=[1, 2.2]))
+    fig, (ax1, ax2) = plt.subplots(
+        1, 2, figsize=(13, 4.6), constrained_layout=True, gridspec_kw=dict(width_ratios=[1, 2.2])
+    )
     parts = ax1.violinplot([ab[k] for k in names], showmedians=True)
     for body, k in zip(parts["bodies"], names):
         body.set_facecolor(colors.get(k, "gray"))
@@ -365,8 +428,16 @@ def plot_study(study, path):
         means = [ab[k][labs[k] == d].mean() for d in digits]
         q = [np.percentile(ab[k][labs[k] == d], [25, 75]) for d in digits]
         yerr = np.array([[mu - a, b - mu] for mu, (a, b) in zip(means, q)]).T
-        ax2.bar(digits + (t - (len(names) - 1) / 2) * width, means, width, yerr=yerr,
-                color=colors.get(k, "gray"), label=k, capsize=1.5, error_kw=dict(lw=0.6))
+        ax2.bar(
+            digits + (t - (len(names) - 1) / 2) * width,
+            means,
+            width,
+            yerr=yerr,
+            color=colors.get(k, "gray"),
+            label=k,
+            capsize=1.5,
+            error_kw=dict(lw=0.6),
+        )
     ax2.set_xticks(digits)
     ax2.set_xlabel("digit class")
     ax2.set_ylabel("mean error (bars: interquartile range)")
@@ -383,8 +454,13 @@ def plot_budget(study, path):
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    colors = {"LoRA": "#1f77b4", "MELoRA": "#d62728", "Localized": "#2ca02c", "Optimal allocation": "#9467bd",
-              "BLAST": "#ff7f0e"}
+    colors = {
+        "LoRA": "#1f77b4",
+        "MELoRA": "#d62728",
+        "Localized": "#2ca02c",
+        "Optimal allocation": "#9467bd",
+        "BLAST": "#ff7f0e",
+    }
     bl = study.get("blast")
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
     for method, c in colors.items():
@@ -419,15 +495,19 @@ def run_study(out_dir, *, progress=True, data=None):
     images, labels = load_mnist_split("test") if data is None else data
     _say(progress, f"study: {images.shape[0]} test digits")
     study = compute_study(images, labels, progress=progress)
-    paths = [write_study(study, out_dir), plot_study(study, out_dir / "figure_study.png"),
-             plot_budget(study, out_dir / "figure_budget.png")]
+    paths = [
+        write_study(study, out_dir),
+        plot_study(study, out_dir / "figure_study.png"),
+        plot_budget(study, out_dir / "figure_budget.png"),
+    ]
     if progress:
         print("\n".join(summarize(study)))
         tm = study["timings"]
-        print(f"  (computed in {tm['total']:.1f} s: spectra {tm['spectra']:.1f} s, "
-              f"sweep {tm['sweep']:.1f} s, BLAST {tm['blast']:.1f} s)")
+        print(
+            f"  (computed in {tm['total']:.1f} s: spectra {tm['spectra']:.1f} s, "
+            f"sweep {tm['sweep']:.1f} s, BLAST {tm['blast']:.1f} s)"
+        )
     return paths
 
 
-__all__ = ["compute_study", "summarize", "write_study", "plot_study", "plot_budget", "run_study",
-           "BlockLayout"]
+__all__ = ["compute_study", "summarize", "write_study", "plot_study", "plot_budget", "run_study", "BlockLayout"]

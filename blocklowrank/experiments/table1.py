@@ -18,11 +18,7 @@ import numpy as np
 from ..structures import approximate
 
 #: The paper's Table I (arXiv 2506.00236), for comparison in the output.
-PAPER_TABLE1 = {
-    ("global", 1, 4): 0.2313,
-    ("diagonal", 4, 4): 0.9071,
-    ("block", 2, 2): 0.2119,
-}
+PAPER_TABLE1 = {("global", 1, 4): 0.2313, ("diagonal", 4, 4): 0.9071, ("block", 2, 2): 0.2119}
 PAPER_LABELS = {"global": "LoRA", "diagonal": "MELoRA", "block": "Localized LoRA"}
 BUDGET = 224
 IMAGE_INDEX = 1
@@ -56,14 +52,29 @@ def compute_table1(image, budget=BUDGET):
         elif method == "block":
             label = f"Localized LoRA (K={K}, r_block={r})"
         rows.append(
-            dict(label=label, method=method, n_blocks=K, rank=r, n_params=res.n_params,
-                 error=res.error, paper_error=paper, reconstruction=res.reconstruction)
+            dict(
+                label=label,
+                method=method,
+                n_blocks=K,
+                rank=r,
+                n_params=res.n_params,
+                error=res.error,
+                paper_error=paper,
+                reconstruction=res.reconstruction,
+            )
         )
     opt = approximate(X, method="block", n_blocks=2, budget=budget, svd_solver="full")
     rows.append(
-        dict(label="Budget-optimal 2x2 (ours)", method="block", n_blocks=2,
-             rank=str(opt.ranks.tolist()), n_params=opt.n_params, error=opt.error,
-             paper_error=None, reconstruction=opt.reconstruction)
+        dict(
+            label="Budget-optimal 2x2 (ours)",
+            method="block",
+            n_blocks=2,
+            rank=str(opt.ranks.tolist()),
+            n_params=opt.n_params,
+            error=opt.error,
+            paper_error=None,
+            reconstruction=opt.reconstruction,
+        )
     )
     ranking = list(compare_at_budget(X, budget))
     best = dict(ranking[0])
@@ -71,11 +82,18 @@ def compute_table1(image, budget=BUDGET):
     res = approximate(X, method=best["method"], n_blocks=best["n_blocks"], svd_solver="full", **kw)
     rank_txt = str(res.ranks.tolist()) if "budget" in kw else str(best["rank"])
     rows.append(
-        dict(label=f"Best found: {best['method']} K={_fmt_nb(best['n_blocks'])}, "
-             + ("optimal ranks" if "budget" in kw else f"r={best['rank']}") + " (ours)",
-             method=best["method"], n_blocks=best["n_blocks"], rank=rank_txt,
-             n_params=res.n_params, error=res.error, paper_error=None,
-             reconstruction=res.reconstruction)
+        dict(
+            label=f"Best found: {best['method']} K={_fmt_nb(best['n_blocks'])}, "
+            + ("optimal ranks" if "budget" in kw else f"r={best['rank']}")
+            + " (ours)",
+            method=best["method"],
+            n_blocks=best["n_blocks"],
+            rank=rank_txt,
+            n_params=res.n_params,
+            error=res.error,
+            paper_error=None,
+            reconstruction=res.reconstruction,
+        )
     )
     return rows
 
@@ -90,7 +108,7 @@ def write_table1(rows, out_dir, *, numerical_rank=None):
         for r in rows:
             w.writerow({k: (f"{r[k]:.6f}" if k == "error" else ("" if r[k] is None else r[k])) for k in fields})
     md = [
-        f"Table I: MNIST test image {IMAGE_INDEX} (the first \"2\""
+        f'Table I: MNIST test image {IMAGE_INDEX} (the first "2"'
         + (f", rank {numerical_rank}" if numerical_rank is not None else "")
         + f"), budget {BUDGET} parameters, normalised Frobenius error.",
         "",

@@ -33,9 +33,24 @@ from .hybrid import HybridLowRank, fit_hybrid, hybrid_params
 from .shared_basis import SharedBasisLowRank, fit_shared_basis, shared_basis_params
 
 __all__ = [
-    "Structure", "register", "unregister", "registered", "get_structure", "structure_names", "structures",
-    "layout_structure", "approximate", "GlobalLowRank", "DiagonalBlockLowRank", "BlockLowRank", "GridLowRank",
-    "HybridLowRank", "SharedBasisLowRank", "fit_hybrid", "fit_shared_basis", "hybrid_params",
+    "Structure",
+    "register",
+    "unregister",
+    "registered",
+    "get_structure",
+    "structure_names",
+    "structures",
+    "layout_structure",
+    "approximate",
+    "GlobalLowRank",
+    "DiagonalBlockLowRank",
+    "BlockLowRank",
+    "GridLowRank",
+    "HybridLowRank",
+    "SharedBasisLowRank",
+    "fit_hybrid",
+    "fit_shared_basis",
+    "hybrid_params",
     "shared_basis_params",
 ]
 

@@ -220,5 +220,3 @@ def als(Xd, layout, r, max_iter, tol, U=None, V=None):
     final = np.where(total > 0, np.sqrt(np.maximum(_residual_sq(T, U, V, S), 0.0) / safe), 0.0)
     trace[np.arange(N), n_done - 1] = final
     return U, V, S, final, trace, n_done, stop
-
-

@@ -24,8 +24,22 @@ def prepare(X, max_iter, tol, init, inits, init_name="init"):
     return Xd, X.dtype, X.shape[:-2], scale, max_iter, tol
 
 
-def iterative_result(layout, err, trace, n_done, stop, batch, dtype, scale, *, blocks=None,
-                     global_factors=None, shared=None, structure=None, solver=None):
+def iterative_result(
+    layout,
+    err,
+    trace,
+    n_done,
+    stop,
+    batch,
+    dtype,
+    scale,
+    *,
+    blocks=None,
+    global_factors=None,
+    shared=None,
+    structure=None,
+    solver=None,
+):
     """One :class:`~blocklowrank._engine.Approximation` from the arrays of a stacked fit.
 
     Every array has a leading axis of length N (the flattened stack); they are
@@ -50,8 +64,12 @@ def iterative_result(layout, err, trace, n_done, stop, batch, dtype, scale, *, b
     factors = StructuredFactors(layout, structure=structure, **kw)
     width = int(np.sum(~np.isnan(trace), axis=1).max())
     if batch:
-        rep = dict(error=err.reshape(batch), n_iter=n_done.reshape(batch), stop_reason=stop.astype(str).reshape(batch),
-                   error_trace=trace[:, :width].reshape(batch + (width,)))
+        rep = dict(
+            error=err.reshape(batch),
+            n_iter=n_done.reshape(batch),
+            stop_reason=stop.astype(str).reshape(batch),
+            error_trace=trace[:, :width].reshape(batch + (width,)),
+        )
     else:
         rep = dict(error=float(err[0]), n_iter=int(n_done[0]), stop_reason=str(stop[0]), error_trace=trace[0, :width])
     return Approximation(factors, FitReport(svd_solver={"steps": solver} if solver else {}, **rep))

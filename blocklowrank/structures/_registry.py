@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 __all__ = ["Structure", "register", "unregister", "registered", "get_structure", "structure_names", "structures"]
 
@@ -106,8 +106,9 @@ def get_structure(name):
     if isinstance(name, Structure):
         return name
     if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}: not a registered structure; the registered structures "
-                         f"are {structure_names()}")
+        raise ValueError(
+            f"unknown method {name!r}: not a registered structure; the registered structures are {structure_names()}"
+        )
     return _REGISTRY[name]
 
 
@@ -119,6 +120,7 @@ def structure_names(*, paper=None, spectral=None):
 def structures(*, paper=None, spectral=None):
     """Registered structures, in registration order (optionally filtered)."""
     return tuple(
-        s for s in _REGISTRY.values()
+        s
+        for s in _REGISTRY.values()
         if (paper is None or s.paper == paper) and (spectral is None or s.spectral == spectral)
     )

@@ -8,8 +8,8 @@ reachable at all (the points where structures compare at equal counts).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 __all__ = ["LinearBudget", "allowed_ranks", "record"]
 
@@ -21,8 +21,15 @@ def allowed_ranks(ranks, rmax):
 
 def record(name, K, rank, n_params, budget, **extra):
     """One configuration record (the columns of :func:`~blocklowrank.budget.match_budget`)."""
-    return {"method": name, "n_blocks": K, "rank": rank, "n_params": int(n_params), "budget": budget,
-            "exact": int(n_params) == budget, **extra}
+    return {
+        "method": name,
+        "n_blocks": K,
+        "rank": rank,
+        "n_params": int(n_params),
+        "budget": budget,
+        "exact": int(n_params) == budget,
+        **extra,
+    }
 
 
 @dataclass(frozen=True)
@@ -60,8 +67,11 @@ class LinearBudget:
         """``(count, K)`` of the largest valid configuration within the budget."""
         best = (0, None)
         for K, unit, rmax in self.parts(shape, ks):
-            r = min(rmax, budget // unit) if ranks is None else max(
-                [r for r in ranks if r <= rmax and r * unit <= budget], default=0)
+            r = (
+                min(rmax, budget // unit)
+                if ranks is None
+                else max([r for r in ranks if r <= rmax and r * unit <= budget], default=0)
+            )
             if r >= 1 and r * unit > best[0]:
                 best = (r * unit, K)
         return best

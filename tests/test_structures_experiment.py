@@ -13,7 +13,7 @@ from blocklowrank.permutations import cluster_permutation, strided_permutation
 @pytest.fixture(scope="module")
 def mnist_test():
     try:
-        return load_mnist_split("test", use_npm=False, mirrors=[])
+        return load_mnist_split("test", download=False)
     except MNISTNotAvailableError as exc:
         pytest.skip(f"MNIST not in the cache: {exc}".splitlines()[0])
 

@@ -18,6 +18,7 @@ EXTRAS = {
     "pooch": ("data", "downloading and verifying MNIST"),
     "tqdm": ("progress", "progress bars"),
     "huggingface_hub": ("hub", "Hugging Face model ids"),
+    "hypothesis": ("test", "the strategies of blocklowrank.testing.strategies"),
     "torch": ("calibrate", "running a PyTorch model to collect calibration statistics"),
     "transformers": ("calibrate", "loading a Hugging Face model to collect calibration statistics"),
 }

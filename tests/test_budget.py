@@ -19,6 +19,7 @@ import blocklowrank._engine as engine
 from blocklowrank.budget import MATCH_COLUMNS, RecordList, budget_sweep_points, count_params, match_budget
 from blocklowrank.compare import COMPARE_COLUMNS, compare_at_budget
 from blocklowrank.layout import BlockLayout
+from blocklowrank.testing.strategies import layouts
 
 # Deterministic, modest hypothesis settings (set here, not in conftest).
 PROFILE = settings(derandomize=True, deadline=None, max_examples=50, database=None)
@@ -212,21 +213,14 @@ class TestCountParams:
         assert count_params(method, shape, n_blocks=k, rank=rank) == ref_count(method, shape, k, rank)
 
     @PROFILE
-    @given(st.data())
-    def test_per_block_count_matches_formula(self, data):
-        """Random per-block ranks (each 0..its block's smaller side): the count equals
-        sum over active blocks r_ij (m_i + n_j)."""
-        method = data.draw(st.sampled_from(("diagonal", "block")))
-        m, n = data.draw(st.integers(1, 30)), data.draw(st.integers(1, 30))
-        k = data.draw(st.integers(1, min(m, n, 6)))
-        rs, cs = sizes(m, k), sizes(n, k)
-        act = active_mask(method, k)
-        R = np.zeros((k, k), dtype=np.int64)
-        for i, j in zip(*np.nonzero(act)):
-            R[i, j] = data.draw(st.integers(0, min(rs[i], cs[j])))
+    @given(layouts(max_side=30, max_blocks=6, cuts="array_split", square_grid=True, min_rank=0))
+    def test_per_block_count_matches_formula(self, lay):
+        """Random per-block ranks (each 0..its block's smaller side) on a K x K grid: the count
+        equals sum over active blocks r_ij (m_i + n_j), block sizes computed in the test."""
+        method = "diagonal" if lay.pattern == "diagonal" else "block"
+        (m, n), k, R = lay.shape, lay.n_blocks[0], lay.ranks
         assert count_params(method, (m, n), n_blocks=k, rank=R) == ref_count(method, (m, n), k, R)
-        lay = BlockLayout.from_blocks((m, n), k, pattern="diagonal" if method == "diagonal" else "full")
-        assert count_params(lay, rank=R) == ref_count(method, (m, n), k, R)
+        assert count_params(lay.with_ranks(0), rank=R) == ref_count(method, (m, n), k, R)
 
 
 # ---------------------------------------------------------------------------- match_budget

@@ -33,9 +33,9 @@ from blocklowrank import (  # noqa: E402  # noqa: E402
     save_factors,
     shared_basis_params,
     split_sizes,
-    testing,
 )
 from blocklowrank._svd import svd_flip_v  # noqa: E402
+from blocklowrank.testing import generators  # noqa: E402
 
 FileError = convert.FactorsFileError
 CLEAR = (ValueError, TypeError)
@@ -477,10 +477,10 @@ KERNEL_CASES = {
         "permutation",
     ),
     "resolve_permutation axis=5": (lambda: permutations.resolve_permutation("strided", _X(), 2, 5), "axis"),
-    "planted_matrix rank=0": (lambda: testing.planted_matrix((8, 8), rank=0), "rank"),
-    "random_layout max_blocks=0": (lambda: testing.random_layout((8, 8), max_blocks=0), "max_blocks"),
-    "random_layout min_rank > max_rank": (lambda: testing.random_layout((8, 8), min_rank=3, max_rank=1), "rank"),
-    "random_layout max_rank=0 with ranks": (lambda: testing.random_layout((8, 8), max_rank=0), "rank"),
+    "planted_matrix rank=0": (lambda: generators.planted_matrix((8, 8), rank=0), "rank"),
+    "random_layout max_blocks=0": (lambda: generators.random_layout((8, 8), max_blocks=0), "max_blocks"),
+    "random_layout min_rank > max_rank": (lambda: generators.random_layout((8, 8), min_rank=3, max_rank=1), "rank"),
+    "random_layout max_rank=0 with ranks": (lambda: generators.random_layout((8, 8), max_rank=0), "rank"),
     "shared_basis_params rank=0": (lambda: shared_basis_params((8, 8), n_blocks=2, rank=0), "rank"),
     "shared_basis_params rank > block side": (lambda: shared_basis_params((8, 8), n_blocks=2, rank=100), "rank"),
     "hybrid_params global_rank > min(m, n)": (

@@ -9,6 +9,7 @@ from blocklowrank import BlockLayout, BlockLowRank, GlobalLowRank, approximate
 from blocklowrank._linalg import STEP_TOL
 from blocklowrank.budget import match_budget
 from blocklowrank.structures.hybrid import HybridLowRank, fit_hybrid, hybrid_params
+from blocklowrank.testing.strategies import layouts, matrices
 
 
 def _planted(rng, m=24, n=24, K=2, rg=2, rb=1):
@@ -56,20 +57,10 @@ def test_ranks_for_budget():
 # ---------------------------------------------------------------------------- monotone trace
 @st.composite
 def _problems(draw):
-    m = draw(st.integers(2, 16))
-    n = draw(st.integers(2, 16))
-    kr = draw(st.integers(1, min(3, m)))
-    kc = draw(st.integers(1, min(3, n)))
-    pattern = draw(st.sampled_from(["full", "diagonal"])) if kr == kc else "full"
-    lay = BlockLayout.from_blocks((m, n), (kr, kc), pattern=pattern)
-    maxr = int(lay.max_ranks[lay.active].min())
-    rank = draw(st.integers(1, maxr))
-    rg = draw(st.integers(0, min(m, n)))
-    seed = draw(st.integers(0, 2**31 - 1))
-    init = draw(st.sampled_from(["global", "blocks"]))
-    scale = draw(st.sampled_from([1.0, 1e-3, 1e4]))
-    X = np.random.default_rng(seed).standard_normal((m, n)) * scale
-    return X, lay.with_ranks(rank), rg, init
+    """A layout (full or diagonal, one rank), a Gaussian matrix at three scales, a global rank, a first step."""
+    lay = draw(layouts(min_side=2, max_side=16, max_blocks=3, cuts="array_split", uniform_rank=True))
+    X = draw(matrices(shape=lay.shape, elements="gaussian", max_abs=draw(st.sampled_from([1.0, 1e-3, 1e4]))))
+    return X, lay, draw(st.integers(0, min(lay.shape))), draw(st.sampled_from(["global", "blocks"]))
 
 
 @settings(max_examples=40, deadline=None)

@@ -15,7 +15,8 @@ from hypothesis import assume, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from blocklowrank import BlockLayout, BlockLowRank, DiagonalBlockLowRank, GlobalLowRank, approximate, batched_svd  # noqa: E402
-from blocklowrank.testing import layouts, matrices, planted_matrices, planted_matrix  # noqa: E402
+from blocklowrank.testing.generators import planted_matrix  # noqa: E402
+from blocklowrank.testing.strategies import layouts, matrices, planted_matrices  # noqa: E402
 
 ESTIMATORS = {"global": GlobalLowRank, "diagonal": DiagonalBlockLowRank, "block": BlockLowRank}
 
@@ -33,13 +34,9 @@ def _fro(X):
 def matrix_and_grid(draw, *, max_side=10, max_blocks=3, elements="floats", square_grid=False):
     """A matrix, a grid (K_rows, K_cols) that fits it, and a rank every block can hold."""
     X = draw(matrices(min_side=1, max_side=max_side, elements=elements))
-    m, n = X.shape
-    kr = draw(st.integers(1, min(m, max_blocks)))
-    kc = kr if square_grid else draw(st.integers(1, min(n, max_blocks)))
-    assume(kc <= n)
-    rmax = min(m // kr, n // kc)  # the smallest block side with array_split cuts
-    r = draw(st.integers(1, rmax))
-    return X, (kr, kc), r
+    options = dict(patterns=("full",), cuts="array_split", square_grid=square_grid, uniform_rank=True)
+    lay = draw(layouts(X.shape, max_blocks=max_blocks, **options))
+    return X, lay.n_blocks, lay.uniform_rank
 
 
 def _gapped(s, r, rel=1e-6):
@@ -233,11 +230,12 @@ def test_budget_allocation_never_worse_than_uniform(data):
     """Claim: at the parameter count of a uniform rank r, the budget-optimal allocation's
     error is <= the uniform allocation's (equal and uneven blocks, full and diagonal)."""
     X = data.draw(matrices(min_side=2, max_side=12))
-    m, n = X.shape
-    k = data.draw(st.integers(1, min(m, n, 3)))
-    pattern = data.draw(st.sampled_from(["block", "diagonal"]))
+    (m, n), lay = (
+        X.shape,
+        data.draw(layouts(X.shape, max_blocks=3, cuts="array_split", square_grid=True, uniform_rank=True)),
+    )
+    k, r, pattern = lay.n_blocks[0], lay.uniform_rank, "diagonal" if lay.pattern == "diagonal" else "block"
     rc, cc = ref.cuts(m, k), ref.cuts(n, k)
-    r = data.draw(st.integers(1, min(m // k, n // k)))
     mask = ref.full_mask(k, k) if pattern == "block" else ref.diag_mask(k)
     uniform = {(i, j): r for i in range(k) for j in range(k) if mask[i, j]}
     count = ref.n_params(rc, cc, uniform)

@@ -7,7 +7,7 @@ import pytest
 
 from blocklowrank import approximate, compare_at_budget, count_params, match_budget
 from blocklowrank.structures import get_structure, layout_structure, registered, structure_names, structures
-from blocklowrank.testing import check_structure
+from blocklowrank.testing.conformance import check_structure
 
 
 def _upper(kr, kc):

@@ -10,6 +10,7 @@ from blocklowrank._linalg import STEP_TOL, psd_solve
 from blocklowrank.budget import match_budget
 from blocklowrank.structures._als import _gram, _pad, _s_solve, _u_solve, _v_solve
 from blocklowrank.structures.shared_basis import SharedBasisLowRank, fit_shared_basis, shared_basis_params
+from blocklowrank.testing.strategies import layouts
 
 
 def _random_state(layout, r, rng):
@@ -89,13 +90,11 @@ def test_psd_solve_singular_is_min_norm_least_squares():
 # ---------------------------------------------------------------------------- monotone trace
 @st.composite
 def _problems(draw):
-    m = draw(st.integers(2, 14))
-    n = draw(st.integers(2, 14))
-    kr = draw(st.integers(1, min(3, m)))
-    kc = draw(st.integers(1, min(3, n)))
-    lay = BlockLayout.from_blocks((m, n), (kr, kc))
-    side = min(min(lay.row_sizes), min(lay.col_sizes))
-    r = draw(st.integers(1, side))
+    """A full grid with one rank, a matrix of one of three kinds, an initialisation and a seed."""
+    lay = draw(
+        layouts(min_side=2, max_side=14, max_blocks=3, patterns=("full",), cuts="array_split", uniform_rank=True)
+    )
+    (m, n), (kr, kc), r = lay.shape, lay.n_blocks, lay.uniform_rank
     seed = draw(st.integers(0, 2**31 - 1))
     init = draw(st.sampled_from(["svd", "random"]))
     kind = draw(st.sampled_from(["gaussian", "low_rank", "sparse"]))

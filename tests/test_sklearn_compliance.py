@@ -1,9 +1,9 @@
 """scikit-learn's estimator checks over every registered structure's estimator, in one module.
 
 Every structure of the registry is checked on its defaults and on small grids
-(``blocklowrank.testing.structure_estimators``); the list below adds the
+(``blocklowrank.testing.conformance.structure_estimators``); the list below adds the
 parameter sets worth checking on top. Expected failures only where a check
-cannot apply (``blocklowrank.testing.expected_failed_checks``: the row-position
+cannot apply (``blocklowrank.testing.conformance.expected_failed_checks``: the row-position
 checks of grids with several block-rows).
 """
 
@@ -11,7 +11,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from blocklowrank import BlockLowRank, DiagonalBlockLowRank, GlobalLowRank, HybridLowRank, SharedBasisLowRank
 from blocklowrank.structures import structures
-from blocklowrank.testing import expected_failed_checks, structure_estimators
+from blocklowrank.testing.conformance import expected_failed_checks, structure_estimators
 
 ESTIMATORS = [est for s in structures() for est in structure_estimators(s)] + [
     GlobalLowRank(budget=1000),

@@ -1,8 +1,7 @@
 """Tests of ``blocklowrank.testing``: the generators plant what they say they plant."""
 
-import importlib.util
+import importlib
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,15 +12,10 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from blocklowrank import BlockLayout, BlockLowRank  # noqa: E402
-from blocklowrank.testing import (  # noqa: E402
-    STRUCTURES,
-    PlantedInfo,
-    layouts,
-    matrices,
-    planted_matrices,
-    planted_matrix,
-    random_layout,
-)
+from blocklowrank._extras import MissingExtraError  # noqa: E402
+from blocklowrank.structures import layout_structure, registered  # noqa: E402
+from blocklowrank.testing.generators import PlantedInfo, planted_matrix, planted_structures, random_layout  # noqa: E402
+from blocklowrank.testing.strategies import layouts, matrices, planted_matrices  # noqa: E402
 
 
 def block_ranks(M, rcuts, ccuts):
@@ -142,7 +136,8 @@ def test_planted_from_a_layout_with_explicit_cuts():
     [
         (dict(structure="banded"), ValueError, "structure"),
         (dict(structure="block", rank=7), ValueError, "exceeds"),
-        (dict(structure="global", n_blocks=2), ValueError, "one block"),
+        (dict(structure="global", n_blocks=2), ValueError, "1 block"),
+        (dict(structure="hybrid"), ValueError, "planted_structures"),
         (dict(structure="block", noise=-0.1), ValueError, "noise"),
         (dict(structure="block", noise="x"), TypeError, "noise"),
         (dict(structure="block", dtype=np.int64), ValueError, "dtype"),
@@ -159,7 +154,7 @@ def test_planted_bad_arguments(kwargs, exc, match):
 def test_planted_layout_structure_mismatch():
     with pytest.raises(ValueError, match="diagonal"):
         planted_matrix(layout=BlockLayout.block((6, 6), 2, rank=1), structure="diagonal")
-    with pytest.raises(ValueError, match="1x1"):
+    with pytest.raises(ValueError, match="1 block"):
         planted_matrix(layout=BlockLayout.block((6, 6), 2, rank=1), structure="global")
     with pytest.raises(ValueError, match="shape"):
         planted_matrix((5, 6), layout=BlockLayout.block((6, 6), 2, rank=1))
@@ -257,7 +252,7 @@ def test_planted_matrices_strategy_ranks(planted):
     """Claim: every drawn planted matrix has the stated rank in every block."""
     X, info = planted
     lay = info.layout
-    assert info.structure in STRUCTURES
+    assert info.structure in planted_structures()
     rc, cc = cuts_from_sizes(lay.row_sizes), cuts_from_sizes(lay.col_sizes)
     if lay.active.all() or lay.n_blocks == (1, 1):
         # array_split cuts for the drawn grid
@@ -305,20 +300,34 @@ def test_block_low_rank_recovers_planted_blocks(planted):
 
 
 # ---------------------------------------------------------------------------- no hypothesis
-def test_import_without_hypothesis(monkeypatch):
-    """Claim: the module imports without hypothesis; strategies then raise a clear ImportError."""
-    monkeypatch.setitem(sys.modules, "hypothesis", None)
-    monkeypatch.setitem(sys.modules, "hypothesis.strategies", None)
+def test_only_the_strategies_need_hypothesis(monkeypatch):
+    """Claim: the generators and the conformance checks import without hypothesis; the
+    strategies module then raises one clear error naming the extra that installs it."""
     import blocklowrank
 
-    path = Path(blocklowrank.__file__).with_name("testing.py")
-    spec = importlib.util.spec_from_file_location("blocklowrank._testing_nohyp", path)
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, mod)
-    spec.loader.exec_module(mod)
-    X, _ = mod.planted_matrix((4, 4), rank=1, random_state=0)
-    assert X.shape == (4, 4)
-    assert mod.random_layout((4, 4), random_state=0).shape == (4, 4)
-    for strategy in (mod.matrices, mod.layouts, mod.planted_matrices):
-        with pytest.raises(ImportError, match="hypothesis"):
-            strategy()
+    monkeypatch.setattr(blocklowrank, "testing", sys.modules["blocklowrank.testing"])  # restored afterwards
+    for name in [m for m in sys.modules if m == "hypothesis" or m.startswith(("hypothesis.", "blocklowrank.testing"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "hypothesis", None)
+    generators = importlib.import_module("blocklowrank.testing.generators")
+    importlib.import_module("blocklowrank.testing.conformance")
+    X, _ = generators.planted_matrix((4, 4), rank=1, random_state=0)
+    assert X.shape == (4, 4) and generators.random_layout((4, 4), random_state=0).shape == (4, 4)
+    with pytest.raises(MissingExtraError, match=r"hypothesis.*pip install 'blocklowrank\[test\]'"):
+        importlib.import_module("blocklowrank.testing.strategies")
+
+
+# ---------------------------------------------------------------------------- the registry decides
+def test_a_registered_layout_structure_is_planted_block_by_block():
+    """Claim: a pure layout structure registered by a user is plantable with no change here:
+    its active blocks (upper triangle) get exactly their planted ranks, the others are zero."""
+    staircase = layout_structure(
+        "staircase", "Staircase", "blocks on and above the diagonal", lambda kr, kc: np.triu(np.ones((kr, kc), bool))
+    )
+    with registered(staircase):
+        assert "staircase" in planted_structures()
+        X, info = planted_matrix((9, 10), structure="staircase", n_blocks=3, rank=2, random_state=0)
+        np.testing.assert_array_equal(block_ranks(X, cuts(9, 3), cuts(10, 3)), 2 * np.triu(np.ones((3, 3), int)))
+        with pytest.raises(ValueError, match="staircase structure has no block"):
+            planted_matrix(layout=BlockLayout.block((9, 10), 3, rank=1), structure="staircase")
+    assert "staircase" not in planted_structures()

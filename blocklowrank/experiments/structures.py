@@ -30,7 +30,7 @@ Datasets:
   those same digits.
 - ``MNIST data matrix``: the first ``n_rows`` test digits as rows, the 784
   pixels as columns, budget that of global rank 16.
-- planted structures (:func:`blocklowrank.testing.planted_matrix`, 10% noise)
+- planted structures (:func:`blocklowrank.testing.generators.planted_matrix`, 10% noise)
   at 64 x 64 (budget 1024 = global rank 8) and 256 x 256 (budget 8192 = global
   rank 16): global, diagonal (N=4), block (2 x 2) and shared-basis (2 x 2)
   structures with ranks that spend the budget (BLAST: the largest rank that
@@ -147,7 +147,7 @@ def _say(progress, msg):
 # ---------------------------------------------------------------------------- datasets
 def _planted(d, budget, seed):
     """Planted structures spending ``budget`` on a d x d matrix, plus a shuffled diagonal."""
-    from ..testing import planted_matrix
+    from ..testing.generators import planted_matrix
 
     r_glob = budget // (2 * d)  # global rank whose count is the budget
     sb = budget // (2 * d + 4)  # largest BLAST rank of a 2 x 2 grid within the budget

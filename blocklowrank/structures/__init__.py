@@ -22,7 +22,7 @@ Any other structure is one module that defines its fit function (returning an
 :class:`~blocklowrank._engine.Approximation` around a
 :class:`~blocklowrank.factors.StructuredFactors`), its count, its budget rule
 and a thin :class:`~blocklowrank.estimators.StructuredEstimator`, and ends with
-``register(Structure(...))``. :func:`blocklowrank.testing.check_structure`
+``register(Structure(...))``. :func:`blocklowrank.testing.conformance.check_structure`
 then runs the shared checks (scikit-learn compliance, counts against the
 fitted factors, budget matching, save/load round trip) on it.
 """

@@ -10,13 +10,21 @@ cells = []
 
 
 def md(text):
-    cells.append({"cell_type": "markdown", "metadata": {}, "source": text.strip("\n").splitlines(True)})
+    cells.append(
+        {
+            "cell_type": "markdown",
+            "id": f"cell-{len(cells):02d}",
+            "metadata": {},
+            "source": text.strip("\n").splitlines(True),
+        }
+    )
 
 
 def code(text):
     cells.append(
         {
             "cell_type": "code",
+            "id": f"cell-{len(cells):02d}",
             "metadata": {},
             "execution_count": None,
             "outputs": [],

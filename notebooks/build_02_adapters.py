@@ -153,7 +153,7 @@ if FAST:
     grid = {method: configs[:1] for method, configs in grid.items()}
 out = tempfile.mkdtemp(prefix="fig2_nb_")
 sweep = run_figure2(out, seeds=2, epochs=1 if FAST else 15, lrs=(5e-4,) if FAST else (2e-4, 5e-4),
-                    grid=grid, subset=N_TRAIN, progress=False, data=mnist)
+                    grid=grid, subset=N_TRAIN, progress=True, data=mnist)
 print(sweep.summary)
 plot_figure2(sweep);""",
     ),

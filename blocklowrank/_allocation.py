@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import check_budget, check_int, check_max_error
+from ._params import validate_params
 
 __all__ = ["allocate_ranks", "no_worse_than_uniform"]
 
@@ -18,6 +18,7 @@ __all__ = ["allocate_ranks", "no_worse_than_uniform"]
 _DP_LIMIT = 3e7
 
 
+@validate_params("costs", "max_ranks", "budget", "max_error")
 def allocate_ranks(gains, costs, max_ranks, *, budget=None, max_error=None, fixed_loss=None, total=None):
     """Choose per-block ranks from the blocks' spectra.
 
@@ -74,8 +75,7 @@ def allocate_ranks(gains, costs, max_ranks, *, budget=None, max_error=None, fixe
     if (budget is None) == (max_error is None):
         raise ValueError("give exactly one of budget and max_error")
     if budget is not None:
-        return _allocate(gains, costs, max_ranks, budget=check_budget(budget))
-    max_error = check_max_error(max_error)
+        return _allocate(gains, costs, max_ranks, budget=budget)
     B = gains[0].shape[0]
     if fixed_loss is None or total is None:
         raise ValueError("max_error needs fixed_loss and total (energy no rank can keep, and ||X||^2)")
@@ -88,8 +88,8 @@ def allocate_ranks(gains, costs, max_ranks, *, budget=None, max_error=None, fixe
 
 
 def _check_inputs(gains, costs, max_ranks):
-    """Gains: non-empty list of finite, non-negative (B, L) arrays, each non-increasing; costs
-    positive ints; max ranks non-negative ints; one of each per block."""
+    """Gains: non-empty list of finite, non-negative (B, L) arrays, each non-increasing; one
+    cost and one max rank per block (their entries are checked by the decorator)."""
     if not isinstance(gains, (list, tuple)) or not gains:
         raise ValueError("gains must be a non-empty list of (B, L) arrays, one per block")
     gains = [np.asarray(g, dtype=np.float64) for g in gains]
@@ -100,8 +100,6 @@ def _check_inputs(gains, costs, max_ranks):
             raise ValueError("gains must be finite and non-negative (squared singular values)")
         if np.any(np.diff(g, axis=1) > 0):
             raise ValueError("each block's gains must be sorted in decreasing order")
-    costs = [check_int(c, "cost", minimum=1) for c in costs]
-    max_ranks = [check_int(r, "max_ranks entry", minimum=0) for r in max_ranks]
     if not (len(costs) == len(max_ranks) == len(gains)):
         raise ValueError(
             f"gains, costs and max_ranks need one entry per block, got lengths "

@@ -17,8 +17,9 @@ import numpy as np
 from ._allocation import _allocate as _allocate_ranks
 from ._allocation import no_worse_than_uniform
 from ._parallel import run_chunked
-from ._svd import _exact_jobs, _exact_svd, _solve, check_svd_options
-from ._validation import check_budget, check_int, check_max_error, pow2_scale, validate_matrix
+from ._params import SVD_OPTIONS, validate_params
+from ._svd import _exact_jobs, _exact_svd, _solve
+from ._validation import pow2_scale, validate_matrix
 from .factors import StructuredFactors, _Group
 from .layout import BlockLayout
 
@@ -107,19 +108,17 @@ class Approximation:
 
 
 # ---------------------------------------------------------------------------- entry
-def check_rank_mode(layout, rank, budget, max_error, cap_rank):
-    """The one rank rule given (``("rank" | "budget" | "max_error" | "layout", value)``)."""
+def _rank_mode(layout, rank, budget, max_error, cap_rank):
+    """The one rank rule given (``("rank" | "budget" | "max_error" | "layout", value)``), checked
+    against the layout (the values' own rules are checked by :func:`fit_layout`'s decorator)."""
     given = [p for p, v in (("rank", rank), ("budget", budget), ("max_error", max_error)) if v is not None]
     if len(given) > 1:
         raise ValueError(f"give only one of rank, budget and max_error (got {', '.join(given)})")
-    if not isinstance(cap_rank, (bool, np.bool_)):
-        raise TypeError(f"cap_rank must be a bool, got {cap_rank!r}")
     if not given:
         if layout.n_params == 0:
             raise ValueError("give one of rank, budget or max_error (or a layout with ranks)")
         return "layout", None
     if given[0] == "budget":
-        budget = check_budget(budget)
         cheapest = int(layout.block_costs[layout.active].min())
         if budget < cheapest:
             raise ValueError(
@@ -128,8 +127,8 @@ def check_rank_mode(layout, rank, budget, max_error, cap_rank):
             )
         return "budget", budget
     if given[0] == "max_error":
-        return "max_error", check_max_error(max_error)
-    r = check_int(rank, "rank", minimum=1) if np.ndim(rank) == 0 else np.asarray(rank)
+        return "max_error", max_error
+    r = rank if np.ndim(rank) == 0 else np.asarray(rank)
     if np.ndim(r) and r.shape != layout.n_blocks:
         raise ValueError(f"per-block rank must have shape {layout.n_blocks} (the grid), got {r.shape}")
     rr = np.where(layout.active, np.broadcast_to(np.asarray(r), layout.active.shape), 0)
@@ -147,6 +146,7 @@ def check_rank_mode(layout, rank, budget, max_error, cap_rank):
     return "layout", lay
 
 
+@validate_params("rank", "budget", "max_error", "cap_rank", *SVD_OPTIONS, layout=[BlockLayout])
 def fit_layout(
     X,
     layout,
@@ -168,15 +168,13 @@ def fit_layout(
     given (use ``approximate`` to name a structure instead).
     """
     X = validate_matrix(X)
-    if not isinstance(layout, BlockLayout):
-        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
     if tuple(layout.shape) != tuple(X.shape[-2:]):
         raise ValueError(f"layout is for shape {layout.shape} but X has shape {tuple(X.shape[-2:])}")
-    mode, value = check_rank_mode(layout, rank, budget, max_error, cap_rank)
+    mode, value = _rank_mode(layout, rank, budget, max_error, cap_rank)
     if mode == "layout":
         layout, value = (value or layout), None
-    svd = check_svd_options(svd_solver, n_oversamples, iterated_power)
-    if svd[0] == "randomized" and mode == "max_error":
+    svd = (svd_solver, n_oversamples, iterated_power)
+    if svd_solver == "randomized" and mode == "max_error":
         raise ValueError("max_error needs every singular value: use svd_solver='full' or 'auto'")
     from sklearn.utils import check_random_state
 
@@ -474,10 +472,10 @@ class BlockSpectra:
     def n_params(self, ranks):
         return (self._ranks(ranks) * self.layout.block_costs).sum(axis=(-2, -1))
 
+    @validate_params("budget")
     def allocate(self, budget):
         """Budget-optimal per-block ranks, shape (..., K_rows, K_cols), and the exactness flag."""
         lay = self.layout
-        budget = check_budget(budget)
         batch = self._energy.shape[:-2]
         B = int(np.prod(batch)) if batch else 1
         keys = list(self._values)
@@ -490,6 +488,7 @@ class BlockSpectra:
         return _scatter(alloc, keys, batch, lay.n_blocks), exact
 
 
+@validate_params("n_jobs")
 def block_spectra(X, layout, *, n_jobs=None):
     """Singular values of every active block of ``layout`` (ranks ignored), batched.
 

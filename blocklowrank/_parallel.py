@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ._validation import check_int
+from ._params import check
 
 __all__ = ["resolve_n_jobs", "run_chunked"]
 
@@ -78,9 +78,7 @@ def resolve_n_jobs(n_jobs, n_tasks=None, work=None):
         ctl = _blas_controller()  # the threads BLAS would use now (honours threadpool_limits)
         blas = [lib.num_threads for lib in ctl.lib_controllers] if ctl is not None else []
         return max(1, min(max(blas, default=1), cpus, int(n_tasks)))
-    n_jobs = check_int(n_jobs, "n_jobs")
-    if n_jobs == 0:
-        raise ValueError("n_jobs must be a non-zero integer (or None)")
+    n_jobs = check(n_jobs, "n_jobs")
     return max(1, cpus + 1 + n_jobs) if n_jobs < 0 else n_jobs
 
 

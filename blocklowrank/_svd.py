@@ -6,22 +6,10 @@ import numpy as np
 import scipy.linalg  # noqa: F401  (loaded before the BLAS controller is made: both BLAS get limited)
 
 from ._parallel import resolve_n_jobs, run_chunked
-from ._validation import check_choice, check_int, validate_matrix
+from ._params import SVD_OPTIONS, SVD_SOLVERS, validate_params
+from ._validation import validate_matrix
 
-__all__ = ["batched_svd", "svd_flip_v", "check_svd_options", "SVD_SOLVERS"]
-
-SVD_SOLVERS = ("auto", "full", "randomized")
-
-
-def check_svd_options(svd_solver, n_oversamples, iterated_power, *, solvers=SVD_SOLVERS):
-    """Validate the randomized-SVD knobs once, at a public boundary."""
-    check_choice(svd_solver, "svd_solver", solvers)
-    n_oversamples = check_int(n_oversamples, "n_oversamples", minimum=0)
-    if not (isinstance(iterated_power, str) and iterated_power == "auto"):
-        if isinstance(iterated_power, str):
-            raise ValueError(f"iterated_power must be an int >= 0 or 'auto', got {iterated_power!r}")
-        iterated_power = check_int(iterated_power, "iterated_power", minimum=0)
-    return svd_solver, n_oversamples, iterated_power
+__all__ = ["batched_svd", "svd_flip_v", "SVD_SOLVERS"]
 
 
 def svd_flip_v(U, Vt):
@@ -253,6 +241,7 @@ def _randomized_svd(A, k, n_power, omega, probe=None):
     return out if probe is None else out + (ok,)
 
 
+@validate_params("k", "full_spectrum", *SVD_OPTIONS)
 def batched_svd(
     A,
     k=None,
@@ -325,11 +314,10 @@ def batched_svd(
     decaying spectra with a noise floor (fine-tuning updates) it passes.
     """
     A = validate_matrix(A, name="A")
-    svd_solver, n_oversamples, iterated_power = check_svd_options(svd_solver, n_oversamples, iterated_power)
-    if not isinstance(full_spectrum, (bool, np.bool_)):
-        raise TypeError(f"full_spectrum must be a bool, got {full_spectrum!r}")
     L = min(A.shape[-2:])
-    k = L if k is None else check_int(k, "k", minimum=1, maximum=L)
+    if k is not None and k > L:
+        raise ValueError(f"k={k} exceeds min(m, n) = {L}, the number of singular values")
+    k = L if k is None else k
     return _batched_svd(A, k, svd_solver, n_oversamples, iterated_power, random_state, n_jobs, full_spectrum)
 
 

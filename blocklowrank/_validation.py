@@ -1,86 +1,17 @@
-"""Input checks shared by every public entry point (the floor of the library).
+"""Data checks shared by every public entry point (the floor of the library).
 
-Each check either returns a clean value or raises a ``TypeError``/``ValueError``
+Each check either returns a clean array or raises a ``TypeError``/``ValueError``
 whose message names the argument and says what to do. Public functions call
-these once, at their boundary; private functions trust their input.
+these once, at their boundary; private functions trust their input. The rules
+of the other parameters (ranks, budgets, solver options, ...) are declared in
+:mod:`blocklowrank._params`.
 """
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
-__all__ = [
-    "check_int",
-    "check_shape",
-    "check_budget",
-    "check_max_error",
-    "check_nonneg_float",
-    "check_choice",
-    "validate_matrix",
-    "refuse_meaningless",
-    "pow2_scale",
-]
-
-
-def check_int(value, name, *, minimum=None, maximum=None):
-    """``value`` as a Python int, or a TypeError/ValueError naming ``name``.
-
-    Booleans and floats are refused, even integral floats (``2.0``): a rank or
-    a block count given as a float is almost always a slip.
-    """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
-    return value
-
-
-def check_shape(shape):
-    """A matrix shape ``(m, n)`` of positive ints."""
-    try:
-        m, n = shape
-    except (TypeError, ValueError):
-        raise ValueError(f"shape must be a pair (m, n), got {shape!r}") from None
-    return check_int(m, "shape[0]", minimum=1), check_int(n, "shape[1]", minimum=1)
-
-
-def check_budget(budget):
-    """A parameter budget: an int >= 1."""
-    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Integral):
-        raise TypeError(f"budget must be an integer number of parameters, got {budget!r}")
-    return check_int(budget, "budget", minimum=1)
-
-
-def check_max_error(max_error):
-    """A target relative error in the open interval (0, 1)."""
-    if isinstance(max_error, (bool, np.bool_)) or not isinstance(max_error, numbers.Real):
-        raise TypeError(f"max_error must be a float in (0, 1), got {max_error!r}")
-    max_error = float(max_error)
-    if not (0.0 < max_error < 1.0):
-        raise ValueError(f"max_error must be in the open interval (0, 1), got {max_error}")
-    return max_error
-
-
-def check_nonneg_float(value, name):
-    """A finite float >= 0 (stopping tolerances, noise levels)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float >= 0, got {value!r}")
-    value = float(value)
-    if not (np.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite float >= 0, got {value}")
-    return value
-
-
-def check_choice(value, name, choices):
-    """``value`` if it is one of ``choices`` (strings), else a ValueError listing them."""
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-    return value
+__all__ = ["validate_matrix", "refuse_meaningless", "pow2_scale"]
 
 
 def refuse_meaningless(X, name="X"):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import check_budget, check_int, check_shape
+from ._params import validate_params
 from .layout import BlockLayout
 from .structures import get_structure, structure_names, structures
 
@@ -71,22 +71,14 @@ def check_methods(methods):
     return tuple(mth for mth in allowed if mth in methods)
 
 
-def _int_list(values, name):
-    """An int or an iterable of ints -> sorted list of unique ints >= 1 (None stays None)."""
+def _int_list(values):
+    """A checked int or sequence of ints -> sorted list of unique ints (None stays None)."""
     if values is None:
         return None
-    if np.ndim(values) == 0:
-        return [check_int(values, name, minimum=1)]
-    try:
-        items = list(values)
-    except TypeError:
-        raise TypeError(f"{name} must be an int or a sequence of ints, got {values!r}") from None
-    out = sorted({check_int(v, f"{name} entry", minimum=1) for v in items})
-    if not out:
-        raise ValueError(f"{name} must contain at least one value")
-    return out
+    return [values] if isinstance(values, int) else sorted(set(values))
 
 
+@validate_params("shape", "n_blocks", "rank")
 def count_params(method, shape=None, *, rank=None, n_blocks=1, **extra):
     """Exact number of parameters of a structured low-rank configuration.
 
@@ -147,11 +139,7 @@ def count_params(method, shape=None, *, rank=None, n_blocks=1, **extra):
     112
     """
     if isinstance(method, BlockLayout):
-        if (
-            shape is not None
-            or extra
-            or not (np.ndim(n_blocks) == 0 and n_blocks == 1 and not isinstance(n_blocks, (bool, np.bool_)))
-        ):
+        if shape is not None or extra or n_blocks != 1:
             raise TypeError(
                 "count_params(layout) takes no shape, n_blocks or other keys, only rank: "
                 "the layout has its own shape and grid"
@@ -176,7 +164,7 @@ def count_params(method, shape=None, *, rank=None, n_blocks=1, **extra):
     missing = set(s.extra) - set(extra)
     if missing:
         raise TypeError(f"count_params({method!r}) needs {sorted(missing)}")
-    return int(s.count(check_shape(shape), n_blocks=n_blocks, rank=rank, **extra))
+    return int(s.count(shape, n_blocks=n_blocks, rank=rank, **extra))
 
 
 def _ks(s, shape, n_blocks, methods):
@@ -201,6 +189,7 @@ def _check_k_list(shape, n_blocks):
             )
 
 
+@validate_params("shape", "budget", "exact", n_blocks="grid_sizes", ranks="ranks")
 def match_budget(shape, budget, *, methods=None, n_blocks=None, ranks=None, exact=False):
     """Uniform-rank configurations of each structure that spend a parameter budget.
 
@@ -265,13 +254,8 @@ def match_budget(shape, budget, *, methods=None, n_blocks=None, ranks=None, exac
     shared_basis 3 3 None 195
     shared_basis 4 3 None 216
     """
-    shape = check_shape(shape)
-    budget = check_budget(budget)
     methods = check_methods(methods)
-    n_blocks = _int_list(n_blocks, "n_blocks")
-    ranks = _int_list(ranks, "ranks")
-    if not isinstance(exact, (bool, np.bool_)):
-        raise TypeError(f"exact must be a bool, got {exact!r}")
+    n_blocks, ranks = _int_list(n_blocks), _int_list(ranks)
     _check_k_list(shape, n_blocks)
     plans = [(get_structure(mth), _ks(get_structure(mth), shape, n_blocks, methods)) for mth in methods]
     cheap = [(c[0], s.name, c[1], c[2]) for s, ks in plans if (c := s.budget_rule.cheapest(shape, ks, ranks))]
@@ -308,6 +292,7 @@ def match_budget(shape, budget, *, methods=None, n_blocks=None, ranks=None, exac
     return RecordList(records, columns=MATCH_COLUMNS + extra)
 
 
+@validate_params("shape", "min_budget", "max_budget", n_blocks="grid_sizes", ranks="ranks")
 def budget_sweep_points(shape, *, methods=None, n_blocks=None, ranks=None, min_budget=None, max_budget=None):
     """Budgets at which every structure can be matched exactly.
 
@@ -337,12 +322,9 @@ def budget_sweep_points(shape, *, methods=None, n_blocks=None, ranks=None, min_b
     >>> budget_sweep_points((28, 28), n_blocks=[2, 4], max_budget=500)
     array([112, 224, 336, 448])
     """
-    shape = check_shape(shape)
     methods = check_methods(methods)
-    n_blocks = _int_list(n_blocks, "n_blocks")
-    ranks = _int_list(ranks, "ranks")
-    lo = 1 if min_budget is None else check_int(min_budget, "min_budget", minimum=1)
-    hi = None if max_budget is None else check_int(max_budget, "max_budget", minimum=1)
+    n_blocks, ranks = _int_list(n_blocks), _int_list(ranks)
+    lo, hi = (1 if min_budget is None else min_budget), max_budget
     if hi is not None and hi < lo:
         raise ValueError(f"min_budget={lo} is above max_budget={hi}")
     _check_k_list(shape, n_blocks)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from ._engine import BlockSpectra, _block_energies, block_spectra, fit_layout
-from ._svd import check_svd_options
+from ._params import SVD_OPTIONS, validate_params
 from ._validation import validate_matrix
 from .budget import RecordList, check_methods, match_budget
 from .structures import get_structure
@@ -30,10 +30,10 @@ COMPARE_COLUMNS = (
     "proven_optimal",
 )
 
-#: Options of the iterative fits that compare_at_budget passes on (fit_options).
-_FIT_OPTIONS = ("max_iter", "tol")
 
-
+@validate_params(
+    "budget", "exact", "include_optimal", "fit_options", *SVD_OPTIONS, n_blocks="grid_sizes", ranks="ranks"
+)
 def compare_at_budget(
     X,
     budget,
@@ -118,17 +118,8 @@ def compare_at_budget(
      ('shared_basis', 3, None, 180)]
     """
     X = validate_matrix(X)
-    batch, shape = X.shape[:-2], X.shape[-2:]
-    if not isinstance(include_optimal, (bool, np.bool_)):
-        raise TypeError(f"include_optimal must be a bool, got {include_optimal!r}")
-    fit_options = {} if fit_options is None else fit_options
-    if not isinstance(fit_options, dict) or set(fit_options) - set(_FIT_OPTIONS):
-        raise ValueError(f"fit_options must be a dict with keys among {_FIT_OPTIONS}, got {fit_options!r}")
-    check_svd_options(svd_solver, n_oversamples, iterated_power)
     methods = check_methods(methods)
-    matched = match_budget(shape, budget, methods=methods, n_blocks=n_blocks, ranks=ranks, exact=exact)
-    extra = tuple(k for k in matched.columns if k not in COMPARE_COLUMNS)
-    budget = matched[0]["budget"] if matched else int(budget)
+    matched = match_budget(X.shape[-2:], budget, methods=methods, n_blocks=n_blocks, ranks=ranks, exact=exact)
     svd = dict(
         svd_solver=svd_solver,
         n_oversamples=n_oversamples,
@@ -136,13 +127,43 @@ def compare_at_budget(
         random_state=random_state,
         n_jobs=n_jobs,
     )
-    spectral = svd_solver in ("auto", "full")
+    cmp = _Comparison(X, matched, matched[0]["budget"] if matched else budget, svd, fit_options or {}, spectra)
+    rows, partitions = [], {}
+    for rec in matched:
+        s = get_structure(rec["method"])
+        rows.append(cmp.uniform(s, rec))
+        if s.spectral:
+            partitions.setdefault((s.name, rec["n_blocks"]), rec)
+    if include_optimal:
+        rows += [cmp.optimal(get_structure(name), rec) for (name, _), rec in partitions.items()]
+    order = {mth: t for t, mth in enumerate(methods)}
+    rows.sort(
+        key=lambda d: (d["error"], d["n_params"], order[d["method"]], d["n_blocks"], d["allocation"] == "optimal")
+    )
+    return RecordList(rows, columns=COMPARE_COLUMNS + cmp.extra)
 
-    def each(value):
-        return np.broadcast_to(value, batch).copy() if batch else value
 
-    def row(rec, rank, allocation, n_each, err_each, block_ranks, proven):
-        if not batch:
+class _Comparison:
+    """The fits of :func:`compare_at_budget` on one X: rows, and the spectra shared by equal layouts."""
+
+    def __init__(self, X, matched, budget, svd, fit_options, spectra):
+        self.X, self.batch, self.budget, self.svd, self.fit_options = X, X.shape[:-2], budget, svd, fit_options
+        self.extra = tuple(k for k in matched.columns if k not in COMPARE_COLUMNS)
+        self.spectral = svd["svd_solver"] in ("auto", "full")  # exact spectra: errors without factors
+        self.cache = _known_spectra(X, spectra)  # (layout without ranks, BlockSpectra), matched by layout
+
+    def spectra_of(self, lay):
+        lay0 = lay.with_ranks(0)
+        for known, sp in self.cache:
+            if known == lay0:
+                return sp
+        self.cache.append((lay0, block_spectra(self.X, lay, n_jobs=self.svd["n_jobs"])))
+        return self.cache[-1][1]
+
+    def row(self, rec, rank, allocation, n_each, err_each, block_ranks, proven):
+        if self.batch:
+            n_each, err_each = np.broadcast_to(n_each, self.batch).copy(), err_each
+        else:
             n_each, err_each = int(n_each), float(err_each)
         return {
             "method": rec["method"],
@@ -150,19 +171,50 @@ def compare_at_budget(
             "rank": rank,
             "allocation": allocation,
             "n_params": int(np.max(n_each)),
-            "budget": budget,
-            "exact": bool(np.all(np.asarray(n_each) == budget)),
+            "budget": self.budget,
+            "exact": bool(np.all(np.asarray(n_each) == self.budget)),
             "error": float(np.mean(err_each)),
             "errors": err_each,
             "n_params_each": n_each,
             "block_ranks": block_ranks,
             "proven_optimal": proven,
-            **{k: rec.get(k) for k in extra},
+            **{k: rec.get(k) for k in self.extra},
         }
 
-    cache = []  # (layout without ranks, BlockSpectra): matched by layout equality
+    def uniform(self, s, rec):
+        """The row of a matched configuration: from the spectra, or fitted."""
+        if not s.spectral:
+            opts = {k: v for k, v in {**self.svd, **self.fit_options}.items() if k in s.options}
+            config = {k: rec[k] for k in s.extra}
+            res = s.fit(self.X, n_blocks=rec["n_blocks"], rank=rec["rank"], **config, **opts)
+            return self.row(
+                rec, rec["rank"], "uniform", res.factors.n_params, res.error, np.array(res.layout.ranks), None
+            )
+        lay = s.layout(self.X.shape[-2:], rec["n_blocks"])
+        lay_r = lay.with_ranks(rec["rank"])
+        if self.spectral:
+            err = self.spectra_of(lay).error(lay_r.ranks)
+        else:
+            err = fit_layout(self.X, lay_r, **self.svd).error
+        return self.row(rec, rec["rank"], "uniform", lay_r.n_params, err, np.array(lay_r.ranks), None)
+
+    def optimal(self, s, rec):
+        """The row of a partition of a layout structure with budget-optimal per-block ranks."""
+        lay = s.layout(self.X.shape[-2:], rec["n_blocks"])
+        if self.spectral:
+            sp = self.spectra_of(lay)
+            R, proven = sp.allocate(self.budget)
+            return self.row(rec, None, "optimal", sp.n_params(R), sp.error(R), R, bool(proven))
+        res = fit_layout(self.X, lay, budget=self.budget, **self.svd)
+        return self.row(rec, None, "optimal", res.n_params, res.error, res.ranks, bool(res.exact_allocation))
+
+
+def _known_spectra(X, spectra):
+    """``[(layout without ranks, BlockSpectra)]`` of the spectra given, each checked to be X's."""
+    batch, shape = X.shape[:-2], X.shape[-2:]
     if spectra is not None and not isinstance(spectra, Iterable):
         raise TypeError(f"spectra must be an iterable of BlockSpectra, got {spectra!r}")
+    known = []
     for sp in () if spectra is None else spectra:
         if (
             not isinstance(sp, BlockSpectra)
@@ -179,59 +231,5 @@ def compare_at_budget(
             atol=1e-5 * float(np.max(sp.total_energy, initial=0.0)),
         ):
             raise ValueError("spectra must be those of X: the block energies of a given BlockSpectra differ from X's")
-        cache.append((sp.layout.with_ranks(0), sp))
-
-    def spectra_of(lay):
-        lay0 = lay.with_ranks(0)
-        for known, sp in cache:
-            if known == lay0:
-                return sp
-        cache.append((lay0, block_spectra(X, lay, n_jobs=n_jobs)))
-        return cache[-1][1]
-
-    rows, partitions = [], []
-    for rec in matched:
-        s, K = get_structure(rec["method"]), rec["n_blocks"]
-        config = {k: rec[k] for k in s.extra}
-        if not s.spectral:
-            opts = {k: v for k, v in {**svd, **fit_options}.items() if k in s.options}
-            res = s.fit(X, n_blocks=K, rank=rec["rank"], **config, **opts)
-            rows.append(
-                row(
-                    rec, rec["rank"], "uniform", each(res.factors.n_params), res.error, np.array(res.layout.ranks), None
-                )
-            )
-            continue
-        lay = s.layout(shape, K)
-        lay_r = lay.with_ranks(rec["rank"])
-        if spectral:
-            sp = spectra_of(lay)
-            rows.append(
-                row(
-                    rec,
-                    rec["rank"],
-                    "uniform",
-                    each(lay_r.n_params),
-                    sp.error(lay_r.ranks),
-                    np.array(lay_r.ranks),
-                    None,
-                )
-            )
-        else:
-            res = fit_layout(X, lay_r, **svd)
-            rows.append(row(rec, rec["rank"], "uniform", res.n_params, res.error, np.array(lay_r.ranks), None))
-        if (s.name, K) not in [p[:2] for p in partitions]:
-            partitions.append((s.name, K, lay, rec))
-    for _name, _K, lay, rec in partitions if include_optimal else ():
-        if spectral:
-            sp = spectra_of(lay)
-            R, proven = sp.allocate(budget)
-            rows.append(row(rec, None, "optimal", sp.n_params(R), sp.error(R), R, bool(proven)))
-        else:
-            res = fit_layout(X, lay, budget=budget, **svd)
-            rows.append(row(rec, None, "optimal", res.n_params, res.error, res.ranks, bool(res.exact_allocation)))
-    order = {mth: t for t, mth in enumerate(methods)}
-    rows.sort(
-        key=lambda d: (d["error"], d["n_params"], order[d["method"]], d["n_blocks"], d["allocation"] == "optimal")
-    )
-    return RecordList(rows, columns=COMPARE_COLUMNS + extra)
+        known.append((sp.layout.with_ranks(0), sp))
+    return known

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._engine import Approximation, fit_layout
-from ._validation import check_nonneg_float
+from ._params import validate_params
 from .factors import FactorsFileError, StructuredFactors, load_factors
 from .layout import BlockLayout
 
@@ -103,6 +103,7 @@ def to_dense(obj, dtype=None):
     return as_factors(obj).to_dense(dtype)
 
 
+@validate_params("rank", "cap_rank")
 def refit_global(obj, rank, *, cap_rank=False):
     """Best global LoRA of rank ``rank`` for the assembled update (truncated SVD).
 
@@ -115,6 +116,7 @@ def refit_global(obj, rank, *, cap_rank=False):
     return fit_layout(D, BlockLayout.global_(D.shape), rank=rank, svd_solver="full", cap_rank=cap_rank)
 
 
+@validate_params("rtol")
 def rank_report(obj, *, rtol=None):
     """Nominal ranks next to the numerical rank of the assembled update.
 
@@ -151,8 +153,6 @@ def rank_report(obj, *, rtol=None):
     ([[2, 2], [2, 2]], 8, 8)
     """
     sf = as_factors(obj)
-    if rtol is not None:
-        rtol = check_nonneg_float(rtol, "rtol")
     lay = sf.layout
     m, n = lay.shape
     D = sf.to_dense(np.float64)
@@ -201,6 +201,7 @@ def _gralora_grid(sf):
     return kr, r
 
 
+@validate_params("scaling")
 def to_gralora(obj, *, scaling=1.0):
     """Tensors of a PEFT GraLoRA adapter whose update equals our block structure.
 
@@ -265,9 +266,6 @@ def to_gralora(obj, *, scaling=1.0):
     sf = as_factors(obj)  # a shared basis converts through its per-block factors
     _contiguous(sf, "GraLoRA")
     K, rb = _gralora_grid(sf)
-    scaling = float(scaling)
-    if not np.isfinite(scaling) or scaling == 0:
-        raise ValueError(f"scaling must be a finite non-zero number, got {scaling}")
     lay = sf.layout
     mb, nb = lay.row_sizes[0], lay.col_sizes[0]
     dtype = sf.dtype
@@ -287,6 +285,7 @@ def to_gralora(obj, *, scaling=1.0):
     return out
 
 
+@validate_params("scaling")
 def from_gralora(gralora_A, gralora_B, *, gralora_A_general=None, gralora_B_general=None, scaling=1.0):
     """Our factors from PEFT GraLoRA tensors (inverse of :func:`to_gralora`).
 
@@ -317,9 +316,6 @@ def from_gralora(gralora_A, gralora_B, *, gralora_A_general=None, gralora_B_gene
         raise ValueError(f"r={r} must be divisible by gralora_k={K}")
     mb = gB.shape[2]
     rb = r // K
-    scaling = float(scaling)
-    if not np.isfinite(scaling) or scaling == 0:
-        raise ValueError(f"scaling must be a finite non-zero number, got {scaling}")
     dtype = np.result_type(gA.dtype, gB.dtype, np.float32)
     As = gA.reshape(K, nb, K, rb).transpose(2, 0, 3, 1)  # [j, n, s, in/K]
     Bs = (gB * scaling).reshape(K, K, rb, mb).transpose(0, 1, 3, 2)  # [j, n, out/K, s]
@@ -343,6 +339,7 @@ def from_gralora(gralora_A, gralora_B, *, gralora_A_general=None, gralora_B_gene
     return StructuredFactors(lay, factors, global_factors=gf)
 
 
+@validate_params("scaling")
 def gralora_delta_weight(gralora_A, gralora_B, *, gralora_A_general=None, gralora_B_general=None, scaling=1.0):
     """``Delta W`` (``out x in``) of PEFT GraLoRA tensors, assembled through our factors."""
     return from_gralora(

@@ -22,32 +22,15 @@ structures it is the projection ``x @ D_i^T``), so ``fit_transform`` and
 from __future__ import annotations
 
 import warnings
-from numbers import Integral, Real
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
-from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._svd import SVD_SOLVERS
+from ._params import check_params, estimator_constraints
 from ._validation import refuse_meaningless
 
-__all__ = ["StructuredEstimator", "SVD_CONSTRAINTS", "single_fit_cv"]
-
-#: Constraints of the SVD options every estimator that runs an SVD shares.
-SVD_CONSTRAINTS = {
-    "svd_solver": [StrOptions(set(SVD_SOLVERS))],
-    "n_oversamples": [Interval(Integral, 0, None, closed="left")],
-    "iterated_power": [Interval(Integral, 0, None, closed="left"), StrOptions({"auto"})],
-    "random_state": ["random_state"],
-    "n_jobs": [Integral, None],
-}
-
-#: Constraints of the iterative fits (hybrid, shared basis).
-ITERATIVE_CONSTRAINTS = {
-    "max_iter": [Interval(Integral, 1, None, closed="left")],
-    "tol": [Interval(Real, 0, None, closed="left")],
-}
+__all__ = ["StructuredEstimator", "single_fit_cv"]
 
 
 def single_fit_cv(n_samples):
@@ -95,13 +78,27 @@ def _by_block_rows(M, edges, mats, n_out):
 class StructuredEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Shared base of the structures' estimators (see the module docstring).
 
-    Subclasses set ``_parameter_constraints``, store their parameters in
-    ``__init__`` and implement ``_fit_structure(X) -> Approximation``; the
-    base does everything else. ``_orthonormal_codes = True`` declares that the
-    decoders' rows are orthonormal (SVD fits), so the encoders are ``D_i^T``.
+    Subclasses store their parameters in ``__init__`` and implement
+    ``_fit_structure(X) -> Approximation``; the base does everything else.
+    ``_parameter_constraints`` is built from ``__init__``'s signature and the
+    rules of :mod:`blocklowrank._params` (``_param_aliases`` maps a parameter
+    to another rule of the table where its name does not pick the rule meant).
+    ``_orthonormal_codes = True`` declares that the decoders' rows are
+    orthonormal (SVD fits), so the encoders are ``D_i^T``.
     """
 
     _orthonormal_codes = False
+    _parameter_constraints: dict = {}
+    _param_aliases: dict = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:  # the parameters are __init__'s (scikit-learn's rule)
+            cls._parameter_constraints = estimator_constraints(cls, **cls._param_aliases)
+
+    def _validate_params(self):
+        """Check the parameters against their rules (the functions' rules: one table)."""
+        check_params(self._parameter_constraints, self.get_params(deep=False), type(self).__name__)
 
     def _fit_structure(self, X):  # pragma: no cover - abstract
         raise NotImplementedError

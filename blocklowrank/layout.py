@@ -18,15 +18,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validation import check_int as _check_int
-from ._validation import check_shape as _check_shape
+from ._params import PATTERNS, check, validate_params
 
 __all__ = ["BlockLayout", "split_sizes", "PATTERNS"]
 
-#: Names accepted for the active-block pattern.
-PATTERNS = ("full", "diagonal")
 
-
+@validate_params("length", "n_parts")
 def split_sizes(length, n_parts, *, name="n_blocks", axis="rows"):
     """Sizes of ``n_parts`` contiguous pieces of ``length`` with ``np.array_split`` semantics.
 
@@ -52,8 +49,6 @@ def split_sizes(length, n_parts, *, name="n_blocks", axis="rows"):
     >>> split_sizes(64, 4)
     (16, 16, 16, 16)
     """
-    length = _check_int(length, "length", minimum=1)
-    n_parts = _check_int(n_parts, name, minimum=1)
     if n_parts > length:
         raise ValueError(
             f"{name}={n_parts} is more blocks than the {length} {axis} of the matrix; "
@@ -78,15 +73,9 @@ def _normalize_sizes(sizes, length, name):
 
 
 def _normalize_n_blocks(n_blocks):
-    """Return (K_rows, K_cols) from an int or a pair."""
-    if isinstance(n_blocks, (tuple, list, np.ndarray)):
-        if len(n_blocks) != 2:
-            raise ValueError(f"n_blocks must be an int or a (rows, cols) pair, got {n_blocks!r}")
-        kr = _check_int(n_blocks[0], "n_blocks[0] (block-rows)", minimum=1)
-        kc = _check_int(n_blocks[1], "n_blocks[1] (block-columns)", minimum=1)
-        return kr, kc
-    k = _check_int(n_blocks, "n_blocks", minimum=1)
-    return k, k
+    """Return (K_rows, K_cols) from an int or a pair (checked)."""
+    k = check(n_blocks, "n_blocks")
+    return k if isinstance(k, tuple) else (k, k)
 
 
 @dataclass(frozen=True, eq=False)
@@ -141,7 +130,7 @@ class BlockLayout:
     col_perm: object = field(default=None, repr=False)
 
     def __post_init__(self):
-        m, n = _check_shape(self.shape)
+        m, n = check(self.shape, "shape", caller="BlockLayout")
         object.__setattr__(self, "shape", (m, n))
         rs = _normalize_sizes(self.row_sizes, m, "row_sizes")
         cs = _normalize_sizes(self.col_sizes, n, "col_sizes")
@@ -176,6 +165,7 @@ class BlockLayout:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
+    @validate_params("shape", "n_blocks", "pattern", "cap_rank", rank="layout_rank")
     def from_blocks(
         cls,
         shape,
@@ -214,14 +204,12 @@ class BlockLayout:
             Cut ``X[row_perm][:, col_perm]`` instead of ``X`` (see
             :meth:`with_permutation`).
         """
-        m, n = _check_shape(shape)
-        kr, kc = _normalize_n_blocks(n_blocks)
+        m, n = shape
+        kr, kc = (n_blocks, n_blocks) if isinstance(n_blocks, int) else n_blocks
         rs = split_sizes(m, kr, name="n_blocks", axis="rows") if row_sizes is None else row_sizes
         cs = split_sizes(n, kc, name="n_blocks", axis="columns") if col_sizes is None else col_sizes
         rs = _normalize_sizes(rs, m, "row_sizes")
         cs = _normalize_sizes(cs, n, "col_sizes")
-        if pattern not in PATTERNS:
-            raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
         if pattern == "full":
             active = np.ones((len(rs), len(cs)), dtype=bool)
         else:
@@ -237,20 +225,24 @@ class BlockLayout:
         return cls((m, n), rs, cs, active, ranks, row_perm, col_perm)
 
     @classmethod
+    @validate_params()
     def global_(cls, shape, rank=0, *, cap_rank=False):
         """Global low rank (LoRA): a single block of rank ``rank``."""
         return cls.from_blocks(shape, 1, rank=rank, cap_rank=cap_rank)
 
     @classmethod
+    @validate_params()
     def diagonal(cls, shape, n_blocks, rank=0, *, cap_rank=False):
         """Diagonal-block low rank (MELoRA): ``n_blocks`` diagonal blocks of rank ``rank``."""
         return cls.from_blocks(shape, n_blocks, rank=rank, pattern="diagonal", cap_rank=cap_rank)
 
     @classmethod
+    @validate_params()
     def block(cls, shape, n_blocks, rank=0, *, cap_rank=False):
         """Full block low rank (Localized LoRA / GraLoRA): every block of the grid active."""
         return cls.from_blocks(shape, n_blocks, rank=rank, pattern="full", cap_rank=cap_rank)
 
+    @validate_params("cap_rank", ranks="layout_rank")
     def with_ranks(self, ranks, *, cap_rank=False):
         """Same cuts and active blocks, new ranks (uniform int or per-block array)."""
         r = _expand_rank(ranks, self.active)
@@ -457,9 +449,8 @@ class BlockLayout:
 
 def _expand_rank(rank, active):
     """Uniform int or per-block array -> int64 array with zeros off the active set."""
-    if np.ndim(rank) == 0:
-        r = _check_int(rank, "rank", minimum=0, maximum=2**62)
-        return np.where(active, r, 0).astype(np.int64)
+    if np.ndim(rank) == 0:  # checked by the callers' decorators
+        return np.where(active, rank, 0).astype(np.int64)
     arr = np.asarray(rank)
     if arr.shape != active.shape:
         raise ValueError(f"per-block rank must have shape {active.shape}, got {arr.shape}")

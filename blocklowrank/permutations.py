@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import check_int as _check_int
+from ._params import PARAMS, validate_params
 from ._validation import validate_matrix
 from .layout import split_sizes
 
@@ -30,6 +30,7 @@ __all__ = [
 ]
 
 
+@validate_params("length", "n_groups")
 def strided_permutation(length, n_groups):
     """Order ``0..length-1`` by residue modulo ``n_groups`` (Monarch-style blocks).
 
@@ -41,11 +42,10 @@ def strided_permutation(length, n_groups):
     >>> strided_permutation(8, 4).tolist()
     [0, 4, 1, 5, 2, 6, 3, 7]
     """
-    length = _check_int(length, "length", minimum=1)
-    n_groups = _check_int(n_groups, "n_groups", minimum=1)
     return np.argsort(np.arange(length) % n_groups, kind="stable")
 
 
+@validate_params("height", "width", "tile")
 def image_patch_permutation(height, width, tile):
     """Order the pixels of a flattened ``height x width`` image tile by tile.
 
@@ -69,19 +69,14 @@ def image_patch_permutation(height, width, tile):
     >>> image_patch_permutation(4, 4, 2).tolist()
     [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]
     """
-    height = _check_int(height, "height", minimum=1)
-    width = _check_int(width, "width", minimum=1)
-    if np.ndim(tile) and np.shape(tile) != (2,):
-        raise ValueError(f"tile must be an int or a (height, width) pair, got {tile!r}")
-    th, tw = (tile, tile) if np.ndim(tile) == 0 else tile
-    th = _check_int(th, "tile height", minimum=1)
-    tw = _check_int(tw, "tile width", minimum=1)
+    th, tw = (tile, tile) if isinstance(tile, int) else tile
     yy, xx = np.divmod(np.arange(height * width), width)
     tile_id = (yy // th) * (-(-width // tw)) + (xx // tw)
     within = (yy % th) * tw + (xx % tw)
     return np.lexsort((within, tile_id))
 
 
+@validate_params("n_groups", "axis", "n_components", "random_state")
 def cluster_permutation(X, n_groups, *, axis=0, n_components=None, random_state=0):
     """Data-driven ordering: group similar rows (axis=0) or columns (axis=1).
 
@@ -108,15 +103,12 @@ def cluster_permutation(X, n_groups, *, axis=0, n_components=None, random_state=
     from sklearn.cluster import KMeans
 
     X = validate_matrix(X, min_ndim=2, max_ndim=2)
-    if axis not in (0, 1):
-        raise ValueError(f"axis must be 0 (rows) or 1 (columns), got {axis!r}")
     M = X if axis == 0 else X.T
-    n_groups = _check_int(n_groups, "n_groups", minimum=1)
     if n_groups > M.shape[0]:
         split_sizes(M.shape[0], n_groups)  # raises the usual message
     if n_groups == 1:
         return np.arange(M.shape[0])
-    k = min(8, min(M.shape)) if n_components is None else _check_int(n_components, "n_components", minimum=1)
+    k = min(8, min(M.shape)) if n_components is None else n_components
     U, s, _ = np.linalg.svd(M.astype(np.float64), full_matrices=False)
     emb = U[:, :k] * s[:k]
     labels = KMeans(n_clusters=n_groups, n_init=4, random_state=random_state).fit_predict(emb)
@@ -126,6 +118,7 @@ def cluster_permutation(X, n_groups, *, axis=0, n_components=None, random_state=
     return np.argsort(rank_of[labels], kind="stable")
 
 
+@validate_params("random_state", n_groups="n_blocks")
 def cocluster_permutations(X, n_groups, *, random_state=0):
     """Row and column orderings whose clusters line up along the diagonal.
 
@@ -142,7 +135,7 @@ def cocluster_permutations(X, n_groups, *, random_state=0):
     from scipy.optimize import linear_sum_assignment
 
     X = validate_matrix(X, min_ndim=2, max_ndim=2)
-    kr, kc = (n_groups, n_groups) if np.ndim(n_groups) == 0 else n_groups
+    kr, kc = (n_groups, n_groups) if isinstance(n_groups, int) else n_groups
     rp = cluster_permutation(X, kr, axis=0, random_state=random_state)
     cp = cluster_permutation(X, kc, axis=1, random_state=random_state)
     if kr != kc:
@@ -158,24 +151,21 @@ def cocluster_permutations(X, n_groups, *, random_state=0):
     return rp, cp
 
 
+@validate_params("n_groups", "axis", spec=[*PARAMS["row_perm"], None])
 def resolve_permutation(spec, X, n_groups, axis, *, other=None, diagonal=False):
     """Turn an estimator's ``row_perm``/``col_perm`` value into an index array or None.
 
     ``spec`` is None, an array of indices, ``"strided"`` or ``"cluster"``.
     """
-    if axis not in (0, 1):
-        raise ValueError(f"axis must be 0 (rows) or 1 (columns), got {axis!r}")
     if spec is None:
         return None
     length = X.shape[axis]
-    if isinstance(spec, str):
+    if isinstance(spec, str):  # "strided" or "cluster"
         if spec == "strided":
             return strided_permutation(length, n_groups)
-        if spec == "cluster":
-            if diagonal and other == "cluster":
-                return cocluster_permutations(X, n_groups)[axis]
-            return cluster_permutation(X, n_groups, axis=axis)
-        raise ValueError(f"permutation must be None, an index array, 'strided' or 'cluster'; got {spec!r}")
+        if diagonal and other == "cluster":
+            return cocluster_permutations(X, n_groups)[axis]
+        return cluster_permutation(X, n_groups, axis=axis)
     arr = np.asarray(spec)
     if arr.ndim != 1 or arr.shape[0] != length:
         what = "rows" if axis == 0 else "columns"

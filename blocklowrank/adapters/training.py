@@ -10,13 +10,13 @@ set and each step only adds the adapter's ``X dW^T``.
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._params import Float, Int, StrOptions, validate_params
 from ..sweep import RunFailed
 from .mlp import MLP, nll_and_grad
 from .optim import OPTIMIZERS, make_optimizer
@@ -217,23 +217,22 @@ def _check_data(X, y, n_in, n_out, dtype, name="X"):
     return X, y.astype(np.intp)
 
 
-def _check_positive_int(v, name):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return int(v)
-
-
-def _check_lr(lr):
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    return float(lr)
+#: The rules of the training options (see :mod:`blocklowrank._params`).
+_TRAIN_PARAMS = {
+    "mode": [StrOptions(set(MODES))],
+    "optimizer": [StrOptions(set(OPTIMIZERS))],
+    "lr": [Float(0, None, closed="neither")],
+    "epochs": [Int(1)],
+    "batch_size": [Int(1)],
+    "patience": [Int(1)],
+    "callback": [callable],
+}
 
 
 def _check_setup(mlp, adapter, mode):
+    """The network and the adapter agree with ``mode`` (a valid mode)."""
     if not isinstance(mlp, MLP):
         raise TypeError(f"mlp must be an MLP, got {type(mlp).__name__}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "adapter":
         if adapter is None:
             raise ValueError("mode='adapter' needs an adapter (or use mode='head' or 'full')")
@@ -335,6 +334,7 @@ def _check_diverged(which, loss, epoch, epochs, optimizer, lr):
         )
 
 
+@validate_params(**_TRAIN_PARAMS)
 def train(
     mlp,
     X,
@@ -421,72 +421,28 @@ def train(
     >>> len(res.history), res.n_trainable == ad.n_params + 8 * 2 + 2
     (5, True)
     """
-    _check_setup(mlp, adapter, mode)
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    lr = _check_lr(lr)
-    epochs = _check_positive_int(epochs, "epochs")
-    batch_size = _check_positive_int(batch_size, "batch_size")
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-    n_in, _, n_out = mlp.sizes
-    X, y = _check_data(X, y, n_in, n_out, dtype)
-    has_val = X_val is not None or y_val is not None
-    if has_val:
-        if X_val is None or y_val is None:
-            raise ValueError("give both X_val and y_val, or neither")
-        X_val, y_val = _check_data(X_val, y_val, n_in, n_out, dtype, name="X_val")
-    if callback is not None and not callable(callback):
-        raise TypeError("callback must be callable")
-    if patience is not None:
-        patience = _check_positive_int(patience, "patience")
-        if not has_val:
-            raise ValueError("patience (early stopping) needs a validation set: give X_val and y_val")
-
+    dtype, X, y, X_val, y_val = _check_inputs(mlp, adapter, mode, X, y, X_val, y_val, dtype, patience)
     t_start = time.perf_counter()
     # overflow is reported as TrainingDivergedError below, not as warnings
     with _blas_limit(blas_threads), np.errstate(over="ignore", invalid="ignore"):
         model = _Model(mlp, adapter, mode, train_head, dtype)
         data = _Data(model, X, y)
-        val = _Data(model, X_val, y_val) if has_val else None
-        store = model.store
-        opt = make_optimizer(optimizer, store.theta, store.grad, lr, **(optimizer_kw or {}))
-        rng = np.random.default_rng(random_state)
-        hist = History()
-        n = data.n
-        n_batches = -(-n // batch_size)
-        best = (math.inf, None, epochs)
-        for epoch in range(1, epochs + 1):
-            perm = rng.permutation(n)
-            loss_sum, correct = 0.0, 0
-            for b in range(n_batches):
-                idx = perm[b * batch_size : (b + 1) * batch_size]
-                loss, nc = _loss_grad(model, data, idx)
-                opt.step()
-                loss_sum += loss * idx.size
-                correct += nc
-            tr_loss, tr_acc = loss_sum / n, correct / n
-            _check_diverged("training", tr_loss, epoch, epochs, optimizer, lr)
-            hist.epoch.append(epoch)
-            hist.train_loss.append(tr_loss)
-            hist.train_acc.append(tr_acc)
-            if val is not None:
-                v_loss, v_acc = _evaluate(model, val)
-                _check_diverged("validation", v_loss, epoch, epochs, optimizer, lr)
-                hist.val_loss.append(v_loss)
-                hist.val_acc.append(v_acc)
-                if v_loss < best[0]:
-                    best = (v_loss, store.theta.copy() if restore_best else None, epoch)
-            hist.seconds.append(time.perf_counter() - t_start)
-            if callback is not None:
-                callback(epoch, hist)
-            if patience is not None and epoch - best[2] >= patience:
-                break
-        best_epoch = len(hist.epoch)
-        if restore_best and best[1] is not None:
-            store.theta[...] = best[1]
-            best_epoch = best[2]
+        val = _Data(model, X_val, y_val) if X_val is not None else None
+        opt = make_optimizer(optimizer, model.store.theta, model.store.grad, lr, **(optimizer_kw or {}))
+        hist, best_epoch = _train_epochs(
+            model,
+            opt,
+            data,
+            val,
+            np.random.default_rng(random_state),
+            t_start,
+            epochs=epochs,
+            batch_size=batch_size,
+            restore_best=restore_best,
+            callback=callback,
+            patience=patience,
+            what=(optimizer, lr),
+        )
         out_mlp = model.to_mlp()
         if adapter is not None:
             # give the adapter its own arrays again (out of the flat store)
@@ -502,6 +458,65 @@ def train(
     )
 
 
+def _check_inputs(mlp, adapter, mode, X, y, X_val, y_val, dtype, patience):
+    """:func:`train`'s checks that depend on the data: ``(dtype, X, y, X_val, y_val)`` ready to use."""
+    _check_setup(mlp, adapter, mode)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    n_in, _, n_out = mlp.sizes
+    X, y = _check_data(X, y, n_in, n_out, dtype)
+    if (X_val is None) != (y_val is None):
+        raise ValueError("give both X_val and y_val, or neither")
+    if X_val is not None:
+        X_val, y_val = _check_data(X_val, y_val, n_in, n_out, dtype, name="X_val")
+    elif patience is not None:
+        raise ValueError("patience (early stopping) needs a validation set: give X_val and y_val")
+    return dtype, X, y, X_val, y_val
+
+
+def _train_epochs(model, opt, data, val, rng, t_start, *, epochs, batch_size, restore_best, callback, patience, what):
+    """The epochs of :func:`train`: ``(history, best epoch)``, the best parameters restored
+    (``what``: the optimiser and learning rate, named if the loss diverges)."""
+    store, hist = model.store, History()
+    best = (math.inf, None, epochs)
+    for epoch in range(1, epochs + 1):
+        tr_loss, tr_acc = _one_epoch(model, opt, data, rng.permutation(data.n), batch_size)
+        _check_diverged("training", tr_loss, epoch, epochs, *what)
+        hist.epoch.append(epoch)
+        hist.train_loss.append(tr_loss)
+        hist.train_acc.append(tr_acc)
+        if val is not None:
+            v_loss, v_acc = _evaluate(model, val)
+            _check_diverged("validation", v_loss, epoch, epochs, *what)
+            hist.val_loss.append(v_loss)
+            hist.val_acc.append(v_acc)
+            if v_loss < best[0]:
+                best = (v_loss, store.theta.copy() if restore_best else None, epoch)
+        hist.seconds.append(time.perf_counter() - t_start)
+        if callback is not None:
+            callback(epoch, hist)
+        if patience is not None and epoch - best[2] >= patience:
+            break
+    if restore_best and best[1] is not None:
+        store.theta[...] = best[1]
+        return hist, best[2]
+    return hist, len(hist.epoch)
+
+
+def _one_epoch(model, opt, data, perm, batch_size):
+    """One pass of minibatch steps in the order ``perm``: mean training loss and accuracy."""
+    loss_sum, correct = 0.0, 0
+    for b in range(-(-data.n // batch_size)):
+        idx = perm[b * batch_size : (b + 1) * batch_size]
+        loss, nc = _loss_grad(model, data, idx)
+        opt.step()
+        loss_sum += loss * idx.size
+        correct += nc
+    return loss_sum / data.n, correct / data.n
+
+
+@validate_params()  # train checks the options; errors name this function
 def pretrain(X, y, *, sizes=(784, 64, 5), random_state=None, lr=1e-3, epochs=20, batch_size=64, **kw):
     """Train an MLP from PyTorch-default initialisation (all parameters, Adam).
 
@@ -528,11 +543,13 @@ def pretrain(X, y, *, sizes=(784, 64, 5), random_state=None, lr=1e-3, epochs=20,
     )
 
 
+@validate_params()  # train checks the options; errors name this function
 def fine_tune(mlp, X, y, **kw):
     """Full fine-tuning: every parameter of ``mlp`` (``train(..., mode="full")``)."""
     return train(mlp, X, y, mode="full", **kw)
 
 
+@validate_params()  # train checks the options; errors name this function
 def fit_adapter(mlp, X, y, adapter, **kw):
     """Train ``adapter`` on the frozen first layer (``train(..., mode="adapter")``)."""
     return train(mlp, X, y, adapter=adapter, mode="adapter", **kw)
@@ -561,6 +578,7 @@ def _shadow(adapter, dtype):
     return sh
 
 
+@validate_params(mode=_TRAIN_PARAMS["mode"])
 def loss_and_grad(mlp, X, y, *, adapter=None, mode="adapter", train_head=True, dtype=np.float64):
     """Mean loss and closed-form gradients of the trainable parameters.
 

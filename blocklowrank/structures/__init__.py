@@ -27,6 +27,7 @@ then runs the shared checks (scikit-learn compliance, counts against the
 fitted factors, budget matching, save/load round trip) on it.
 """
 
+from .._params import validate_params
 from ._registry import Structure, get_structure, register, registered, structure_names, structures, unregister
 from .grid import BlockLowRank, DiagonalBlockLowRank, GlobalLowRank, GridLowRank, layout_structure
 from .hybrid import HybridLowRank, fit_hybrid, hybrid_params
@@ -55,6 +56,7 @@ __all__ = [
 ]
 
 
+@validate_params()  # the structure's fit checks its arguments; its errors name approximate
 def approximate(X, layout=None, *, method=None, **kwargs):
     """Structured low-rank approximation of a matrix or a stack of matrices.
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._linalg import STEP_TOL, spd_solve
+from .._linalg import spd_solve
 from .._svd import _batched_svd
+from ._iterative import Trace, descend
 
 __all__ = ["als"]
 
@@ -149,74 +150,67 @@ def als(Xd, layout, r, max_iter, tol, U=None, V=None):
     """The ALS on a stack ``Xd`` (N, m, n) from the SVD init (U, V None) or given U, V.
 
     Returns ``(U, V, S, error, trace, n_done, stop)`` over the N matrices (padded
-    ``U``/``V``; ``trace`` of width ``max_iter``, NaN past each matrix's last pass).
-    Each matrix is iterated until its own stopping rule fires; the stack is
-    compressed to the matrices still running whenever some stop.
+    ``U``/``V``; the arrays of a :class:`~._iterative.Trace` of width ``max_iter``,
+    NaN past each matrix's last pass). Each matrix is iterated until its own
+    stopping rule fires (:func:`~._iterative.descend`); the stack is compressed
+    to the matrices still running whenever some stop.
     """
     N = Xd.shape[0]
-    kr, kc = layout.n_blocks
-    mb, nb = max(layout.row_sizes), max(layout.col_sizes)
     total = np.einsum("nab,nab->n", Xd, Xd)
-    if U is None:
-        U = np.zeros((N, kr, mb, r))
-        V = np.zeros((N, kc, nb, r))
-        re, ce = layout.row_edges, layout.col_edges
-        for i in range(kr):
-            Ui, _, _ = _batched_svd(Xd[:, re[i] : re[i + 1]], r, "full", 0, 0, None, 1, False)
-            U[:, i, : layout.row_sizes[i]] = Ui
-        for j in range(kc):
-            _, _, Vt = _batched_svd(Xd[:, :, ce[j] : ce[j + 1]], r, "full", 0, 0, None, 1, False)
-            V[:, j, : layout.col_sizes[j]] = np.swapaxes(Vt, -1, -2)
-    else:
-        U, V = U.copy(), V.copy()
+    U, V = _svd_bases(Xd, layout, r) if U is None else (U.copy(), V.copy())
     T = _pad(Xd, layout)
     VV = _gram(V)
     S, TV = _s_solve(T, U, V, _gram(U), VV)
     U, G, rhs = _u_solve(TV, S, VV)  # U always ends as the least-squares codes
     UU = _gram(U)
-    err = _errors(T, U, V, S, UU, G, rhs, total)
-
-    trace = np.full((N, max_iter), np.nan)
-    trace[:, 0] = err
-    n_done = np.ones(N, dtype=np.int64)  # the initialisation is the first pass
-    stop = np.full(N, "max_iter", dtype="<U8")
-    # the matrices still iterating, as compressed copies that shrink whenever some stop
-    run = np.arange(N)
-    Tr, Ur, UUr, Sr, er, tr = T, U, UU, S, err, total
-    for sweep in range(1, max_iter):
-        done = er <= STEP_TOL
-        if done.any():
-            stop[run[done]] = "tol"
-            keep = ~done
-            run, Tr, Ur, UUr, Sr, er, tr = (a[keep] for a in (run, Tr, Ur, UUr, Sr, er, tr))
-        if run.size == 0:
-            break
-        before = er
-        U1, UU1, V1, S1, e = _sweep(Tr, Ur, UUr, Sr, tr)
-        ok = ~(e > before + STEP_TOL)  # a rise beyond rounding: discard the sweep, stop
-        converged = ok & (before - e <= tol * before)
-        keep = ok & ~converged
-        if ok.all():
-            idx = run
-        else:
-            idx = run[ok]
-            stop[run[~ok]] = "increase"
-            U1, UU1, V1, S1, e = (a[ok] for a in (U1, UU1, V1, S1, e))
-        U[idx], V[idx], S[idx] = U1, V1, S1
-        trace[idx, sweep] = e
-        n_done[idx] += 1
-        stop[run[converged]] = "tol"
-        if keep.all():
-            Ur, UUr, Sr, er = U1, UU1, S1, e
-        else:
-            k2 = keep[ok]
-            run, Tr, tr = run[keep], Tr[keep], tr[keep]
-            Ur, UUr, Sr, er = U1[k2], UU1[k2], S1[k2], e[k2]
-        if run.size == 0:
-            break
-
+    trace = Trace(N, max_iter)
+    trace.record(np.arange(N), _errors(T, U, V, S, UU, G, rhs, total))  # the initialisation is the first pass
+    descend(trace, [_Sweeps(T, U, V, S, UU, total)], max_iter=max_iter, tol=tol)
     # the reported error: from the dense residual of the returned factors
     safe = np.where(total > 0, total, 1.0)
     final = np.where(total > 0, np.sqrt(np.maximum(_residual_sq(T, U, V, S), 0.0) / safe), 0.0)
-    trace[np.arange(N), n_done - 1] = final
-    return U, V, S, final, trace, n_done, stop
+    trace.replace_last(final)
+    return (U, V, S, final) + trace.arrays()
+
+
+def _svd_bases(Xd, layout, r):
+    """Padded ``U`` (N, K_rows, mb, r) and ``V`` (N, K_cols, nb, r): the top-``r`` singular
+    vectors of every block-row and block-column."""
+    N = Xd.shape[0]
+    kr, kc = layout.n_blocks
+    U = np.zeros((N, kr, max(layout.row_sizes), r))
+    V = np.zeros((N, kc, max(layout.col_sizes), r))
+    re, ce = layout.row_edges, layout.col_edges
+    for i in range(kr):
+        Ui, _, _ = _batched_svd(Xd[:, re[i] : re[i + 1]], r, "full", 0, 0, None, 1, False)
+        U[:, i, : layout.row_sizes[i]] = Ui
+    for j in range(kc):
+        _, _, Vt = _batched_svd(Xd[:, :, ce[j] : ce[j + 1]], r, "full", 0, 0, None, 1, False)
+        V[:, j, : layout.col_sizes[j]] = np.swapaxes(Vt, -1, -2)
+    return U, V
+
+
+class _Sweeps:
+    """One ALS sweep as a step of :func:`~._iterative.descend`.
+
+    It works on copies of the matrices still running, compressed only when some
+    stop, and writes accepted sweeps into ``U``, ``V``, ``S`` (the whole stack).
+    """
+
+    def __init__(self, T, U, V, S, UU, total):
+        self.U, self.V, self.S = U, V, S
+        self.work = (np.arange(len(T)), T, total, U, UU, S)  # ids, then their T, ||X||^2, U, U^T U, S
+
+    def __call__(self, ids):
+        if ids.size != self.work[0].size:  # some stopped: drop them
+            keep = np.isin(self.work[0], ids)
+            self.work = tuple(a[keep] for a in self.work)
+        run, T, total, U, UU, S = self.work
+        U1, UU1, V1, S1, err = _sweep(T, U, UU, S, total)
+        self.work = (run, T, total, U1, UU1, S1)
+
+        def commit(accepted):
+            idx = run[accepted]
+            self.U[idx], self.V[idx], self.S[idx] = U1[accepted], V1[accepted], S1[accepted]
+
+        return err, commit

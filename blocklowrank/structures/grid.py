@@ -10,14 +10,12 @@ pattern (upper-triangular blocks, a band, ...) is one call and one
 
 from __future__ import annotations
 
-from numbers import Integral, Real
-
 import numpy as np
-from sklearn.utils._param_validation import Interval, StrOptions
 
 from .._engine import fit_layout
-from .._validation import check_int, check_shape, validate_matrix
-from ..estimators import SVD_CONSTRAINTS, StructuredEstimator, _set_params
+from .._params import check
+from .._validation import validate_matrix
+from ..estimators import StructuredEstimator, _set_params
 from ..layout import BlockLayout, _normalize_n_blocks, split_sizes
 from ..permutations import resolve_permutation
 from ._registry import Structure, get_structure, register
@@ -31,7 +29,7 @@ def _rank_matrix(layout, name, rank):
     for a diagonal pattern, a vector of diagonal ranks."""
     active = layout.active
     if np.ndim(rank) == 0:
-        R = np.where(active, check_int(rank, "rank", minimum=1), 0).astype(np.int64)
+        R = np.where(active, check(rank, "rank"), 0).astype(np.int64)
     else:
         arr = np.asarray(rank)
         if arr.dtype == object or arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
@@ -103,14 +101,12 @@ def layout_structure(
     """
 
     def layout(shape, n_blocks=1):
-        shape = check_shape(shape)
-        if fixed_blocks is not None and not (
-            np.ndim(n_blocks) == 0 and check_int(n_blocks, "n_blocks") == fixed_blocks
-        ):
+        shape = check(shape, "shape")
+        kr, kc = _normalize_n_blocks(n_blocks)
+        if fixed_blocks is not None and (kr, kc) != (fixed_blocks, fixed_blocks):
             raise ValueError(
                 f"the {name} structure has {fixed_blocks} block(s): n_blocks must be {fixed_blocks}, got {n_blocks!r}"
             )
-        kr, kc = _normalize_n_blocks(n_blocks)
         rs = split_sizes(shape[0], kr, axis="rows")
         cs = split_sizes(shape[1], kc, axis="columns")
         active = np.asarray(pattern(kr, kc), dtype=bool)
@@ -239,19 +235,11 @@ class _LayoutEstimator(StructuredEstimator):
 
     _structure = None
     _orthonormal_codes = True
-    _parameter_constraints: dict = {
-        "rank": [Interval(Integral, 1, None, closed="left"), "array-like", None],
-        "budget": [Interval(Integral, 1, None, closed="left"), None],
-        "max_error": [Interval(Real, 0, 1, closed="neither"), None],
-        "cap_rank": ["boolean"],
-        **SVD_CONSTRAINTS,
-    }
 
     def _rank_arguments(self):
-        given = [k for k in ("rank", "budget", "max_error") if getattr(self, k) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give only one of rank, budget and max_error; got {', '.join(given)}")
-        return {given[0]: getattr(self, given[0])} if given else {"rank": 1}
+        """The rank rule for :func:`fit_layout` (which refuses more than one); rank 1 when none is given."""
+        rule = {k: getattr(self, k) for k in ("rank", "budget", "max_error")}
+        return rule if any(v is not None for v in rule.values()) else {"rank": 1}
 
     def _fit_structure(self, X):
         s = get_structure(self._structure)
@@ -349,13 +337,6 @@ class GridLowRank(_LayoutEstimator):
     :func:`blocklowrank.estimators.single_fit_cv`.
     """
     )
-
-    _parameter_constraints: dict = {
-        **_LayoutEstimator._parameter_constraints,
-        "n_blocks": [Interval(Integral, 1, None, closed="left"), "array-like"],
-        "row_perm": [None, "array-like", StrOptions({"strided", "cluster"})],
-        "col_perm": [None, "array-like", StrOptions({"strided", "cluster"})],
-    }
 
     def __init__(
         self,

@@ -9,36 +9,28 @@ Parameters: ``sum_ij r_ij (m_i + n_j) + r_g (m + n)``.
 
 from __future__ import annotations
 
-from numbers import Integral
-
 import numpy as np
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
 
 from .._engine import _fit_layout
-from .._linalg import STEP_TOL
-from .._svd import check_svd_options
-from .._validation import check_int, check_shape, validate_matrix
-from ..estimators import ITERATIVE_CONSTRAINTS, SVD_CONSTRAINTS, StructuredEstimator, _set_params
+from .._params import SVD_OPTIONS, validate_params
+from .._validation import validate_matrix
+from ..estimators import StructuredEstimator, _set_params
 from ..factors import StructuredFactors
 from ..layout import BlockLayout, _normalize_n_blocks
-from ._iterative import iterative_result, prepare
+from ._iterative import Trace, descend, iterative_result, prepare
 from ._registry import Structure, register
 from ._rules import allowed_ranks, record
 
 __all__ = ["fit_hybrid", "HybridLowRank", "hybrid_params"]
 
-FIRST_STEPS = ("global", "blocks")
-
 
 # ---------------------------------------------------------------------------- counting
 def _block_layout(shape, n_blocks, pattern="full"):
-    shape = check_shape(shape)
-    if pattern not in ("full", "diagonal"):
-        raise ValueError(f"pattern must be 'full' or 'diagonal', got {pattern!r}")
     return BlockLayout.from_blocks(shape, n_blocks, pattern=pattern)
 
 
+@validate_params("shape", "n_blocks", "rank", "global_rank", "pattern")
 def hybrid_params(shape, *, n_blocks=1, rank, global_rank, pattern="full"):
     """Exact parameter count ``sum_ij r_ij (m_i + n_j) + r_g (m + n)`` of a hybrid structure.
 
@@ -52,10 +44,9 @@ def hybrid_params(shape, *, n_blocks=1, rank, global_rank, pattern="full"):
     lay = _block_layout(shape, n_blocks, pattern)
     lay = lay.with_ranks(rank)
     m, n = lay.shape
-    r_g = check_int(global_rank, "global_rank", minimum=0)
-    if r_g > min(m, n):
-        raise ValueError(f"global_rank={r_g} exceeds min(m, n) = {min(m, n)} for shape {(m, n)}")
-    return int(lay.n_params + r_g * (m + n))
+    if global_rank > min(m, n):
+        raise ValueError(f"global_rank={global_rank} exceeds min(m, n) = {min(m, n)} for shape {(m, n)}")
+    return int(lay.n_params + global_rank * (m + n))
 
 
 class HybridBudget:
@@ -100,6 +91,7 @@ class HybridBudget:
 
 
 # ---------------------------------------------------------------------------- core
+@validate_params("global_rank", "max_iter", "tol", "first_step", *SVD_OPTIONS, layout=[BlockLayout])
 def fit_hybrid(
     X,
     layout,
@@ -177,158 +169,134 @@ def fit_hybrid(
     >>> batch.error.shape, batch.global_factors[0].shape
     ((20,), (20, 28, 2))
     """
-    Xd, dtype, batch, scale, max_iter, tol = prepare(X, max_iter, tol, first_step, FIRST_STEPS, "first_step")
+    Xd, dtype, batch, scale = prepare(X)
     m, n = Xd.shape[-2:]
-    if not isinstance(layout, BlockLayout):
-        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
     if tuple(layout.shape) != (m, n):
         raise ValueError(f"layout is for shape {layout.shape} but X has shape {(m, n)}")
-    r_g = check_int(global_rank, "global_rank", minimum=0)
-    if r_g > min(m, n):
-        raise ValueError(f"global_rank={r_g} exceeds min(m, n) = {min(m, n)} for X of shape {(m, n)}")
-    if r_g == 0 and layout.n_params == 0:
+    if global_rank > min(m, n):
+        raise ValueError(f"global_rank={global_rank} exceeds min(m, n) = {min(m, n)} for X of shape {(m, n)}")
+    if global_rank == 0 and layout.n_params == 0:
         raise ValueError("both parts are empty: give global_rank >= 1 or a layout with ranks")
-    svd = check_svd_options(svd_solver, n_oversamples, iterated_power)
-    f, err, trace, n_done, stop = _hybrid_stack(
-        Xd, layout, r_g, max_iter, tol, first_step, svd, check_random_state(random_state), n_jobs
-    )
+    svd = (svd_solver, n_oversamples, iterated_power)
+    alt = _Alternation(Xd, layout, global_rank, svd, check_random_state(random_state), n_jobs)
+    trace = _alternate(alt, max_iter, tol, first_step)
+    f, err = alt.refit()
+    trace.record(np.arange(len(err)), err)
     return iterative_result(
         layout,
         err,
         trace,
-        n_done,
-        stop,
         batch,
         dtype,
         scale,
         blocks=dict(f.items()),
         global_factors=f.global_factors,
         structure="hybrid",
-        solver=svd[0],
+        solver=svd_solver,
     )
 
 
-def _hybrid_stack(Xd, layout, r_g, max_iter, tol, first_step, svd, rng, n_jobs):
-    """The alternation of :func:`fit_hybrid` on a stack Xd (N, m, n), matrix by matrix.
+def _alternate(alt, max_iter, tol, first_step):
+    """The alternation of :func:`fit_hybrid`: an initial pass fitting each part once on every
+    matrix, then passes of both steps (:func:`~._iterative.descend`); the :class:`~._iterative.Trace`.
 
-    Every step is one engine call on the matrices still
-    running (a batched SVD); each matrix keeps its own trace and stopping rule, so
-    its result is that of fitting it alone. Returns ``(factors, error, trace,
-    n_done, stop)`` with a leading axis of length N.
+    With one part empty the initial pass is exact (``stop_reason="exact"``).
     """
-    N, m, n = Xd.shape
-    has_blocks = layout.n_params > 0
-    glob_layout = BlockLayout.global_((m, n), r_g) if r_g else None
-    sq_x = np.einsum("nab,nab->n", Xd, Xd)
+    N = alt.Xd.shape[0]
+    trace = Trace(N, 3 + 2 * max(max_iter - 1, 0))
+    everyone = np.arange(N)
+    has_blocks = alt.layout.n_params > 0
+    if has_blocks and alt.r_g:
+        order = ("global", "blocks") if first_step == "global" else ("blocks", "global")
+    else:
+        order = ("blocks",) if has_blocks else ("global",)
+    for which in order:
+        err, commit = alt.step(which)(everyone)
+        commit(np.ones(N, dtype=bool))
+        trace.record(everyone, err)
+    if len(order) == 1:
+        trace.stop[:] = "exact"
+    else:
+        descend(trace, [alt.step(which) for which in order], max_iter=max_iter, tol=tol)
+    return trace
 
-    def rel_err(idx, G, P):
-        R = Xd[idx] - G - P
+
+class _Alternation:
+    """The two parts of a hybrid fit of a stack Xd (N, m, n): their dense sums and factors.
+
+    Every step is one engine call on the matrices it is given (a batched SVD),
+    so each matrix's result is that of fitting it alone.
+    """
+
+    def __init__(self, Xd, layout, r_g, svd, rng, n_jobs):
+        N, m, n = Xd.shape
+        self.Xd, self.layout, self.r_g, self.svd, self.rng, self.n_jobs = Xd, layout, r_g, svd, rng, n_jobs
+        self.glob_layout = BlockLayout.global_((m, n), r_g) if r_g else None
+        self.sq_x = np.einsum("nab,nab->n", Xd, Xd)
+        self.G = np.zeros((N, m, n))  # the global term, dense
+        self.P = np.zeros((N, m, n))  # the block term, dense
+        self.gf = [np.zeros((N, m, r_g)), np.zeros((N, r_g, n))]
+        self.bf = {
+            (int(i), int(j)): [
+                np.zeros((N, layout.row_sizes[i], int(layout.ranks[i, j]))),
+                np.zeros((N, int(layout.ranks[i, j]), layout.col_sizes[j])),
+            ]
+            for i, j in zip(*np.nonzero(layout.active))
+        }
+
+    def rel_err(self, idx, G, P):
+        R = self.Xd[idx] - G - P
         sq = np.einsum("nab,nab->n", R, R)
-        tot = sq_x[idx]
+        tot = self.sq_x[idx]
         return np.where(tot > 0, np.sqrt(sq / np.where(tot > 0, tot, 1.0)), 0.0)
 
-    # state: dense parts and factors of every matrix
-    G = np.zeros((N, m, n))
-    P = np.zeros((N, m, n))
-    gf = [np.zeros((N, m, r_g)), np.zeros((N, r_g, n))]
-    bf = {
-        (int(i), int(j)): [
-            np.zeros((N, layout.row_sizes[i], int(layout.ranks[i, j]))),
-            np.zeros((N, int(layout.ranks[i, j]), layout.col_sizes[j])),
-        ]
-        for i, j in zip(*np.nonzero(layout.active))
-    }
+    def step(self, which):
+        """The step fitting part ``which`` ("global" or "blocks") exactly given the other,
+        as :func:`~._iterative.descend` takes it."""
 
-    def step(which, idx):
-        """Candidate (dense part, factors) of one step for the matrices idx."""
-        if which == "global":
-            a = _fit_layout(Xd[idx] - P[idx], glob_layout, "layout", None, svd, rng, n_jobs)
-            return a.reconstruction, {"g": a.factors[(0, 0)]}
-        a = _fit_layout(Xd[idx] - G[idx], layout, "layout", None, svd, rng, n_jobs)
-        return a.reconstruction, a.factors
+        def run(ids):
+            if which == "global":
+                a = _fit_layout(self.Xd[ids] - self.P[ids], self.glob_layout, "layout", None, *self._opts())
+                dense, facs = a.reconstruction, {"g": a.factors[(0, 0)]}
+                err = self.rel_err(ids, dense, self.P[ids])
+            else:
+                a = _fit_layout(self.Xd[ids] - self.G[ids], self.layout, "layout", None, *self._opts())
+                dense, facs = a.reconstruction, a.factors
+                err = self.rel_err(ids, self.G[ids], dense)
+            return err, lambda sel: self._accept(which, ids, dense, facs, sel)
 
-    def accept(which, idx, dense, facs, sel):
+        return run
+
+    def _opts(self):
+        return self.svd, self.rng, self.n_jobs
+
+    def _accept(self, which, idx, dense, facs, sel):
         """Store the candidate of step ``which`` for the matrices idx[sel]."""
         ids = idx[sel]
         if which == "global":
-            G[ids] = dense[sel]
+            self.G[ids] = dense[sel]
             B, A = facs["g"]
-            gf[0][ids], gf[1][ids] = B[sel], A[sel]
-        else:
-            P[ids] = dense[sel]
-            for k, (B, A) in facs.items():
-                if k in bf and bf[k][0].shape[-1]:
-                    r = bf[k][0].shape[-1]
-                    bf[k][0][ids] = B[sel][..., :r]
-                    bf[k][1][ids] = A[sel][..., :r, :]
+            self.gf[0][ids], self.gf[1][ids] = B[sel], A[sel]
+            return
+        self.P[ids] = dense[sel]
+        for k, (B, A) in facs.items():
+            if k in self.bf and self.bf[k][0].shape[-1]:
+                r = self.bf[k][0].shape[-1]
+                self.bf[k][0][ids] = B[sel][..., :r]
+                self.bf[k][1][ids] = A[sel][..., :r, :]
 
-    width = 3 + 2 * max(max_iter - 1, 0)
-    trace = np.full((N, width), np.nan)
-    tl = np.zeros(N, dtype=np.int64)  # trace length of every matrix
-    n_done = np.ones(N, dtype=np.int64)
-    stop = np.full(N, "max_iter", dtype="<U8")
-    everyone = np.arange(N)
-    allsel = np.ones(N, dtype=bool)
-
-    def record(ids, e):
-        trace[ids, tl[ids]] = e
-        tl[ids] += 1
-
-    if not has_blocks or r_g == 0:
-        which = "blocks" if has_blocks else "global"
-        dense, facs = step(which, everyone)
-        accept(which, everyone, dense, facs, allsel)
-        record(everyone, rel_err(everyone, G, P))
-        stop[:] = "exact"
-    else:
-        order = ("global", "blocks") if first_step == "global" else ("blocks", "global")
-        for which in order:  # initial pass: each part once, on every matrix
-            dense, facs = step(which, everyone)
-            accept(which, everyone, dense, facs, allsel)
-            record(everyone, rel_err(everyone, G, P))
-        active = everyone
-        for _ in range(max_iter - 1):
-            before = trace[active, tl[active] - 1]
-            done = before <= STEP_TOL
-            if done.any():
-                stop[active[done]] = "tol"
-                active, before = active[~done], before[~done]
-            if active.size == 0:
-                break
-            increased = np.zeros(active.size, dtype=bool)
-            for which in order:
-                sub = active[~increased]
-                if sub.size == 0:
-                    break
-                dense, facs = step(which, sub)
-                if which == "global":
-                    e = rel_err(sub, dense, P[sub])
-                else:
-                    e = rel_err(sub, G[sub], dense)
-                up = e > trace[sub, tl[sub] - 1] + STEP_TOL
-                accept(which, sub, dense, facs, ~up)
-                record(sub[~up], e[~up])
-                increased[np.flatnonzero(~increased)[up]] = True
-            stop[active[increased]] = "increase"
-            good, before = active[~increased], before[~increased]
-            n_done[good] += 1
-            conv = (before - trace[good, tl[good] - 1]) <= tol * before
-            stop[good[conv]] = "tol"
-            active = good[~conv]
-            if active.size == 0:
-                break
-
-    # final exact step: least-squares refit of all left factors given the right ones
-    f0 = StructuredFactors(layout, {k: (B, A) for k, (B, A) in bf.items()}, global_factors=(gf[0], gf[1]))
-    E = np.linalg.pinv(f0.decoders())  # (N, kr, n, c)
-    edges = layout.row_edges
-    Z = np.empty((N, m, E.shape[-1]))
-    for i in range(layout.n_blocks[0]):
-        Z[:, edges[i] : edges[i + 1]] = Xd[:, edges[i] : edges[i + 1]] @ E[:, i]
-    f = f0.with_codes(Z)
-    err = rel_err(everyone, f.to_dense(), 0.0)
-    record(everyone, err)
-    return f, err, trace, n_done, stop
+    def refit(self):
+        """The final exact step: least-squares refit of all left factors given the right ones
+        (per block-row, ``X_i ~ Z_i D_i``); the factors and their relative errors."""
+        Xd, layout = self.Xd, self.layout
+        f0 = StructuredFactors(layout, {k: (B, A) for k, (B, A) in self.bf.items()}, global_factors=tuple(self.gf))
+        E = np.linalg.pinv(f0.decoders())  # (N, kr, n, c)
+        edges = layout.row_edges
+        Z = np.empty(Xd.shape[:2] + (E.shape[-1],))
+        for i in range(layout.n_blocks[0]):
+            Z[:, edges[i] : edges[i + 1]] = Xd[:, edges[i] : edges[i + 1]] @ E[:, i]
+        f = f0.with_codes(Z)
+        return f, self.rel_err(np.arange(Xd.shape[0]), f.to_dense(), 0.0)
 
 
 # ---------------------------------------------------------------------------- estimator
@@ -403,16 +371,6 @@ class HybridLowRank(StructuredEstimator):
     (224, (28, 4))
     """
 
-    _parameter_constraints: dict = {
-        "n_blocks": [Interval(Integral, 1, None, closed="left"), "array-like"],
-        "rank": [Interval(Integral, 1, None, closed="left"), "array-like"],
-        "global_rank": [Interval(Integral, 0, None, closed="left")],
-        "pattern": [StrOptions({"full", "diagonal"})],
-        "first_step": [StrOptions(set(FIRST_STEPS))],
-        **ITERATIVE_CONSTRAINTS,
-        **SVD_CONSTRAINTS,
-    }
-
     def __init__(
         self,
         *,
@@ -451,6 +409,7 @@ class HybridLowRank(StructuredEstimator):
 _OPTIONS = ("max_iter", "tol", "first_step", "svd_solver", "n_oversamples", "iterated_power", "random_state", "n_jobs")
 
 
+@validate_params("n_blocks", "rank", "pattern")
 def _fit(X, *, n_blocks=1, rank, global_rank, pattern="full", **options):
     X = validate_matrix(X)
     lay = _block_layout(X.shape[-2:], n_blocks, pattern)

@@ -9,30 +9,26 @@ every block of block-column ``j``, and only the ``r`` diagonal couplings
 
 from __future__ import annotations
 
-from numbers import Integral
-
 import numpy as np
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
 
 from .._parallel import resolve_n_jobs, run_chunked
-from .._validation import check_int, check_shape
-from ..estimators import ITERATIVE_CONSTRAINTS, StructuredEstimator, _set_params
+from .._params import validate_params
+from ..estimators import StructuredEstimator, _set_params
 from ..layout import BlockLayout, _normalize_n_blocks
 from ._als import _normalise, als
-from ._iterative import iterative_result, prepare
+from ._iterative import Trace, iterative_result, prepare
 from ._registry import Structure, register
 from ._rules import LinearBudget
 
 __all__ = ["fit_shared_basis", "SharedBasisLowRank", "shared_basis_params"]
 
-INITS = ("svd", "random")
-
 
 def _grid(shape, n_blocks=1, row_sizes=None, col_sizes=None):
-    return BlockLayout.from_blocks(check_shape(shape), n_blocks, row_sizes=row_sizes, col_sizes=col_sizes)
+    return BlockLayout.from_blocks(shape, n_blocks, row_sizes=row_sizes, col_sizes=col_sizes)
 
 
+@validate_params("shape", "n_blocks", rank="shared_rank")
 def shared_basis_params(shape, *, n_blocks=1, rank):
     """Exact parameter count ``r (m + n) + r K_rows K_cols`` of the shared-basis structure.
 
@@ -52,16 +48,17 @@ def shared_basis_params(shape, *, n_blocks=1, rank):
 
 
 def _check_rank(lay, rank):
-    r = check_int(rank, "rank", minimum=1)
+    """``rank`` (an int >= 1, checked by the callers' decorators) against the smallest block."""
     side = int(min(min(lay.row_sizes), min(lay.col_sizes)))
-    if r > side:
+    if rank > side:
         raise ValueError(
-            f"rank {r} exceeds the smaller side of the smallest block ({side}) of the "
+            f"rank {rank} exceeds the smaller side of the smallest block ({side}) of the "
             f"{lay.n_blocks[0]}x{lay.n_blocks[1]} grid; lower rank or use fewer blocks"
         )
-    return r
+    return rank
 
 
+@validate_params("n_blocks", "max_iter", "tol", "init", "random_state", "n_jobs", rank="shared_rank")
 def fit_shared_basis(
     X,
     n_blocks,
@@ -171,7 +168,7 @@ def fit_shared_basis(
     >>> bool(np.isclose(batch.error[7], fit_shared_basis(S[7], 2, 3).error))
     True
     """
-    Xd, dtype, batch, scale, max_iter, tol = prepare(X, max_iter, tol, init, INITS)
+    Xd, dtype, batch, scale = prepare(X)
     N, m, n = Xd.shape
     layout = _grid((m, n), n_blocks, row_sizes, col_sizes)
     r = _check_rank(layout, rank)
@@ -194,14 +191,14 @@ def fit_shared_basis(
         return als(Xc, layout, r, max_iter, tol, *init_arrays)
 
     arrays = (Xd,) if U0 is None else (Xd, U0, V0)
-    U, V, S, final, trace, n_done, stop = run_chunked(run, arrays, resolve_n_jobs(n_jobs))
+    U, V, S, final, *trace = run_chunked(run, arrays, resolve_n_jobs(n_jobs))
     shared = (
         [U[:, i, : layout.row_sizes[i]] for i in range(kr)],
         [V[:, j, : layout.col_sizes[j]] for j in range(kc)],
         S,
     )
     return iterative_result(
-        layout, final, trace, n_done, stop, batch, dtype, scale, shared=shared, structure="shared_basis"
+        layout, final, Trace.from_arrays(*trace), batch, dtype, scale, shared=shared, structure="shared_basis"
     )
 
 
@@ -271,14 +268,7 @@ class SharedBasisLowRank(StructuredEstimator):
     (180, (28, 3))
     """
 
-    _parameter_constraints: dict = {
-        "n_blocks": [Interval(Integral, 1, None, closed="left"), "array-like"],
-        "rank": [Interval(Integral, 1, None, closed="left")],
-        "init": [StrOptions(set(INITS))],
-        "random_state": ["random_state"],
-        "n_jobs": [Integral, None],
-        **ITERATIVE_CONSTRAINTS,
-    }
+    _param_aliases = {"rank": "shared_rank"}
 
     def __init__(self, *, n_blocks=1, rank=1, max_iter=100, tol=1e-6, init="svd", random_state=None, n_jobs=None):
         _set_params(self, locals())

@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._validation import check_int
+from .._params import Int
+from .._params import check as _check
 from ..layout import PATTERNS, BlockLayout
 from ..structures import get_structure, structure_names
 
@@ -154,7 +155,7 @@ def _planted_layout(s, shape, n_blocks, rank, layout):
         if shape is None:
             raise ValueError("give the shape (or a layout)")
         if np.ndim(rank) == 0:
-            check_int(rank, "rank", minimum=1)
+            _check(rank, "rank", [Int(1)])
         return s.layout(shape, n_blocks if n_blocks is not None else s.fixed_blocks or 2).with_ranks(rank)
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
@@ -298,10 +299,10 @@ class _LayoutOptions:
             raise ValueError(f"patterns must be a non-empty subset of {PATTERNS}, got {self.patterns!r}")
         if self.cuts not in _CUTS:
             raise ValueError(f"cuts must be one of {_CUTS}, got {self.cuts!r}")
-        check_int(self.max_blocks, "max_blocks", minimum=1)
+        _check(self.max_blocks, "max_blocks", [Int(1)])
         if self.with_ranks:
-            check_int(self.min_rank, "min_rank", minimum=0)
-            if self.max_rank is not None and check_int(self.max_rank, "max_rank", minimum=1) < self.min_rank:
+            _check(self.min_rank, "min_rank", [Int(0)])
+            if self.max_rank is not None and _check(self.max_rank, "max_rank", [Int(1)]) < self.min_rank:
                 raise ValueError(f"max_rank={self.max_rank} is below min_rank={self.min_rank}")
 
 

@@ -320,9 +320,16 @@ def _rules_for(signature, names, aliases):
 
 def estimator_constraints(cls, **aliases):
     """``_parameter_constraints`` of an estimator: every ``__init__`` parameter's rule from the table
-    (``aliases``: parameter -> table key or explicit rule, where the name's usual rule is not meant)."""
+    (``aliases``: parameter -> table key or explicit rule, where the name's usual rule is not meant,
+    or for a parameter the table does not know)."""
     sig = inspect.signature(cls.__init__)
     names = [p for p in sig.parameters if p != "self" and p not in aliases]
+    unknown = [p for p in names if p not in PARAMS]
+    if unknown:
+        raise TypeError(
+            f"{cls.__name__}: no rule for parameter(s) {unknown} in blocklowrank._params.PARAMS; "
+            f"declare them in {cls.__name__}._param_rules = {{name: [constraints]}}"
+        )
     return _rules_for(sig, names, aliases)
 
 

@@ -81,20 +81,22 @@ class StructuredEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
     Subclasses store their parameters in ``__init__`` and implement
     ``_fit_structure(X) -> Approximation``; the base does everything else.
     ``_parameter_constraints`` is built from ``__init__``'s signature and the
-    rules of :mod:`blocklowrank._params` (``_param_aliases`` maps a parameter
-    to another rule of the table where its name does not pick the rule meant).
+    rules of :mod:`blocklowrank._params` by parameter name; ``_param_rules``
+    maps a parameter to another rule of the table (its key) where its name does
+    not pick the rule meant, or to its own rule (a list of constraints) for a
+    parameter the table does not know.
     ``_orthonormal_codes = True`` declares that the decoders' rows are
     orthonormal (SVD fits), so the encoders are ``D_i^T``.
     """
 
     _orthonormal_codes = False
     _parameter_constraints: dict = {}
-    _param_aliases: dict = {}
+    _param_rules: dict = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__:  # the parameters are __init__'s (scikit-learn's rule)
-            cls._parameter_constraints = estimator_constraints(cls, **cls._param_aliases)
+            cls._parameter_constraints = estimator_constraints(cls, **cls._param_rules)
 
     def _validate_params(self):
         """Check the parameters against their rules (the functions' rules: one table)."""

@@ -200,3 +200,25 @@ def test_decorated_defaults_satisfy_their_rules(name):
 def test_layout_raw_constructor_checks_the_shape():
     with pytest.raises(InvalidParameterError, match=r"'shape' parameter of BlockLayout .* shape\[0\]"):
         BlockLayout((8.7, 8), (4, 4), (4, 4), np.ones((2, 2), bool), np.ones((2, 2), int))
+
+
+def test_a_new_estimator_declares_rules_for_parameters_the_table_does_not_know():
+    from blocklowrank.estimators import StructuredEstimator
+
+    with pytest.raises(TypeError, match=r"no rule for parameter\(s\) \['warmth'\].*_param_rules"):
+
+        class Warm(StructuredEstimator):
+            def __init__(self, *, rank=1, warmth=0.5):
+                self.rank, self.warmth = rank, warmth
+
+    class Warmer(StructuredEstimator):
+        _param_rules = {"warmth": [Float(0, 1)]}
+
+        def __init__(self, *, rank=1, warmth=0.5):
+            self.rank, self.warmth = rank, warmth
+
+    Warmer()._validate_params()
+    with pytest.raises(InvalidParameterError, match="'warmth' parameter of Warmer"):
+        Warmer(warmth=2.0)._validate_params()
+    with pytest.raises(InvalidParameterError, match="'rank' parameter of Warmer"):
+        Warmer(rank=True)._validate_params()

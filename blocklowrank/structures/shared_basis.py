@@ -268,7 +268,7 @@ class SharedBasisLowRank(StructuredEstimator):
     (180, (28, 3))
     """
 
-    _param_aliases = {"rank": "shared_rank"}
+    _param_rules = {"rank": "shared_rank"}
 
     def __init__(self, *, n_blocks=1, rank=1, max_iter=100, tol=1e-6, init="svd", random_state=None, n_jobs=None):
         _set_params(self, locals())

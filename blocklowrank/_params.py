@@ -209,7 +209,7 @@ PARAMS = {
     "svd_solver": [StrOptions(set(SVD_SOLVERS))],
     "n_oversamples": [Int(0)],
     "iterated_power": [Int(0), StrOptions({"auto"})],
-    "random_state": ["random_state"],
+    "random_state": [Int(0, 2**32 - 1), np.random.RandomState],  # scikit-learn's "random_state", bools refused
     "n_jobs": [Int(None, -1), Int(1)],
     "k": [Int(1)],
     "full_spectrum": ["boolean"],

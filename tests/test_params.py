@@ -83,6 +83,14 @@ def test_float_refuses_nan_inf_bools_strings(bad):
     assert not Float(0, None, closed="left").is_satisfied_by(bad)
 
 
+def test_random_state_is_a_seed_or_a_random_state():
+    for good in (0, 2**32 - 1, np.random.RandomState(0)):
+        check(good, "random_state")
+    for bad in (True, -1, 2**32, 1.0, np.random.default_rng(0)):
+        with pytest.raises(InvalidParameterError, match="random_state"):
+            check(bad, "random_state")
+
+
 def test_unbounded_float_sides_must_be_open():
     with pytest.raises(ValueError, match="open"):
         Float(0, None, closed="both")

@@ -24,9 +24,16 @@ the data (a rank above a block's side, a budget below the cheapest
 configuration) are checked where the data is.
 
 Why scikit-learn's (private) constraint classes rather than our own: the
-estimators' ``_parameter_constraints`` is scikit-learn's protocol, and with
-its classes ``BaseEstimator._validate_params``, scikit-learn's own checks and
-the error messages users know all keep working. The names used
+estimators' ``_parameter_constraints`` is scikit-learn's protocol, so it is
+written in scikit-learn's vocabulary (:class:`Int` and :class:`Float` are its
+``Interval``; ``StrOptions``, ``"boolean"``, ``"array-like"``), and users get
+the exception and the messages they know from scikit-learn. scikit-learn has
+no constraint on the entries of a container, so :class:`Pair`, :class:`Seq`
+and :class:`Keys` are ours (duck-typed like its constraints), and so are the
+loop that applies a rule (:func:`check`, used by the estimators'
+``_validate_params`` too) and the decorator: it never skips validation under
+scikit-learn's ``skip_parameter_validation``, checks arguments that arrive
+through ``**kwargs`` and hands the function normalised values. The names used
 (``Interval``, ``StrOptions``, ``make_constraint``, ``InvalidParameterError``)
 are private, so ``pyproject.toml`` bounds scikit-learn below the next minor
 release not checked, and ``tests/test_params.py`` checks the installed version

@@ -11,10 +11,10 @@
 - :func:`run_sweep` and :class:`RunLog`: resumable, parallel (joblib) sweeps.
 """
 
-from .mlp import MLP
-from .optim import SGD, Adam
-from .structured import StructuredAdapter
-from .training import (
+from ._mlp import MLP
+from ._optim import SGD, Adam
+from ._structured import StructuredAdapter
+from ._training import (
     MODES,
     History,
     TrainingDivergedError,

@@ -188,3 +188,18 @@ def test_the_core_dependencies_are_five_and_the_extras_are_declared():
         extra = EXTRAS[module][0]
         assert any(dep.lower().startswith(module.lower()) for dep in extras[extra]), (module, extra)
     assert extras["experiments"] == ["blocklowrank[plots,data,progress]"]  # what `blocklowrank reproduce` needs
+
+
+def test_the_command_line_help_imports_no_scikit_learn():
+    proc = _run(
+        """
+        import contextlib, io, sys
+        from blocklowrank.cli import main
+        with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
+            main(["--help"])
+        assert "approximate" in out.getvalue()
+        print(sorted({m.split(".")[0] for m in sys.modules} & {"sklearn", "scipy", "matplotlib"}))
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

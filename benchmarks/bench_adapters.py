@@ -169,8 +169,8 @@ def step_parts(X, y, bs, repeats=400):
     than the fixed per-call cost of the other small NumPy operations."""
     import timeit
 
-    from blocklowrank.adapters import training as T
-    from blocklowrank.adapters.mlp import nll_and_grad
+    from blocklowrank.adapters import _training as T
+    from blocklowrank.adapters import nll_and_grad
 
     mlp = MLP.init((784, 64, 5), random_state=0)
     rng = np.random.default_rng(0)

@@ -42,7 +42,7 @@ class FitReport:
         "full" or "randomized", with "auto" resolved to the one it kept.
     exact_allocation : bool or None
         For a budget or a target error: whether the rank allocation is provably
-        optimal (see :func:`~blocklowrank._allocation.allocate_ranks`); None otherwise.
+        optimal (see :func:`~blocklowrank.allocate_ranks`); None otherwise.
     singular_values : dict or None
         ``{(i, j): sigma}`` computed for each active block (SVD structures).
     error_trace, n_iter, stop_reason
@@ -249,7 +249,7 @@ def _plan(lay, groups_idx, mode, value, svd):
 def _svd_group(A, k, solver, svd, rng, n_jobs):
     """``(U, s, Vt, solver)`` of a group: the leading ``k`` triplets (all singular values
     with the exact solver); "auto" resolves to the solver it used (see
-    :func:`~blocklowrank._svd.batched_svd`)."""
+    :func:`~blocklowrank.batched_svd`)."""
     if k == 0:
         g = A.shape[:-2]
         m, n = A.shape[-2:]
@@ -507,7 +507,7 @@ def block_spectra(X, layout, *, n_jobs=None):
     --------
     >>> import numpy as np
     >>> from blocklowrank import BlockLayout, approximate
-    >>> from blocklowrank._engine import block_spectra
+    >>> from blocklowrank import block_spectra
     >>> X = np.random.default_rng(0).standard_normal((3, 12, 12))
     >>> sp = block_spectra(X, BlockLayout.block((12, 12), 2))
     >>> bool(np.allclose(sp.error(2), approximate(X, method="block", n_blocks=2, rank=2).error))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["EXTRAS", "MissingExtraError", "require"]
+__all__ = ["EXTRAS", "MissingExtraError", "require", "pyplot_agg"]
 
 #: module -> (extra that installs it, what it is used for)
 EXTRAS = {
@@ -41,3 +41,9 @@ def require(module):
         raise MissingExtraError(
             f"{purpose} need {top}, which is not installed: pip install 'blocklowrank[{extra}]'"
         ) from None
+
+
+def pyplot_agg():
+    """``matplotlib.pyplot`` on the Agg backend (files, no window), through :func:`require`."""
+    require("matplotlib").use("Agg", force=False)
+    return require("matplotlib.pyplot")

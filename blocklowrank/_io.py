@@ -11,18 +11,23 @@ cached data sets, trained models.
   allows. On an exception the temporary file is removed and the target is
   left as it was. A reader, or a crash at any moment, sees the old file or the
   new one, never a part.
-- :func:`sha256_file`: the SHA-256 hex digest of a file, read in chunks.
+- :func:`atomic_write_text`, :func:`atomic_write_csv` and :func:`save_figure`:
+  the same for a string (UTF-8), records as CSV and a matplotlib figure.
+- :func:`sha256_file`: the SHA-256 hex digest of a file (a path, or a binary
+  file object such as a member of a zip archive), read in chunks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import os
 import secrets
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_directory", "sha256_file"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_csv", "save_figure", "fsync_directory", "sha256_file"]
 
 _CHUNK = 1 << 20
 
@@ -74,10 +79,36 @@ def atomic_write(path, *, mode=0o644):
     fsync_directory(path.parent)
 
 
+def atomic_write_text(path, text, *, encoding="utf-8"):
+    """Write the string ``text`` to ``path`` whole or not at all (:func:`atomic_write`); return ``path``."""
+    with atomic_write(path) as f:
+        f.write(text.encode(encoding))
+    return path
+
+
+def atomic_write_csv(path, rows, fieldnames, **dictwriter_kwargs):
+    """Write ``rows`` (dicts) as CSV with a header (:class:`csv.DictWriter`) through :func:`atomic_write`."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(fieldnames), **dictwriter_kwargs)
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, text.getvalue())
+
+
+def save_figure(fig, path, **savefig_kwargs):
+    """Save a matplotlib figure to ``path`` with :func:`atomic_write` (format from the suffix); return ``path``."""
+    with atomic_write(path) as f:
+        fig.savefig(f, format=Path(path).suffix[1:].lower() or None, **savefig_kwargs)
+    return path
+
+
 def sha256_file(path):
-    """The SHA-256 hex digest (lower case) of the file at ``path``, read in 1 MiB chunks."""
+    """The SHA-256 hex digest (lower case) of a file, read in 1 MiB chunks.
+
+    ``path`` is a path, or a binary file object read from where it stands to its end.
+    """
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with contextlib.nullcontext(path) if hasattr(path, "read") else open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()

@@ -64,7 +64,7 @@ def spd_solve(G, rhs, rtol=CHOL_RTOL):
     both paths agree to rounding on well-conditioned matrices.
 
     Why: ``numpy.linalg.eigh`` (inside :func:`psd_solve`) costs a LAPACK call
-    per matrix; the ALS of :func:`~blocklowrank.shared_basis.fit_shared_basis`
+    per matrix; the ALS of :func:`~blocklowrank.structures.fit_shared_basis`
     on 10,000 digits solves about 80,000 ``3 x 3`` systems per sweep. The
     computation of one matrix does not depend on the others in the stack, so
     stack of more than ``SMALL_STACK`` matrices gives the same per-matrix results

@@ -279,7 +279,7 @@ def batched_svd(
         Worker threads over the stack (BLAS held to one thread each); -1
         means all CPUs. None (default): as many workers as the BLAS has
         threads when the stack holds two or more matrices and enough work
-        to pay for the threads, else 1 (see :func:`~blocklowrank._parallel.resolve_n_jobs`). Every
+        to pay for the threads, else 1. Every
         matrix goes through the same kernel whatever ``n_jobs``: results
         agree to rounding (bit for bit at equal BLAS thread counts).
     full_spectrum : bool, default=False

@@ -18,6 +18,7 @@ import numpy as np
 from ._params import validate_params
 from .layout import BlockLayout
 from .structures import get_structure, structure_names, structures
+from .structures._grid import _rank_matrix
 
 __all__ = ["count_params", "match_budget", "budget_sweep_points", "RecordList", "check_methods"]
 
@@ -144,8 +145,6 @@ def count_params(method, shape=None, *, rank=None, n_blocks=1, **extra):
                 "count_params(layout) takes no shape, n_blocks or other keys, only rank: "
                 "the layout has its own shape and grid"
             )
-        from .structures.grid import _rank_matrix
-
         return method.n_params if rank is None else method.with_ranks(_rank_matrix(method, "given", rank)).n_params
     if not isinstance(method, str):
         raise TypeError(f"method must be a structure name or a BlockLayout, got {method!r}")

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ._svd import SVD_SOLVERS
-from .structures import get_structure, structure_names
+from ._extras import require
+from ._io import atomic_write
+from ._version import __version__
 
 EXPERIMENTS = ("table1", "study", "structures", "figure2", "compress")  # quick ones first; compress after figure2
 
@@ -102,8 +103,7 @@ def load_matrix(path, key=None):
         except ValueError as exc:
             raise CLIError(f"could not read {path} as numbers: {exc}") from None
     elif suffix in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"):
-        import matplotlib.image as mpimg
-
+        mpimg = require("matplotlib.image")
         try:
             img = mpimg.imread(path)
         except Exception as exc:  # Pillow/matplotlib errors vary
@@ -147,27 +147,27 @@ def _load_numpy(path, key):
 
 
 def save_matrix(path, X):
+    """Write ``X`` to a .npy, .npz (``reconstruction``), .csv/.txt or .png (grayscale) file, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        np.save(path, X)
-    elif suffix == ".npz":
-        np.savez_compressed(path, reconstruction=X)
-    elif suffix in (".csv", ".txt"):
-        np.savetxt(path, X, delimiter="," if suffix == ".csv" else " ")
-    elif suffix == ".png":
-        import matplotlib.pyplot as plt
-
-        plt.imsave(path, X, cmap="gray")
-    else:
-        raise CLIError(f"unsupported output type {suffix!r}: use .npy, .npz, .csv, .txt or .png")
+    writers = {
+        ".npy": lambda f: np.save(f, X),
+        ".npz": lambda f: np.savez_compressed(f, reconstruction=X),
+        ".csv": lambda f: np.savetxt(f, X, delimiter=","),
+        ".txt": lambda f: np.savetxt(f, X, delimiter=" "),
+        ".png": lambda f: require("matplotlib.image").imsave(f, X, cmap="gray", format="png"),
+    }
+    write = writers.get(path.suffix.lower())
+    if write is None:
+        raise CLIError(f"unsupported output type {path.suffix.lower()!r}: use .npy, .npz, .csv, .txt or .png")
+    with atomic_write(path) as f:
+        write(f)
     return path
 
 
 # ----------------------------------------------------------------------------- commands
 def cmd_approximate(args):
-    from .structures import approximate
+    from .structures import approximate, get_structure
 
     X = load_matrix(args.file, key=args.key)
     given = [n for n in ("rank", "budget", "max_error") if getattr(args, n) is not None]
@@ -282,7 +282,7 @@ def _target_modules(values):
 
 
 def cmd_study(args):
-    from .checkpoints.study import run_study
+    from .study import run_study
 
     budget = {
         "budget_rank": args.budget_rank or 16,
@@ -328,6 +328,7 @@ def cmd_study(args):
 
 def cmd_extract(args):
     from .extract import extract_adapter
+    from .structures import get_structure
 
     fixed = get_structure(args.method).fixed_blocks
     if fixed is not None and args.n_blocks is not None:
@@ -350,25 +351,7 @@ def cmd_extract(args):
     return 0
 
 
-def build_parser():
-    p = _Parser(
-        prog="blocklowrank",
-        description="Structured low-rank approximation: global (LoRA), diagonal-block (MELoRA) "
-        "and full K x K block (Localized LoRA) structures at a parameter budget.",
-    )
-    from . import __version__
-
-    p.add_argument("--version", action="version", version=f"blocklowrank {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-
-    r = sub.add_parser(
-        "reproduce",
-        help="reproduce the paper's experiments",
-        description="Reproduce Table I and Figure 1 (table1), the 10,000-digit study (study), "
-        "Figure 2's adapter sweep (figure2), every structure at matched budgets (structures), "
-        "the full fine-tune compressed at Figure 2's budgets (compress; after figure2), or all of them.",
-    )
+def _reproduce_options(r):
     r.add_argument(
         "what",
         choices=("all",) + EXPERIMENTS,
@@ -394,13 +377,11 @@ def build_parser():
     r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     r.set_defaults(func=cmd_reproduce)
 
-    a = sub.add_parser(
-        "approximate",
-        help="fit one structure to a matrix or image file",
-        description="Fit a structured low-rank approximation to a .npy/.npz/CSV matrix or an image "
-        "(read as grayscale); print the error, parameter count and per-block ranks; write the "
-        "reconstruction.",
-    )
+
+def _approximate_options(a):
+    from ._svd import SVD_SOLVERS
+    from .structures import structure_names
+
     a.add_argument("file")
     a.add_argument("--method", choices=structure_names(spectral=True), default="block")
     a.add_argument("--n-blocks", type=_n_blocks, help="K or RxC (default 2; not for global)")
@@ -415,26 +396,20 @@ def build_parser():
     a.add_argument("--out", help="output file (.npy, .npz, .csv, .txt, .png); default FILE-stem_METHOD.npy")
     a.set_defaults(func=cmd_approximate)
 
-    b = sub.add_parser(
-        "budget",
-        help="configurations of each structure at a parameter budget",
-        description="List every configuration of each method whose parameter count equals the "
-        "budget (or the nearest below, flagged), e.g. `blocklowrank budget 28x28 224`.",
-    )
+
+def _budget_options(b):
+    from .structures import structure_names
+
     b.add_argument("shape", help="matrix shape, e.g. 28x28")
     b.add_argument("budget", type=int)
     b.add_argument("--methods", nargs="+", default=list(structure_names(paper=True)), choices=structure_names())
     b.set_defaults(func=cmd_budget)
 
-    st = sub.add_parser(
-        "study",
-        help="every layer of a checkpoint by every structure at matched budgets",
-        description="Approximate every selected layer's weight update (W_finetuned - W_base), or with "
-        "one checkpoint the weights themselves, by every registered structure at matched budgets; "
-        "compare a model-wide allocation of one total budget with the uniform one. Writes layers.csv, "
-        "model_wide.csv, summary.md, error_heatmap.png and error_vs_budget.png; a study stopped "
-        "midway resumes where it stopped when run again with the same --out.",
-    )
+
+def _study_options(st):
+    from ._svd import SVD_SOLVERS
+    from .structures import structure_names
+
     st.add_argument("base", help="safetensors file, sharded checkpoint folder or index file")
     st.add_argument(
         "finetuned",
@@ -477,13 +452,11 @@ def build_parser():
     st.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     st.set_defaults(func=cmd_study)
 
-    e = sub.add_parser(
-        "extract",
-        help="extract a PEFT adapter from a fine-tuned checkpoint",
-        description="Fit each layer's ΔW = W_finetuned - W_base with one structure and write a PEFT "
-        "adapter directory (LoRA for global/diagonal, GraLoRA for block) that "
-        "PeftModel.from_pretrained loads. Embeddings, output heads and biases are left out and listed.",
-    )
+
+def _extract_options(e):
+    from ._svd import SVD_SOLVERS
+    from .structures import get_structure, structure_names
+
     e.add_argument("base", help="base model: .safetensors file, sharded index or model folder")
     e.add_argument("finetuned", help="fully fine-tuned model, same forms")
     e.add_argument("--out", required=True, help="adapter directory to write")
@@ -520,12 +493,76 @@ def build_parser():
     e.add_argument("--svd-solver", choices=SVD_SOLVERS, default="auto")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     e.set_defaults(func=cmd_extract)
+
+
+#: Every subcommand: name -> (help, description, the function adding its options).
+SUBCOMMANDS = {
+    "reproduce": (
+        "reproduce the paper's experiments",
+        "Reproduce Table I and Figure 1 (table1), the 10,000-digit study (study), "
+        "Figure 2's adapter sweep (figure2), every structure at matched budgets (structures), "
+        "the full fine-tune compressed at Figure 2's budgets (compress; after figure2), or all of them.",
+        _reproduce_options,
+    ),
+    "approximate": (
+        "fit one structure to a matrix or image file",
+        "Fit a structured low-rank approximation to a .npy/.npz/CSV matrix or an image "
+        "(read as grayscale); print the error, parameter count and per-block ranks; write the "
+        "reconstruction.",
+        _approximate_options,
+    ),
+    "budget": (
+        "configurations of each structure at a parameter budget",
+        "List every configuration of each method whose parameter count equals the "
+        "budget (or the nearest below, flagged), e.g. `blocklowrank budget 28x28 224`.",
+        _budget_options,
+    ),
+    "study": (
+        "every layer of a checkpoint by every structure at matched budgets",
+        "Approximate every selected layer's weight update (W_finetuned - W_base), or with "
+        "one checkpoint the weights themselves, by every registered structure at matched budgets; "
+        "compare a model-wide allocation of one total budget with the uniform one. Writes layers.csv, "
+        "model_wide.csv, summary.md, error_heatmap.png and error_vs_budget.png; a study stopped "
+        "midway resumes where it stopped when run again with the same --out.",
+        _study_options,
+    ),
+    "extract": (
+        "extract a PEFT adapter from a fine-tuned checkpoint",
+        "Fit each layer's ΔW = W_finetuned - W_base with one structure and write a PEFT "
+        "adapter directory (LoRA for global/diagonal, GraLoRA for block) that "
+        "PeftModel.from_pretrained loads. Embeddings, output heads and biases are left out and listed.",
+        _extract_options,
+    ),
+}
+
+
+def build_parser(commands=None):
+    """The command line's parser.
+
+    ``commands``: the subcommands whose options are added (default: all). The
+    others are listed with their help but parse nothing, so that running one
+    command imports only what that command needs (``blocklowrank --help``
+    imports no scikit-learn).
+    """
+    p = _Parser(
+        prog="blocklowrank",
+        description="Structured low-rank approximation: global (LoRA), diagonal-block (MELoRA) "
+        "and full K x K block (Localized LoRA) structures at a parameter budget.",
+    )
+    p.add_argument("--version", action="version", version=f"blocklowrank {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, (help_, description, add_options) in SUBCOMMANDS.items():
+        parser = sub.add_parser(name, help=help_, description=description)
+        if commands is None or name in commands:
+            add_options(parser)
     return p
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # the top level has no option with a value
+    args = build_parser(commands={command}).parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

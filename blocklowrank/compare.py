@@ -92,7 +92,7 @@ def compare_at_budget(
         equals the budget for every matrix); ``error`` (for a stack, the
         mean); ``errors`` and ``n_params_each`` (per matrix); ``block_ranks``;
         ``proven_optimal`` (allocation rows: see
-        :func:`~blocklowrank._allocation.allocate_ranks`; None otherwise);
+        :func:`~blocklowrank.allocate_ranks`; None otherwise);
         plus the structures' extra keys (``global_rank``).
 
     Notes

@@ -1,6 +1,6 @@
 """Conversions between structured factors and the layouts other tools use.
 
-Every fitted object of the library (an :class:`~blocklowrank._engine.Approximation`,
+Every fitted object of the library (an :class:`~blocklowrank.Approximation`,
 a fitted estimator, a :class:`~blocklowrank.factors.StructuredFactors`) converts
 to the one container (:func:`as_factors`), and from there to
 
@@ -10,7 +10,8 @@ to the one container (:func:`as_factors`), and from there to
 - a dense update (:func:`to_dense`) and its refit as a global LoRA of rank r
   (:func:`refit_global`);
 - a rank report (:func:`rank_report`);
-- an ``.npz`` file (:func:`save_factors` / :func:`load_factors`), no pickle.
+- an ``.npz`` file (:func:`save_factors`; read back with
+  :func:`blocklowrank.factors.load_factors`), no pickle.
 
 Every conversion round-trips exactly or refuses: a permuted layout densifies
 and saves in the original order, but cannot be GraLoRA or MELoRA tensors (their
@@ -28,11 +29,10 @@ import numpy as np
 
 from ._engine import Approximation, fit_layout
 from ._params import validate_params
-from .factors import FactorsFileError, StructuredFactors, load_factors
+from .factors import StructuredFactors
 from .layout import BlockLayout
 
 __all__ = [
-    "StructuredFactors",
     "as_factors",
     "to_dense",
     "refit_global",
@@ -43,15 +43,13 @@ __all__ = [
     "to_melora",
     "from_melora",
     "save_factors",
-    "load_factors",
-    "FactorsFileError",
 ]
 
 
 def as_factors(obj):
     """The :class:`~blocklowrank.factors.StructuredFactors` of any fitted object of the library.
 
-    Accepts the container itself, an :class:`~blocklowrank._engine.Approximation`
+    Accepts the container itself, an :class:`~blocklowrank.Approximation`
     of one matrix, a fitted estimator, or a ``(layout, {(i, j): (B, A)})`` pair.
     """
     if isinstance(obj, StructuredFactors):

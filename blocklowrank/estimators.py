@@ -81,7 +81,7 @@ class StructuredEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
     Subclasses store their parameters in ``__init__`` and implement
     ``_fit_structure(X) -> Approximation``; the base does everything else.
     ``_parameter_constraints`` is built from ``__init__``'s signature and the
-    rules of :mod:`blocklowrank._params` by parameter name; ``_param_rules``
+    library's one table of parameter rules, by parameter name; ``_param_rules``
     maps a parameter to another rule of the table (its key) where its name does
     not pick the rule meant, or to its own rule (a list of constraints) for a
     parameter the table does not know.

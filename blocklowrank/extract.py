@@ -1,4 +1,4 @@
-"""PEFT adapters extracted from a full fine-tune, and adapters read back as ΔW.
+"""PEFT adapters extracted from a full fine-tune.
 
 :func:`extract_adapter` pairs a base checkpoint with its fine-tuned version
 (:func:`~blocklowrank.checkpoints.pair_layers`), streams ``ΔW = W_ft - W_base``
@@ -10,10 +10,10 @@ diagonal structures, GraLoRA for K x K grids (see the structure's ``peft``
 field). ``blocklowrank extract BASE FINETUNED --out DIR`` is the same on the
 command line.
 
-:func:`adapter_deltas` goes the other way: the ΔW of each layer of an adapter
-directory under the base checkpoint's weight names, so that anything that
-takes ``(name, ΔW)`` pairs (the model study) can take an adapter in place of a
-fine-tuned checkpoint.
+:func:`blocklowrank.peft.adapter_deltas` goes the other way: the ΔW of each
+layer of an adapter directory under the base checkpoint's weight names, so
+that anything that takes ``(name, ΔW)`` pairs (the model study) can take an
+adapter in place of a fine-tuned checkpoint.
 
 Only what a PEFT adapter holds is extracted: the 2-D weights chosen by
 ``target_modules`` (``"all-linear"`` leaves out embeddings and output heads).
@@ -32,13 +32,13 @@ import numpy as np
 
 from ._engine import block_spectra
 from .checkpoints import ALL_LINEAR, Checkpoint, iter_deltas, pair_layers
-from .checkpoints.select import _listing
-from .checkpoints.study import allocate_model_wide
+from .checkpoints._select import _listing
 from .convert import as_factors
-from .peft import PEFT_TYPES, _gralora_fits, _open, adapter_deltas, adapter_pairs, save_peft_adapter
+from .peft import PEFT_TYPES, _gralora_fits, _open, save_peft_adapter
 from .structures import approximate, get_structure
+from .study import allocate_model_wide
 
-__all__ = ["extract_adapter", "adapter_deltas", "adapter_pairs", "ExtractReport"]
+__all__ = ["extract_adapter", "ExtractReport"]
 
 
 @dataclass
@@ -145,7 +145,7 @@ def _grid_size(structure, n_blocks, rank, budget_rank, total_budget=None):
 def _model_wide_ranks(base, tuned, pairing, structure, n_blocks, total_budget):
     """``{weight name: per-block ranks}`` spreading ``total_budget`` over every block of every layer
     (a first pass over the layers, their spectra only; see
-    :func:`~blocklowrank.checkpoints.study.allocate_model_wide`)."""
+    :func:`~blocklowrank.study.allocate_model_wide`)."""
     names, spectra = [], []
     for pair, delta in iter_deltas(base, tuned, pairing):
         names.append(pair.name)

@@ -1,5 +1,8 @@
 """One container for every fitted structure: :class:`StructuredFactors`.
 
+(Over 600 lines: the container, the rules every conversion depends on and
+its file format, in one place so that no rule is stated twice.)
+
 Every fit of the library returns its factors in this one object, whatever the
 structure: the :class:`~blocklowrank.layout.BlockLayout` (cuts, active blocks,
 ranks, permutations), the per-block factors ``B_ij (m_i x r_ij)`` and
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._io import atomic_write
 from ._version import __version__
 from .layout import BlockLayout
 
@@ -437,14 +440,8 @@ class StructuredFactors(Mapping):
             if self.global_rank:
                 arrays["global_B"], arrays["global_A"] = self.global_factors
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as fh:
+            np.savez(fh, **arrays)
         return path
 
 

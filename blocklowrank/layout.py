@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._params import PATTERNS, check, validate_params
+from ._params import check, validate_params
 
-__all__ = ["BlockLayout", "split_sizes", "PATTERNS"]
+__all__ = ["BlockLayout", "split_sizes"]
 
 
 @validate_params("length", "n_parts")

@@ -1,10 +1,13 @@
 """PEFT adapter files out of fitted structures, and back in.
 
+(Over 600 lines: writing and reading of both adapter formats, LoRA and
+GraLoRA, in one place so that key names, shapes and scales cannot drift apart.)
+
 :func:`save_peft_adapter` writes a directory that
 ``peft.PeftModel.from_pretrained(base_model, directory)`` loads:
 ``adapter_model.safetensors`` and ``adapter_config.json``.
 :func:`load_peft_adapter` reads a PEFT LoRA or GraLoRA adapter directory into
-:class:`~blocklowrank.convert.StructuredFactors`, one per module.
+:class:`~blocklowrank.factors.StructuredFactors`, one per module.
 
 How each structure is written (W has shape ``(out_features, in_features)``):
 
@@ -39,9 +42,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .checkpoints.safetensors import Checkpoint, open_checkpoint, save_file
-from .checkpoints.select import LayerPair
-from .convert import StructuredFactors, as_factors, from_gralora, to_gralora
+from ._io import atomic_write_text
+from .checkpoints import Checkpoint, LayerPair, open_checkpoint, save_file
+from .convert import as_factors, from_gralora, to_gralora
+from .factors import StructuredFactors
 from .layout import BlockLayout
 
 __all__ = [
@@ -212,8 +216,7 @@ def _atomic_write(directory, tensors, config, overwrite):
     old = None
     try:
         save_file(os.path.join(tmp, ADAPTER_WEIGHTS), tensors, metadata={"format": "pt"})
-        with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
+        atomic_write_text(os.path.join(tmp, ADAPTER_CONFIG), json.dumps(config, indent=2, sort_keys=True))
         if os.path.isdir(directory):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old.", dir=parent)
             os.rename(directory, os.path.join(old, "d"))

@@ -9,7 +9,9 @@
   ``tqdm`` progress bar (a widget in notebooks) advanced in this process as
   results come back, a line per finished run written through it, and
   per-epoch bars (:func:`epoch_progress`) for runs executed in this
-  process. Because it only uses ``joblib.Parallel``,
+  process. tqdm is optional (the ``progress`` extra): without it a run
+  warns once, in one line, and goes on with its lines but no bar.
+  Because it only uses ``joblib.Parallel``,
   any joblib backend works without code change, e.g. on a cluster::
 
       from dask.distributed import Client
@@ -25,6 +27,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -33,7 +36,9 @@ import time
 import warnings
 
 import numpy as np
-from tqdm.auto import tqdm
+from joblib import Parallel, delayed, effective_n_jobs
+
+from ._extras import MissingExtraError, require
 
 try:
     import fcntl
@@ -48,6 +53,43 @@ class RunFailed(FloatingPointError):
     sweep stores a 'failed' record with the message and the ``epoch`` attribute."""
 
     epoch = None
+
+
+class _NoBar:
+    """What a run uses of a ``tqdm`` bar, without drawing one: lines are printed, the rest does nothing."""
+
+    n = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, line, file=None):
+        print(line, file=file or sys.stderr, flush=True)
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+
+@functools.cache
+def _tqdm():
+    """``tqdm.auto.tqdm``, or None after one warning line when tqdm is not installed."""
+    try:
+        return require("tqdm.auto").tqdm
+    except MissingExtraError as exc:
+        warnings.warn(f"{exc}; running without one", RuntimeWarning, stacklevel=4)
+        return None
+
+
+def _bar(enabled, **kwargs):
+    """A ``tqdm.auto`` bar when ``enabled`` and tqdm is installed, else a :class:`_NoBar`."""
+    tqdm = _tqdm() if enabled else None
+    return _NoBar() if tqdm is None else tqdm(**kwargs)
 
 
 def jsonable(obj):
@@ -232,8 +274,7 @@ def epoch_progress(label, epochs, *, enabled=True):
     enabled : bool, default=True
         False: the callback does nothing.
     """
-    with tqdm(total=epochs, desc=f"  {label}", unit="epoch", leave=False,
-              disable=None if enabled else True) as bar:  # fmt: skip
+    with _bar(enabled, total=epochs, desc=f"  {label}", unit="epoch", leave=False, disable=None) as bar:
 
         def callback(epoch, hist):
             if hist.val_loss:
@@ -294,8 +335,6 @@ def run_sweep(tasks, fn, log, *, n_jobs=1, progress=True, name="sweep", label=No
     label : callable, optional
         ``label(task) -> str`` for progress lines.
     """
-    from joblib import Parallel, delayed
-
     ids = [t["id"] for t in tasks]
     if len(set(ids)) != len(ids):
         raise ValueError("task ids must be unique")
@@ -307,8 +346,7 @@ def run_sweep(tasks, fn, log, *, n_jobs=1, progress=True, name="sweep", label=No
     # time: a worker process cannot draw below this process's bar.
     live = bool(progress) and n_jobs == 1
     by_id = {t["id"]: t for t in todo}
-    bar = tqdm(total=len(tasks), initial=len(results), desc=name, unit="run", disable=not progress,
-               dynamic_ncols=True)  # fmt: skip
+    bar = _bar(progress, total=len(tasks), initial=len(results), desc=name, unit="run", dynamic_ncols=True)
     if progress:
         bar.write(f"[{name}] {len(tasks)} runs: {len(results)} already done, {len(todo)} to run",
                   file=sys.stderr)  # fmt: skip
@@ -337,8 +375,6 @@ def run_sweep(tasks, fn, log, *, n_jobs=1, progress=True, name="sweep", label=No
             if "return_as" not in str(exc):
                 raise
             par = Parallel(n_jobs=n_jobs, batch_size=1)
-            from joblib import effective_n_jobs
-
             step = 2 * max(1, effective_n_jobs(n_jobs))
             for s in range(0, len(todo), step):
                 _consume(par(delayed(_call)(fn, t, live, progress) for t in todo[s : s + step]))

@@ -11,7 +11,7 @@ import pytest
 
 from blocklowrank import BlockLayout
 from blocklowrank.adapters import MLP, StructuredAdapter, loss_and_grad
-from blocklowrank.adapters.training import _Data, _loss_grad, _Model, _shadow
+from blocklowrank.adapters._training import _Data, _loss_grad, _Model, _shadow
 
 #: Fail when ||g_fd - g|| / ||g_fd|| exceeds this (float64, step 1e-6).
 RTOL = 1e-6

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from blocklowrank.adapters import TrainingDivergedError
-from blocklowrank.adapters.sweep import RunLog, epoch_progress, run_sweep
 from blocklowrank.experiments import figure2
 from blocklowrank.experiments.figure2 import figure2_configs, plot_figure2, run_figure2, skip_reason
+from blocklowrank.sweep import RunLog, epoch_progress, run_sweep
 
 
 # ---------------------------------------------------------------------------- run log

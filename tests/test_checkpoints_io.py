@@ -1,4 +1,4 @@
-"""Tests of blocklowrank.checkpoints.safetensors: round trips, laziness, hostile files, shards.
+"""Tests of the safetensors reader and writer of blocklowrank.checkpoints: round trips, laziness, hostile files, shards.
 
 Every file is generated here (no binary fixtures). The BF16 codec, agreement
 with the reference implementation and the property tests are in
@@ -14,7 +14,7 @@ import pytest
 from _checkpoint_files import HOSTILE, entry, raw_file, same_bits, sample_tensors, write_hostile
 
 from blocklowrank.checkpoints import Checkpoint, CheckpointError, TensorInfo, load_file, open_checkpoint, save_file
-from blocklowrank.checkpoints import safetensors as st
+from blocklowrank.checkpoints import _safetensors as st
 from blocklowrank.checkpoints._dtypes import DTYPES
 
 # ---------------------------------------------------------------- round trips

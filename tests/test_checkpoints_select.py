@@ -1,4 +1,4 @@
-"""Tests of blocklowrank.checkpoints.select: target_modules, pairing, ΔW streaming.
+"""Tests of the layer selection of blocklowrank.checkpoints: target_modules, pairing, ΔW streaming.
 
 The checkpoints are small, generated here: a Llama-like base, a fine-tuned
 version (sharded, BF16, resized vocabulary, a layer dropped, a new head) and

@@ -16,13 +16,10 @@ from blocklowrank import (
     fit_shared_basis,
 )
 from blocklowrank.convert import (
-    FactorsFileError,
-    StructuredFactors,
     as_factors,
     from_gralora,
     from_melora,
     gralora_delta_weight,
-    load_factors,
     rank_report,
     refit_global,
     save_factors,
@@ -30,7 +27,7 @@ from blocklowrank.convert import (
     to_gralora,
     to_melora,
 )
-from blocklowrank.factors import FORMAT_VERSION
+from blocklowrank.factors import FORMAT_VERSION, FactorsFileError, StructuredFactors, load_factors
 
 
 # ---------------------------------------------------------------------------- PEFT reference

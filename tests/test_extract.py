@@ -17,8 +17,8 @@ from _llama import ATTN, MLP, captured, key_problems, peft, structured_delta, ti
 from blocklowrank import approximate
 from blocklowrank.checkpoints import load_file, save_file
 from blocklowrank.cli import main
-from blocklowrank.extract import adapter_deltas, adapter_pairs, extract_adapter
-from blocklowrank.peft import load_peft_adapter
+from blocklowrank.extract import extract_adapter
+from blocklowrank.peft import adapter_deltas, adapter_pairs, load_peft_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 

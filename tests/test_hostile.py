@@ -19,6 +19,7 @@ from blocklowrank import (  # noqa: E402  # noqa: E402
     BlockLayout,
     BlockLowRank,
     DiagonalBlockLowRank,
+    FactorsFileError,
     allocate_ranks,
     approximate,
     batched_svd,
@@ -37,7 +38,7 @@ from blocklowrank import (  # noqa: E402  # noqa: E402
 from blocklowrank._svd import svd_flip_v  # noqa: E402
 from blocklowrank.testing import generators  # noqa: E402
 
-FileError = convert.FactorsFileError
+FileError = FactorsFileError
 CLEAR = (ValueError, TypeError)
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None)
 

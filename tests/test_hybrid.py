@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from blocklowrank import BlockLayout, BlockLowRank, GlobalLowRank, approximate
 from blocklowrank._linalg import STEP_TOL
 from blocklowrank.budget import match_budget
-from blocklowrank.structures.hybrid import HybridLowRank, fit_hybrid, hybrid_params
+from blocklowrank.structures import HybridLowRank, fit_hybrid, hybrid_params
 from blocklowrank.testing.strategies import layouts, matrices
 
 

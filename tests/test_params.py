@@ -180,8 +180,8 @@ def test_the_public_functions_are_checked():
     for want in (
         "blocklowrank.structures.approximate",
         "blocklowrank._engine.fit_layout",
-        "blocklowrank.structures.hybrid.fit_hybrid",
-        "blocklowrank.structures.shared_basis.fit_shared_basis",
+        "blocklowrank.structures._hybrid.fit_hybrid",
+        "blocklowrank.structures._shared_basis.fit_shared_basis",
         "blocklowrank._svd.batched_svd",
         "blocklowrank._allocation.allocate_ranks",
         "blocklowrank.budget.count_params",
@@ -190,7 +190,7 @@ def test_the_public_functions_are_checked():
         "blocklowrank.layout.BlockLayout.from_blocks",
         "blocklowrank.convert.to_gralora",
         "blocklowrank.permutations.cluster_permutation",
-        "blocklowrank.adapters.training.train",
+        "blocklowrank.adapters._training.train",
     ):
         assert want in names, want
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from blocklowrank import BlockLayout, approximate, fit_hybrid, fit_shared_basis
-from blocklowrank.checkpoints.safetensors import load_file, save_file
-from blocklowrank.convert import StructuredFactors, as_factors
+from blocklowrank.checkpoints import load_file, save_file
+from blocklowrank.convert import as_factors
+from blocklowrank.factors import StructuredFactors
 from blocklowrank.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, save_peft_adapter
 
 Q, U = "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"

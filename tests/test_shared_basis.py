@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from blocklowrank import BlockLayout, BlockLowRank, GlobalLowRank
 from blocklowrank._linalg import STEP_TOL, psd_solve
 from blocklowrank.budget import match_budget
+from blocklowrank.structures import SharedBasisLowRank, fit_shared_basis, shared_basis_params
 from blocklowrank.structures._als import _gram, _pad, _s_solve, _u_solve, _v_solve
-from blocklowrank.structures.shared_basis import SharedBasisLowRank, fit_shared_basis, shared_basis_params
 from blocklowrank.testing.strategies import layouts
 
 

@@ -10,10 +10,10 @@ import pytest
 from blocklowrank import _allocation
 from blocklowrank._engine import block_spectra
 from blocklowrank.checkpoints import Checkpoint, load_file, save_file
-from blocklowrank.checkpoints import study as study_mod
-from blocklowrank.checkpoints.study import allocate_model_wide, effective_rank, run_study
 from blocklowrank.cli import main
 from blocklowrank.layout import BlockLayout
+from blocklowrank.study import _run as study_mod
+from blocklowrank.study import allocate_model_wide, effective_rank, run_study
 
 D, F = 24, 40
 MODULES = {

@@ -5,8 +5,8 @@ import pytest
 
 from blocklowrank import approximate
 from blocklowrank.checkpoints import save_file
-from blocklowrank.checkpoints.study import run_study
 from blocklowrank.peft import save_peft_adapter
+from blocklowrank.study import run_study
 
 MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj")
 

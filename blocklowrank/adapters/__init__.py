@@ -7,14 +7,16 @@
 - :func:`train` (and :func:`pretrain`, :func:`fine_tune`, :func:`fit_adapter`):
   Adam or SGD on minibatches, per-epoch history, NaN detection.
 - :func:`loss_and_grad`: the closed-form gradients (checked against finite
-  differences in the tests).
-- :func:`run_sweep` and :class:`RunLog`: resumable, parallel (joblib) sweeps.
+  differences in the tests); :func:`nll_and_grad` and :func:`log_softmax`,
+  the classifier's loss; :func:`make_optimizer` (:data:`OPTIMIZERS`).
+
+Resumable, parallel (joblib) sweeps of such runs: :mod:`blocklowrank.sweep`.
 """
 
-from .mlp import MLP
-from .optim import SGD, Adam
-from .structured import StructuredAdapter
-from .training import (
+from ._mlp import MLP, log_softmax, nll_and_grad
+from ._optim import OPTIMIZERS, SGD, Adam, make_optimizer
+from ._structured import StructuredAdapter
+from ._training import (
     MODES,
     History,
     TrainingDivergedError,
@@ -42,4 +44,8 @@ __all__ = [
     "loss_and_grad",
     "pretrain",
     "train",
+    "log_softmax",
+    "nll_and_grad",
+    "make_optimizer",
+    "OPTIMIZERS",
 ]

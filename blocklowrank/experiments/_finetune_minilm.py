@@ -41,6 +41,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .._io import atomic_write_text
+from ..checkpoints import open_checkpoint, save_file
+from .realweights import MINILM_SAFETENSORS_SHA256, minilm_checkpoint, pydoc_topic_sentences
+
 DEFAULTS = {"steps": 400, "batch_size": 32, "lr": 5e-5, "seed": 0, "max_length": 64, "n_topics": 16}
 
 
@@ -102,8 +106,6 @@ def _load(torch, base_path):
     from tokenizers import Tokenizer
     from transformers import BertConfig, BertModel
 
-    from ..checkpoints import open_checkpoint
-
     folder = Path(base_path).parent
     model = BertModel(BertConfig.from_json_file(str(folder / "config.json")), add_pooling_layer=True)
     with open_checkpoint(base_path) as ck:
@@ -126,9 +128,6 @@ def finetune(args):
     import torch
     import transformers
 
-    from ..checkpoints import save_file
-    from .realweights import MINILM_SAFETENSORS_SHA256, minilm_checkpoint, pydoc_topic_sentences
-
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -137,63 +136,19 @@ def finetune(args):
     base_path = minilm_checkpoint()
     model, tokenizer, base = _load(torch, base_path)
     tokenizer.enable_truncation(args.max_length)
-    data = pydoc_topic_sentences(args.n_topics, seed=args.seed)
-    train_text, train_y = data["train_text"], data["train_y"]
-    test_text, test_y = data["test_text"], data["test_y"]
-    if args.subset:
-        keep_train, keep_test = (rng.permutation(len(y))[: args.subset] for y in (train_y, test_y))
-        train_text, train_y = [train_text[i] for i in keep_train], train_y[keep_train]
-        test_text, test_y = [test_text[i] for i in keep_test], test_y[keep_test]
+    data = _task_data(args, rng)
+    train_y, test_y = data["train_y"], data["test_y"]
     head = torch.nn.Linear(model.config.hidden_size, len(data["topics"]))
-    encoder_params = [p for name, p in model.named_parameters() if not name.startswith("pooler.")]
-    for p in model.pooler.parameters():
-        p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(encoder_params + list(head.parameters()), lr=args.lr)
     _say(
         f"{len(train_y)} train / {len(test_y)} test sentences, {len(data['topics'])} topics, "
         f"torch {torch.__version__} on {torch.get_num_threads()} threads"
     )
-    acc_before = _accuracy(model, head, tokenizer, test_text, test_y, torch)
+    acc_before = _accuracy(model, head, tokenizer, data["test_text"], test_y, torch)
     _say(f"test accuracy before: {acc_before:.4f}")
-    model.train()
-    losses, order, t_train = [], np.empty(0, dtype=np.int64), time.perf_counter()
-    try:  # Ctrl-C (SIGINT) ends the training early; the weights so far are still saved
-        for step in range(1, args.steps + 1):
-            if len(order) < args.batch_size:  # a new epoch: reshuffle
-                order = np.concatenate([order, rng.permutation(len(train_y))])
-            idx, order = order[: args.batch_size], order[args.batch_size :]
-            ids, mask = _batches(tokenizer, [train_text[i] for i in idx], torch)
-            loss = torch.nn.functional.cross_entropy(head(_embed(model, ids, mask)), torch.from_numpy(train_y[idx]))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            if step % args.log_every == 0 or step == args.steps:
-                _say(
-                    f"step {step}/{args.steps}  loss {np.mean(losses[-args.log_every :]):.4f}  "
-                    f"{time.perf_counter() - t_train:.0f}s"
-                )
-    except KeyboardInterrupt:
-        _say(f"interrupted after {len(losses)} of {args.steps} steps: evaluating and saving those")
-    train_seconds = time.perf_counter() - t_train
-    acc_after = _accuracy(model, head, tokenizer, test_text, test_y, torch)
+    losses, train_seconds = _train(model, head, tokenizer, data, args, rng, torch)
+    acc_after = _accuracy(model, head, tokenizer, data["test_text"], test_y, torch)
     _say(f"test accuracy after: {acc_after:.4f}")
-    tuned = {name: p.detach().numpy() for name, p in model.state_dict().items()}
-    encoder = {name: tuned.get(name, array) for name, array in base.items()}  # base names only
-    meta = {
-        "format": "pt",
-        "base": "all-MiniLM-L6-v2",
-        "base_sha256": MINILM_SAFETENSORS_SHA256,
-        "task": "pydoc_topic_sentences",
-        "steps": str(len(losses)),
-        "seed": str(args.seed),
-    }
-    save_file(out / "model.safetensors", encoder, metadata=meta)
-    save_file(
-        out / "head.safetensors",
-        {k: v.detach().numpy() for k, v in head.state_dict().items()},
-        metadata={"format": "pt", "topics": json.dumps(data["topics"])},
-    )
+    _save(out, model, head, base, data["topics"], args, len(losses))
     record = {
         "accuracy_before": acc_before,
         "accuracy_after": acc_after,
@@ -215,8 +170,69 @@ def finetune(args):
             "threads": torch.get_num_threads(),
         },
     }
-    (out / "finetune.json").write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write_text(out / "finetune.json", json.dumps(record, indent=1) + "\n")
     return record
+
+
+def _task_data(args, rng):
+    """The task's sentences and labels, cut to ``args.subset`` random ones per split when given."""
+    data = pydoc_topic_sentences(args.n_topics, seed=args.seed)
+    if args.subset:
+        for split in ("train", "test"):
+            text, y = data[f"{split}_text"], data[f"{split}_y"]
+            keep = rng.permutation(len(y))[: args.subset]
+            data[f"{split}_text"], data[f"{split}_y"] = [text[i] for i in keep], y[keep]
+    return data
+
+
+def _train(model, head, tokenizer, data, args, rng, torch):
+    """AdamW over the encoder (less its pooler) and the head; ``(losses, seconds)``. Ctrl-C ends it early."""
+    train_text, train_y = data["train_text"], data["train_y"]
+    encoder_params = [p for name, p in model.named_parameters() if not name.startswith("pooler.")]
+    for p in model.pooler.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(encoder_params + list(head.parameters()), lr=args.lr)
+    model.train()
+    losses, order, t_train = [], np.empty(0, dtype=np.int64), time.perf_counter()
+    try:  # Ctrl-C (SIGINT) ends the training early; the weights so far are still saved
+        for step in range(1, args.steps + 1):
+            if len(order) < args.batch_size:  # a new epoch: reshuffle
+                order = np.concatenate([order, rng.permutation(len(train_y))])
+            idx, order = order[: args.batch_size], order[args.batch_size :]
+            ids, mask = _batches(tokenizer, [train_text[i] for i in idx], torch)
+            loss = torch.nn.functional.cross_entropy(head(_embed(model, ids, mask)), torch.from_numpy(train_y[idx]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if step % args.log_every == 0 or step == args.steps:
+                _say(
+                    f"step {step}/{args.steps}  loss {np.mean(losses[-args.log_every :]):.4f}  "
+                    f"{time.perf_counter() - t_train:.0f}s"
+                )
+    except KeyboardInterrupt:
+        _say(f"interrupted after {len(losses)} of {args.steps} steps: evaluating and saving those")
+    return losses, time.perf_counter() - t_train
+
+
+def _save(out, model, head, base, topics, args, steps):
+    """``model.safetensors`` (the encoder under the base's tensor names) and ``head.safetensors``."""
+    tuned = {name: p.detach().numpy() for name, p in model.state_dict().items()}
+    encoder = {name: tuned.get(name, array) for name, array in base.items()}  # base names only
+    meta = {
+        "format": "pt",
+        "base": "all-MiniLM-L6-v2",
+        "base_sha256": MINILM_SAFETENSORS_SHA256,
+        "task": "pydoc_topic_sentences",
+        "steps": str(steps),
+        "seed": str(args.seed),
+    }
+    save_file(out / "model.safetensors", encoder, metadata=meta)
+    save_file(
+        out / "head.safetensors",
+        {k: v.detach().numpy() for k, v in head.state_dict().items()},
+        metadata={"format": "pt", "topics": json.dumps(topics)},
+    )
 
 
 def main(argv=None):

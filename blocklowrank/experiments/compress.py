@@ -45,7 +45,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ..adapters.mlp import MLP
+from .._extras import require
+from .._io import atomic_write_csv, atomic_write_text, save_figure
+from ..adapters import MLP
+from ..datasets import load_mnist
 from ..structures import approximate
 from . import figure2 as f2
 
@@ -326,8 +329,6 @@ def run_compress(
     if not seed_list:
         raise ValueError("seeds must be a positive int or a non-empty list")
     if data is None:
-        from ..datasets import load_mnist
-
         data = load_mnist()
     d = f2._prepare(data, subset)
     out_dir = os.fspath(out_dir)
@@ -352,12 +353,8 @@ def run_compress(
     full_ft = {"mean": mean, "std": std, "lr": ft_lr}
     settings["seconds"] = time.perf_counter() - t0
     text = _summary(selected, full_ft, figure2, settings)
-    with open(os.path.join(out_dir, "compress.csv"), "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(table)
-    with open(os.path.join(out_dir, "compress_summary.txt"), "w", encoding="utf-8") as f:
-        f.write(text)
+    atomic_write_csv(os.path.join(out_dir, "compress.csv"), table, _FIELDS, extrasaction="ignore")
+    atomic_write_text(os.path.join(out_dir, "compress_summary.txt"), text)
     if progress:
         print(text, file=sys.stderr, flush=True)
     return CompressResult(
@@ -382,9 +379,7 @@ def plot_compress(result, path=None):
     -------
     matplotlib.figure.Figure
     """
-    import matplotlib
-    import matplotlib.pyplot as plt
-
+    plt, ticker = require("matplotlib.pyplot"), require("matplotlib.ticker")
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120, sharex=True, sharey=True)
     for method in ("global", "diagonal", "block"):
         st = f2._STYLE[method]
@@ -418,9 +413,9 @@ def plot_compress(result, path=None):
     for ax, title in ((left, "trained adapters (Figure 2)"), (right, "compressed full fine-tune, no training")):
         ax.axhline(ft, color="k", ls=":", lw=1, label=f"full FT {ft:.2f}%")
         ax.set_xscale("log")
-        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([1000, 2000, 5000, 10000, 20000, 50000]))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_major_locator(ticker.FixedLocator([1000, 2000, 5000, 10000, 20000, 50000]))
+        ax.xaxis.set_major_formatter(ticker.StrMethodFormatter("{x:,.0f}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_title(title, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
@@ -438,5 +433,5 @@ def plot_compress(result, path=None):
     fig.suptitle(f"MNIST 0-4 -> 5-9, {len(result.settings.get('seeds', []))} seeds", fontsize=10)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path)
+        save_figure(fig, path)
     return fig

@@ -56,7 +56,6 @@ mean +- std of the two test accuracies do not overlap.
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import json
@@ -66,10 +65,12 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from joblib import Parallel, delayed
 
-from ..adapters.mlp import MLP
-from ..adapters.structured import StructuredAdapter
-from ..adapters.training import pretrain, train
+from .._extras import require
+from .._io import atomic_write_csv, atomic_write_text, save_figure
+from ..adapters import MLP, StructuredAdapter, pretrain, train
+from ..datasets import load_mnist
 from ..structures import get_structure
 from ..sweep import RunLog, epoch_progress, run_sweep
 
@@ -246,8 +247,6 @@ def pretrained_mlps(out_dir, seeds, d, tag, *, n_jobs=1, progress=False):
         else:
             need.append(s)
     if need:
-        from joblib import Parallel, delayed
-
         if progress:
             print(f"[figure2] pretraining on digits 0-4 for seeds {need} ...", file=sys.stderr, flush=True)
         mlps = Parallel(n_jobs=n_jobs)(delayed(_pretrain_task)(s, d["pre_X"], d["pre_y"]) for s in need)
@@ -586,13 +585,8 @@ _CSV_FIELDS = [
 
 
 def _write_csv(path, table):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=_CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for row in table:
-            w.writerow({k: ("" if row.get(k) is None else row.get(k, "")) for k in _CSV_FIELDS})
-    os.replace(tmp, path)
+    rows = ({k: ("" if row.get(k) is None else row.get(k, "")) for k in _CSV_FIELDS} for row in table)
+    atomic_write_csv(path, rows, _CSV_FIELDS, extrasaction="ignore")
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -646,55 +640,20 @@ def run_figure2(
     Figure2Result
     """
     t0 = time.perf_counter()
-    if isinstance(seeds, (int, np.integer)):
-        if seeds < 1:
-            raise ValueError(f"seeds must be >= 1, got {seeds}")
-        seed_list = list(range(int(seeds)))
-    else:
-        seed_list = [int(s) for s in seeds]
-        if not seed_list or len(set(seed_list)) != len(seed_list):
-            raise ValueError("seeds must be a positive int or a list of distinct ints")
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    lrs = tuple(float(lr) for lr in lrs)
-    if not lrs or any(not np.isfinite(lr) or lr <= 0 for lr in lrs):
-        raise ValueError(f"lrs must be positive finite numbers, got {lrs}")
+    seed_list, lrs = _check_sweep(seeds, epochs, lrs)
     kept, skipped = figure2_configs(grid)
-    if data is None:
-        from ..datasets import load_mnist
-
-        data = load_mnist()
-    d = _prepare(data, subset)
+    d = _prepare(load_mnist() if data is None else data, subset)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     settings = protocol_settings(d, epochs=epochs, batch_size=batch_size, subset=subset)
     settings.update({"seeds": seed_list, "lrs": lrs})
-    tag = settings["tag"]
 
     # 1. pretraining, once per seed (cached in out_dir/pretrained)
-    pretrained = pretrained_mlps(out_dir, seed_list, d, tag, n_jobs=n_jobs, progress=progress)
+    pretrained = pretrained_mlps(out_dir, seed_list, d, settings["tag"], n_jobs=n_jobs, progress=progress)
     pre_dicts = {s: m.to_dict() for s, m in pretrained.items()}
 
     # 2. the sweep
-    tasks = []
-    for cfg in [{"method": "full", "n_blocks": None, "rank": None}] + kept:
-        for lr in lrs:
-            for s in seed_list:
-                name = f"{LABELS[cfg['method']]} {_config_name(cfg['method'], cfg['n_blocks'], cfg['rank'])}"
-                tasks.append(
-                    {
-                        "id": f"{cfg['method']}|{cfg['n_blocks']}|{cfg['rank']}|{lr:g}|{s}|{tag}",
-                        "method": cfg["method"],
-                        "n_blocks": cfg["n_blocks"],
-                        "rank": cfg["rank"],
-                        "lr": lr,
-                        "seed": s,
-                        "epochs": int(epochs),
-                        "batch_size": int(batch_size),
-                        "patience": PATIENCE,
-                        "label": f"{name} lr={lr:g} seed={s}",
-                    }
-                )
+    tasks = _sweep_tasks(kept, lrs, seed_list, epochs, batch_size, settings["tag"])
     fn = functools.partial(_adapt_task, data={k: d[k] for k in ("ad_X", "ad_y", "te_X", "te_y")}, pretrained=pre_dicts)
     log = RunLog(os.path.join(out_dir, "figure2_runs.jsonl"))
     # longest runs first, so that the workers finish together: a run's time grows
@@ -719,22 +678,10 @@ def run_figure2(
     settings["seconds"] = time.perf_counter() - t0
     settings["n_runs"] = len(runs)
     settings["cpu_seconds"] = float(sum(r.get("cpu_seconds") or 0.0 for r in runs))
-    ok = [(t, r) for t, r in zip(tasks, runs) if r.get("status") == "ok"]
-    if ok:
-        n_ep = [len(r["history"]["epoch"]) for _, r in ok]
-        capped = [t["label"] for (t, r), e in zip(ok, n_ep) if e >= int(epochs) and e - r["best_epoch"] < PATIENCE]
-        k = int(np.argmax(n_ep))
-        settings["convergence"] = {
-            "ok": len(ok),
-            "early_stopped": len(ok) - len(capped),
-            "capped": capped,
-            "longest": int(n_ep[k]),
-            "longest_label": ok[k][0]["label"],
-        }
+    settings.update(_convergence(tasks, runs, epochs))
     text = _summary_text(selected, ft, comps, skipped, settings)
     _write_csv(os.path.join(out_dir, "sweep.csv"), table)
-    with open(os.path.join(out_dir, "figure2_summary.txt"), "w", encoding="utf-8") as f:
-        f.write(text)
+    atomic_write_text(os.path.join(out_dir, "figure2_summary.txt"), text)
     if progress:
         print(text, file=sys.stderr, flush=True)
     return Figure2Result(
@@ -748,6 +695,67 @@ def run_figure2(
         settings=settings,
         out_dir=out_dir,
     )
+
+
+def _check_sweep(seeds, epochs, lrs):
+    """The seeds as a list and the learning rates as a tuple of floats, after checking them and ``epochs``."""
+    if isinstance(seeds, (int, np.integer)):
+        if seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {seeds}")
+        seed_list = list(range(int(seeds)))
+    else:
+        seed_list = [int(s) for s in seeds]
+        if not seed_list or len(set(seed_list)) != len(seed_list):
+            raise ValueError("seeds must be a positive int or a list of distinct ints")
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    lrs = tuple(float(lr) for lr in lrs)
+    if not lrs or any(not np.isfinite(lr) or lr <= 0 for lr in lrs):
+        raise ValueError(f"lrs must be positive finite numbers, got {lrs}")
+    return seed_list, lrs
+
+
+def _sweep_tasks(kept, lrs, seed_list, epochs, batch_size, tag):
+    """One task per run: full fine-tuning and every kept configuration, at every lr and seed."""
+    tasks = []
+    for cfg in [{"method": "full", "n_blocks": None, "rank": None}] + kept:
+        for lr in lrs:
+            for s in seed_list:
+                name = f"{LABELS[cfg['method']]} {_config_name(cfg['method'], cfg['n_blocks'], cfg['rank'])}"
+                tasks.append(
+                    {
+                        "id": f"{cfg['method']}|{cfg['n_blocks']}|{cfg['rank']}|{lr:g}|{s}|{tag}",
+                        "method": cfg["method"],
+                        "n_blocks": cfg["n_blocks"],
+                        "rank": cfg["rank"],
+                        "lr": lr,
+                        "seed": s,
+                        "epochs": int(epochs),
+                        "batch_size": int(batch_size),
+                        "patience": PATIENCE,
+                        "label": f"{name} lr={lr:g} seed={s}",
+                    }
+                )
+    return tasks
+
+
+def _convergence(tasks, runs, epochs):
+    """``{"convergence": ...}``: how many finished runs stopped early, which reached the cap, the longest."""
+    ok = [(t, r) for t, r in zip(tasks, runs) if r.get("status") == "ok"]
+    if not ok:
+        return {}
+    n_ep = [len(r["history"]["epoch"]) for _, r in ok]
+    capped = [t["label"] for (t, r), e in zip(ok, n_ep) if e >= int(epochs) and e - r["best_epoch"] < PATIENCE]
+    k = int(np.argmax(n_ep))
+    return {
+        "convergence": {
+            "ok": len(ok),
+            "early_stopped": len(ok) - len(capped),
+            "capped": capped,
+            "longest": int(n_ep[k]),
+            "longest_label": ok[k][0]["label"],
+        }
+    }
 
 
 # ---------------------------------------------------------------------------- plot
@@ -787,12 +795,9 @@ def plot_figure2(result, path=None, *, ax=None, title=None):
     -------
     matplotlib.figure.Figure
     """
-    import matplotlib
-
+    ticker = require("matplotlib.ticker")
     if ax is None:
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+        fig, ax = require("matplotlib.pyplot").subplots(figsize=(7, 4.5), dpi=120)
     else:
         fig = ax.figure
     for method in ("global", "diagonal", "block"):
@@ -815,9 +820,9 @@ def plot_figure2(result, path=None, *, ax=None, title=None):
         ax.step(fx, fy, where="post", color=st["color"], lw=1.2, alpha=0.7)
     ax.axhline(0, color="k", lw=0.8, ls=":")
     ax.set_xscale("log")
-    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([0.5, 1, 2, 5, 10, 20, 50, 100]))
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.xaxis.set_major_locator(ticker.FixedLocator([0.5, 1, 2, 5, 10, 20, 50, 100]))
+    ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel(
         "trainable parameters: adapter + output layer (% of the MLP's 50,565)"
         if TRAIN_HEAD
@@ -838,5 +843,5 @@ def plot_figure2(result, path=None, *, ax=None, title=None):
         d = os.path.dirname(os.fspath(path))
         if d:
             os.makedirs(d, exist_ok=True)
-        fig.savefig(path)
+        save_figure(fig, path)
     return fig

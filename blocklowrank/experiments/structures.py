@@ -49,18 +49,22 @@ to compute a data-driven ordering is reported separately.
 
 from __future__ import annotations
 
-import csv
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from .._engine import block_spectra
+from .._extras import pyplot_agg
+from .._io import atomic_write_csv, save_figure
 from ..budget import match_budget
+from ..datasets import load_mnist_split
 from ..layout import BlockLayout
 from ..permutations import cluster_permutation, cocluster_permutations, image_patch_permutation, strided_permutation
 from ..structures import approximate, fit_hybrid, fit_shared_basis, get_structure
+from ..testing.generators import planted_matrix
 
 DIGIT_BUDGET = 224
 N_DIGITS = 200
@@ -147,8 +151,6 @@ def _say(progress, msg):
 # ---------------------------------------------------------------------------- datasets
 def _planted(d, budget, seed):
     """Planted structures spending ``budget`` on a d x d matrix, plus a shuffled diagonal."""
-    from ..testing.generators import planted_matrix
-
     r_glob = budget // (2 * d)  # global rank whose count is the budget
     sb = budget // (2 * d + 4)  # largest BLAST rank of a 2 x 2 grid within the budget
     specs = [
@@ -504,8 +506,6 @@ def compute_structures(
     dict with ``rows`` (list of dict, see ``FIELDS``; ``errors`` holds the
     per-matrix errors) and ``seconds``.
     """
-    from threadpoolctl import threadpool_limits
-
     t0 = time.perf_counter()
     fit_options = {} if hybrid_max_iter is None else {"max_iter": int(hybrid_max_iter)}
     images = np.asarray(images)
@@ -696,27 +696,22 @@ def _hidden_order_line(result):
 
 def write_structures(result, out_dir):
     path = Path(out_dir) / "structures.csv"
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in result["rows"]:
-            row = dict(r)
-            for k in ("error", "error_median", "error_p10", "error_p90", "check"):
-                row[k] = f"{r[k]:.6g}"
-            for k in ("fit_seconds", "ordering_seconds", "fit_ms_per_matrix"):
-                row[k] = f"{r[k]:.4g}"
-            row["passes"] = "" if r["passes"] is None else f"{r['passes']:.1f}"
-            w.writerow(row)
+    rows = []
+    for r in result["rows"]:
+        row = dict(r)
+        for k in ("error", "error_median", "error_p10", "error_p90", "check"):
+            row[k] = f"{r[k]:.6g}"
+        for k in ("fit_seconds", "ordering_seconds", "fit_ms_per_matrix"):
+            row[k] = f"{r[k]:.4g}"
+        row["passes"] = "" if r["passes"] is None else f"{r['passes']:.1f}"
+        rows.append(row)
+    atomic_write_csv(path, rows, FIELDS, extrasaction="ignore")
     return path
 
 
 def plot_structures(result, path):
     """Heatmap of error (structure x dataset; colour: error relative to the column's best) and fit times."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot_agg()
     rows = result["rows"]
     datasets = result["datasets"]
     labels = [lab for lab in ROW_LABELS.values() if any(r["label"] == lab for r in rows)]
@@ -777,7 +772,7 @@ def plot_structures(result, path):
     ax2.set_ylim(len(labels) - 0.5, -0.5)
     ax2.set_xlabel("fit time, s (median over datasets; bars: min-max)\nincl. computing the ordering")
     ax2.set_title("Fit time (BLAS on one thread)", fontsize=9)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -794,8 +789,6 @@ def run_structures(
     hybrid_max_iter=None,
 ):
     """Load MNIST, compare every structure, write structures.csv and figure_structures.png."""
-    from ..datasets import load_mnist_split
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images, labels = load_mnist_split("test") if data is None else data

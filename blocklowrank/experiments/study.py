@@ -14,10 +14,10 @@ Table I is one image. Here every test digit is approximated:
 
 Every number of the paper's three structures comes from singular values computed
 once per partition on the whole image stack
-(:func:`blocklowrank._engine.block_spectra`); by Eckart-Young the error of any rank
+(:func:`blocklowrank.block_spectra`); by Eckart-Young the error of any rank
 choice follows from those spectra exactly, so that part takes seconds.
 
-Beyond the paper, BLAST (shared bases, :mod:`blocklowrank.shared_basis`) is fitted
+Beyond the paper, BLAST (shared bases, :func:`blocklowrank.structures.fit_shared_basis`) is fitted
 by its iterative ALS, vectorised over the digits (about 1-3 ms per digit for 100
 sweeps), so it runs on fixed subsets, which the outputs name:
 
@@ -32,14 +32,16 @@ sweeps), so it runs on fixed subsets, which the outputs name:
 
 from __future__ import annotations
 
-import csv
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .._engine import block_spectra
+from .._extras import pyplot_agg
+from .._io import atomic_write_csv, save_figure
 from ..budget import match_budget
+from ..datasets import load_mnist_split
 from ..layout import BlockLayout
 from ..structures import fit_shared_basis, get_structure
 
@@ -126,11 +128,6 @@ def compute_study(
         # any pattern on the K x K grid: rank r on its active blocks, the others dropped (rank 0)
         return spectra[K].error(get_structure(method).layout((m, n), K).with_ranks(r).ranks)
 
-    def min_side(K):
-        return min(
-            min(np.array_split(np.arange(m), K), key=len).size, min(np.array_split(np.arange(n), K), key=len).size
-        )
-
     # ---- part 1: the paper's budget
     at_budget, configs = {}, {}
     for name, (method, K, r) in PAPER_CONFIGS.items():
@@ -143,30 +140,8 @@ def compute_study(
     t_alloc = time.perf_counter() - t1
 
     # ---- part 2: the sweep over matched budgets
-    sweep = []
-    chosen = {}  # (budget, method) -> per-digit errors of the configuration shown in the sweep
     t2 = time.perf_counter()
-    for t in range(1, min(m, n) + 1):
-        P = unit * t
-        cand = {"LoRA": [(f"r={t}", err("global", 1, t))]}
-        cand["MELoRA"] = [(f"N={K} r={t}", err("diagonal", K, t)) for K in spectra if K >= 2 and t < min_side(K)]
-        cand["Localized"] = [
-            (f"K={K} r={t // K}", err("block", K, t // K))
-            for K in spectra
-            if K >= 2 and t % K == 0 and t // K < min_side(K)
-        ]
-        opt = []
-        for K in OPTIMAL_PARTITIONS:
-            if K in spectra and P <= spectra[K].layout.full_rank_params:
-                Ropt, _ = spectra[K].allocate(P)
-                opt.append((f"K={K}", spectra[K].error(Ropt)))
-        cand["Optimal allocation"] = opt
-        for method, options in cand.items():
-            if not options:
-                continue
-            cfg, e = min(options, key=lambda o: float(np.mean(o[1])))
-            sweep.append(dict(budget=P, method=method, config=cfg, n_options=len(options), **_stats(e)))
-            chosen[(P, method)] = e
+    sweep, chosen = _budget_sweep(spectra, (m, n), err)
     t_sweep = time.perf_counter() - t2
 
     # ---- parts 3 and 4: BLAST on subsets (iterative fits)
@@ -200,6 +175,44 @@ def compute_study(
             spectra=t_spectra, allocation=t_alloc, sweep=t_sweep, blast=t_blast, total=time.perf_counter() - t0
         ),
     )
+
+
+def _budget_sweep(spectra, shape, err):
+    """Part 2 of the study: at every budget ``t (m + n)``, the best configuration of each method.
+
+    Returns the sweep's records and ``chosen``: ``{(budget, method): per-digit errors}`` of the
+    configuration each record shows.
+    """
+    m, n = shape
+    sweep, chosen = [], {}
+
+    def min_side(K):
+        return min(
+            min(np.array_split(np.arange(m), K), key=len).size, min(np.array_split(np.arange(n), K), key=len).size
+        )
+
+    for t in range(1, min(m, n) + 1):
+        P = (m + n) * t
+        cand = {"LoRA": [(f"r={t}", err("global", 1, t))]}
+        cand["MELoRA"] = [(f"N={K} r={t}", err("diagonal", K, t)) for K in spectra if K >= 2 and t < min_side(K)]
+        cand["Localized"] = [
+            (f"K={K} r={t // K}", err("block", K, t // K))
+            for K in spectra
+            if K >= 2 and t % K == 0 and t // K < min_side(K)
+        ]
+        opt = []
+        for K in OPTIMAL_PARTITIONS:
+            if K in spectra and P <= spectra[K].layout.full_rank_params:
+                Ropt, _ = spectra[K].allocate(P)
+                opt.append((f"K={K}", spectra[K].error(Ropt)))
+        cand["Optimal allocation"] = opt
+        for method, options in cand.items():
+            if not options:
+                continue
+            cfg, e = min(options, key=lambda o: float(np.mean(o[1])))
+            sweep.append(dict(budget=P, method=method, config=cfg, n_options=len(options), **_stats(e)))
+            chosen[(P, method)] = e
+    return sweep, chosen
 
 
 def _blast(S, labels, budget, blocks, n_fit, n_curve, unit, sweep, n_jobs, progress):
@@ -355,53 +368,48 @@ def write_study(study, out_dir):
         "win_rate_vs_MELoRA",
     ]
     ab, labels = study["at_budget"], study["labels"]
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        for name, e in ab.items():
-            for d in ["all"] + [int(x) for x in np.unique(labels)]:
-                sel = np.ones(e.size, bool) if d == "all" else labels == d
-                row = dict(
-                    section="at_budget",
-                    method=name,
-                    config=study["configs"][name],
-                    budget=study["budget"],
-                    digit=d,
-                    **_stats(e[sel]),
-                )
-                row["win_rate_vs_LoRA"] = f"{np.mean(e[sel] < ab['LoRA'][sel]):.4f}"
-                row["win_rate_vs_MELoRA"] = f"{np.mean(e[sel] < ab['MELoRA'][sel]):.4f}"
-                w.writerow(row)
-        bl = study.get("blast")
-        if bl:
-            k, e = bl["n"], bl["errors"]
-            for d in ["all"] + [int(x) for x in np.unique(labels[:k])]:
-                sel = np.ones(k, bool) if d == "all" else labels[:k] == d
-                row = dict(
-                    section="at_budget",
-                    method="BLAST",
-                    config=bl["config"] + f"; first {k} digits",
-                    budget=study["budget"],
-                    digit=d,
-                    **_stats(e[sel]),
-                )
-                row["win_rate_vs_LoRA"] = f"{np.mean(e[sel] < ab['LoRA'][:k][sel]):.4f}"
-                row["win_rate_vs_MELoRA"] = f"{np.mean(e[sel] < ab['MELoRA'][:k][sel]):.4f}"
-                w.writerow(row)
-        for r in study["sweep"]:
-            row = dict(section="sweep", digit="all", **{k: r[k] for k in r if k in fields})
-            if r["method"] == "BLAST":
-                row["config"] = f"{r['config']}; first {bl['curve_n']} digits"
-            w.writerow(row)
+    rows = []
+    for name, e in ab.items():
+        for d in ["all"] + [int(x) for x in np.unique(labels)]:
+            sel = np.ones(e.size, bool) if d == "all" else labels == d
+            row = dict(
+                section="at_budget",
+                method=name,
+                config=study["configs"][name],
+                budget=study["budget"],
+                digit=d,
+                **_stats(e[sel]),
+            )
+            row["win_rate_vs_LoRA"] = f"{np.mean(e[sel] < ab['LoRA'][sel]):.4f}"
+            row["win_rate_vs_MELoRA"] = f"{np.mean(e[sel] < ab['MELoRA'][sel]):.4f}"
+            rows.append(row)
+    bl = study.get("blast")
+    if bl:
+        k, e = bl["n"], bl["errors"]
+        for d in ["all"] + [int(x) for x in np.unique(labels[:k])]:
+            sel = np.ones(k, bool) if d == "all" else labels[:k] == d
+            row = dict(
+                section="at_budget",
+                method="BLAST",
+                config=bl["config"] + f"; first {k} digits",
+                budget=study["budget"],
+                digit=d,
+                **_stats(e[sel]),
+            )
+            row["win_rate_vs_LoRA"] = f"{np.mean(e[sel] < ab['LoRA'][:k][sel]):.4f}"
+            row["win_rate_vs_MELoRA"] = f"{np.mean(e[sel] < ab['MELoRA'][:k][sel]):.4f}"
+            rows.append(row)
+    for r in study["sweep"]:
+        row = dict(section="sweep", digit="all", **{k: r[k] for k in r if k in fields})
+        if r["method"] == "BLAST":
+            row["config"] = f"{r['config']}; first {bl['curve_n']} digits"
+        rows.append(row)
+    atomic_write_csv(path, rows, fields)
     return path
 
 
 def plot_study(study, path):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot_agg()
     ab, labels = dict(study["at_budget"]), study["labels"]
     labs = {k: labels for k in ab}
     bl = study.get("blast")
@@ -443,17 +451,13 @@ def plot_study(study, path):
     ax2.set_ylabel("mean error (bars: interquartile range)")
     ax2.set_title("Per class")
     ax2.legend(ncol=5, fontsize=8, loc="upper center")
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
 
 def plot_budget(study, path):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot_agg()
     colors = {
         "LoRA": "#1f77b4",
         "MELoRA": "#d62728",
@@ -481,15 +485,13 @@ def plot_budget(study, path):
     ax.set_title(f"Error vs budget on {study['labels'].size} MNIST test digits (28x28)")
     ax.set_ylim(0, None)
     ax.legend()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
 
 def run_study(out_dir, *, progress=True, data=None):
     """Load the MNIST test set, run the study, write study.csv and the two figures."""
-    from ..datasets import load_mnist_split
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images, labels = load_mnist_split("test") if data is None else data
@@ -510,4 +512,4 @@ def run_study(out_dir, *, progress=True, data=None):
     return paths
 
 
-__all__ = ["compute_study", "summarize", "write_study", "plot_study", "plot_budget", "run_study", "BlockLayout"]
+__all__ = ["compute_study", "summarize", "write_study", "plot_study", "plot_budget", "run_study"]

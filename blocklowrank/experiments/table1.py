@@ -10,11 +10,14 @@ configuration :func:`blocklowrank.compare.compare_at_budget` finds.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 
+from .._extras import pyplot_agg
+from .._io import atomic_write_csv, atomic_write_text, save_figure
+from ..compare import compare_at_budget
+from ..datasets import load_mnist_split
 from ..structures import approximate
 
 #: The paper's Table I (arXiv 2506.00236), for comparison in the output.
@@ -39,8 +42,6 @@ def compute_table1(image, budget=BUDGET):
         ``label, method, n_blocks, rank, n_params, error, paper_error``
         plus ``reconstruction`` (ndarray) for plotting.
     """
-    from ..compare import compare_at_budget
-
     X = np.asarray(image, dtype=np.float64)
     rows = []
     for (method, K, r), paper in PAPER_TABLE1.items():
@@ -102,11 +103,11 @@ def write_table1(rows, out_dir, *, numerical_rank=None):
     out_dir = Path(out_dir)
     fields = ["label", "method", "n_blocks", "rank", "n_params", "error", "paper_error"]
     csv_path = out_dir / "table1.csv"
-    with open(csv_path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{r[k]:.6f}" if k == "error" else ("" if r[k] is None else r[k])) for k in fields})
+    atomic_write_csv(
+        csv_path,
+        ({k: (f"{r[k]:.6f}" if k == "error" else ("" if r[k] is None else r[k])) for k in fields} for r in rows),
+        fields,
+    )
     md = [
         f'Table I: MNIST test image {IMAGE_INDEX} (the first "2"'
         + (f", rank {numerical_rank}" if numerical_rank is not None else "")
@@ -119,17 +120,13 @@ def write_table1(rows, out_dir, *, numerical_rank=None):
         paper = "" if r["paper_error"] is None else f"{r['paper_error']:.4f}"
         md.append(f"| {r['label']} | {r['n_params']} | {r['error']:.4f} | {paper} |")
     md_path = out_dir / "table1.md"
-    md_path.write_text("\n".join(md) + "\n")
+    atomic_write_text(md_path, "\n".join(md) + "\n")
     return [csv_path, md_path], "\n".join(md)
 
 
 def plot_figure1(image, rows, path):
     """Original and each reconstruction (top) with its absolute error map (bottom)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot_agg()
     X = np.asarray(image, dtype=np.float64)
     n = len(rows) + 1
     fig, axes = plt.subplots(2, n, figsize=(2.3 * n, 5.0), constrained_layout=True)
@@ -154,15 +151,13 @@ def plot_figure1(image, rows, path):
         ax.set_yticks([])
     fig.colorbar(im, ax=axes[1, 1:].tolist(), shrink=0.8, label="|X - X_hat|")
     fig.suptitle(f"Figure 1: one MNIST digit, {BUDGET}-parameter budget", fontsize=11)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
 
 def run_table1(out_dir, *, progress=True, data=None):
     """Load MNIST, compute Table I, write table1.csv/.md and figure1.png; return the paths."""
-    from ..datasets import load_mnist_split
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if data is None:

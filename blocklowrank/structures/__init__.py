@@ -19,7 +19,7 @@ A pure layout pattern is one call (see :func:`layout_structure`)::
                               lambda kr, kc: np.triu(np.ones((kr, kc), bool))))
 
 Any other structure is one module that defines its fit function (returning an
-:class:`~blocklowrank._engine.Approximation` around a
+:class:`~blocklowrank.Approximation` around a
 :class:`~blocklowrank.factors.StructuredFactors`), its count, its budget rule
 and a thin :class:`~blocklowrank.estimators.StructuredEstimator`, and ends with
 ``register(Structure(...))``. :func:`blocklowrank.testing.conformance.check_structure`
@@ -27,11 +27,12 @@ then runs the shared checks (scikit-learn compliance, counts against the
 fitted factors, budget matching, save/load round trip) on it.
 """
 
+from .._engine import fit_layout
 from .._params import validate_params
+from ._grid import BlockLowRank, DiagonalBlockLowRank, GlobalLowRank, GridLowRank, layout_structure
+from ._hybrid import HybridLowRank, fit_hybrid, hybrid_params
 from ._registry import Structure, get_structure, register, registered, structure_names, structures, unregister
-from .grid import BlockLowRank, DiagonalBlockLowRank, GlobalLowRank, GridLowRank, layout_structure
-from .hybrid import HybridLowRank, fit_hybrid, hybrid_params
-from .shared_basis import SharedBasisLowRank, fit_shared_basis, shared_basis_params
+from ._shared_basis import SharedBasisLowRank, fit_shared_basis, shared_basis_params
 
 __all__ = [
     "Structure",
@@ -84,7 +85,7 @@ def approximate(X, layout=None, *, method=None, **kwargs):
         Rank of every active block, or of each block.
     budget : int, optional
         Parameter budget: per-block ranks that minimise the error under it
-        (see :func:`~blocklowrank._allocation.allocate_ranks`), per matrix.
+        (see :func:`~blocklowrank.allocate_ranks`), per matrix.
     max_error : float in (0, 1), optional
         Fewest parameters with relative error ``<= max_error`` (exactly the
         fewest when ``exact_allocation`` is True).
@@ -94,7 +95,7 @@ def approximate(X, layout=None, *, method=None, **kwargs):
         :func:`sklearn.utils.extmath.randomized_svd`; "auto": the randomized
         solver where a computed certificate shows its error within
         sqrt(1 + 1e-6) of the optimum, else the exact one (details:
-        :class:`~blocklowrank.structures.grid.GridLowRank`).
+        :class:`~blocklowrank.structures.GridLowRank`).
     n_oversamples : int, default=10
     iterated_power : int or "auto", default="auto"
     random_state : int, RandomState instance or None, default=None
@@ -136,8 +137,6 @@ def approximate(X, layout=None, *, method=None, **kwargs):
     224
     """
     if layout is not None:
-        from .._engine import fit_layout
-
         if method is not None or "n_blocks" in kwargs:
             raise ValueError("give a layout or a method with n_blocks, not both: the layout has its own grid")
         return fit_layout(X, layout, **kwargs)

@@ -139,7 +139,7 @@ def iterative_result(
     structure=None,
     solver=None,
 ):
-    """One :class:`~blocklowrank._engine.Approximation` from the arrays of a stacked fit and its :class:`Trace`.
+    """One :class:`~blocklowrank.Approximation` from the arrays of a stacked fit and its :class:`Trace`.
 
     Every array has a leading axis of length N (the flattened stack); they are
     reshaped to ``batch``, cast to ``dtype`` and unscaled (left factors, or the

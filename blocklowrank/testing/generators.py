@@ -45,9 +45,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._params import Int
+from .._params import PATTERNS, Int
 from .._params import check as _check
-from ..layout import PATTERNS, BlockLayout
+from ..layout import BlockLayout
 from ..structures import get_structure, structure_names
 
 __all__ = ["PlantedInfo", "planted_matrix", "planted_structures", "random_layout"]

@@ -1,87 +1,10 @@
-"""The checkpoint study: every layer of a model approximated by every registered structure.
-
-For each selected layer of a checkpoint pair, the weight update
-``ΔW = W_finetuned - W_base`` (or, with one checkpoint, the weight ``W``
-itself: compression) is approximated by every registered structure
-(:func:`~blocklowrank.structures.structures`) at a matched parameter budget,
-with :func:`~blocklowrank.compare.compare_at_budget` (every configuration of
-every grid size, uniform ranks and budget-optimal per-block ranks).
-
-Budgets
--------
-Per layer, as a LoRA-equivalent rank (``budget_rank=r``: ``r (m + n)``
-parameters for an ``m x n`` layer) or as a fraction of the layer's size
-(``budget_fraction=f``: ``floor(f m n)``). With ``total_budget=P`` the
-model-wide total is ``P`` and each layer's own budget is the largest common
-LoRA-equivalent rank ``t = P / sum (m + n)`` (a fraction), ``floor(t (m + n))``.
-
-Model-wide allocation
----------------------
-For every layout structure (``Structure.spectral``) and grid size, one total
-budget is spread over all layers and all their blocks at once: every block of
-every layer contributes its squared singular values ``sigma_k^2`` (the energy
-rank ``k`` would capture) at cost ``m_i + n_j`` per rank, and
-:func:`~blocklowrank._allocation.allocate_ranks` is called once on the
-concatenation (:func:`allocate_model_wide`). It minimises the total discarded
-energy ``sum_l ||ΔW_l - approx_l||_F^2``, i.e. the model-wide relative error
-``sqrt(sum discarded / sum ||ΔW_l||_F^2)``:
-
-- equal costs (every block of every layer with the same ``m_i + n_j``): keeping
-  the largest ``sigma^2`` is exactly optimal by the exchange argument;
-- unequal costs: the exact dynamic programme while it is small, else greedy by
-  gain per parameter. The greedy keeps every item before the first that does not
-  fit in gain-per-parameter order, so it is within that item's gain (at most the
-  largest single ``sigma^2``) of the fractional (LP) optimum, hence of the
-  optimum. The study reports the certified gap: ``error_lower_bound`` comes
-  from the LP optimum, and the optimal error lies between it and ``error``.
-
-It is reported against the *uniform* allocation at the same total: every layer
-gets the study's per-layer budget (the same LoRA-equivalent rank, or the same
-fraction), spent optimally inside the layer. The uniform allocation is one of
-those the model-wide one chooses among, so the model-wide error is never
-larger when the allocation is exact; a greedy result worse than the uniform
-one is replaced by it (``fallback``).
-
-Effective rank
---------------
-Per layer, the entropy effective rank of Roy & Vetterli (2007):
-``exp(-sum_k p_k log p_k)`` with ``p_k = sigma_k / sum_j sigma_j`` over the
-singular values of the matrix studied (0 for a zero matrix). It lies between
-1 and ``min(m, n)``; a rank-``r`` matrix with equal singular values has
-effective rank ``r``.
-
-Long runs
----------
-Layers run through :func:`joblib.Parallel` (``n_jobs``), each worker opening
-the checkpoint files by path and reading only its own layer, so peak memory is
-a few layers' worth whatever the model size. Any joblib backend works without
-code change, e.g. Dask (workers must see the checkpoint and output paths)::
-
-    from dask.distributed import Client
-    import joblib
-    client = Client("scheduler:8786")
-    with joblib.parallel_config(backend="dask"):
-        run_study("base.safetensors", "tuned.safetensors", out="study", n_jobs=-1)
-
-(Ray: ``from ray.util.joblib import register_ray; register_ray()``, then
-``backend="ray"``.) A ``tqdm`` bar counts the layers. With ``out``, each
-finished layer is one JSON line of ``out/study.jsonl``
-(:class:`~blocklowrank.sweep.RunLog`) and its spectra one file in
-``out/spectra/``: a killed study started again with the same settings redoes
-only the layers not logged (a torn last line included).
-
-References
-----------
-.. [1] O. Roy and M. Vetterli, "The effective rank: a measure of effective
-   dimensionality", EUSIPCO 2007.
-"""
+"""The study's entry point, :func:`run_study`, and the work on one layer (see :mod:`blocklowrank.study`)."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
-import os
 import re
 import tempfile
 from contextlib import nullcontext
@@ -89,27 +12,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .._allocation import allocate_ranks
-from .._engine import BlockSpectra, block_spectra
+from .._extras import require
+from .._io import atomic_write_text
 from ..budget import RecordList, check_methods, match_budget
+from ..checkpoints import ALL_LINEAR, LayerPair, iter_deltas, open_checkpoint, pair_layers
 from ..compare import compare_at_budget
+from ..peft import adapter_deltas, adapter_pairs
 from ..structures import get_structure, structure_names
-from .safetensors import open_checkpoint
-from .select import ALL_LINEAR, LayerPair, iter_deltas, pair_layers
-
-__all__ = [
-    "run_study",
-    "effective_rank",
-    "allocate_model_wide",
-    "STUDY_COLUMNS",
-    "MODEL_WIDE_COLUMNS",
-    "DEFAULT_N_BLOCKS",
-]
+from ..sweep import RunLog, jsonable, run_sweep
+from ._model_wide import _model_wide
+from ._report import write_study
+from ._spectra import _curve, _load_spectra, _partitions, _save_npz, _spectra_arrays, effective_rank
 
 #: Grid sizes K tried by default (those at most a layer's smaller side).
 DEFAULT_N_BLOCKS = (2, 4, 8)
-#: LoRA-equivalent ranks of the error-vs-budget curves (those below a layer's dense size).
-CURVE_RANKS = (1, 2, 4, 8, 16, 32, 64)
 #: Columns of the per-layer records.
 STUDY_COLUMNS = (
     "layer",
@@ -130,36 +46,6 @@ STUDY_COLUMNS = (
     "best",
     "effective_rank",
 )
-#: Columns of the model-wide records.
-MODEL_WIDE_COLUMNS = (
-    "structure",
-    "n_blocks",
-    "allocation",
-    "total_budget",
-    "n_params",
-    "error",
-    "mean_layer_error",
-    "exact",
-    "error_lower_bound",
-    "fallback",
-    "n_layers",
-)
-
-
-def effective_rank(singular_values):
-    """Entropy effective rank (Roy & Vetterli): ``exp(H(p))`` with ``p = sigma / sum(sigma)``.
-
-    Examples
-    --------
-    >>> effective_rank([3.0, 3.0, 3.0, 0.0]), effective_rank([0.0, 0.0])
-    (3.0, 0.0)
-    """
-    s = np.abs(np.asarray(singular_values, dtype=np.float64))
-    total = s.sum()
-    if not total > 0:
-        return 0.0
-    p = s[s > 0] / total
-    return float(np.exp(-np.sum(p * np.log(p))))
 
 
 def _budget(shape, budget_rank, budget_fraction):
@@ -179,74 +65,11 @@ def _config(rec):
     return " ".join(words)
 
 
-def _partitions(names, shape, ks):
-    """``(structure, K)`` of every layout structure among ``names`` valid for ``shape``."""
-    out = []
-    for name in names:
-        s = get_structure(name)
-        if s.spectral:
-            out += [(name, K) for K in ([s.fixed_blocks] if s.fixed_blocks else ks) if K <= min(shape)]
-    return out
-
-
-def _spectra_arrays(delta, names, ks):
-    """Singular values and block energies of every layout partition, as npz-ready arrays."""
-    arrays = {}
-    for name, K in _partitions(names, delta.shape, ks):
-        sp = block_spectra(delta, get_structure(name).layout(delta.shape, K))
-        arrays[f"{name}|{K}|E"] = sp.block_energy
-        arrays.update({f"{name}|{K}|{i}|{j}": v for (i, j), v in sp.values.items()})
-    return arrays
-
-
-def _load_spectra(arrays, name, K, shape):
-    """The :class:`BlockSpectra` of partition ``(name, K)`` from arrays or an npz file (None if absent)."""
-    prefix = f"{name}|{K}|"
-    if not isinstance(arrays, dict):
-        with np.load(arrays) as z:
-            arrays = {key: z[key] for key in z.files if key.startswith(prefix)}
-    if prefix + "E" not in arrays:
-        return None
-    lay = get_structure(name).layout(tuple(shape), K)
-    values = {
-        tuple(int(t) for t in key[len(prefix) :].split("|")): np.asarray(arrays[key])
-        for key in arrays
-        if key.startswith(prefix) and not key.endswith("|E")
-    }
-    return BlockSpectra(lay, values, np.asarray(arrays[prefix + "E"]))
-
-
-def _curve(arrays, names, ks, shape):
-    """Error of each layout structure (best grid size, optimal ranks) at the curve's budget ranks."""
-    m, n = shape
-    curve = {}
-    for name, K in _partitions(names, shape, ks):
-        sp = _load_spectra(arrays, name, K, shape)
-        for r in CURVE_RANKS:
-            if r * (m + n) < m * n and r * (m + n) >= int(sp.layout.block_costs[sp.layout.active].min()):
-                err = float(sp.error(sp.allocate(r * (m + n))[0]))
-                prev = curve.setdefault(name, {}).get(r)
-                curve[name][r] = err if prev is None else min(prev, err)
-    return {name: sorted(pts.items()) for name, pts in curve.items()}
-
-
-def _save_npz(path, arrays):
-    """Write ``arrays`` to ``path`` atomically (a reader sees the whole file or none)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-
-
 def _study_layer(task, *, base, finetuned, settings, progress=False, live=False):
     """Study one layer in a worker: read it from the files, fit, return its JSON record."""
-    from ..sweep import jsonable
-
     name, module, stored_shape = task["pair"]
     pair = LayerPair(name, module, tuple(stored_shape))
     if settings.get("adapter"):  # a PEFT adapter directory in place of a fine-tuned checkpoint
-        from ..peft import adapter_deltas
-
         ((_, delta),) = list(adapter_deltas(base, finetuned, names=[pair.name]))
     else:
         with open_checkpoint(base) as b, open_checkpoint(finetuned) if finetuned else nullcontext() as f:
@@ -327,148 +150,6 @@ def _mark_best(rows):
     return rows
 
 
-# ---------------------------------------------------------------------------- model-wide
-def allocate_model_wide(spectra, total_budget):
-    """Per-block ranks of every layer under one total budget (gain-per-parameter water-filling).
-
-    Parameters
-    ----------
-    spectra : list of BlockSpectra
-        One per layer (single matrices), each of the same structure and grid size.
-    total_budget : int
-        Parameters to spend over all the layers.
-
-    Returns
-    -------
-    ranks : list of ndarray of int
-        Per-block ranks of each layer, ``(K_rows, K_cols)``.
-    exact : bool
-        Whether the allocation is provably optimal (equal block costs, or the
-        exact dynamic programme): see :func:`~blocklowrank._allocation.allocate_ranks`.
-    gap : float
-        How much more energy than this allocation the optimum can keep at
-        most (the fractional relaxation's optimum minus the energy kept here;
-        0 up to rounding when ``exact``): the optimal discarded energy lies
-        between ``discarded - gap`` and ``discarded``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from blocklowrank.layout import BlockLayout
-    >>> from blocklowrank._engine import block_spectra
-    >>> rng = np.random.default_rng(0)
-    >>> sps = [block_spectra(rng.standard_normal((8, 8)) * s, BlockLayout.global_((8, 8))) for s in (1, 3)]
-    >>> ranks, exact, _ = allocate_model_wide(sps, 4 * 16)
-    >>> [int(r.sum()) for r in ranks], exact   # the larger layer gets more of the budget
-    ([0, 4], True)
-    """
-    gains, costs, maxr, owner = [], [], [], []
-    for t, sp in enumerate(spectra):
-        lay = sp.layout
-        for (i, j), v in sp.values.items():
-            gains.append(np.asarray(v, dtype=np.float64).reshape(1, -1) ** 2)
-            costs.append(int(lay.block_costs[i, j]))
-            maxr.append(int(lay.max_ranks[i, j]))
-            owner.append((t, i, j))
-    alloc, exact = allocate_ranks(gains, costs, maxr, budget=int(total_budget))
-    ranks = [np.zeros(sp.layout.n_blocks, dtype=np.int64) for sp in spectra]
-    for t, (layer, i, j) in enumerate(owner):
-        ranks[layer][i, j] = alloc[0, t]
-    kept = sum(float(g[0, :r].sum()) for g, r in zip(gains, alloc[0]))
-    return ranks, bool(exact), max(_fractional_bound(gains, costs, maxr, int(total_budget)) - kept, 0.0)
-
-
-def _fractional_bound(gains, costs, maxr, budget):
-    """Most energy the LP relaxation keeps: items by gain per parameter, the last one in part."""
-    g = np.concatenate([gn[0, :mr] for gn, mr in zip(gains, maxr)])
-    c = np.concatenate([np.full(min(gn.shape[1], mr), cost) for gn, mr, cost in zip(gains, maxr, costs)])
-    order = np.argsort(-g / c, kind="stable")
-    g, c = g[order], c[order].astype(np.float64)
-    spent = np.cumsum(c)
-    full = spent <= budget
-    kept = g[full].sum()
-    t = int(full.sum())
-    if t < g.size:
-        kept += g[t] * (budget - (spent[t - 1] if t else 0.0)) / c[t]
-    return float(kept)
-
-
-def _model_wide(layers, files, names, ks, total, uniform_budgets):
-    """Model-wide vs uniform records for every layout partition present in every layer."""
-    out, per_layer, notes = [], [], []
-    for name, K in dict.fromkeys(p for lay in layers for p in _partitions(names, lay["shape"], ks)):
-        spectra = [_load_spectra(file, name, K, lay["shape"]) for lay, file in zip(layers, files)]
-        if any(sp is None for sp in spectra):
-            notes.append(f"{name} K={K}: not every layer has {K} blocks per side; no model-wide row")
-            continue
-        energy = sum(float(sp.total_energy) for sp in spectra)
-        unif = [
-            sp.allocate(b)[0] if b >= 1 else np.zeros(sp.layout.n_blocks, int)
-            for sp, b in zip(spectra, uniform_budgets)
-        ]
-        ranks, exact, gap = allocate_model_wide(spectra, total)
-        floor = _discarded(spectra, ranks) - gap  # no allocation within the total discards less
-        fallback = not exact and _discarded(spectra, ranks) > _discarded(spectra, unif)
-        ranks = unif if fallback else ranks
-        for alloc, R, budget in (("model-wide", ranks, total), ("uniform", unif, sum(uniform_budgets))):
-            errs = [float(sp.error(r)) for sp, r in zip(spectra, R)]
-            wide = alloc == "model-wide"
-            out.append(
-                {
-                    "structure": name,
-                    "n_blocks": K,
-                    "allocation": alloc,
-                    "total_budget": int(budget),
-                    "n_params": int(sum(int(sp.n_params(r)) for sp, r in zip(spectra, R))),
-                    "error": _total_error(_discarded(spectra, R), energy),
-                    "mean_layer_error": float(np.mean(errs)),
-                    "exact": exact if wide else None,
-                    "error_lower_bound": _total_error(floor, energy) if wide else None,
-                    "fallback": fallback if wide else None,
-                    "n_layers": len(spectra),
-                }
-            )
-            per_layer += [
-                {
-                    "structure": name,
-                    "n_blocks": K,
-                    "allocation": alloc,
-                    "layer": lay["layer"],
-                    "module_type": lay["module_type"],
-                    "n_params": int(sp.n_params(r)),
-                    "rank_equivalent": int(sp.n_params(r)) / sum(lay["shape"]),
-                    "error": e,
-                }
-                for lay, sp, r, e in zip(layers, spectra, R, errs)
-            ]
-    return (
-        RecordList(out, columns=MODEL_WIDE_COLUMNS),
-        RecordList(
-            per_layer,
-            columns=(
-                "structure",
-                "n_blocks",
-                "allocation",
-                "layer",
-                "module_type",
-                "n_params",
-                "rank_equivalent",
-                "error",
-            ),
-        ),
-        notes,
-    )
-
-
-def _discarded(spectra, ranks):
-    return sum(float(sp.discarded(r)) for sp, r in zip(spectra, ranks))
-
-
-def _total_error(discarded, energy):
-    return float(np.sqrt(max(discarded, 0.0) / energy)) if energy > 0 else 0.0
-
-
-# ---------------------------------------------------------------------------- entry
 def _check_budgets(budget_rank, budget_fraction, total_budget):
     if budget_fraction is not None and total_budget is not None:
         raise ValueError("give at most one of budget_fraction and total_budget")
@@ -494,7 +175,7 @@ def _settings_file(out, settings):
                 f"{out} holds a study with other settings ({', '.join(diff)}); use another --out or remove that folder"
             )
     else:  # a new study, or one stopped before its first layer
-        path.write_text(json.dumps(settings, indent=1, sort_keys=True))
+        atomic_write_text(path, json.dumps(settings, indent=1, sort_keys=True))
 
 
 def run_study(
@@ -529,7 +210,9 @@ def run_study(
         Folder for ``layers.csv``, ``model_wide.csv``, ``summary.md``,
         ``error_heatmap.png``, ``error_vs_budget.png``, and the resumable log
         ``study.jsonl`` (with ``study.json``, the settings, and ``spectra/``).
-        Without it nothing is written and nothing can be resumed.
+        Without it nothing is written and nothing can be resumed. The
+        figures need matplotlib (the ``plots`` extra): without it, a study
+        with ``out`` is refused before it starts, in one line.
     structures : sequence of str, optional
         Registered structures to study; default every registered one.
     budget_rank : int, default=16
@@ -616,9 +299,9 @@ def run_study(
     [('global', 'model-wide', 128), ('global', 'uniform', 128)]
     >>> tmp.cleanup()
     """
-    from ..sweep import RunLog, run_sweep
-
     mode, value = _check_budgets(budget_rank, budget_fraction, total_budget)
+    if out is not None:
+        require("matplotlib")  # the figures of ``out``: refuse before the work, not after it
     names = structure_names() if structures is None else check_methods(structures)
     ks = sorted(set(DEFAULT_N_BLOCKS if n_blocks is None else (int(k) for k in np.atleast_1d(n_blocks))))
     if not ks or min(ks) < 1:
@@ -630,9 +313,7 @@ def run_study(
     ):
         pairing = pair_layers(b, f, target_modules)
         paths = str(b.path), (str(f.path) if f is not None else None)
-    if adapter:  # the adapter's layers, in the base's names (lazy import: peft imports the checkpoints package)
-        from ..peft import adapter_pairs
-
+    if adapter:  # the adapter's layers, in the base's names
         held = {p.name for p in adapter_pairs(base, finetuned)}
         pairing.pairs[:] = [p for p in pairing.pairs if p.name in held]
         paths = paths[0], str(Path(finetuned).resolve())
@@ -689,8 +370,6 @@ def run_study(
     records.model_wide, records.model_wide_layers, records.layers = model_wide, model_layers, layers
     records.pairing, records.notes, records.settings = pairing, notes, settings
     if out is not None:
-        from .plots import write_study
-
         write_study(records, out)
     return records
 

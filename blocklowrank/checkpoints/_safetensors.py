@@ -58,13 +58,13 @@ import json
 import math
 import mmap
 import os
-import secrets
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import NamedTuple
 
 import numpy as np
 
+from .._io import atomic_write
 from ._dtypes import DTYPES, bf16_to_float32, code_of, float_to_bf16
 
 __all__ = [
@@ -546,23 +546,6 @@ def _encoded(array, code):
     return np.ascontiguousarray(array, dtype=DTYPES[code].numpy)
 
 
-def _write_atomically(path, chunks):
-    """Write the byte chunks to a temporary file beside ``path``, then rename it into place."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-
-
 def save_file(path, tensors, *, metadata=None, dtypes=None):
     """Write tensors to a safetensors file, atomically.
 
@@ -626,10 +609,8 @@ def save_file(path, tensors, *, metadata=None, dtypes=None):
         raise ValueError(f"a tensor name or metadata string is not valid Unicode: {exc}") from None
     raw += b" " * (-len(raw) % 8)
 
-    def chunks():  # the header, then one tensor at a time, encoded only when written
-        yield len(raw).to_bytes(8, "little") + raw
+    with atomic_write(path) as f:  # the header, then one tensor at a time, encoded only when written
+        f.write(len(raw).to_bytes(8, "little") + raw)
         for _, code, array in plan:
-            yield _encoded(array, code).data
-
-    _write_atomically(path, chunks())
+            f.write(_encoded(array, code).data)
     return path

@@ -161,7 +161,7 @@ _PARAMS_DOC = """
         ``budget`` and ``max_error`` are all None, 1.
     budget : int, default=None
         Parameter budget: the per-block ranks that minimise the error under it
-        (see :func:`blocklowrank._allocation.allocate_ranks`).
+        (see :func:`blocklowrank.allocate_ranks`).
     max_error : float in (0, 1), default=None
         Fewest parameters whose relative error is ``<= max_error``: exactly
         the fewest when ``exact_allocation_`` is True (always for equal blocks;
@@ -231,7 +231,7 @@ _ATTRS_DOC = """
 
 
 class _LayoutEstimator(StructuredEstimator):
-    """Fits its registered layout structure with :func:`~blocklowrank._engine.fit_layout`."""
+    """Fits its registered layout structure with :func:`~blocklowrank.fit_layout`."""
 
     _structure = None
     _orthonormal_codes = True

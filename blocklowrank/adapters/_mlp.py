@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._io import atomic_write
+
 __all__ = ["MLP", "log_softmax", "nll_and_grad"]
 
 
@@ -122,12 +124,9 @@ class MLP:
         return {"W1": self.W1, "b1": self.b1, "W2": self.W2, "b2": self.b2}
 
     def save(self, path):
-        """Save to ``.npz`` (written to a temporary file, then renamed)."""
-        import os
-
-        tmp = f"{path}.tmp.npz"
-        np.savez(tmp, **self.to_dict())
-        os.replace(tmp, path)
+        """Save to ``.npz``, whole or not at all (a temporary file renamed into place)."""
+        with atomic_write(path) as f:
+            np.savez(f, **self.to_dict())
 
     @classmethod
     def load(cls, path):

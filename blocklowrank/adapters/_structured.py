@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..layout import BlockLayout
+from ..structures import get_structure
 
 __all__ = ["StructuredAdapter"]
 
@@ -171,8 +172,6 @@ class StructuredAdapter:
     @classmethod
     def from_method(cls, method, shape, *, rank, n_blocks=1, **kw):
         """The adapter of any registered layout structure (``"global"``, ``"diagonal"``, ``"block"``, ...)."""
-        from ..structures import get_structure
-
         s = get_structure(method)
         if not s.spectral:
             raise ValueError(f"adapters train layout structures; {method!r} is not one")

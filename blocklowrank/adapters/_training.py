@@ -18,9 +18,9 @@ import numpy as np
 
 from .._params import Float, Int, StrOptions, validate_params
 from ..sweep import RunFailed
-from .mlp import MLP, nll_and_grad
-from .optim import OPTIMIZERS, make_optimizer
-from .structured import StructuredAdapter
+from ._mlp import MLP, nll_and_grad
+from ._optim import OPTIMIZERS, make_optimizer
+from ._structured import StructuredAdapter
 
 __all__ = [
     "TrainingDivergedError",

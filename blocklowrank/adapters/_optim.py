@@ -70,6 +70,7 @@ class SGD:
 
 
 def make_optimizer(name, theta, grad, lr, **kw):
+    """The optimizer ``name`` (one of :data:`OPTIMIZERS`) stepping ``theta`` in place along ``grad``."""
     if name == "adam":
         return Adam(theta, grad, lr, **kw)
     if name == "sgd":

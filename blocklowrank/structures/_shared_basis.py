@@ -105,10 +105,10 @@ def fit_shared_basis(
     ``W_i``: :meth:`SharedBasisLowRank.transform` of the fitted X gives them
     back.
 
-    Normal equations are solved with :func:`~blocklowrank._linalg.spd_solve`:
+    Normal equations are solved with ``spd_solve``:
     a Cholesky solve vectorised over the stack, and for a numerically
     singular Gram (e.g. a coupling ``s_ij = 0``, a block of zeros, or a rank
-    above what the data supports) :func:`~blocklowrank._linalg.psd_solve`
+    above what the data supports) ``psd_solve``
     (pseudo-inverse through an eigendecomposition, eigenvalues below
     ``1e-12`` of the largest treated as zero), the minimum-norm exact
     minimiser. No ridge is added, because a ridge would make a step inexact

@@ -59,7 +59,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .safetensors import _error
+from ._safetensors import _error
 
 __all__ = ["ALL_LINEAR", "select_names", "module_of", "LayerPair", "PairingReport", "pair_layers", "iter_deltas"]
 

@@ -1,6 +1,6 @@
 """Files of a checkpoint study: tables, the markdown summary and the figures.
 
-:func:`write_study` writes, from what :func:`~blocklowrank.checkpoints.run_study`
+:func:`write_study` writes, from what :func:`~blocklowrank.study.run_study`
 returns: ``layers.csv`` (one row per layer and configuration),
 ``model_wide.csv`` and ``model_wide_layers.csv`` (the model-wide allocation
 against the uniform one, in total and per layer), ``summary.md``, and the
@@ -11,20 +11,18 @@ one panel per module type). matplotlib runs on the Agg backend.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
+
+from .._extras import pyplot_agg
+from .._io import atomic_write_csv, atomic_write_text, save_figure
 
 __all__ = ["write_study", "plot_error_heatmap", "plot_error_vs_budget", "summary_markdown"]
 
 
 def _write_csv(path, records):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(records.columns), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
-    return path
+    return atomic_write_csv(path, records, records.columns, extrasaction="ignore")
 
 
 def _best_errors(records):
@@ -44,20 +42,33 @@ def _table(header, rows):
 def summary_markdown(records):
     """The study's ``summary.md`` text: settings, errors by structure and module type,
     model-wide against uniform, skipped layers and the full pairing report."""
-    layers, st = records.layers, records.settings
-    names = st["structures"]
-    best = _best_errors(records)
+    out = _settings_section(records) + _error_section(records) + _model_wide_section(records)
+    out += _skipped_section(records.layers)
+    out += ["", "## Pairing of the checkpoints", "", "```", records.pairing.summary(max_names=10**9), "```", ""]
+    return "\n".join(out)
+
+
+def _settings_section(records):
+    st = records.settings
     what = "ΔW = W_finetuned - W_base" if st["finetuned"] else "W (compression of one checkpoint)"
-    out = [
+    return [
         "# Checkpoint study",
         "",
         f"- base: `{st['base']}`",
         f"- fine-tuned: `{st['finetuned']}`",
         f"- studied: {what}",
-        f"- layers: {len(layers)} selected by target_modules={st['target_modules']!r}",
+        f"- layers: {len(records.layers)} selected by target_modules={st['target_modules']!r}",
         f"- budget: {st['budget'][0]} = {st['budget'][1]}; grid sizes K in {st['n_blocks']}",
-        f"- structures: {', '.join(names)}",
+        f"- structures: {', '.join(st['structures'])}",
         "",
+    ]
+
+
+def _error_section(records):
+    """Mean best error by structure and module type, and the mean effective rank by module type."""
+    layers, names = records.layers, records.settings["structures"]
+    best = _best_errors(records)
+    out = [
         "## Mean relative error by structure and module type",
         "",
         "Best configuration of each structure on each layer (lowest error over its grid sizes, uniform "
@@ -80,10 +91,16 @@ def summary_markdown(records):
     erank = [
         f"{mt}: {np.mean([lay['effective_rank'] for lay in layers if lay['module_type'] == mt]):.1f}" for mt in types
     ]
-    out += [
+    return out + [
         "",
         "Mean effective rank (entropy effective rank, Roy & Vetterli) by module type: " + ", ".join(erank) + ".",
         "",
+    ]
+
+
+def _model_wide_section(records):
+    """The model-wide allocation against the uniform one, and where the best one puts the parameters."""
+    out = [
         "## Model-wide allocation against uniform",
         "",
         "One total budget spread over every block of every layer by gain-per-parameter water-filling "
@@ -108,20 +125,8 @@ def summary_markdown(records):
         ]
         for r in records.model_wide
     ]
-    out += _table(
-        [
-            "structure",
-            "K",
-            "allocation",
-            "total budget",
-            "parameters",
-            "error",
-            "mean layer error",
-            "exact",
-            "lower bound",
-        ],
-        mw,
-    )
+    header = ["structure", "K", "allocation", "total budget", "parameters", "error", "mean layer error", "exact"]
+    out += _table(header + ["lower bound"], mw)
     wide = [r for r in records.model_wide if r["allocation"] == "model-wide"]
     if wide:
         top = min(wide, key=lambda r: r["error"])
@@ -130,7 +135,7 @@ def summary_markdown(records):
         for r in records.model_wide_layers:
             if (r["structure"], r["n_blocks"], r["allocation"]) == key:
                 given.setdefault(r["module_type"], []).append(r["rank_equivalent"])
-        ranks = [f"{mt}: {np.mean(given[mt]):.1f}" for mt in types]
+        ranks = [f"{mt}: {np.mean(given[mt]):.1f}" for mt in _module_types(records.layers)]
         out += [
             "",
             f"Where the best model-wide allocation ({top['structure']}, K={top['n_blocks']}) puts the "
@@ -138,7 +143,10 @@ def summary_markdown(records):
         ]
     if any(r["fallback"] for r in records.model_wide):
         out += ["", "Rows with a greedy result worse than uniform were replaced by the uniform allocation."]
-    out += [f"- {note}" for note in records.notes]
+    return out + [f"- {note}" for note in records.notes]
+
+
+def _skipped_section(layers):
     skipped = [
         f"- `{lay['layer']}` ({lay['shape'][0]}x{lay['shape'][1]}): {lay['skipped']}"
         for lay in layers
@@ -149,23 +157,12 @@ def summary_markdown(records):
         for lay in layers
         if lay["missing"] and not lay["skipped"]
     ]
-    out += ["", "## Skipped layers and structures", ""] + (skipped + missing or ["None."])
-    out += ["", "## Pairing of the checkpoints", "", "```", records.pairing.summary(max_names=10**9), "```", ""]
-    return "\n".join(out)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return ["", "## Skipped layers and structures", ""] + (skipped + missing or ["None."])
 
 
 def plot_error_heatmap(records, path):
     """Best relative error of each structure (columns) on each layer (rows)."""
-    plt = _pyplot()
+    plt = pyplot_agg()
     layers = [lay["layer"] for lay in records.layers]
     names = records.settings["structures"]
     best = _best_errors(records)
@@ -177,7 +174,7 @@ def plot_error_heatmap(records, path):
     ax.set_yticks(range(len(layers)), layers, fontsize=max(4, 9 - len(layers) // 40))
     fig.colorbar(im, ax=ax, label="relative Frobenius error (best configuration)")
     ax.set_title("error per layer and structure (grey: not matched)")
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -189,7 +186,7 @@ def plot_error_vs_budget(records, path):
     optimal ranks, from the layers' spectra); other structures: one marker at
     the study's budget (their best configuration there).
     """
-    plt = _pyplot()
+    plt = pyplot_agg()
     layers, names = records.layers, records.settings["structures"]
     types = _module_types(layers)
     best = _best_errors(records)
@@ -230,26 +227,21 @@ def plot_error_vs_budget(records, path):
     for row in axes:
         row[0].set_ylabel("mean relative error")
     axes[0][0].legend(fontsize=7)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
 
 def write_study(records, out):
     """Write the study's tables, summary and figures to ``out``; return the paths written."""
-    from .study import STUDY_COLUMNS
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    from ..budget import RecordList
-
     paths = [
-        _write_csv(out / "layers.csv", RecordList(records, columns=STUDY_COLUMNS)),
+        _write_csv(out / "layers.csv", records),
         _write_csv(out / "model_wide.csv", records.model_wide),
         _write_csv(out / "model_wide_layers.csv", records.model_wide_layers),
     ]
-    (out / "summary.md").write_text(summary_markdown(records))
-    paths.append(out / "summary.md")
+    paths.append(atomic_write_text(out / "summary.md", summary_markdown(records)))
     paths.append(plot_error_heatmap(records, out / "error_heatmap.png"))
     paths.append(plot_error_vs_budget(records, out / "error_vs_budget.png"))
     return paths

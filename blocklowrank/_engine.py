@@ -19,7 +19,7 @@ from ._allocation import no_worse_than_uniform
 from ._parallel import run_chunked
 from ._params import SVD_OPTIONS, validate_params
 from ._svd import _exact_jobs, _exact_svd, _solve
-from ._validation import pow2_scale, validate_matrix
+from ._validation import OptionError, pow2_scale, validate_matrix
 from .factors import StructuredFactors, _Group
 from .layout import BlockLayout
 
@@ -135,10 +135,11 @@ def _rank_mode(layout, rank, budget, max_error, cap_rank):
     over = np.argwhere(rr > layout.max_ranks)
     if over.size and not cap_rank:
         i, j = (int(v) for v in over[0])
-        raise ValueError(
+        raise OptionError(
             f"rank {int(rr[i, j])} exceeds the smaller side of block ({i}, {j}), which is "
             f"{layout.row_sizes[i]}x{layout.col_sizes[j]} (max rank {int(layout.max_ranks[i, j])}); lower "
-            "the rank, use fewer blocks, or pass cap_rank=True to cap each block's rank at its smaller side"
+            "«rank», use fewer blocks («n_blocks»), or pass «cap_rank=True» to cap each block's rank at its "
+            "smaller side"
         )
     lay = layout.with_ranks(r, cap_rank=cap_rank)
     if lay.n_params == 0:

@@ -204,7 +204,7 @@ def _choose_type(kinds, peft_type, gralora_k):
     return "GRALORA", K
 
 
-def _atomic_write(directory, tensors, config, overwrite):
+def _atomic_write(directory, tensors, config, overwrite, dtypes=None):
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise FileExistsError(f"{directory} exists and is not a directory")
@@ -215,7 +215,7 @@ def _atomic_write(directory, tensors, config, overwrite):
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", dir=parent)
     old = None
     try:
-        save_file(os.path.join(tmp, ADAPTER_WEIGHTS), tensors, metadata={"format": "pt"})
+        save_file(os.path.join(tmp, ADAPTER_WEIGHTS), tensors, metadata={"format": "pt"}, dtypes=dtypes)
         atomic_write_text(os.path.join(tmp, ADAPTER_CONFIG), json.dumps(config, indent=2, sort_keys=True))
         if os.path.isdir(directory):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old.", dir=parent)
@@ -232,6 +232,36 @@ def _atomic_write(directory, tensors, config, overwrite):
     return directory
 
 
+_STORE_TYPES = {"float32": (np.float32, None), "float64": (np.float64, None), "float16": (np.float32, "F16")}
+_STORE_TYPES["bfloat16"] = (np.float32, "BF16")
+
+
+def _store_type(dtype):
+    """(NumPy dtype the tensors are built in, safetensors code they are stored as, or None)."""
+    name = dtype if isinstance(dtype, str) else getattr(np.dtype(dtype) if dtype is not None else None, "name", None)
+    if name not in _STORE_TYPES:
+        raise TypeError(f"dtype must be one of {', '.join(_STORE_TYPES)}, got {dtype!r}")
+    return _STORE_TYPES[name]
+
+
+def _whole_modules(modules_to_save, config):
+    """PEFT's keys of the modules carried whole, and their paths in ``config["modules_to_save"]``."""
+    if not modules_to_save:
+        return {}
+    tensors = {}
+    for module, named in modules_to_save.items():
+        for name, value in named.items():
+            if not name.startswith(module + "."):
+                raise ValueError(f"modules_to_save[{module!r}]: tensor {name!r} is not inside that module")
+            tensors[PREFIX + name] = np.asarray(value)
+    targets = config["target_modules"]
+    clash = sorted(m for m in modules_to_save for t in targets if m == t or t.startswith(m + "."))
+    if clash:
+        raise ValueError(f"modules_to_save: {clash[0]!r} is (or holds) a layer of the adapter")
+    config["modules_to_save"] = sorted(modules_to_save)
+    return tensors
+
+
 def save_peft_adapter(
     directory,
     layers,
@@ -241,6 +271,7 @@ def save_peft_adapter(
     gralora_k=None,
     task_type=None,
     dtype=np.float32,
+    modules_to_save=None,
     overwrite=False,
 ):
     """Write fitted structures as a PEFT adapter directory (LoRA or GraLoRA).
@@ -271,8 +302,15 @@ def save_peft_adapter(
         Grid size for GraLoRA when no layer is a ``K x K`` grid.
     task_type : str, optional
         PEFT's ``task_type`` (e.g. ``"CAUSAL_LM"``), written only if given.
-    dtype : {numpy.float32, numpy.float64}, default=numpy.float32
-        Dtype of the stored tensors.
+    dtype : {"float32", "float64", "bfloat16", "float16"} or numpy dtype, default=numpy.float32
+        Type of the stored tensors (16-bit types round the float32 factors
+        to nearest even; PEFT loads them into its float32 layers).
+    modules_to_save : mapping of str to mapping of str to array, optional
+        Modules carried whole (PEFT's ``modules_to_save``): full module path
+        -> ``{tensor name: array}``, each tensor name ``<module path>.<param>``.
+        They are stored as ``base_model.model.<tensor name>`` (the keys
+        PEFT's ``save_pretrained`` writes for them) and the config lists
+        the paths.
     overwrite : bool, default=False
         Replace a non-empty ``directory`` (all of it) instead of raising.
 
@@ -311,9 +349,7 @@ def save_peft_adapter(
     """
     if peft_type not in PEFT_TYPES:
         raise ValueError(f"peft_type must be one of {PEFT_TYPES}, got {peft_type!r}")
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    dtype, code = _store_type(dtype)
     if not isinstance(layers, Mapping) or not layers:
         raise ValueError("layers must be a non-empty mapping from module path to fitted structure")
     sfs = {}
@@ -360,8 +396,9 @@ def save_peft_adapter(
         }
         for name, sf in sfs.items()
     }
+    tensors.update(_whole_modules(modules_to_save, config))
     tensors = {k: np.ascontiguousarray(v, dtype) for k, v in tensors.items()}
-    path = _atomic_write(directory, tensors, config, overwrite)
+    path = _atomic_write(directory, tensors, config, overwrite, dtypes=code)
     return {
         "directory": path,
         "peft_type": kind,
@@ -401,10 +438,26 @@ def _targeted(target_modules, module, path):
     return any(module == t or module.endswith("." + t) for t in target_modules)
 
 
-def _group_keys(ckpt, suffixes, wpath):
-    """``{module: {role: key}}`` from the checkpoint's keys, each ``PREFIX<module>.<suffix>``."""
+def _saved_whole(key, config):
+    """Whether ``key`` belongs to a module of the config's ``modules_to_save`` (PEFT: a path ending with a name)."""
+    names = config.get("modules_to_save") or []
+    if not isinstance(names, list) or not key.startswith(PREFIX):
+        return False
+    parts = key[len(PREFIX) :].split(".")[:-1]
+    paths = [".".join(parts[: t + 1]) for t in range(len(parts))]
+    return any(isinstance(n, str) and n and p.endswith(n) for n in names for p in paths)
+
+
+def _group_keys(ckpt, suffixes, wpath, config=None):
+    """``{module: {role: key}}`` from the checkpoint's keys, each ``PREFIX<module>.<suffix>``.
+
+    Tensors of modules carried whole (the config's ``modules_to_save``) are
+    not updates of a layer: they are skipped.
+    """
     modules = {}
     for key in ckpt.names():
+        if config is not None and _saved_whole(key, config):
+            continue
         suffix = next((s for s in suffixes if key.endswith("." + s)), None)
         if suffix is None or not key.startswith(PREFIX):
             raise ValueError(f"{wpath}: key {key!r} is not a {'/'.join(suffixes)} weight of this adapter type")
@@ -431,7 +484,7 @@ def _read_lora(ckpt, config, wpath, cpath):
     if config.get("use_dora") or config.get("lora_bias"):
         raise ValueError(f"{cpath}: DoRA and LoRA biases are not structured low-rank updates; not supported")
     out = {}
-    for module, roles in _group_keys(ckpt, _LORA_KEYS, wpath).items():
+    for module, roles in _group_keys(ckpt, _LORA_KEYS, wpath, config).items():
         for role in ("A", "B"):
             if role not in roles:
                 raise ValueError(f"{wpath}: module {module!r} has no lora_{role}.weight")
@@ -455,7 +508,7 @@ def _read_gralora(ckpt, config, wpath, cpath):
     K, r, hr = int(config.get("gralora_k", 2)), int(config["r"]), int(config.get("hybrid_r", 0))
     scale = float(config.get("alpha", 64)) / (r + hr)
     out = {}
-    for module, roles in _group_keys(ckpt, _GRALORA_KEYS, wpath).items():
+    for module, roles in _group_keys(ckpt, _GRALORA_KEYS, wpath, config).items():
         need = ("A", "B", "A_general", "B_general") if hr else ("A", "B")
         for role in need:
             if role not in roles:
@@ -490,7 +543,9 @@ def load_peft_adapter(directory):
     -------
     layers : dict of str to StructuredFactors
         Module path (without PEFT's ``base_model.model.`` prefix) to the
-        layer's update ``Delta W`` of shape ``(out_features, in_features)``,
+        layer's update ``Delta W`` of shape ``(out_features, in_features)``
+        (modules carried whole, ``modules_to_save``, are not updates and are
+        not read),
         PEFT's scale folded into the ``B`` factors. LoRA gives a 1 x 1
         layout of rank ``r``; GraLoRA a full ``gralora_k`` grid of rank
         ``r / gralora_k`` per block plus the hybrid term.

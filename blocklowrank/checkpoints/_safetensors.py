@@ -74,6 +74,7 @@ __all__ = [
     "open_checkpoint",
     "save_file",
     "load_file",
+    "safetensors_size",
     "MAX_HEADER_BYTES",
 ]
 
@@ -359,7 +360,10 @@ class Checkpoint:
 
     Notes
     -----
-    :meth:`names` lists tensors in storage order: shard by shard (file names
+    It reads like ``safetensors.safe_open``: :meth:`keys`, :meth:`get_tensor`,
+    ``name in ckpt``, ``len(ckpt)``, iteration over the names, and ``with
+    open_checkpoint(path) as ckpt:`` (closes it). :meth:`keys` (and its alias
+    :meth:`names`) lists tensors in storage order: shard by shard (file names
     sorted), by data offset within a file. Arrays returned by :meth:`get` are
     read-only views of the file when no conversion is needed (they stay valid
     after :meth:`close`), and new arrays otherwise.
@@ -375,9 +379,17 @@ class Checkpoint:
         self._maps = {}
         self._closed = False
 
-    def names(self):
-        """Tensor names in storage order."""
+    def keys(self):
+        """Tensor names in storage order (as ``safetensors.safe_open(...).keys()``)."""
         return list(self._infos)
+
+    def names(self):
+        """Tensor names in storage order: the same as :meth:`keys`, kept as an alias."""
+        return self.keys()
+
+    def get_tensor(self, name):
+        """One tensor as a NumPy array (as ``safe_open(..., framework="np").get_tensor``): :meth:`get`."""
+        return self.get(name)
 
     def info(self, name):
         """Return the :class:`TensorInfo` of ``name`` (from the header; no data is read)."""
@@ -546,6 +558,45 @@ def _encoded(array, code):
     return np.ascontiguousarray(array, dtype=DTYPES[code].numpy)
 
 
+def _header_bytes(plan, metadata):
+    """The padded header of ``plan`` (``(name, code, shape)`` in storage order) and the buffer's size."""
+    header = {} if metadata is None else {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name, code, shape in plan:
+        size = math.prod(shape) * DTYPES[code].bits // 8
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    try:
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"a tensor name or metadata string is not valid Unicode: {exc}") from None
+    return raw + b" " * (-len(raw) % 8), offset
+
+
+def safetensors_size(specs, *, metadata=None):
+    """The size in bytes of the file :func:`save_file` would write, from names, codes and shapes alone.
+
+    Parameters
+    ----------
+    specs : mapping of str to (str, tuple of int)
+        Tensor name -> (safetensors code such as ``"BF16"``, shape).
+    metadata : mapping of str to str, optional
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> path = os.path.join(tempfile.mkdtemp(), "a.safetensors")
+    >>> tensors = {"w": np.zeros((3, 5), np.float32), "b": np.zeros(5)}
+    >>> safetensors_size({"w": ("BF16", (3, 5)), "b": ("F64", (5,))}) == os.path.getsize(
+    ...     save_file(path, tensors, dtypes={"w": "BF16"}))
+    True
+    """
+    plan = sorted(((n, c, tuple(s)) for n, (c, s) in specs.items()), key=lambda t: (-DTYPES[t[1]].rank, t[0]))
+    raw, buffer = _header_bytes(plan, metadata)
+    return 8 + len(raw) + buffer
+
+
 def save_file(path, tensors, *, metadata=None, dtypes=None):
     """Write tensors to a safetensors file, atomically.
 
@@ -597,18 +648,7 @@ def save_file(path, tensors, *, metadata=None, dtypes=None):
         array = np.asarray(array)
         plan.append((name, _stored_code(name, array, dtypes), array))
     plan.sort(key=lambda item: (-DTYPES[item[1]].rank, item[0]))  # as the reference writer
-    header = {} if metadata is None else {"__metadata__": metadata}
-    offset = 0
-    for name, code, array in plan:
-        size = array.size * DTYPES[code].bits // 8
-        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    try:
-        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"a tensor name or metadata string is not valid Unicode: {exc}") from None
-    raw += b" " * (-len(raw) % 8)
-
+    raw, _ = _header_bytes([(name, code, array.shape) for name, code, array in plan], metadata)
     with atomic_write(path) as f:  # the header, then one tensor at a time, encoded only when written
         f.write(len(raw).to_bytes(8, "little") + raw)
         for _, code, array in plan:

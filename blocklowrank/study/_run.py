@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import re
+import sys
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -14,13 +15,16 @@ import numpy as np
 
 from .._extras import require
 from .._io import atomic_write_text
+from .._validation import OptionError
 from ..budget import RecordList, check_methods, match_budget
-from ..checkpoints import ALL_LINEAR, LayerPair, iter_deltas, open_checkpoint, pair_layers
+from ..checkpoints import ALL_LINEAR, LayerPair, iter_deltas, open_checkpoint, pair_layers, resolve_model
+from ..checkpoints._names import no_layer_selected
 from ..compare import compare_at_budget
 from ..peft import adapter_deltas, adapter_pairs
-from ..structures import get_structure, structure_names
+from ..structures import get_structure
 from ..sweep import RunLog, jsonable, run_sweep
 from ._model_wide import _model_wide
+from ._plan import apply_roles, cost_summary, default_structures, estimate_cost
 from ._report import write_study
 from ._spectra import _curve, _load_spectra, _partitions, _save_npz, _spectra_arrays, effective_rank
 
@@ -152,14 +156,14 @@ def _mark_best(rows):
 
 def _check_budgets(budget_rank, budget_fraction, total_budget):
     if budget_fraction is not None and total_budget is not None:
-        raise ValueError("give at most one of budget_fraction and total_budget")
+        raise OptionError("give at most one of «budget_fraction» and «total_budget»")
     if budget_fraction is not None:
         if isinstance(budget_fraction, bool) or not (0 < float(budget_fraction) < 1):
-            raise ValueError(f"budget_fraction must be a number in (0, 1), got {budget_fraction!r}")
+            raise OptionError(f"«budget_fraction» must be a number in (0, 1), got {budget_fraction!r}")
         return "fraction", float(budget_fraction)
     value, what = (total_budget, "total_budget") if total_budget is not None else (budget_rank, "budget_rank")
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{what} must be an int >= 1, got {value!r}")
+        raise OptionError(f"«{what}» must be an int >= 1, got {value!r}")
     return what, int(value)
 
 
@@ -199,7 +203,9 @@ def run_study(
     Parameters
     ----------
     base : str or path-like
-        A safetensors file, a sharded checkpoint's folder or index file.
+        A safetensors file, a sharded checkpoint's folder or index file, a
+        Hugging Face cache folder or a model id
+        (:func:`~blocklowrank.checkpoints.resolve_model`).
     finetuned : str or path-like, optional
         The fine-tuned checkpoint: layers are ``ΔW = W_finetuned - W_base``.
         Or a PEFT adapter directory (LoRA or GraLoRA, holding
@@ -214,7 +220,10 @@ def run_study(
         figures need matplotlib (the ``plots`` extra): without it, a study
         with ``out`` is refused before it starts, in one line.
     structures : sequence of str, optional
-        Registered structures to study; default every registered one.
+        Registered structures to study; default the layout structures
+        (global, diagonal, block: seconds per layer). The iterative ones
+        (hybrid, shared_basis: minutes per large layer) run only when named;
+        with ``progress`` their cost is measured and printed before they start.
     budget_rank : int, default=16
         Per-layer budget as a LoRA-equivalent rank: ``budget_rank (m + n)``.
     budget_fraction : float in (0, 1), optional
@@ -302,10 +311,12 @@ def run_study(
     mode, value = _check_budgets(budget_rank, budget_fraction, total_budget)
     if out is not None:
         require("matplotlib")  # the figures of ``out``: refuse before the work, not after it
-    names = structure_names() if structures is None else check_methods(structures)
+    names = default_structures() if structures is None else check_methods(structures)
     ks = sorted(set(DEFAULT_N_BLOCKS if n_blocks is None else (int(k) for k in np.atleast_1d(n_blocks))))
     if not ks or min(ks) < 1:
-        raise ValueError(f"n_blocks must hold ints >= 1, got {n_blocks!r}")
+        raise OptionError(f"«n_blocks» must hold ints >= 1, got {n_blocks!r}")
+    base = resolve_model(base, role="base")
+    finetuned = None if finetuned is None else resolve_model(finetuned, role="fine-tuned")
     adapter = finetuned is not None and (Path(finetuned) / "adapter_config.json").is_file()
     with (
         open_checkpoint(base) as b,
@@ -318,13 +329,11 @@ def run_study(
         pairing.pairs[:] = [p for p in pairing.pairs if p.name in held]
         paths = paths[0], str(Path(finetuned).resolve())
     if not pairing.pairs:
-        raise ValueError(
-            f"no layer selected by target_modules={target_modules!r}: "
-            + "; ".join(line.strip() for line in pairing.summary().splitlines())
-        )
+        modules = [n.rsplit(".", 1)[0] for n in pairing.excluded if n.endswith(".weight")]
+        raise no_layer_selected(modules, target_modules).with_context("no layer selected: ")
     sides = sum(p.shape[0] + p.shape[1] for p in pairing.pairs)
     if mode == "total_budget" and value < sides:
-        raise ValueError(f"total_budget={value} is below LoRA-equivalent rank 1 on every layer ({sides} parameters)")
+        raise OptionError(f"«total_budget={value}» is below LoRA-equivalent rank 1 on every layer ({sides} parameters)")
     if mode == "total_budget":  # a common (fractional) LoRA-equivalent rank value / sides, rounded down per layer
         budgets = [value * (p.shape[0] + p.shape[1]) // sides for p in pairing.pairs]
     else:
@@ -351,6 +360,9 @@ def run_study(
             for p, bud in zip(pairing.pairs, budgets)
         ]
         fn = functools.partial(_study_layer, base=paths[0], finetuned=paths[1], settings=settings)
+        if progress and any(not get_structure(n).spectral for n in names):  # minutes per large layer: say so first
+            for line in cost_summary(estimate_cost(pairing.pairs, budgets, names, ks, fit_options)):
+                print(line, file=sys.stderr, flush=True)
         done = run_sweep(
             tasks,
             fn,
@@ -360,7 +372,7 @@ def run_study(
             name="study",
             label=lambda t: t["pair"][1],
         )
-        layers = [done[t["id"]] for t in tasks]
+        layers = apply_roles([done[t["id"]] for t in tasks])
         files = [t["spectra"] for t in tasks]
         model_wide, model_layers, notes = _model_wide(layers, files, names, ks, total, budgets)
     finally:

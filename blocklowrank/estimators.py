@@ -199,7 +199,9 @@ class StructuredEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
             raise ValueError(
                 f"{what} got {n_rows} rows but this {type(self).__name__} was fitted on "
                 f"{lay.shape[0]} rows cut into {kr} block-rows: a row's block-row is fixed by "
-                f"its position, so {what} needs exactly {lay.shape[0]} rows"
+                f"its position, so {what} needs exactly {lay.shape[0]} rows. To tune n_blocks > 1 with "
+                "GridSearchCV or cross_val_score on one matrix, pass cv=blocklowrank.single_fit_cv(len(X)) "
+                "(every fold scores the whole matrix); the default cv holds rows out and scores NaN"
             )
         return lay.row_edges
 

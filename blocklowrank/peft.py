@@ -245,7 +245,7 @@ def _store_type(dtype):
 
 
 def _whole_modules(modules_to_save, config):
-    """PEFT's keys of the modules carried whole, and their paths in ``config["modules_to_save"]``."""
+    """PEFT's keys of the modules carried whole (``{key: (array, code or None)}``), listed in the config."""
     if not modules_to_save:
         return {}
     tensors = {}
@@ -253,7 +253,8 @@ def _whole_modules(modules_to_save, config):
         for name, value in named.items():
             if not name.startswith(module + "."):
                 raise ValueError(f"modules_to_save[{module!r}]: tensor {name!r} is not inside that module")
-            tensors[PREFIX + name] = np.asarray(value)
+            array, code = value if isinstance(value, tuple) else (value, None)
+            tensors[PREFIX + name] = (np.ascontiguousarray(array), code)
     targets = config["target_modules"]
     clash = sorted(m for m in modules_to_save for t in targets if m == t or t.startswith(m + "."))
     if clash:
@@ -307,9 +308,11 @@ def save_peft_adapter(
         to nearest even; PEFT loads them into its float32 layers).
     modules_to_save : mapping of str to mapping of str to array, optional
         Modules carried whole (PEFT's ``modules_to_save``): full module path
-        -> ``{tensor name: array}``, each tensor name ``<module path>.<param>``.
-        They are stored as ``base_model.model.<tensor name>`` (the keys
-        PEFT's ``save_pretrained`` writes for them) and the config lists
+        -> ``{tensor name: array or (array, safetensors code)}``, each tensor
+        name ``<module path>.<param>``. They are stored as
+        ``base_model.model.<tensor name>`` (the keys PEFT's
+        ``save_pretrained`` writes for them), in their own dtype (or the code
+        given, e.g. ``"BF16"``), never rounded to ``dtype``; the config lists
         the paths.
     overwrite : bool, default=False
         Replace a non-empty ``directory`` (all of it) instead of raising.
@@ -396,9 +399,14 @@ def save_peft_adapter(
         }
         for name, sf in sfs.items()
     }
-    tensors.update(_whole_modules(modules_to_save, config))
+    whole = _whole_modules(modules_to_save, config)
     tensors = {k: np.ascontiguousarray(v, dtype) for k, v in tensors.items()}
-    path = _atomic_write(directory, tensors, config, overwrite, dtypes=code)
+    codes = {k: code for k in tensors} if code else {}
+    for key, (array, own) in whole.items():  # carried whole: stored as they were given, never rounded
+        tensors[key] = array
+        if own is not None:
+            codes[key] = own
+    path = _atomic_write(directory, tensors, config, overwrite, dtypes=codes or None)
     return {
         "directory": path,
         "peft_type": kind,

@@ -97,16 +97,29 @@ def select_modules_to_save(modules_to_save, names, targets):
     return chosen
 
 
-def lost_changes(changed, targets, saved):
+def lost_changes(changed, targets, saved, names):
     """Changed tensors the adapter does not hold, and the modules to name to carry them.
 
     Returns ``(lost, suggest)``: tensor names (those of ``saved`` modules are
-    carried, not lost) and the modules (not LoRA targets) that
-    ``modules_to_save`` could carry whole.
+    carried, not lost) and the names that ``modules_to_save`` could carry
+    them with: a module's last name when it names every module of that name
+    (``LayerNorm``), else its full path. Biases of the adapter's own layers
+    are lost too (a LoRA layer has no bias term) and are never suggested.
     """
     carried = {n for tensors in saved.values() for n in tensors}
     lost = [n for n in changed if n not in carried]
-    suggest = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in lost if "." in n and n.rsplit(".", 1)[0] not in targets))
+    owners = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in lost if "." in n))
+    owners = [m for m in owners if m not in targets and not any(m.startswith(t + ".") for t in targets)]
+    modules = {n.rsplit(".", 1)[0] for n in names if "." in n}
+    by_last = {}
+    for m in modules:
+        by_last.setdefault(m.split(".")[-1], set()).add(m)
+    suggest = []
+    for m in owners:
+        last = m.split(".")[-1]
+        short = last if by_last[last] <= set(owners) and not by_last[last] & set(targets) else m
+        if short not in suggest:
+            suggest.append(short)
     return lost, suggest
 
 
@@ -199,7 +212,7 @@ def _prepare(b, f, method, n_blocks, rank, budget_rank, total_budget, max_error,
     store = store_dtype(dtype, (b, f), [x.name for x in pairing.pairs])
     return SimpleNamespace(
         structure=structure, n_blocks=n_blocks, mode=mode, size=size, pairing=pairing, kind=kind,
-        store=store, saved=saved, targets=targets,
+        store=store, saved=saved, targets=targets, names=f.keys(),
     )  # fmt: skip
 
 
@@ -281,8 +294,10 @@ class ExtractPlan:
             f"total: {bound}{self.n_params:,} parameters ({bound}{self.n_params_written:,} in the file); "
             f"{ADAPTER_WEIGHTS}: {bound}{_mib(self.size)}"
         )
-        if self.excluded:
-            lines.append(f"left out ({len(self.excluded)}): whether they changed is read only by a real run")
+        lines.append(
+            f"a real run reads the tensors: it leaves out layers whose ΔW is 0 and flags what changed among the "
+            f"{len(self.excluded)} tensors left out (embeddings, heads, biases, norms)"
+        )
         return "\n".join(lines)
 
     def to_json(self):
@@ -306,14 +321,10 @@ def _mib(n):
 
 
 def _ranks_text(ranks):
+    """``"4"`` for equal ranks, ``"2-5"`` for a range."""
     flat = np.asarray(ranks).ravel()
-    return (
-        str(int(flat[0]))
-        if flat.size == 1
-        else f"{int(flat.min())}-{int(flat.max())}"
-        if flat.ptp()
-        else str(int(flat[0]))
-    )
+    lo, hi = int(flat.min()), int(flat.max())
+    return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
 def _layer_bounds(layout, mode, size, kind, K):
@@ -375,7 +386,7 @@ def plan_extraction(base, finetuned, *, method="global", n_blocks=1, rank=None, 
         prep = _prepare(b, f, method, n_blocks, rank, budget_rank, total_budget, max_error, target_modules,
                         peft_type, cap_rank, dtype, modules_to_save)  # fmt: skip
         saved_specs = {
-            f"{PREFIX}{t}": (STORE_DTYPES[prep.store], f.info(t).shape)
+            f"{PREFIX}{t}": (f.info(t).dtype, f.info(t).shape)  # carried whole in their own dtype
             for tensors in prep.saved.values()
             for t in tensors
         }

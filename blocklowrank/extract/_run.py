@@ -185,7 +185,8 @@ def _summary_lines(rep, max_names):
         lines.append(_listing("carried whole («modules_to_save»)", list(rep.modules_to_save), max_names))
     if rep.changed_not_written:
         lines.append(
-            f"changed, NOT in the adapter: lost when it is applied ({len(rep.changed_not_written)}): "
+            f"changed, NOT in the adapter: lost when it is applied ({len(rep.changed_not_written)}, biases of its "
+            "layers included: LoRA has no bias term): "
             + ", ".join(rep.changed_not_written[:max_names])
             + (
                 f", ... and {len(rep.changed_not_written) - max_names} more"
@@ -196,7 +197,8 @@ def _summary_lines(rep, max_names):
         if rep.suggested_modules_to_save:
             lines.append(f"  to carry them whole: «modules_to_save={' '.join(rep.suggested_modules_to_save)}»")
     lines.append("not in the adapter:")
-    p, lost = rep.pairing, set(rep.changed_not_written)
+    p = rep.pairing
+    lost = set(rep.changed_not_written) | {t for tensors in rep.modules_to_save.values() for t in tensors}
     mismatches = [f"{name} {a} vs {b}" for name, a, b in p.shape_mismatch]
     groups = [
         ("only in base", p.only_in_base),
@@ -375,8 +377,9 @@ def extract_adapter(
     modules_to_save : str or list of str, optional
         Modules carried whole from the fine-tuned checkpoint (PEFT's
         ``modules_to_save``: e.g. a changed embedding or head), matched as
-        in ``target_modules``; their tensors are written under PEFT's key
-        names and the config lists their full paths.
+        in ``target_modules``; their tensors are written exactly (in their own
+        dtype, whatever ``dtype`` is) under PEFT's key names and the config
+        lists their full paths.
     overwrite : bool, default=False
         Replace a non-empty ``out``.
     progress : bool, default=False
@@ -441,7 +444,7 @@ def extract_adapter(
                 f"target_modules={target_modules!r} are equal in both checkpoints"
             )
         changed = _changed(b, f, list(prep.pairing.excluded) + list(prep.pairing.not_2d))
-        carried = {m: {t: np.asarray(f.get(t)) for t in names} for m, names in prep.saved.items()}
+        carried = {m: {t: (np.asarray(f.get(t)), f.info(t).dtype) for t in ts} for m, ts in prep.saved.items()}
     written = save_peft_adapter(
         out,
         fits,
@@ -454,7 +457,7 @@ def extract_adapter(
     for name, info in written["layers"].items():
         layers[name]["n_params_written"] = info["n_params_written"]
         layers[name]["rank"] = info["rank"]
-    lost, suggest = lost_changes(changed, prep.targets, prep.saved)
+    lost, suggest = lost_changes(changed, prep.targets, prep.saved, prep.names)
     settings = {"method": prep.structure.name, "n_blocks": prep.n_blocks, prep.mode: prep.size}
     settings.update(target_modules=target_modules, peft_type=peft_type, svd_solver=svd_solver, cap_rank=cap_rank)
     report = ExtractReport(

@@ -157,7 +157,7 @@ def _skipped_section(layers):
         for lay in layers
         if lay["missing"] and not lay["skipped"]
     ]
-    return ["", "## Skipped layers and structures", ""] + (skipped + missing or ["None."])
+    return ["", "## Skipped layers and structures", ""] + (skipped + missing or ["No layer or structure was skipped."])
 
 
 def _color_range(E):
@@ -178,6 +178,13 @@ def plot_error_heatmap(records, path):
     the budget.
     """
     plt = pyplot_agg()
+    fig = _heatmap_figure(records, plt)
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _heatmap_figure(records, plt):
     layers = [lay["layer"] for lay in records.layers]
     names = records.settings["structures"]
     best = _best_errors(records)
@@ -192,9 +199,7 @@ def plot_error_heatmap(records, path):
     fig.colorbar(im, ax=ax, label="relative error (best configuration)")
     title = "best error per layer" + ("\n(grey: not matched)" if np.isnan(E).any() else "")
     ax.set_title(title, fontsize=10)
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def plot_error_vs_budget(records, path):

@@ -399,7 +399,9 @@ def test_errors_name_the_layer_and_the_flag(bert, tmp_path):
     assert report["layers"]["encoder.layer.0.attention.self.query"]["ranks"] == [[12, 12], [12, 12]]
     # block with the default --n-blocks 1: GraLoRA needs K >= 2; the K that divide every layer are listed
     err = one_error_line(*cli("extract", base, ft, "--out", tmp_path / "b", "--method", "block", "--rank", "2")[::2])
-    assert "--n-blocks K (K dividing every selected layer: 2, 3, 4, 6, 8, 12)" in err  # up to 16 and "--peft-type LORA" in err
+    assert (
+        "--n-blocks K (K dividing every selected layer: 2, 3, 4, 6, 8, 12)" in err
+    )  # up to 16 and "--peft-type LORA" in err
     # a --target-modules that matches nothing: what exists, and the closest names
     err = one_error_line(*cli("extract", base, ft, "--out", tmp_path / "c", "--rank", "2", "--target-modules",
                               "qeury")[::2])  # fmt: skip

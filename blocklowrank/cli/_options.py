@@ -185,7 +185,7 @@ OPTIONS = {
         ("--dtype",),
         dict(
             choices=("float32", "bfloat16", "float16"),
-            help="the adapter's dtype (default: the checkpoints' own; mixed 16/32-bit: float32)",
+            help="the adapter's dtype (default: the fine-tune's own; mixed 16/32-bit: float32)",
         ),
     ),
     "dry_run": (

@@ -34,10 +34,11 @@ _SIZE_OPTIONS = ("rank", "budget_rank", "total_budget", "max_error")
 
 
 def store_dtype(dtype, checkpoints, names):
-    """The adapter's dtype: ``dtype`` if given, else the checkpoints' own for tensors ``names``.
+    """The adapter's dtype: ``dtype`` if given, else the one the checkpoints store tensors ``names`` in.
 
-    One stored type (F32, BF16, F16, F64) gives that type; a mix of the
-    16- and 32-bit types gives float32, a mix with F64 float64.
+    Pass the fine-tuned checkpoint (the adapter stands in for it): one
+    stored type (F32, BF16, F16, F64) gives that type; a mix of the 16- and
+    32-bit types gives float32, a mix with F64 float64.
     """
     if dtype is not None:
         if dtype not in STORE_DTYPES:
@@ -209,7 +210,7 @@ def _prepare(b, f, method, n_blocks, rank, budget_rank, total_budget, max_error,
     kind = _check_fit(structure, n_blocks, pairing.pairs, peft_type, rank if mode == "rank" else None, cap_rank)
     targets = {x.module for x in pairing.pairs}
     saved = select_modules_to_save(modules_to_save, f.keys(), targets)
-    store = store_dtype(dtype, (b, f), [x.name for x in pairing.pairs])
+    store = store_dtype(dtype, (f,), [x.name for x in pairing.pairs])
     return SimpleNamespace(
         structure=structure, n_blocks=n_blocks, mode=mode, size=size, pairing=pairing, kind=kind,
         store=store, saved=saved, targets=targets, names=f.keys(),

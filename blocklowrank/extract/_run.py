@@ -184,15 +184,13 @@ def _summary_lines(rep, max_names):
     if rep.modules_to_save:
         lines.append(_listing("carried whole («modules_to_save»)", list(rep.modules_to_save), max_names))
     if rep.changed_not_written:
+        own = [n for n in rep.changed_not_written if n.rsplit(".", 1)[0] in rep.layers]
+        why = f", {len(own)} of them biases of its layers: LoRA has no bias term" if own else ""
+        shown = ", ".join(rep.changed_not_written[:max_names])
+        more = len(rep.changed_not_written) - max_names
         lines.append(
-            f"changed, NOT in the adapter: lost when it is applied ({len(rep.changed_not_written)}, biases of its "
-            "layers included: LoRA has no bias term): "
-            + ", ".join(rep.changed_not_written[:max_names])
-            + (
-                f", ... and {len(rep.changed_not_written) - max_names} more"
-                if len(rep.changed_not_written) > max_names
-                else ""
-            )
+            f"changed, NOT in the adapter: lost when it is applied ({len(rep.changed_not_written)}{why}): {shown}"
+            + (f", ... and {more} more" if more > 0 else "")
         )
         if rep.suggested_modules_to_save:
             lines.append(f"  to carry them whole: «modules_to_save={' '.join(rep.suggested_modules_to_save)}»")
@@ -371,8 +369,9 @@ def extract_adapter(
     cap_rank : bool, default=False
         Cap a ``rank`` above a block's smaller side at that side instead of raising.
     dtype : {"float32", "bfloat16", "float16", "float64"}, optional
-        The adapter's tensors' type; default the checkpoints' own (BF16
-        checkpoints give a bfloat16 adapter; mixed 16/32-bit types float32).
+        The adapter's tensors' type; default the fine-tuned checkpoint's own
+        for the selected layers (a BF16 fine-tune gives a bfloat16 adapter;
+        mixed 16/32-bit types float32).
         Fits are computed in float32 or float64 and rounded when stored.
     modules_to_save : str or list of str, optional
         Modules carried whole from the fine-tuned checkpoint (PEFT's

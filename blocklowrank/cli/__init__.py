@@ -307,7 +307,7 @@ def cmd_extract(args):
         args.out,
         svd_solver=args.svd_solver,
         overwrite=args.overwrite,
-        progress=not args.quiet,
+        progress=not args.quiet and sys.stderr.isatty(),  # a bar in a terminal, not in a log file
         **kw,
     )
     print(json.dumps(report.to_json(), indent=1) if args.json else report.summary(style="cli"))

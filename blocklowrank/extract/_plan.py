@@ -203,10 +203,8 @@ def _prepare(b, f, method, n_blocks, rank, budget_rank, total_budget, max_error,
     n_blocks = structure.fixed_blocks or n_blocks
     pairing = pair_layers(b, f, target_modules)
     if not pairing.pairs:
-        everything = [x.module for x in pairing.pairs] + [
-            n.rsplit(".", 1)[0] for n in pairing.excluded if n.endswith(".weight")
-        ]
-        raise no_layer_selected(everything, target_modules).with_context("no layer selected: ")
+        modules = [n.rsplit(".", 1)[0] for n in pairing.excluded if n.endswith(".weight")]
+        raise no_layer_selected(modules, target_modules).with_context("no layer selected: ")
     kind = _check_fit(structure, n_blocks, pairing.pairs, peft_type, rank if mode == "rank" else None, cap_rank)
     targets = {x.module for x in pairing.pairs}
     saved = select_modules_to_save(modules_to_save, f.keys(), targets)

@@ -216,7 +216,7 @@ def _model_wide_ranks(base, tuned, pairing, structure, n_blocks, total_budget, p
     (a first pass over the layers, their spectra only; see
     :func:`~blocklowrank.study.allocate_model_wide`)."""
     names, spectra = [], []
-    with _bar(progress, total=len(pairing.pairs), desc="spectra", unit="layer", disable=None) as bar:
+    with _bar(progress, total=len(pairing.pairs), desc="spectra", unit="layer") as bar:
         for pair, delta in iter_deltas(base, tuned, pairing):
             names.append(pair.name)
             spectra.append(block_spectra(delta, structure.layout(delta.shape, n_blocks)))
@@ -264,7 +264,7 @@ def _fit_one(delta, prep, size, svd_solver, cap_rank, options):
 
 def _fit_layers(b, f, prep, alloc, svd_solver, cap_rank, options, progress):
     fits, layers, unchanged = {}, {}, []
-    with _bar(progress, total=len(prep.pairing.pairs), desc="extract", unit="layer", disable=None) as bar:
+    with _bar(progress, total=len(prep.pairing.pairs), desc="extract", unit="layer") as bar:
         for pair, delta in iter_deltas(b, f, prep.pairing):
             bar.update()
             if not np.any(delta) or (alloc is not None and not alloc[pair.name].any()):

@@ -537,8 +537,9 @@ class GramSpy:
 
 @pytest.mark.parametrize("with_h", [False, True])
 def test_randomized_equals_exact_and_never_forms_w_l(with_h, monkeypatch):
-    """Claim: the randomized metric fit (and the certified "auto" one) equals the exact one to
-    rounding on a decaying spectrum; its sketch never forms W L: every product with W and every
+    """Claim: the randomized metric fit (and the certified "auto" one), with K^T W L formed or
+    as an operator, equals the exact one to rounding on a decaying spectrum; the operator
+    sketch never forms W L: every product with W and every
     product or solve with a factor of G or H involves a thin operand (at most the sketch's width
     l = k + n_oversamples, or the certificate's 10 probes). The total energy, which the report
     and the certificate need, is taken here from an independent computation; its own pass
@@ -554,6 +555,13 @@ def test_randomized_equals_exact_and_never_forms_w_l(with_h, monkeypatch):
     _, G = sample_gram(rng, n, spread=0.5)
     H = sample_gram(rng, m, spread=0.5)[1] if with_h else None
     exact = fit_global(W, 4, G, H)
+    for solver in ("randomized", "auto"):  # the formed route: the engine's solvers on K^T W L
+        res = fit_global(W, 4, G, H, svd_solver=solver, random_state=0)
+        assert res.svd_solver == "randomized"
+        np.testing.assert_allclose(
+            np.dot(*res.factors[(0, 0)]), np.dot(*exact.factors[(0, 0)]), atol=1e-9 * np.linalg.norm(W)
+        )
+        np.testing.assert_allclose(res.objective, exact.objective, rtol=1e-6)
     for solver in ("randomized", "auto"):
         p = prepare(W, G, H)
         tot = f_ref(p.W, 0, np.ldexp(G, -p.G.log2_scale), None if H is None else np.ldexp(H, -p.H.log2_scale))
@@ -561,7 +569,7 @@ def test_randomized_equals_exact_and_never_forms_w_l(with_h, monkeypatch):
         log = []
         p.W, p.G, p.H = p.W.view(Spy), GramSpy(p.G, log), GramSpy(p.H, log)
         Spy.log = []
-        res = _fit_global(p, 4, (solver, 10, "auto"), check_random_state(0), None)
+        res = _fit_global(p, 4, (solver, 10, "auto"), check_random_state(0), None, sketch="operator")
         monkeypatch.undo()
         assert res.svd_solver == "randomized"
         widths = [min(s) for s in Spy.log + log]

@@ -226,7 +226,7 @@ class _Grid:
         Y = Ki.rsolve_factor_t(Lc.rsolve_factor_t(P[self.rows(i), self.cols(c)]).T).T  # K^-1 P L^-T
         obj = float(np.einsum("ij,ij->", Y, Y))
         if old is not None:
-            Y += Ki.rmul_factor(old[0].T).T @ Lc.rmul_factor(old[1])  # + K^T X_old L
+            Y = Y + Ki.rmul_factor(old[0].T).T @ Lc.rmul_factor(old[1])  # + K^T X_old L
         return Y, obj
 
     def from_target(self, i, c, U, s, Vt):
@@ -391,7 +391,7 @@ def metric_block_spectra(W, layout, input_gram, output_gram=None, *, gram_dampin
     e2 = p.log2_energy
     unit = float(np.sqrt(2.0**e2))
     return MetricSpectra(
-        layout=layout.without_permutation() if layout.permuted else layout,
+        layout=layout,
         values={k: v * unit for k, v in values.items()},
         fixed_loss=float(np.ldexp(max(total - kept, 0.0), e2)),
         total=float(np.ldexp(total, e2)),

@@ -40,8 +40,8 @@ from .._svd import (
     _solve,
     check_svd_options,
 )
-from .._validation import check_int
-from ._objective import _DIRECT, _data_energy, finish, prepare, totals
+from .._validation import check_choice, check_int
+from ._objective import _CHUNK_ELEMS, _DIRECT, _data_energy, finish, prepare, totals
 
 __all__ = ["fit_global"]
 
@@ -58,6 +58,7 @@ def fit_global(
     iterated_power="auto",
     random_state=None,
     n_jobs=None,
+    sketch="formed",
 ):
     """The best rank-``rank`` approximation of ``W`` in the metric ``||H^{1/2} (W - M) G^{1/2}||_F``.
 
@@ -76,17 +77,23 @@ def fit_global(
     gram_damping : float, default=0.0
         ``delta``: fit in ``G + delta mean(diag G) I`` (and ``H`` likewise).
     svd_solver : {"full", "randomized", "auto"}, default="full"
-        "full": LAPACK on ``K^T W L`` (formed: ``m n^2`` for ``W L`` plus the
-        SVD). "randomized": a sketch of ``K^T W L`` through products only
-        (``W (L Omega)``, power iterations through ``L^T (W^T (K Q))``: order
-        ``(n^2 + m n + m^2) l`` per product, ``K^T W L`` is never formed).
-        "auto": the randomized sketch where an a-posteriori certificate (the
-        one of :func:`~blocklowrank._svd.batched_svd`, on the operator
-        ``K^T W L``) proves a discarded energy within ``1 + 1e-6`` of the
-        optimum, else "full"; it needs the total ``f_delta(0)``
-        (:func:`~blocklowrank._metric._objective.metric_energy`, ``m n^2``).
+        The engine's solvers (:func:`~blocklowrank._svd.batched_svd`) applied
+        to ``K^T W L``: "full" (LAPACK), "randomized", or "auto" (the sketch
+        where its a-posteriori certificate proves a discarded energy within
+        ``1 + 1e-6`` of the optimum, else "full").
     n_oversamples, iterated_power, random_state, n_jobs
         As in :func:`blocklowrank.approximate`.
+    sketch : {"formed", "operator"}, default="formed"
+        How the randomized solvers see ``K^T W L``. "formed": built once by
+        chunks (``m n^2 / 2`` multiply-adds through the triangular factor,
+        plus ``m^2 n / 2`` with ``H``; one layer-sized array in W's dtype);
+        its energy is the total ``f_delta(0)`` that ``output_error`` needs
+        anyway, so the sketch then costs what the plain fit's does.
+        "operator": products only, ``K^T W L`` never formed (``W (L Omega)``,
+        power iterations through ``L^T (W^T (K Q))``, order
+        ``(n^2 / 2 + m n + m^2 / 2) l`` per product); the total is then a
+        separate ``m n^2 / 2`` pass by column chunks. For memory-bound
+        layers; slower when ``n > m`` (see benchmarks/bench_metric.py).
 
     Returns
     -------
@@ -97,47 +104,70 @@ def fit_global(
     p = prepare(W, input_gram, output_gram, gram_damping)
     svd = check_svd_options(svd_solver, n_oversamples, iterated_power)
     rank = check_int(rank, "rank", minimum=1)
-    return _fit_global(p, rank, svd, check_random_state(random_state), n_jobs)
+    check_choice(sketch, "sketch", ("formed", "operator"))
+    return _fit_global(p, rank, svd, check_random_state(random_state), n_jobs, sketch)
 
 
-def _fit_global(p, rank, svd, rng, n_jobs):
+def _fit_global(p, rank, svd, rng, n_jobs, sketch="formed"):
     """:func:`fit_global` on a prepared problem."""
-    op = MetricOperator(p.W, p.G, p.H)
-    k = min(rank, *op.shape[1:])
-    solver, n_over, power = svd
-    trial = None
-    if solver == "auto":
-        trial = _auto_plan(k, *op.shape[1:], n_over, power)
-    elif solver == "randomized" and k + n_over < min(op.shape[1:]):
-        trial = (k + n_over, _auto_power(k, *op.shape[1:]) if power == "auto" else int(power))
-    out = None
-    if trial is not None:
-        tots = totals(p.W, p.G, p.H)
-        out = _sketch(op, k, *trial, rng, tots[1] if solver == "auto" else None)
-    if out is None:  # exact: form K^T W L once
-        A = p.H.rmul_factor(p.G.rmul_factor(p.W).T).T
-        U, s, _, _ = _solve(A[None], k, "full", 0, "auto", rng, n_jobs, True)
-        U, s = U[0], s[0]
-        f0 = float(np.sum(s.astype(np.float64) ** 2))
-        tots = totals(p.W, p.G, p.H, f0)
-        used = "full"
-    else:
-        U, s = out
-        used = "randomized"
+    k = min(rank, p.H.rank, p.G.rank)
+    out = _operator_route(p, k, svd, rng) if sketch == "operator" and svd[0] != "full" else None
+    if out is None:  # form K^T W L once: its energy is the total, and the engine's solvers apply as they are
+        KWL = _form(p.W, p.G, p.H)
+        f0 = float(np.einsum("ij,ij->", KWL, KWL, dtype=np.float64))
+        U, s, _, used = _solve(KWL[None], k, svd[0], svd[1], svd[2], rng, n_jobs, True)
+        del KWL
+        out = (U[0], s[0], used, totals(p.W, p.G, p.H, f0))
+    U, s, used, tots = out
     B, A = _factors(p.W, p.G, p.H, U[:, :k], s[:k])
     s64 = s.astype(np.float64)
     if used == "full":  # every singular value: the tail, without cancellation
         f_delta = float(np.sum(s64[k:] ** 2))
     else:  # a projection: f = total - captured (Eckart-Young), from the residual where that cancels
         f_delta = max(tots[1] - float(np.sum(s64[:k] ** 2)), 0.0)
-    if used == "randomized" and f_delta < _DIRECT * tots[1]:
-        f_delta = _data_energy(np.asarray(p.W, np.float64) - B.astype(np.float64) @ A, p.G, p.H)[1]
+        if f_delta < _DIRECT * tots[1]:
+            f_delta = _data_energy(np.asarray(p.W, np.float64) - B.astype(np.float64) @ A, p.G, p.H)[1]
     if k < rank:
         B = np.concatenate([B, np.zeros((B.shape[0], rank - k), B.dtype)], axis=1)
         A = np.concatenate([A, np.zeros((rank - k, A.shape[1]), A.dtype)], axis=0)
     err = np.sqrt(f_delta / tots[1]) if tots[1] > 0 else 0.0
     fac, spec = {(0, 0): (B, A)}, {(0, 0): s}
     return finish(p, fac, spec, f_delta, tots, [err], 1, "exact", used == "full", used)
+
+
+def _form(W, G, H):
+    """``K^T W L`` in W's dtype, by row chunks of ``W`` (``m n^2 / 2`` multiply-adds through the
+    triangular factor) and column chunks for ``K^T`` (``m^2 n / 2``): one layer-sized result."""
+    m, n = W.shape
+    A = np.empty((m, G.rank), W.dtype)
+    step = max(1, _CHUNK_ELEMS // max(n, 1))
+    for r0 in range(0, m, step):
+        A[r0 : r0 + step] = G.rmul_factor(W[r0 : r0 + step])
+    if H.is_identity:
+        return A
+    out = np.empty((H.rank, G.rank), W.dtype)
+    step = max(1, _CHUNK_ELEMS // max(m, 1))
+    for j0 in range(0, G.rank, step):
+        out[:, j0 : j0 + step] = H.rmul_factor(A[:, j0 : j0 + step].T).T
+    return out
+
+
+def _operator_route(p, k, svd, rng):
+    """``(U, s, solver, totals)`` of the sketch through products only (:class:`MetricOperator`),
+    or None where the plan (or the certificate of "auto") sends the fit to the exact route."""
+    op = MetricOperator(p.W, p.G, p.H)
+    solver, n_over, power = svd
+    if solver == "auto":
+        trial = _auto_plan(k, *op.shape[1:], n_over, power)
+    elif k + n_over < min(op.shape[1:]):
+        trial = (k + n_over, _auto_power(k, *op.shape[1:]) if power == "auto" else int(power))
+    else:
+        trial = None
+    if trial is None:
+        return None
+    tots = totals(p.W, p.G, p.H)  # m n^2: the only pass over W L (by chunks)
+    out = _sketch(op, k, *trial, rng, tots[1] if solver == "auto" else None)
+    return None if out is None else out + ("randomized", tots)
 
 
 def _factors(W, G, H, U, s):

@@ -17,7 +17,7 @@ import numpy as np
 import scipy.linalg
 from scipy.linalg import blas, lapack
 
-from .._validation import check_nonneg_float, refuse_meaningless
+from .._validation import check_nonneg_float, refuse_meaningless, validate_matrix
 
 __all__ = ["GramFactor", "IdentityGram", "as_gram"]
 
@@ -117,7 +117,7 @@ class GramFactor:
                 "check that the statistics were accumulated"
             )
         self.log2_scale = int(np.round(np.log2(trace / self.size)))
-        G = np.ldexp(G, -self.log2_scale)  # exact; a new float64 array
+        np.ldexp(G, -self.log2_scale, out=G)  # exact (G is our own copy)
         allow = _PSD_ROUNDING * float(np.finfo(in_dtype).eps) * float(np.trace(G))
         self.shift = self.damping * float(np.trace(G)) / self.size
         if self.shift > 0:  # the PSD check needs its own factorisation: the damping hides mild negatives
@@ -277,7 +277,7 @@ class IdentityGram:
         self.name = name
 
     def rmul_factor(self, X):
-        return _rows(X)
+        return np.array(_rows(X))  # a new array, like GramFactor's products
 
     rmul_factor_t = rsolve_factor_t = rsolve_factor = rmul_factor
 
@@ -329,7 +329,7 @@ class _Factor:
 def _factorize(G, rcond):
     """Cholesky of a symmetric PSD ``G`` when every pivot is above ``rcond * max(diag)``,
     else the eigen-factor over eigenvalues above ``rcond * lambda_max``."""
-    L, info = lapack.dpotrf(np.asfortranarray(G), lower=1, clean=1)
+    L, info = lapack.dpotrf(G.T, lower=1, clean=1)  # G.T: the same symmetric matrix, Fortran order: one copy
     if info == 0:
         piv = np.diagonal(L) ** 2
         if piv.min() > rcond * float(np.max(np.diagonal(G))):
@@ -357,34 +357,31 @@ def _rows(X):
 def _check_gram(gram, size, name):
     """``gram`` as a symmetric float64 array (a copy) and the dtype it came in, or one clear error."""
     refuse_meaningless(gram, name)
-    try:
-        arr = np.asarray(gram)
-    except Exception as exc:
-        raise TypeError(f"{name} could not be converted to an array: {exc}") from None
-    refuse_meaningless(arr, name)
-    if np.iscomplexobj(arr):
-        raise TypeError(f"{name} is complex; a second moment of real inputs is a real matrix")
-    if arr.dtype.kind in "biu":
+    dt = getattr(gram, "dtype", None)
+    if isinstance(dt, np.dtype) and dt.kind in "biu":
         raise TypeError(
-            f"{name} has dtype {arr.dtype}; a second moment is a float matrix: pass it as "
+            f"{name} has dtype {dt}; a second moment is a float matrix: pass it as "
             "float64 (e.g. G.astype(np.float64)) if these numbers are meant"
         )
-    if arr.dtype.kind != "f":
-        raise TypeError(f"{name} must be a float array, got dtype {arr.dtype}")
+    arr = validate_matrix(gram, name=name, max_ndim=2)  # sparse, masked, complex, NaN/inf, ... refused
     want = "(size, size)" if size is None else f"({size}, {size})"
-    if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or (size is not None and arr.shape[0] != size):
+    if arr.shape[0] != arr.shape[1] or (size is not None and arr.shape[0] != size):
         raise ValueError(f"{name} must be a square matrix of shape {want} (one row per feature), got {arr.shape}")
-    if arr.size == 0:
-        raise ValueError(f"{name} is empty")
-    if not np.all(np.isfinite(arr)):
-        bad = "NaN" if np.isnan(arr).any() else "inf"
-        raise ValueError(f"{name} contains {bad}; the statistics are broken (recompute them)")
-    in_dtype = np.float32 if arr.dtype == np.float16 else arr.dtype
     G = np.array(arr, dtype=np.float64)
-    _check_symmetric(G, in_dtype, name)
-    G += G.T  # exactly symmetric from here on
-    G *= 0.5
-    return G, in_dtype
+    _check_symmetric(G, arr.dtype, name)
+    _symmetrize(G)
+    return G, arr.dtype
+
+
+def _symmetrize(G, chunk=1024):
+    """``G <- (G + G^T) / 2`` in place, by row chunks (no n x n temporary): exactly symmetric."""
+    n = G.shape[0]
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        D = G[a:b, a:b]
+        D[...] = 0.5 * (D + D.T)
+        S = 0.5 * (G[a:b, b:] + G[b:, a:b].T)
+        G[a:b, b:], G[b:, a:b] = S, S.T
 
 
 def _check_symmetric(G, dtype, name, chunk=1024):

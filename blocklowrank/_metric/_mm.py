@@ -21,13 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._linalg import STEP_TOL
-from ._objective import _DIRECT, Stop, _data_energy, _objective_lowrank, metric_product, prepare, totals
+from ._objective import _DIRECT, MetricRun, Stop, _data_energy, _objective_lowrank, metric_product, prepare, totals
 
 __all__ = ["fit_majorize", "MajorizeFit"]
 
 
 @dataclass(frozen=True, eq=False)
-class MajorizeFit:
+class MajorizeFit(MetricRun):
     """The result of :func:`fit_majorize`.
 
     Attributes
@@ -48,12 +48,6 @@ class MajorizeFit:
 
     approx: object
     state: object
-    objective: float
-    total: float
-    output_error: float
-    error_trace: np.ndarray
-    n_iter: int
-    stop_reason: str
     lipschitz: float
     n_backtracks: int
 

@@ -16,7 +16,7 @@ import numpy as np
 from .._validation import check_int, check_nonneg_float, pow2_scale, validate_matrix
 from ._gram import as_gram
 
-__all__ = ["MetricFit", "Problem", "prepare", "output_error", "metric_energy"]
+__all__ = ["MetricRun", "MetricFit", "Problem", "prepare", "output_error", "metric_energy"]
 
 #: Column chunks of the energy passes hold about this many entries (32 MB of float64).
 _CHUNK_ELEMS = 1 << 22
@@ -26,7 +26,19 @@ _DIRECT = 100 * np.sqrt(np.finfo(np.float64).eps)
 
 
 @dataclass(frozen=True, eq=False)
-class MetricFit:
+class MetricRun:
+    """How a fit in a data metric went (the fields every metric fit reports; see :class:`MetricFit`)."""
+
+    objective: float
+    total: float
+    output_error: float
+    error_trace: np.ndarray
+    n_iter: int
+    stop_reason: str
+
+
+@dataclass(frozen=True, eq=False)
+class MetricFit(MetricRun):
     """A fit in a data metric: its factors and how it went.
 
     Attributes
@@ -60,12 +72,6 @@ class MetricFit:
 
     factors: dict
     singular_values: dict
-    objective: float
-    total: float
-    output_error: float
-    error_trace: np.ndarray
-    n_iter: int
-    stop_reason: str
     exact: bool
     svd_solver: str
 

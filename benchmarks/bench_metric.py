@@ -28,7 +28,12 @@ the metric fits' output errors are printed beside the stand-in's.
 Usage::
 
     PYTHONPATH=. python benchmarks/bench_metric.py [--shapes 4096x4096 4096x11008] [--rank 64]
-        [--repeats 1] [--skip-exact]
+        [--repeats 1] [--skip-exact] [--blocks K --block-rank r]
+
+``--blocks K`` also times the block structures on the first shape: the plain
+engine fit (exact SVDs), the metric diagonal fit (one exact step), the metric
+K x K fit (block-coordinate descent, 5 sweeps), each with the exact and the
+"auto" block solver, and the metric spectra used for allocation.
 """
 
 from __future__ import annotations
@@ -40,8 +45,8 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_info
 
-from blocklowrank import approximate
-from blocklowrank._metric import GramFactor, fit_global
+from blocklowrank import BlockLayout, approximate
+from blocklowrank._metric import GramFactor, fit_blocks, fit_global, metric_block_spectra, output_error
 from blocklowrank._metric._objective import _data_energy, prepare
 
 
@@ -112,12 +117,36 @@ def run(m, n, r, repeats, skip_exact):
         print(f"  {name:34s} {t:9.2f} s  {t / base:7.2f} x plain rand  {note or ''}")
 
 
+def run_blocks(m, n, K, r, repeats):
+    """Block structures: the plain engine fit against the metric fits (diagonal: one exact step;
+    K x K: block-coordinate descent, 5 sweeps), and the spectra for allocation."""
+    W, G = synthetic(m, n)
+    gram = GramFactor(G, n, damping=0.01)
+    print(f"\nblocks: layer {m} x {n}, K = {K}, block rank {r}")
+    rows = []
+    for pattern, method in (("diagonal", "diagonal"), ("full", "block")):
+        lay = BlockLayout.from_blocks((m, n), K, rank=r, pattern=pattern)
+        t, res = best_of(lambda: approximate(W, lay, svd_solver="full"), repeats)
+        plain_out = output_error(W, dict(res.factors.items()), gram, layout=lay)
+        rows.append((f"plain {method} (full)", t, f"error {res.error:.5f}, output_error {plain_out:.5f}"))
+        for solver in ("full", "auto"):
+            t, res = best_of(lambda s=solver: fit_blocks(W, lay, gram, max_iter=5, tol=0, svd_solver=s), repeats)
+            note = f"output_error {res.output_error:.5f}, {res.n_iter} sweeps ({res.stop_reason}), trace {res.error_trace.round(5)}"
+            rows.append((f"metric {method} ({solver})", t, note))
+        t, sp = best_of(lambda: metric_block_spectra(W, lay, gram), repeats)
+        rows.append((f"metric spectra {method}", t, f"exact={sp.exact}"))
+    for name, t, note in rows:
+        print(f"  {name:34s} {t:9.2f} s  {note}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["4096x4096", "4096x11008"])
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--skip-exact", action="store_true")
+    ap.add_argument("--blocks", type=int, default=0, help="also time block structures with K blocks (first shape)")
+    ap.add_argument("--block-rank", type=int, default=16)
     args = ap.parse_args()
     blas = "; ".join(f"{i['internal_api']} {i.get('version')} {i['num_threads']} threads" for i in threadpool_info())
     print(f"BLAS: {blas}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
@@ -127,6 +156,9 @@ def main():
     for shape in args.shapes:
         m, n = (int(v) for v in shape.split("x"))
         run(m, n, args.rank, args.repeats, args.skip_exact)
+    if args.blocks:
+        m, n = (int(v) for v in args.shapes[0].split("x"))
+        run_blocks(m, n, args.blocks, args.block_rank, args.repeats)
     print(f"\nload average at end: {os.getloadavg()}")
 
 

@@ -22,6 +22,14 @@ Factors: ``B = K^{-T} U_r S_r`` (m x r) and ``A = S_r^{-1} U_r^T K^T W``
 (= ``V_r^T L^{-1}``, rows orthonormal in ``G_delta``), the engine's
 ``B = U S``, ``A = V^T`` when ``G = H = I``; components with ``s_k = 0`` are
 zero. Signs: the largest-magnitude entry of every row of ``A`` is positive.
+
+Solvers. ``output_error`` needs the total ``f(0) = ||K^T W L||_F^2``, which
+costs ``m n^2 / 2`` multiply-adds through the triangular factor whatever the
+route (``m`` quadratic forms in ``n`` variables; no cheaper exact route for a
+dense ``G``). Forming ``K^T W L`` costs the same, so by default it is formed
+once (one layer-sized array) and the engine's solvers run on it unchanged
+("full", "randomized", certified "auto"). ``sketch="operator"`` keeps to
+products (:class:`MetricOperator`) for layers where that array does not fit.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ LAYERS = (
     ("floor", {"_version", "_validation", "_params", "_parallel", "_io", "_extras"}),
     ("layout", {"layout", "_linalg"}),
     ("numerical kernels", {"_svd", "_allocation", "permutations"}),
+    ("fits in a data metric", {"_metric"}),
     ("the container", {"factors"}),
     ("the engine", {"_engine"}),
     ("the estimator base", {"estimators"}),

@@ -33,7 +33,7 @@ blocks. Without ``H``, the blocks of one block-column are independent given
 the other columns, so a column sweep is the exact column step.
 
 Singular sub-Grams (no damping): solves act in the range of ``G_cc`` / ``H_ii``
-(eigen-factor, cutoff ``rcond``; see :class:`~blocklowrank._metric._gram.GramFactor`),
+(eigen-factor, cutoff ``rcond``; see :class:`GramFactor`),
 so blocks have no component on directions the calibration never saw.
 """
 
@@ -46,13 +46,15 @@ from sklearn.utils import check_random_state
 
 from .._allocation import allocate_ranks, no_worse_than_uniform
 from .._linalg import STEP_TOL
-from .._svd import _exact_svd, _solve, check_svd_options
+from .._params import SVD_OPTIONS, validate_params
+from .._svd import _exact_svd, _solve
 from ..layout import BlockLayout
 from ._objective import _DIRECT, Stop, _data_energy, finish, metric_product, prepare, totals
 
 __all__ = ["fit_blocks", "metric_block_spectra", "MetricSpectra"]
 
 
+@validate_params("gram_damping", "max_iter", "tol", *SVD_OPTIONS)
 def fit_blocks(
     W,
     layout,
@@ -93,7 +95,7 @@ def fit_blocks(
         Cuts, active blocks and ranks; a permuted layout is fitted in its own
         coordinates (the Grams are permuted once).
     input_gram, output_gram, gram_damping
-        As in :func:`~blocklowrank._metric._global.fit_global`.
+        As in :func:`fit_global`.
     max_iter : int, default=100
     tol : float, default=1e-6
     svd_solver, n_oversamples, iterated_power, random_state
@@ -108,8 +110,8 @@ def fit_blocks(
     """
     p = prepare(W, input_gram, output_gram, gram_damping)
     lay = _check_layout(layout, p)
-    svd = check_svd_options(svd_solver, n_oversamples, iterated_power)
-    stop = Stop(1.0, max_iter, tol)  # validates the loop options; the total is set below
+    svd = (svd_solver, n_oversamples, iterated_power)
+    stop = Stop(1.0, max_iter, tol)  # the total is set below
     g = _Grid(p, lay)
     return _fit_blocks(p, g, stop, svd, check_random_state(random_state), init)
 
@@ -340,7 +342,7 @@ class MetricSpectra:
     def allocate(self, *, budget=None, max_error=None):
         """Per-block ranks ``(K_rows, K_cols)`` for a parameter budget or a target relative
         (damped) output error, and ``exact_allocation``: spectra exact and allocation optimal
-        (see :func:`~blocklowrank._allocation.allocate_ranks`)."""
+        (see :func:`blocklowrank.allocate_ranks`)."""
         lay = self.layout
         keys = list(self.values)
         gains = [np.asarray(self.values[k], np.float64)[None, :] ** 2 for k in keys]
@@ -365,6 +367,7 @@ class MetricSpectra:
         return ranks, bool(exact and self.exact)
 
 
+@validate_params("gram_damping")
 def metric_block_spectra(W, layout, input_gram, output_gram=None, *, gram_damping=0.0):
     """Metric spectra of every active block of ``layout`` (ranks ignored): :class:`MetricSpectra`.
 

@@ -37,23 +37,14 @@ from __future__ import annotations
 import numpy as np
 from sklearn.utils import check_random_state
 
-from .._svd import (
-    _AUTO_TOL,
-    _FIRST_STAGE,
-    _PROBES,
-    _auto_plan,
-    _auto_power,
-    _flip,
-    _residual_norm2,
-    _solve,
-    check_svd_options,
-)
-from .._validation import check_choice, check_int
+from .._params import SVD_OPTIONS, validate_params
+from .._svd import _AUTO_TOL, _FIRST_STAGE, _PROBES, _auto_plan, _auto_power, _flip, _residual_norm2, _solve
 from ._objective import _CHUNK_ELEMS, _DIRECT, _data_energy, finish, prepare, totals
 
 __all__ = ["fit_global"]
 
 
+@validate_params("gram_damping", "sketch", *SVD_OPTIONS, rank="shared_rank")
 def fit_global(
     W,
     rank,
@@ -78,14 +69,14 @@ def fit_global(
         ``r >= 1``; components beyond the metric's rank are zero.
     input_gram : array-like (n, n) or GramFactor
         ``G``, e.g. ``X^T X / n_samples`` of the layer's inputs (see
-        :class:`~blocklowrank._metric._gram.GramFactor`; build one per input
+        :class:`GramFactor`; build one per input
         site and pass it to every layer reading that input).
     output_gram : array-like (m, m) or GramFactor, optional
         ``H``, an output-side weight; absent: ``H = I``.
     gram_damping : float, default=0.0
         ``delta``: fit in ``G + delta mean(diag G) I`` (and ``H`` likewise).
     svd_solver : {"full", "randomized", "auto"}, default="full"
-        The engine's solvers (:func:`~blocklowrank._svd.batched_svd`) applied
+        The engine's solvers (:func:`blocklowrank.batched_svd`) applied
         to ``K^T W L``: "full" (LAPACK), "randomized", or "auto" (the sketch
         where its a-posteriori certificate proves a discarded energy within
         ``1 + 1e-6`` of the optimum, else "full").
@@ -110,9 +101,7 @@ def fit_global(
         them with "full"; the sketch's with "randomized").
     """
     p = prepare(W, input_gram, output_gram, gram_damping)
-    svd = check_svd_options(svd_solver, n_oversamples, iterated_power)
-    rank = check_int(rank, "rank", minimum=1)
-    check_choice(sketch, "sketch", ("formed", "operator"))
+    svd = (svd_solver, n_oversamples, iterated_power)
     return _fit_global(p, rank, svd, check_random_state(random_state), n_jobs, sketch)
 
 

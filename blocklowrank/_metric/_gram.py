@@ -17,7 +17,8 @@ import numpy as np
 import scipy.linalg
 from scipy.linalg import blas, lapack
 
-from .._validation import check_nonneg_float, refuse_meaningless, validate_matrix
+from .._params import check
+from .._validation import refuse_meaningless, validate_matrix
 
 __all__ = ["GramFactor", "IdentityGram", "as_gram"]
 
@@ -107,7 +108,7 @@ class GramFactor:
     def __init__(self, gram, size=None, *, damping=0.0, name="input_gram"):
         self.name = name
         G, in_dtype = _check_gram(gram, size, name)
-        self.damping = check_nonneg_float(damping, "gram_damping")
+        self.damping = check(damping, "gram_damping", caller="GramFactor")
         self.size = G.shape[0]
         self.rcond = _rcond(self.size, in_dtype)
         trace = float(np.trace(G))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._linalg import STEP_TOL
+from .._params import validate_params
 from ._objective import _DIRECT, MetricRun, Stop, _data_energy, _objective_lowrank, metric_product, prepare, totals
 
 __all__ = ["fit_majorize", "MajorizeFit"]
@@ -38,7 +39,7 @@ class MajorizeFit(MetricRun):
     state : object
         The callback's state for that fit (its factors, for a warm start).
     objective, total, output_error, error_trace, n_iter, stop_reason
-        As in :class:`~blocklowrank._metric._objective.MetricFit`; ``stop_reason``
+        As in :class:`MetricFit`; ``stop_reason``
         is "tol", "max_iter", "increase" (a step raised ``f`` at the guaranteed
         bound ``c``: rounding) or "callback" (the plain fit was worse on
         ``||Z_t - M||`` than the current iterate).
@@ -52,6 +53,7 @@ class MajorizeFit(MetricRun):
     n_backtracks: int
 
 
+@validate_params("gram_damping", "max_iter", "tol")
 def fit_majorize(W, input_gram, output_gram=None, *, plain_fit, init=None, gram_damping=0.0, max_iter=500, tol=1e-6):
     """Minimise ``||H^{1/2} (W - M) G^{1/2}||_F`` over a structure given only its plain fitter.
 
@@ -59,7 +61,7 @@ def fit_majorize(W, input_gram, output_gram=None, *, plain_fit, init=None, gram_
     ----------
     W : array-like of shape (m, n)
     input_gram, output_gram, gram_damping
-        As in :func:`~blocklowrank._metric._global.fit_global`.
+        As in :func:`fit_global`.
     plain_fit : callable
         ``plain_fit(Z, state) -> (M, state)``: a Frobenius fit of the target
         ``Z`` (m x n, float64) by the structure, warm-started from ``state``

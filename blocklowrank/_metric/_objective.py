@@ -1,7 +1,7 @@
 """The objective ``f(M) = ||H^{1/2} (W - M) G^{1/2}||_F^2``: energies, its value from factors,
 ``output_error``, the result of a metric fit and the stopping rule of the iterative ones.
 
-Units: a :class:`~blocklowrank._metric._gram.GramFactor` stores its Gram divided
+Units: a :class:`GramFactor` stores its Gram divided
 by ``2**log2_scale`` and ``W`` may be rescaled by a power of two (see
 :func:`prepare`); every energy here is in those units and multiplied back by
 :attr:`Problem.log2_energy` (``ldexp``, exact) where it is reported.
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._validation import check_int, check_nonneg_float, pow2_scale, validate_matrix
+from .._validation import pow2_scale, validate_matrix
 from ._gram import as_gram
 
 __all__ = ["MetricRun", "MetricFit", "Problem", "prepare", "output_error", "metric_energy"]
@@ -99,10 +99,9 @@ class Problem:
 def prepare(W, input_gram, output_gram=None, gram_damping=0.0):
     """Validated :class:`Problem`: ``W`` a finite real matrix (float32 kept), ``input_gram`` of side
     ``n`` and ``output_gram`` (None: absent) of side ``m`` as Gram factors (arrays or shared
-    :class:`~blocklowrank._metric._gram.GramFactor` objects)."""
+    :class:`GramFactor` objects)."""
     W = validate_matrix(W, name="W", max_ndim=2)
     m, n = W.shape
-    gram_damping = check_nonneg_float(gram_damping, "gram_damping")
     G = as_gram(input_gram, n, damping=gram_damping, name="input_gram")
     H = as_gram(output_gram, m, damping=gram_damping, name="output_gram")
     k = pow2_scale(W)
@@ -273,7 +272,7 @@ def output_error(W, approx, input_gram, output_gram=None, *, layout=None):
     ``f(M) = tr(H (W - M) G (W - M)^T)``; with ``G = X^T X / n_samples`` and
     ``H`` absent this is ``||(W - M) X^T||_F / ||W X^T||_F``, the relative
     error of the layer's outputs on the samples ``X``. Damping is not
-    applied (a damped :class:`~blocklowrank._metric._gram.GramFactor` is
+    applied (a damped :class:`GramFactor` is
     undamped here).
 
     Parameters
@@ -344,10 +343,8 @@ class Stop:
     or zero error) or "max_iter".
     """
 
-    def __init__(self, total, max_iter, tol):
-        self.total = total
-        self.max_iter = check_int(max_iter, "max_iter", minimum=1)
-        self.tol = check_nonneg_float(tol, "tol")
+    def __init__(self, total, max_iter, tol):  # max_iter and tol checked at the public boundary
+        self.total, self.max_iter, self.tol = total, max_iter, tol
         self.trace = []
         self.n_iter = 0
 

@@ -10,8 +10,11 @@ own language-modelling loss. torch and transformers are required under
 else the collector tests skip without them.
 """
 
+import copy
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -327,3 +330,390 @@ def test_inconsistent_statistics_are_refused_when_built():
         CalibrationStats.from_accumulators({"a": GramAccumulator(2)}, {"x": "a"})
     with pytest.raises(CalibrationError, match="must be a string"):
         CalibrationStats({"a": np.eye(2)}, {"a": 1}, {"x": "a"}, model=3)
+
+
+# ---------------------------------------------------------------------------- the collector, for real
+def test_importing_the_package_loads_no_torch():
+    code = (
+        "import sys, blocklowrank.calibration, blocklowrank.calibration.collect; "
+        "print(sorted(m for m in ('torch', 'transformers', 'tqdm') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_missing_torch_is_one_line_naming_the_extra(tmp_path):
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers'):\n"
+        "            raise ImportError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from blocklowrank.cli import main\n"
+        f"sys.exit(main(['calibrate', {str(tmp_path)!r}, '--texts', {str(tmp_path / 't.txt')!r}, "
+        f"'--out', {str(tmp_path / 'o.safetensors')!r}]))"
+    )
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "t.txt").write_text("a text\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1 and "blocklowrank[calibrate]" in run.stderr, run.stderr
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def torch():
+    if REQUIRED:
+        import torch
+    else:
+        torch = pytest.importorskip("torch")
+        pytest.importorskip("transformers")
+    return torch
+
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Short one.",
+    "A dictionary maps hashable keys to arbitrary values, and its views reflect later changes.",
+    "Exceptions propagate up the call stack until a matching handler is found.",
+    "Yes.",
+    "Generators produce values lazily, one at a time, when iterated.",
+    "Calibration statistics are second moments of a layer's inputs over real text.",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm(torch):
+    """all-MiniLM-L6-v2 as a transformers BertModel (built as the fine-tuning experiment builds it), eval mode."""
+    from blocklowrank.experiments import _finetune_minilm
+    from blocklowrank.experiments import realweights as rw
+
+    try:
+        path = rw.minilm_checkpoint()
+    except FileNotFoundError as exc:
+        if REQUIRED:
+            raise
+        pytest.skip(str(exc))
+    model, tokenizer, _ = _finetune_minilm._load(torch, path)
+    batches = []
+    for start in range(0, len(SENTENCES), 3):  # padded batches of 3, 3 and 1
+        ids, mask = _finetune_minilm._batches(tokenizer, SENTENCES[start : start + 3], torch)
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    assert any(not b["attention_mask"].all() for b in batches)  # padding is there to be ignored
+    return model.eval(), batches, path.parent
+
+
+def _minilm_layer(i, name):
+    return f"encoder.layer.{i}.{name}"
+
+
+def test_minilm_input_grams_equal_an_independent_recomputation(torch, minilm):
+    """Claim: G of encoder.layer.1's query is Σ h hᵀ / n over the tokens the attention mask keeps,
+    h = encoder layer 0's output (output_hidden_states[1]), padded batches included; q/k/v share
+    one input site; the attention output, intermediate and output dense layers have their own."""
+    from blocklowrank.calibration.collect import collect_statistics
+
+    model, batches, _ = minilm
+    stats = collect_statistics(model, batches, progress=False)
+    reference, tokens = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            hidden = model(**b, output_hidden_states=True).hidden_states[1]
+            reference = reference + _reference_sum(hidden.numpy(), b["attention_mask"].numpy())
+            tokens += int(b["attention_mask"].sum())
+    query = _minilm_layer(1, "attention.self.query")
+    assert stats.input_count(query) == tokens
+    _close(stats.input_gram(query), reference / tokens, rtol=1e-10)
+    assert {stats.site_of(_minilm_layer(1, f"attention.self.{x}")) for x in ("query", "key", "value")} == {query}
+    own = ("attention.output.dense", "intermediate.dense", "output.dense")  # each its own site
+    assert [stats.site_of(_minilm_layer(1, x)) for x in own] == [_minilm_layer(1, x) for x in own]
+    assert len(stats.layers) == 37 and len(stats.sites) == 25  # 6 x 6 encoder layers + pooler; 6 x 4 sites + pooler
+    assert stats.input_count("pooler.dense") == len(SENTENCES)  # one row per sequence
+    assert stats.output_layers == [] and stats.loss == ""
+    assert stats.info["tokens"] == tokens and stats.model_dtype == "float32"
+
+
+def test_minilm_output_grams_equal_autograd_under_a_task_loss(torch, minilm):
+    """Claim: with a task loss (mean pooling, a seeded linear head, cross-entropy), H of a layer is
+    Σ g gᵀ / n of the loss gradient g at that layer's output over the kept tokens, g computed by
+    torch.autograd.grad in a separate pass; a frozen model in train mode works and is put back."""
+    from blocklowrank.calibration.collect import collect_statistics
+
+    model, batches, _ = minilm
+    torch.manual_seed(0)
+    head = torch.nn.Linear(384, 4)
+    labels = [torch.tensor([0, 1, 2]), torch.tensor([3, 0, 1]), torch.tensor([2])]
+    task = [{**b, "labels": y} for b, y in zip(batches, labels)]
+
+    def loss_fn(model, batch):
+        states = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        weights = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+        pooled = (states * weights).sum(1) / weights.sum(1)
+        return torch.nn.functional.cross_entropy(head(pooled), batch["labels"])
+
+    layer = _minilm_layer(1, "intermediate.dense")
+    module = model.get_submodule(layer)
+    reference, tokens = 0.0, 0
+    for b in task:
+        captured = []
+        handle = module.register_forward_hook(lambda m, args, out: captured.append(out))
+        loss = loss_fn(model, b)
+        handle.remove()
+        (grad,) = torch.autograd.grad(loss, captured[0])
+        reference = reference + _reference_sum(grad.numpy(), b["attention_mask"].numpy())
+        tokens += int(b["attention_mask"].sum())
+    model.train()
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        stats = collect_statistics(
+            model,
+            task,
+            target_modules=[layer, _minilm_layer(1, "attention.self.query")],
+            output_grams=True,
+            loss_fn=loss_fn,
+            progress=False,
+        )
+        assert model.training and not any(p.requires_grad for p in model.parameters())
+    finally:
+        model.eval()
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+    assert stats.output_counts[layer] == tokens and stats.loss == "loss_fn:" + loss_fn.__qualname__
+    _close(stats.output_gram(layer), reference / tokens, rtol=1e-6)
+    assert stats.output_gram(_minilm_layer(1, "attention.self.query")).shape == (384, 384)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(torch, tmp_path_factory):
+    """A random GPT-2 (2 layers, width 32) saved with save_pretrained, and padded token batches."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=96, eos_token_id=96
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    folder = tmp_path_factory.mktemp("gpt2")
+    model.save_pretrained(folder)
+    rng = np.random.default_rng(0)
+    batches = []
+    for lengths in ([12, 7], [3, 12], [9]):
+        ids = rng.integers(0, 97, size=(len(lengths), 12))
+        mask = (np.arange(12) < np.array(lengths)[:, None]).astype(np.int64)
+        batches.append({"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)})
+    return model, batches, folder
+
+
+def test_gpt2_conv1d_layers_under_the_models_own_causal_lm_loss(torch, tiny_gpt2):
+    """Claim: GPT-2's Conv1D layers are collected (lm_head, tied to the embedding, is not); c_attn's
+    input site is ln_1's output (G = Σ h hᵀ / n of a forward hook's capture on ln_1); H exists for
+    every layer, and for one it equals autograd's gradient of the model's own LM loss."""
+    from blocklowrank.calibration.collect import collect_statistics
+
+    model, batches, _ = tiny_gpt2
+    stats = collect_statistics(model, batches, output_grams=True, progress=False)
+    parts = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    expected = [f"transformer.h.{i}.{part}" for i in range(2) for part in parts]
+    assert stats.layers == expected and stats.output_layers == expected and stats.loss == "causal-lm"
+    assert stats.site_of("transformer.h.1.attn.c_attn") == "transformer.h.1.attn.c_attn"
+    c_fc = model.transformer.h[1].mlp.c_fc
+    inputs, outputs, tokens = 0.0, 0.0, 0
+    for b in batches:
+        captured = []
+        handles = [
+            model.transformer.h[1].ln_1.register_forward_hook(lambda m, a, out: captured.append(out)),
+            c_fc.register_forward_hook(lambda m, a, out: captured.append(out)),
+        ]
+        mask = b["attention_mask"]
+        loss = model(**b, labels=b["input_ids"].masked_fill(mask == 0, -100)).loss
+        for h in handles:
+            h.remove()
+        (grad,) = torch.autograd.grad(loss, captured[1])
+        inputs = inputs + _reference_sum(captured[0].detach().numpy(), mask.numpy())
+        outputs = outputs + _reference_sum(grad.numpy(), mask.numpy())
+        tokens += int(mask.sum())
+    _close(stats.input_gram("transformer.h.1.attn.c_attn"), inputs / tokens, rtol=1e-10)
+    _close(stats.output_gram("transformer.h.1.mlp.c_fc"), outputs / tokens, rtol=1e-6)
+    shapes = {layer: (m.weight.shape[1], m.weight.shape[0]) for layer, m in model.named_modules() if layer in expected}
+    check_statistics(stats, shapes, require_output=True)  # Conv1D: (out, in) is the transposed weight
+
+
+def test_a_token_limit_counts_exactly_that_many_tokens(torch, tiny_gpt2):
+    """Claim: max_tokens=25 counts the first 25 kept tokens (row-major, batch after batch) and stops:
+    G equals Σ h hᵀ / 25 over exactly those tokens of ln_1's output, the model seeing whole batches."""
+    from blocklowrank.calibration.collect import collect_statistics
+
+    model, batches, _ = tiny_gpt2
+    stats = collect_statistics(model, batches, max_tokens=25, progress=False)
+    assert stats.input_count("transformer.h.0.attn.c_attn") == 25 == stats.info["tokens"]
+    assert stats.info["batches"] == 2  # 19 tokens, then 6 of the next 15, then stop
+    reference, left = 0.0, 25
+    for b in batches[:2]:
+        captured = []
+        handle = model.transformer.h[0].ln_1.register_forward_hook(lambda m, a, out: captured.append(out))
+        with torch.no_grad():
+            model(**b)
+        handle.remove()
+        keep = b["attention_mask"].numpy().astype(bool)
+        first = np.flatnonzero(keep)[:left]  # the first kept tokens, row-major
+        counted = np.zeros(keep.size, dtype=bool)
+        counted[first] = True
+        reference = reference + _reference_sum(captured[0].numpy(), counted.reshape(keep.shape))
+        left -= first.size
+    _close(stats.input_gram("transformer.h.0.attn.c_attn"), reference / 25, rtol=1e-10)
+
+
+def test_calibrate_folder_on_a_token_stream(torch, tiny_gpt2, tmp_path):
+    """The command's library function on a saved GPT-2 and a 1-D token stream: file written, checked."""
+    from blocklowrank.calibration.collect import calibrate_folder
+
+    model, _, folder = tiny_gpt2
+    tokens = np.random.default_rng(1).integers(0, 97, size=50)
+    np.save(tmp_path / "tokens.npy", tokens)
+    out = tmp_path / "stats.safetensors"
+    stats = calibrate_folder(
+        folder, out, tokens=tmp_path / "tokens.npy", max_length=16, output_grams=True, progress=False
+    )
+    assert stats.info["tokens"] == 50 and stats.info["sequences"] == 4  # windows of 16, 16, 16, 2
+    shapes = {layer: (m.weight.shape[1], m.weight.shape[0]) for layer, m in model.named_modules() if "c_" in layer}
+    with load_statistics(out) as loaded:
+        check_statistics(loaded, shapes, require_output=True)
+        assert loaded.layer_sites == stats.layer_sites and loaded.loss == "causal-lm"
+        assert loaded.info["tokens"] == 50 and loaded.model_dtype == "float32"
+    with pytest.raises(FileExistsError):
+        calibrate_folder(folder, out, tokens=tmp_path / "tokens.npy", progress=False)
+
+
+def test_the_command_refuses_in_one_line_and_writes_nothing(torch, tiny_gpt2, tmp_path, capsys):
+    """A model without a language-modelling head has no loss of its own for --output-grams; a
+    folder without config.json, bad token files and an existing --out are refused in one line."""
+    from blocklowrank.cli import main
+
+    model, _, _ = tiny_gpt2
+    base = tmp_path / "gpt2-base"
+    model.transformer.save_pretrained(base)  # GPT2Model
+    np.save(tmp_path / "tokens.npy", np.arange(20))
+    np.save(tmp_path / "floats.npy", np.ones(5))
+    np.save(tmp_path / "too-big.npy", np.array([3, 500]))
+    capsys.readouterr()
+    out = str(tmp_path / "out.safetensors")
+    runs = {
+        "needs a loss": [str(base), "--tokens", str(tmp_path / "tokens.npy"), "--output-grams"],
+        "no config.json": [str(tmp_path), "--tokens", str(tmp_path / "tokens.npy")],
+        "integer array": [str(base), "--tokens", str(tmp_path / "floats.npy")],
+        "outside the model's vocabulary": [str(base), "--tokens", str(tmp_path / "too-big.npy")],
+        "selects no linear layer": [str(base), "--tokens", str(tmp_path / "tokens.npy"), "--target-modules", "zz"],
+    }
+    for expected, args in runs.items():
+        assert main(["calibrate", *args, "--out", out, "-q"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "out.safetensors").exists()
+    assert main(["calibrate", str(base), "--tokens", str(tmp_path / "tokens.npy"), "--out", out, "-q"]) == 0
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_masked_lm_gram_comes_from_the_clean_inputs(torch):
+    """A masked LM's own loss masks a copy of the batch for H; G is the clean batch's."""
+    import transformers
+
+    from blocklowrank.calibration.collect import collect_statistics
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    model = transformers.BertForMaskedLM(config).eval()
+    ids = torch.from_numpy(np.random.default_rng(0).integers(5, 50, size=(3, 10)))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    clean = collect_statistics(model, [batch], progress=False)
+    both = collect_statistics(model, [batch], output_grams=True, mask_token_id=4, progress=False)
+    assert both.loss == "masked-lm" and set(both.output_layers) == set(both.layers)
+    for layer in clean.layers:
+        np.testing.assert_array_equal(both.input_gram(layer), clean.input_gram(layer))
+    assert all(np.abs(both.output_gram(layer)).max() > 0 for layer in both.layers if "encoder" in layer)
+
+
+def test_collector_refusals(torch, tiny_gpt2):
+    from blocklowrank.calibration.collect import collect_statistics
+
+    model, batches, _ = tiny_gpt2
+    with pytest.raises(CalibrationError, match="selects no linear layer"):
+        collect_statistics(model, batches, target_modules=["nothing_here"], progress=False)
+    with pytest.raises(ValueError, match="output_grams=True"):
+        collect_statistics(model, batches, loss_fn=lambda m, b: 0, progress=False)
+    with pytest.raises(CalibrationError, match="no token"):
+        collect_statistics(model, [{**batches[0], "attention_mask": batches[0]["attention_mask"] * 0}], progress=False)
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.transformer.h[0].attn.c_proj.weight[0, 0] = float("nan")
+    with pytest.raises(CalibrationError, match="NaN"):
+        collect_statistics(broken, batches, progress=False)
+    base = model.transformer  # a GPT2Model: no language-modelling head, so no loss of its own
+    with pytest.raises(CalibrationError, match="needs a loss"):
+        collect_statistics(base, batches, output_grams=True, progress=False)
+
+
+def test_the_command_on_minilm(torch, minilm, tmp_path):
+    """`blocklowrank calibrate` end to end in a subprocess on a few sentences: the file fits the
+    checkpoint's layers and holds what the collector gives in-process on the same batches; a run
+    that must not overwrite, or has no loss for --output-grams, is refused in one line, writing nothing."""
+    from blocklowrank.calibration.collect import collect_statistics
+    from blocklowrank.checkpoints import open_checkpoint, pair_layers
+    from blocklowrank.cli import main
+
+    model, batches, folder = minilm
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(SENTENCES) + "\n\n", encoding="utf-8")
+    out = tmp_path / "stats.safetensors"
+    command = [sys.executable, "-m", "blocklowrank", "calibrate", str(folder), "--texts", str(texts)]
+    run = subprocess.run([*command, "--out", str(out), "--batch-size", "3", "-q"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"wrote {out}") and "37 layers, 25 input sites" in run.stdout
+    with open_checkpoint(folder / "model.safetensors") as ckpt:
+        layers = {pair.module: pair.shape for pair in pair_layers(ckpt, None).pairs}
+    in_process = collect_statistics(model, batches, progress=False)
+    with load_statistics(out) as stats:
+        check_statistics(stats, layers)
+        assert stats.layer_sites == in_process.layer_sites and stats.input_counts == in_process.input_counts
+        for site in stats.sites:
+            _close(stats.site_gram(site), in_process.site_gram(site), rtol=1e-6)
+    before = out.read_bytes()
+    assert main(["calibrate", str(folder), "--texts", str(texts), "--out", str(out), "-q"]) == 2
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.safetensors", "texts.txt"]
+
+
+def test_a_bfloat16_model_is_accumulated_from_its_exact_values(torch, tiny_gpt2):
+    """Claim: a model running in bfloat16 gives G = Σ h hᵀ / n of its bfloat16 activations, each
+    decoded exactly (to float32, then float64), and its dtype is recorded."""
+    from blocklowrank.calibration.collect import collect_statistics
+
+    model = copy.deepcopy(tiny_gpt2[0]).to(torch.bfloat16)
+    batches = tiny_gpt2[1]
+    stats = collect_statistics(model, batches, target_modules=["mlp.c_fc"], progress=False)
+    reference, tokens = 0.0, 0
+    for b in batches:
+        captured = []
+        handle = model.transformer.h[0].ln_2.register_forward_hook(lambda m, a, out: captured.append(out))
+        with torch.no_grad():
+            model(**b)
+        handle.remove()
+        assert captured[0].dtype == torch.bfloat16
+        reference = reference + _reference_sum(captured[0].float().numpy(), b["attention_mask"].numpy())
+        tokens += int(b["attention_mask"].sum())
+    assert stats.model_dtype == "bfloat16" and stats.layers == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
+    _close(stats.input_gram("transformer.h.0.mlp.c_fc"), reference / tokens)
+
+
+def test_without_tqdm_the_run_goes_on(torch, tiny_gpt2, monkeypatch):
+    """The progress bar is the sweeps' (blocklowrank.sweep): without tqdm it is a bar that draws nothing."""
+    from blocklowrank import sweep
+    from blocklowrank.calibration import collect
+
+    monkeypatch.setattr(sweep, "_tqdm", lambda: None)  # what sweep._tqdm gives, after its warning, without tqdm
+    stats = collect.collect_statistics(tiny_gpt2[0], tiny_gpt2[1], progress=True)
+    assert stats.info["tokens"] == 43

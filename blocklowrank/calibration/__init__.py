@@ -16,6 +16,11 @@ output side by ``H = Σ g gᵀ / n``, the second moment of the loss gradient
 - :func:`check_statistics`: refuses statistics that do not fit a model's
   layers, in one line naming the file and the entry (:class:`CalibrationError`).
 
+The collector that runs a PyTorch model is
+:func:`blocklowrank.calibration.collect.collect_statistics` (the ``calibrate``
+extra; the one module of the library that imports torch, lazily), and on the
+command line ``blocklowrank calibrate MODEL --texts FILE --out stats.safetensors``.
+
 The file format (version 1)
 ---------------------------
 One safetensors file (written by :func:`blocklowrank.checkpoints.save_file`,

@@ -43,6 +43,7 @@ LAYERS = (
     ("budget tools and converters", {"budget", "compare", "convert"}),
     ("the core API", {"blocklowrank"}),
     ("files: checkpoints and run logs", {"checkpoints", "sweep"}),
+    ("calibration statistics (their file; the torch collector)", {"calibration"}),
     ("PEFT adapter files", {"peft"}),
     ("the checkpoint study", {"study"}),
     ("adapter extraction", {"extract"}),

@@ -12,9 +12,10 @@ NumPy SVDs in the test (``_real.truncated``, ``_reference.block_svd_loop``).
 Each ``xfail(strict=True)`` asserts the right behaviour and fails today for
 the reason it names (issue 17); the fix flips them. Roots: orientation of a
 layer's weight, what a PEFT adapter applies (its config fields), what a layer
-may be (its dtype). CorDA and LoftQ adapters cannot be built here (PEFT needs
-``attrs`` for CorDA, ``bitsandbytes`` for LoftQ): their configs are forged on
-a PEFT-made adapter, and for them only a refusal is right.
+may be (its dtype). CorDA, LoRA-GA and LoftQ adapters cannot be built here
+(PEFT needs ``attrs`` for CorDA, gradients for LoRA-GA, ``bitsandbytes`` for
+LoftQ): their configs are forged on a PEFT-made adapter, and for them only a
+refusal is right. PiSSA, PiSSA with ``niter``, OLoRA and EVA are built by PEFT.
 """
 
 import copy
@@ -177,6 +178,7 @@ KINDS = {"square": SQUARE, "non-square": tuple(k for k in CONV1D if k not in SQU
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @xfail("load_peft_adapter ignores fan_in_fan_out: ΔW transposed (square layers) or of the wrong shape")
 def test_load_peft_adapter_gives_peft_delta_weight(gpt2, gpt2_peft, kind):
+    """ΔW in the orientation of PEFT's ``get_delta_weight``: the module's stored weight (what merge adds)."""
     folder, _, deltas = gpt2_peft
     layers, _ = load_peft_adapter(folder)
     for module in conv1d_modules(gpt2, KINDS[kind]):

@@ -9,8 +9,8 @@ rows of inputs it is no longer reading. Everything that may be replaced or
 renamed lives under the test's temporary folder, which every ``--out`` is
 checked to lie in before the command runs.
 
-Each ``xfail(strict=True)`` asserts the right behaviour and fails today for
-the reason it names (issue 17); the fix flips them. Hangs run in child
+Each test of a defect of issue 17 asserts the right behaviour (they were
+strict xfails on the code they were written against). Hangs run in child
 processes, all started at once, with one deadline: a hang fails its test
 instead of blocking the suite.
 """
@@ -30,18 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _real import (
-    assert_refused,
-    cli,
-    first_line,
-    no_figures,
-    outcome,
-    root_settings,
-    run_study,
-    tree,
-    truncated_error,
-    xfail,
-)
+from _real import assert_refused, cli, first_line, no_figures, outcome, root_settings, run_study, tree, truncated_error
 
 pytest.importorskip("hypothesis")
 from hypothesis import example, given  # noqa: E402
@@ -118,10 +107,6 @@ def _log_records(out):
 
 # ---------------------------------------------------------------------------- 1. resume identity
 @pytest.mark.parametrize("stop", ["finished", "killed"])
-@xfail(
-    "a study resumed after the fine-tuned checkpoint was saved over at the same path returns the old rows "
-    "(finished) or mixes old and new layers (killed), exit 0, no warning"
-)
 def test_resume_after_finetuned_overwritten(stop, tmp_path):
     base = _weights(0)
     paths = _files(tmp_path, base, _tuned(base, 1))
@@ -134,7 +119,6 @@ def test_resume_after_finetuned_overwritten(stop, tmp_path):
     _refused_or_right(result, exc, _truth(base, later, 2))
 
 
-@xfail("a log whose study.json was deleted is resumed at another budget: the rows of the old budget come back")
 def test_resume_without_settings_file(tmp_path):
     base = _weights(0)
     tuned = _tuned(base, 1)
@@ -145,7 +129,6 @@ def test_resume_without_settings_file(tmp_path):
     _refused_or_right(result, exc, _truth(base, tuned, 3), "study.json")
 
 
-@xfail("a log line copied from another model's study is taken as this model's layer")
 def test_log_line_from_another_model(tmp_path):
     base = _weights(0)
     tuned_a, tuned_b = _tuned(base, 1), _tuned(base, 2)
@@ -171,7 +154,6 @@ def studied(tmp_path):
     return paths, base, tuned, tmp_path / "s"
 
 
-@xfail("a log line holding only an id raises KeyError from the resumed study")
 def test_log_line_with_only_an_id(studied):
     paths, base, tuned, out = studied
     records = _log_records(out)
@@ -180,7 +162,6 @@ def test_log_line_with_only_an_id(studied):
     _refused_or_right(result, exc, _truth(base, tuned, 2), "study.jsonl")
 
 
-@xfail("a truncated spectra/*.npz of a layer logged as done raises BadZipFile")
 def test_truncated_spectra_file(studied):
     paths, base, tuned, out = studied
     spectra = sorted((out / "spectra").glob("*.npz"))[0]
@@ -189,7 +170,6 @@ def test_truncated_spectra_file(studied):
     _refused_or_right(result, exc, _truth(base, tuned, 2), spectra.name)
 
 
-@xfail("a deeply nested adapter_config.json raises RecursionError")
 def test_deeply_nested_adapter_config(tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"r": ' + "[" * 100_000 + "]" * 100_000 + "}")
     save_file(tmp_path / "adapter_model.safetensors", {"base_model.model.x.lora_A.weight": np.zeros((1, 2), "f4")})
@@ -199,7 +179,6 @@ def test_deeply_nested_adapter_config(tmp_path):
 
 # ---------------------------------------------------------------------------- 3. errors that name nothing
 @pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
-@xfail("NaN/inf in a BF16 layer: 'X contains NaN', naming neither the file nor the layer")
 def test_nonfinite_bf16_layer_named(value, tmp_path):
     base = _weights(0)
     tuned = _tuned(base, 1)
@@ -213,7 +192,6 @@ def test_nonfinite_bf16_layer_named(value, tmp_path):
     assert_refused(exc, MODULES[1])
 
 
-@xfail("a difference that overflows float32 while both inputs are finite: 'X contains inf', no layer named")
 def test_overflowing_difference_named(tmp_path):
     base, tuned = _weights(0), _weights(0)
     base[NAMES[1]] = np.full(SHAPE, -3e38, np.float32)
@@ -225,7 +203,6 @@ def test_overflowing_difference_named(tmp_path):
     assert_refused(exc, MODULES[1])
 
 
-@xfail("a header integer over 4300 digits: Python's int-conversion ValueError, not naming the file")
 def test_header_integer_over_4300_digits(tmp_path):
     header = ('{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, ' + "9" * 5000 + "]}}").encode()
     path = tmp_path / "big.safetensors"
@@ -234,7 +211,6 @@ def test_header_integer_over_4300_digits(tmp_path):
     assert_refused(exc, str(path))
 
 
-@xfail("a corrupt study.json: a bare JSONDecodeError, not naming the file")
 def test_corrupt_settings_file_named(studied):
     paths, _, _, out = studied
     (out / "study.json").write_text("{corrupt")
@@ -249,7 +225,6 @@ OPTIONS = {
 
 
 @pytest.mark.parametrize("option", sorted(OPTIONS))
-@xfail("a set or an np.int64 in run_study's options: 'Object of type set is not JSON serializable'")
 def test_options_of_numpy_or_set_type(option, tmp_path):
     base = _weights(0)
     tuned = _tuned(base, 1)
@@ -259,7 +234,6 @@ def test_options_of_numpy_or_set_type(option, tmp_path):
     _refused_or_right(result, exc, _truth(base, tuned, 2), option)
 
 
-@xfail("extract --total-budget 1 says 'no selected layer changed', which is false")
 def test_total_budget_too_small_says_so(tmp_path):
     base = _weights(0)
     paths = _files(tmp_path, base, _tuned(base, 1))
@@ -268,7 +242,6 @@ def test_total_budget_too_small_says_so(tmp_path):
     assert "--total-budget" in err or "total_budget" in err, err
 
 
-@xfail("a valid tuple target_modules is refused on the second run ('other settings (target_modules)')")
 def test_tuple_target_modules_resumes(tmp_path):
     base = _weights(0)
     tuned = _tuned(base, 1)
@@ -281,7 +254,6 @@ def test_tuple_target_modules_resumes(tmp_path):
 
 
 # ---------------------------------------------------------------------------- 4. memory
-@xfail("the changed-tensor check converts both sides of an N-D tensor to float64 in full (about 8.5x its size)")
 def test_changed_check_of_a_large_expert_tensor(tmp_path):
     rng = np.random.default_rng(0)
     experts = rng.standard_normal((8, 256, 1024)).astype(np.float32)  # a 3-D MoE tensor: 4 MiB as BF16
@@ -358,7 +330,6 @@ OUT_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(OUT_CASES))
-@xfail("extract --overwrite replaces whatever --out names: the working directory, an input's folder, $HOME")
 def test_out_never_replaces_an_input(case, tmp_path):
     ws = _workspace(tmp_path)
     before = tree(tmp_path)
@@ -395,7 +366,6 @@ def _same_adapter(folder, reference):
     return set(got[0]) == set(want) and all(np.allclose(got[0][m].to_dense(), want[m].to_dense()) for m in want)
 
 
-@xfail("replacing an adapter takes two renames: a crash between them leaves nothing at --out")
 def test_crash_while_replacing_an_adapter_leaves_one(tmp_path):
     ws = _workspace(tmp_path)
     out, new = tmp_path / "adapter", tmp_path / "new"
@@ -425,7 +395,6 @@ def test_crash_while_replacing_an_adapter_leaves_one(tmp_path):
 HANG_SECONDS = 5  # a right answer takes milliseconds
 
 
-@xfail("a FIFO (any non-regular file) named *.safetensors blocks forever in open()")
 def test_fifo_named_safetensors_refused(tmp_path):
     fifo = tmp_path / "model.safetensors"
     os.mkfifo(fifo)
@@ -491,7 +460,6 @@ def pattern_readers(tmp_path_factory):
 
 
 @pytest.mark.parametrize("field", ["target_modules", "rank_pattern"])
-@xfail("a catastrophically backtracking pattern in a forged adapter_config.json hangs load_peft_adapter")
 def test_backtracking_pattern_cannot_hang_the_reader(pattern_readers, field):
     said = pattern_readers(field)
     assert said is not None, f"load_peft_adapter still matching {field} after {HANG_SECONDS} s"
@@ -511,7 +479,6 @@ CHANGES = (
 )
 
 
-@xfail("resume identity: a resumed study uses logged rows of inputs that changed, or of another study")
 @root_settings(4)
 @given(
     change=st.sampled_from(CHANGES), kept=st.integers(0, len(NAMES)), rank=st.integers(1, 2), seed=st.integers(0, 99)
@@ -579,7 +546,6 @@ RELATIONS = {  # name: (--out from the workspace, True: must be refused / False:
 }
 
 
-@xfail("output path: --out equal to, or above, an input, the cwd or $HOME is replaced with --overwrite")
 @root_settings(12)
 @given(relation=st.sampled_from(sorted(RELATIONS)), overwrite=st.booleans())
 @example(relation="fine-tuned folder through ..", overwrite=True)

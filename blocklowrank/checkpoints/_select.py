@@ -389,7 +389,7 @@ def _check_finite(base, finetuned, pair, delta):
     raise _error(
         (finetuned or base).info(pair.name).file,
         f"ΔW = fine-tuned - base overflows {delta.dtype} although both weights are finite; "
-        "compute it in float64 (dtype=float64)",
+        "it needs float64 (iter_deltas(..., dtype=numpy.float64)), and an adapter in float32 cannot hold it",
         pair.name,
     )
 

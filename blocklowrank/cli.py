@@ -304,6 +304,7 @@ def cmd_study(args):
         progress=not args.quiet,
         svd_solver=args.svd_solver,
         fit_options=None if args.max_iter is None else {"max_iter": args.max_iter},
+        orientation=args.orientation,
         **budget,
     )
     skipped = sum(1 for lay in res.layers if lay["skipped"])
@@ -350,6 +351,7 @@ def cmd_extract(args):
         peft_type=args.peft_type,
         svd_solver=args.svd_solver,
         overwrite=args.overwrite,
+        orientation=args.orientation,
     )
     print(report.summary())
     return 0
@@ -464,6 +466,7 @@ def _study_options(st):
         default=None,
         help="most alternations of the iterative structures per fit (default: theirs, 100)",
     )
+    _orientation_option(st)
     st.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     st.set_defaults(func=cmd_study)
 
@@ -506,7 +509,8 @@ def _extract_options(e):
         help="auto: the structure's own (LoRA for global/diagonal, GraLoRA for block)",
     )
     e.add_argument("--svd-solver", choices=SVD_SOLVERS, default="auto")
-    e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing adapter directory at --out")
+    _orientation_option(e)
     e.set_defaults(func=cmd_extract)
 
 
@@ -524,6 +528,16 @@ def _calibrate_options(c):
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_calibrate)
+
+
+def _orientation_option(parser):
+    parser.add_argument(
+        "--orientation",
+        choices=("out_in", "in_out"),
+        default=None,
+        help="how the checkpoints store their weights when no config.json beside them says: "
+        "in_out for GPT-2's Conv1D, out_in for nn.Linear (default: from config.json)",
+    )
 
 
 #: Every subcommand: name -> (help, description, the function adding its options).

@@ -18,7 +18,14 @@ adapter in place of a fine-tuned checkpoint.
 Only what a PEFT adapter holds is extracted: the 2-D weights chosen by
 ``target_modules`` (``"all-linear"`` leaves out embeddings and output heads).
 Everything else that changed (biases, norms) is listed in the report, not
-written. Nothing here imports torch.
+written. Each layer's kind is decided once from the model's ``config.json``
+(:func:`~blocklowrank.checkpoints.pair_layers`): GPT-2's ``Conv1D`` layers
+are fitted as ``(out, in)`` like every other and written with
+``fan_in_fan_out: true``; an embedding chosen by ``target_modules`` is
+written in PEFT's embedding layout (LoRA) or refused before anything is
+fitted (GraLoRA). ``out`` is never an input, a folder holding one, the working
+directory or the home directory, and ``overwrite`` replaces only an adapter
+directory, in one atomic step. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -31,10 +38,13 @@ from types import SimpleNamespace
 import numpy as np
 
 from ._engine import block_spectra
-from .checkpoints import ALL_LINEAR, Checkpoint, iter_deltas, pair_layers
+from ._io import check_output_dir
+from .checkpoints import ALL_LINEAR, Checkpoint, changed_tensors, iter_deltas, pair_layers
 from .checkpoints._select import _listing
 from .convert import as_factors
-from .peft import PEFT_TYPES, _gralora_fits, _open, save_peft_adapter
+from .peft import ADAPTER_FILES, PEFT_TYPES, save_peft_adapter
+from .peft._read import _open
+from .peft._write import _gralora_fits
 from .structures import approximate, get_structure
 from .study import allocate_model_wide
 
@@ -152,6 +162,12 @@ def _model_wide_ranks(base, tuned, pairing, structure, n_blocks, total_budget):
         spectra.append(block_spectra(delta, structure.layout(delta.shape, n_blocks)))
         del delta  # before the next layer is read: one layer in memory, not two
     ranks, _, _ = allocate_model_wide(spectra, int(total_budget))
+    if not any(r.any() for r in ranks):
+        cheapest = min(int(sp.layout.block_costs[sp.layout.active].min()) for sp in spectra)
+        raise ValueError(
+            f"total_budget={total_budget} is below the cheapest rank of any selected layer "
+            f"({cheapest} parameters: one rank of its smallest block); raise --total-budget"
+        )
     return dict(zip(names, ranks))
 
 
@@ -165,10 +181,23 @@ def _check_peft_fit(structure, n_blocks, pairs, peft_type):
             f"the {structure.name} structure has no PEFT adapter form; "
             "pick a structure with one (global, diagonal, block, hybrid)"
         )
+    flags = {pair.kind for pair in pairs} - {"embedding"}
+    if len(flags) > 1:
+        linear, conv1d = (next(p.module for p in pairs if p.kind == k) for k in ("linear", "conv1d"))
+        raise ValueError(
+            f"one adapter has one fan_in_fan_out, and {linear!r} is nn.Linear while {conv1d!r} is a Conv1D "
+            "layer; extract them as two adapters (target_modules)"
+        )
     for pair in pairs:
         layout = structure.layout(tuple(pair.shape), n_blocks)
         if kind != "GRALORA":
             continue
+        if pair.kind == "embedding":
+            raise ValueError(
+                f"{pair.module!r} is an embedding, which GraLoRA cannot hold (PEFT's GraLoRA takes nn.Linear "
+                "and Conv1D layers only); leave it out with target_modules, or use a LoRA structure; "
+                "nothing was written"
+            )
         K = layout.n_blocks[0]
         if layout.n_blocks != (K, K) or K < 2:
             raise ValueError(
@@ -182,22 +211,12 @@ def _check_peft_fit(structure, n_blocks, pairs, peft_type):
     return kind
 
 
-def _changed(base, finetuned, names):
-    """The tensors among ``names`` whose values differ between the two checkpoints."""
-    return [
-        n
-        for n in names
-        if not np.array_equal(np.asarray(base.get(n), np.float64), np.asarray(finetuned.get(n), np.float64))
-    ]
-
-
-def _check_out(out, overwrite):
-    out = os.path.abspath(os.fspath(out))
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; pass overwrite=True (--overwrite) to replace it")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"{out} exists and is not a directory")
-    return out
+def _inputs(*sources):
+    """The paths of the checkpoints (given, and every file they open) that ``out`` must never replace."""
+    paths = []
+    for source in sources:
+        paths += [source.path, *source.files] if isinstance(source, Checkpoint) else [source]
+    return paths
 
 
 def extract_adapter(
@@ -214,6 +233,7 @@ def extract_adapter(
     peft_type="auto",
     svd_solver="auto",
     overwrite=False,
+    orientation=None,
     **options,
 ):
     """Extract a PEFT adapter from a fine-tuned checkpoint: fit each ΔW with one structure.
@@ -227,7 +247,9 @@ def extract_adapter(
     out : str or path
         The adapter directory to write (``adapter_model.safetensors`` and
         ``adapter_config.json``); written atomically, only once every layer
-        has been fitted.
+        has been fitted. It may not be empty, an input, a folder holding an
+        input, the working directory or the home directory (refused before
+        anything is read).
     method : str, default="global"
         A registered structure with a PEFT form (``get_structure(method).peft``):
         "global" (LoRA), "diagonal" (MELoRA, written as LoRA), "block"
@@ -255,7 +277,13 @@ def extract_adapter(
     svd_solver : {"auto", "full", "randomized"}, default="auto"
         Passed to :func:`~blocklowrank.structures.approximate`.
     overwrite : bool, default=False
-        Replace a non-empty ``out``.
+        Replace a non-empty ``out`` if it is an adapter directory (nothing
+        else is ever replaced), in one atomic step.
+    orientation : {"out_in", "in_out"}, optional
+        How the checkpoints store their layers' weights, when their
+        ``config.json`` does not say: ``"in_out"`` for transformers'
+        ``Conv1D`` (GPT-2), ``"out_in"`` for ``nn.Linear`` (see
+        :func:`~blocklowrank.checkpoints.pair_layers`).
     **options
         Further keywords of the structure's fit (e.g. ``global_rank``,
         ``max_iter`` for hybrid).
@@ -270,13 +298,19 @@ def extract_adapter(
     Raises
     ------
     ValueError
-        Bad options, no layer selected, no changed layer, or a layer that the
-        adapter type cannot hold (GraLoRA: a shape not divisible by K); the
-        message names the layer. Nothing is written then.
+        Bad options, no layer selected, no changed layer, a ``total_budget``
+        below the cheapest rank, a layer that the adapter type cannot hold
+        (GraLoRA: a shape not divisible by K, an embedding), ``nn.Linear``
+        and ``Conv1D`` layers in one adapter, a layer whose storage cannot be
+        told (see ``orientation``), or an ``out`` that would replace an
+        input; the message names the layer. Nothing is written then.
     FileNotFoundError, CheckpointError
-        A missing or unreadable checkpoint (pickle files are refused).
+        A missing or unreadable checkpoint (pickle files are refused); a
+        layer that is not floating-point or holds NaN/inf, or whose ΔW
+        overflows (naming the file and the tensor).
     FileExistsError
-        ``out`` is not empty and ``overwrite`` is False.
+        ``out`` is not empty and ``overwrite`` is False, or it is not an
+        adapter directory.
 
     Examples
     --------
@@ -297,7 +331,7 @@ def extract_adapter(
     t0 = time.perf_counter()
     structure = get_structure(method)
     n_blocks = _grid_size(structure, n_blocks, rank, budget_rank, total_budget)
-    out = _check_out(out, overwrite)
+    check_output_dir(out, inputs=_inputs(base, finetuned), overwrite=overwrite, replaceable=ADAPTER_FILES)
     base_ckpt, close_base = _open(base, "base")
     try:
         tuned_ckpt, close_tuned = _open(finetuned, "fine-tuned")
@@ -306,7 +340,7 @@ def extract_adapter(
             base_ckpt.close()
         raise
     try:
-        pairing = pair_layers(base_ckpt, tuned_ckpt, target_modules)
+        pairing = pair_layers(base_ckpt, tuned_ckpt, target_modules, orientation=orientation)
         if not pairing.pairs:
             raise ValueError(
                 f"no layer selected: target_modules={target_modules!r} matches no 2-D weight "
@@ -319,31 +353,16 @@ def extract_adapter(
             if total_budget is None
             else _model_wide_ranks(base_ckpt, tuned_ckpt, pairing, structure, n_blocks, total_budget)
         )
-        fits, layers, unchanged = {}, {}, []
-        for pair, delta in iter_deltas(base_ckpt, tuned_ckpt, pairing):
-            if not np.any(delta) or (alloc is not None and not alloc[pair.name].any()):
-                unchanged.append(pair.module)  # ΔW = 0, or no rank from the model-wide budget
-                del delta
-                continue
-            if alloc is not None:
-                size = {"rank": alloc[pair.name]}
-            else:
-                size = {"rank": rank} if rank is not None else {"budget": int(budget_rank) * sum(pair.shape)}
-            res = approximate(delta, method=structure.name, n_blocks=n_blocks, svd_solver=svd_solver, **size, **options)
-            fits[pair.module] = as_factors(res)
-            layers[pair.module] = {
-                "shape": tuple(pair.shape),
-                "n_params": int(res.n_params),
-                "error": float(res.error),
-                "ranks": res.ranks.tolist(),
-            }
-            del delta, res  # before the next layer is read: one layer in memory, not two
+        size = {"rank": rank} if rank is not None else {"budget_rank": budget_rank, "alloc": alloc}
+        fits, layers, unchanged = _fit_layers(base_ckpt, tuned_ckpt, pairing, structure, n_blocks, size,
+                                              dict(options, svd_solver=svd_solver))  # fmt: skip
         if not fits:
             raise ValueError(
                 f"no selected layer changed: the {len(unchanged)} layers chosen by "
                 f"target_modules={target_modules!r} are equal in both checkpoints"
             )
-        changed = _changed(base_ckpt, tuned_ckpt, pairing.not_2d)
+        changed = changed_tensors(base_ckpt, tuned_ckpt, pairing.not_2d)
+        inputs = _inputs(base, finetuned, base_ckpt, tuned_ckpt)
     finally:
         for ckpt, opened in ((base_ckpt, close_base), (tuned_ckpt, close_tuned)):
             if opened:
@@ -351,8 +370,10 @@ def extract_adapter(
     written = save_peft_adapter(
         out,
         fits,
+        kinds={p.module: p.kind for p in pairing.pairs},
         peft_type=kind,
         overwrite=overwrite,
+        protect=inputs,
         base_model_name_or_path=None if isinstance(base, Checkpoint) else os.fspath(base),
     )
     for name, info in written["layers"].items():
@@ -370,3 +391,33 @@ def extract_adapter(
         dense_params=sum(int(np.prod(v["shape"])) for v in layers.values()),
         seconds=time.perf_counter() - t0,
     )
+
+
+def _fit_layers(base, tuned, pairing, structure, n_blocks, size, options):
+    """Fit every changed layer, one in memory at a time: ``(fits, per-layer report, unchanged modules)``.
+
+    ``size``: ``{"rank": r}``, or ``{"budget_rank": R, "alloc": None or per-layer block ranks}``.
+    """
+    alloc = size.get("alloc")
+    fits, layers, unchanged = {}, {}, []
+    for pair, delta in iter_deltas(base, tuned, pairing):
+        if not np.any(delta) or (alloc is not None and not alloc[pair.name].any()):
+            unchanged.append(pair.module)  # ΔW = 0, or no rank from the model-wide budget
+            del delta
+            continue
+        if alloc is not None:
+            layer_size = {"rank": alloc[pair.name]}
+        elif "rank" in size:
+            layer_size = {"rank": size["rank"]}
+        else:
+            layer_size = {"budget": int(size["budget_rank"]) * sum(pair.shape)}
+        res = approximate(delta, method=structure.name, n_blocks=n_blocks, **layer_size, **options)
+        fits[pair.module] = as_factors(res)
+        layers[pair.module] = {
+            "shape": tuple(pair.shape),
+            "n_params": int(res.n_params),
+            "error": float(res.error),
+            "ranks": res.ranks.tolist(),
+        }
+        del delta, res  # before the next layer is read: one layer in memory, not two
+    return fits, layers, unchanged

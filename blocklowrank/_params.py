@@ -246,6 +246,9 @@ PARAMS = {
     "tile": [Int(1), Pair(Int(1))],
     "n_components": [Int(1)],
     "axis": [Int(0, 1)],
+    # fits in a data metric (blocklowrank._metric)
+    "gram_damping": [Float(0, None, closed="left")],
+    "sketch": [StrOptions({"formed", "operator"})],
 }
 
 #: The options of every truncated SVD (scikit-learn's ``randomized_svd`` knobs, and threads).

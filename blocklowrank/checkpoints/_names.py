@@ -14,7 +14,8 @@ checkpoint reader opens. Accepted, in this order:
    ``~/.cache/huggingface/hub``; read without any network);
 4. the same id downloaded with ``huggingface_hub`` (the ``hub`` extra) when it
    is installed and ``HF_HUB_OFFLINE`` is not set: safetensors weights and
-   JSON/tokenizer files only, never pickles.
+   JSON/tokenizer files only, never pickles. An ``org/name`` whose ``org`` is a
+   local folder is taken for a mistyped path: no download is tried.
 
 Anything else is refused in one line listing these forms, with "did you mean"
 for near misses among the neighbouring files and the cached model ids.
@@ -185,7 +186,8 @@ def resolve_model(ref, *, role="model", download=None):
     if _is_cache_repo(repo):
         return str(_snapshot(repo, revision))
     has_hub = importlib.util.find_spec("huggingface_hub") is not None
-    allowed = (has_hub and not _offline()) if download is None else download
+    local = "/" in model_id and Path(model_id).parent.is_dir()  # models/base: a path with a typo, not an id
+    allowed = (has_hub and not _offline() and not local) if download is None else download
     if allowed:
         return _download(model_id, revision, role)
     note = (

@@ -54,6 +54,7 @@ Examples
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import mmap
@@ -64,7 +65,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._io import atomic_write
+from .._io import atomic_write, open_regular, parse_json
 from ._dtypes import DTYPES, bf16_to_float32, code_of, float_to_bf16
 
 __all__ = [
@@ -137,29 +138,8 @@ def _looks_pickled(first_bytes):
 
 
 def _load_json(raw, path, what):
-    """Parse strict JSON (UTF-8, no duplicate keys, no NaN/Infinity) or raise CheckpointError."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _error(path, f"the {what} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-
-    def no_duplicates(pairs):
-        obj = {}
-        for key, value in pairs:
-            if key in obj:
-                raise _error(path, f"the {what} has the key {key!r} twice")
-            obj[key] = value
-        return obj
-
-    def no_constants(name):
-        raise _error(path, f"the {what} contains {name}, which is not JSON")
-
-    try:
-        return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constants)
-    except json.JSONDecodeError as exc:
-        raise _error(path, f"the {what} is not valid JSON ({exc.msg} at character {exc.pos})") from None
-    except RecursionError:
-        raise _error(path, f"the {what} is nested too deeply to be a safetensors {what}") from None
+    """Parse strict JSON (UTF-8, no duplicate keys, no NaN/Infinity, no overlong integer) or raise CheckpointError."""
+    return parse_json(raw, lambda message: _error(path, f"the {what} {message}"))
 
 
 def _is_count(value):
@@ -209,6 +189,7 @@ class _Header(NamedTuple):
     tensors: dict  # name -> TensorInfo, in data order
     metadata: dict | None
     identity: tuple  # _identity of the file when the header was read
+    digest: str  # SHA-256 of the header's bytes (length prefix included)
 
 
 def _identity(stat):
@@ -220,7 +201,7 @@ def _read_header(path):
     """Read and validate the header of one safetensors file (never its data)."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO or a device is refused here, before any read blocks
             stat = os.fstat(f.fileno())
             size, first = stat.st_size, f.read(8)
             if size < 8:
@@ -260,7 +241,7 @@ def _read_header(path):
         name: TensorInfo(name, dtype, shape, path, (data_start + begin, data_start + end))
         for begin, end, name, dtype, shape in entries
     }
-    return _Header(path, tensors, metadata, _identity(stat))
+    return _Header(path, tensors, metadata, _identity(stat), hashlib.sha256(first + raw).hexdigest())
 
 
 def _check_shard_path(index_path, shard):
@@ -277,9 +258,10 @@ def _read_index(index_path):
     """Read a sharded checkpoint's index and the headers of its shards."""
     index_path = Path(index_path)
     try:
-        if index_path.stat().st_size > MAX_HEADER_BYTES:
+        with open_regular(index_path) as f:
+            raw = f.read(MAX_HEADER_BYTES + 1)
+        if len(raw) > MAX_HEADER_BYTES:
             raise _error(index_path, f"the index is larger than {MAX_HEADER_BYTES} bytes")
-        raw = index_path.read_bytes()
     except OSError as exc:
         raise _error(index_path, f"cannot be read ({exc.strerror or exc})") from exc
     index = _load_json(raw, index_path, "index")
@@ -374,6 +356,7 @@ class Checkpoint:
         headers = _read_index(self.path) if is_index else [_read_header(self.path)]
         self._infos = {name: info for header in headers for name, info in header.tensors.items()}
         self._identities = {header.path: header.identity for header in headers}
+        self._digests = {header.path: header.digest for header in headers}
         self.files = tuple(self._identities)
         self.metadata = dict(headers[0].metadata or {}) if headers else {}
         self._maps = {}
@@ -416,7 +399,7 @@ class Checkpoint:
         if self._closed:
             raise ValueError(f"the checkpoint {self.path} is closed")
         try:
-            with open(file, "rb", buffering=0) as f:
+            with open_regular(file, buffering=0) as f:
                 if _identity(os.fstat(f.fileno())) != self._identities[file]:
                     raise _error(file, "the file was changed or replaced since it was opened")
                 yield f
@@ -430,40 +413,78 @@ class Checkpoint:
                 self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._maps[file]
 
-    def _read_into(self, name, out, *, subtract=False, chunk_bytes=1 << 24):
-        """Decode tensor ``name`` into ``out`` (or subtract it from ``out``), chunk by chunk.
+    def fingerprint(self):
+        """What tells the checkpoint's files apart from replaced or rewritten ones, as when it was opened.
 
-        The data is read with ``readinto`` into one buffer of ``chunk_bytes``:
+        Returns
+        -------
+        list of dict
+            Per data file (each shard): ``path``, ``size``, ``mtime_ns``,
+            ``device``, ``inode`` and ``header_sha256`` (the SHA-256 of its
+            length prefix and header, which list every tensor's name, dtype,
+            shape and place).
+        """
+        return [
+            {
+                "path": str(path),
+                "size": ident[2],
+                "mtime_ns": ident[3],
+                "device": ident[0],
+                "inode": ident[1],
+                "header_sha256": self._digests[path],
+            }
+            for path, ident in self._identities.items()
+        ]
+
+    def _chunks(self, name, *, chunk_bytes=1 << 24, hasher=None):
+        """Yield ``(start, chunk)``: tensor ``name`` as stored (BF16 as uint16), chunk by chunk.
+
+        The data is read with ``readinto`` into one reused buffer of
+        ``chunk_bytes`` (so a chunk is valid until the next one is read):
         no page of the file joins the resident set (the touched pages of a
         memory map stay resident while it is open), and no full-size
-        temporary is made, so reading a layer costs ``out`` and one chunk.
+        temporary is made. ``start`` is the flat index of the chunk's first
+        element; ``hasher`` (a :mod:`hashlib` object), if given, is fed every
+        byte read.
         """
         info = self.info(name)
         spec = DTYPES[info.dtype]
         if spec.numpy is None:
             raise _error(info.file, f"dtype {info.dtype} has no NumPy equivalent to read it into", name)
-        if out.shape != info.shape or not out.flags.c_contiguous or not out.flags.writeable:
-            raise ValueError(f"out must be a writable C-contiguous array of shape {info.shape}")
-        flat = out.reshape(-1)
+        size = math.prod(info.shape)
         step = max(1, chunk_bytes // spec.numpy.itemsize)
-        buffer = np.empty(min(step, flat.size), dtype=spec.numpy)
+        buffer = np.empty(min(step, size), dtype=spec.numpy)
         with self._open(info.file) as f:
             f.seek(info.offsets[0])
-            for start in range(0, flat.size, step):
-                chunk = buffer[: min(step, flat.size - start)]
+            for start in range(0, size, step):
+                chunk = buffer[: min(step, size - start)]
                 view, got = memoryview(chunk).cast("B"), 0
                 while got < view.nbytes:
                     n = f.readinto(view[got:])
                     if not n:
                         raise _error(info.file, "the file ends inside the tensor's data", name)
                     got += n
-                if info.dtype == "BF16":
-                    chunk = bf16_to_float32(chunk)
-                target = flat[start : start + chunk.size]
-                if subtract:
-                    np.subtract(target, chunk, out=target)
-                else:
-                    target[...] = chunk
+                if hasher is not None:
+                    hasher.update(view)
+                yield start, chunk
+
+    def _read_into(self, name, out, *, subtract=False, chunk_bytes=1 << 24, hasher=None):
+        """Decode tensor ``name`` into ``out`` (or subtract it from ``out``), chunk by chunk (:meth:`_chunks`).
+
+        Reading a layer costs ``out`` and one chunk.
+        """
+        info = self.info(name)
+        if out.shape != info.shape or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(f"out must be a writable C-contiguous array of shape {info.shape}")
+        flat = out.reshape(-1)
+        for start, chunk in self._chunks(name, chunk_bytes=chunk_bytes, hasher=hasher):
+            if info.dtype == "BF16":
+                chunk = bf16_to_float32(chunk)
+            target = flat[start : start + chunk.size]
+            if subtract:
+                np.subtract(target, chunk, out=target)
+            else:
+                target[...] = chunk
         return out
 
     def get(self, name, *, dtype=None):

@@ -8,6 +8,7 @@ approximate fit one structure to a matrix or image file
 budget      configurations of each structure at a parameter budget
 study       every layer of a checkpoint (or of its fine-tuning update) by the layout structures
 extract     a PEFT adapter (LoRA / GraLoRA) fitted to the ΔW of a fine-tuned checkpoint
+calibrate   a model's calibration statistics (input second moments per site) from texts or tokens
 
 One command line: every option is declared once, in :data:`OPTIONS` (its
 flags, type, help and default), and each subcommand lists the options it
@@ -253,6 +254,7 @@ def cmd_study(args):
         progress=not args.quiet,
         svd_solver=args.svd_solver,
         fit_options=None if args.max_iter is None else {"max_iter": args.max_iter},
+        orientation=args.orientation,
         **budget,
     )
     skipped = sum(1 for lay in res.layers if lay["skipped"])
@@ -290,6 +292,7 @@ def cmd_extract(args):
         cap_rank=args.cap_rank,
         dtype=args.dtype,
         modules_to_save=args.modules_to_save,
+        orientation=args.orientation,
         **_size_kwargs(args, ("rank", "budget_rank", "total_budget", "max_error")),
     )
     if args.max_iter is not None:
@@ -311,6 +314,18 @@ def cmd_extract(args):
         **kw,
     )
     print(json.dumps(report.to_json(), indent=1) if args.json else report.summary(style="cli"))
+    return 0
+
+
+def cmd_calibrate(args):
+    from ..calibration.collect import calibrate_folder
+
+    check_output(args.out, overwrite=args.overwrite)
+    names = ("texts", "tokens", "max_tokens", "max_length", "batch_size", "output_grams", "overwrite")
+    options = {name: getattr(args, name) for name in names}
+    modules = _target_modules(args.target_modules)
+    stats = calibrate_folder(args.model, args.out, target_modules=modules, progress=not args.quiet, **options)
+    print(f"wrote {args.out}: {stats!r}, {stats.info['tokens']:,} tokens of {stats.info['sequences']:,} sequences")
     return 0
 
 

@@ -222,6 +222,29 @@ OPTIONS = {
         dict(type=_count(10, "--subset"), help="figure2, compress: only the first N (>= 10) images of each split"),
     ),
     "all": (("--all",), dict(action="store_true", help="also list the configurations left out, flagged")),
+    "orientation": (
+        ("--orientation",),
+        dict(
+            choices=("out_in", "in_out"),
+            help="how the checkpoints store their weights when no config.json beside them says: "
+            "in_out for GPT-2's Conv1D, out_in for nn.Linear (default: from config.json)",
+        ),
+    ),
+    "texts": (("--texts",), dict(metavar="FILE", help="UTF-8 text file, one text per line")),
+    "tokens": (
+        ("--tokens",),
+        dict(metavar="FILE", help=".npy token ids: 1-D stream (cut into --max-length windows) or 2-D rows"),
+    ),
+    "max_tokens": (("--max-tokens",), dict(type=_count(1, "--max-tokens"), metavar="N", help="stop after N tokens")),
+    "max_length": (
+        ("--max-length",),
+        dict(type=_count(1, "--max-length"), metavar="N", help="tokens per sequence (default: the model's, <= 512)"),
+    ),
+    "batch_size": (("--batch-size",), dict(type=_count(1, "--batch-size"), default=8, help="sequences per batch")),
+    "output_grams": (
+        ("--output-grams",),
+        dict(action="store_true", help="also H: the second moment of the LM loss's gradient at each output"),
+    ),
 }
 
 #: command -> (help, description, positionals, options: a name, (name, overrides) or (title, [names], required)).
@@ -316,6 +339,7 @@ COMMANDS = {
             ("n_jobs", dict(help="layers in parallel via joblib (default 1)")),
             "svd_solver",
             "max_iter",
+            "orientation",
             ("overwrite", dict(help="write into a non-empty --out that holds no study")),
             "quiet",
         ],
@@ -344,9 +368,28 @@ COMMANDS = {
             "svd_solver",
             "max_iter",
             "dry_run",
+            "orientation",
             "overwrite",
             "json",
             "quiet",
+        ],
+    ),
+    "calibrate": (
+        "a model's calibration statistics (the calibrate extra: torch, transformers)",
+        "Run a model (a local folder, a Hugging Face cache folder or a model id: config.json, safetensors weights, "
+        "a tokenizer for --texts) on texts or token ids; write each selected linear layer's input second moment "
+        "(one per input site) and, with --output-grams, that of the LM loss's gradient at its output.",
+        [("model", dict(help="the model: folder, Hugging Face cache folder or model id, read offline"))],
+        [
+            ("source", ["texts", "tokens"], True),
+            ("out", dict(required=True, help="statistics file to write (.safetensors)")),
+            "target_modules",
+            "max_tokens",
+            "max_length",
+            "batch_size",
+            "output_grams",
+            "overwrite",
+            ("quiet", dict(help="no progress bar")),
         ],
     ),
 }

@@ -22,7 +22,8 @@ import numpy as np
 from .._validation import OptionError
 from ..checkpoints import ALL_LINEAR, pair_layers, safetensors_size
 from ..checkpoints._names import close_matches, no_layer_selected, resolve_model
-from ..peft import ADAPTER_WEIGHTS, PEFT_TYPES, PREFIX, _open
+from ..peft import ADAPTER_WEIGHTS, PEFT_TYPES
+from ..peft._read import PREFIX, _open
 from ..structures import get_structure
 
 __all__ = ["STORE_DTYPES", "store_dtype", "select_modules_to_save", "lost_changes", "plan_extraction", "ExtractPlan"]
@@ -166,7 +167,20 @@ def _check_fit(structure, n_blocks, pairs, peft_type, rank, cap_rank):
             "(global, diagonal, block, hybrid)"
         )
     ks = ", ".join(map(str, _gralora_ks(pairs))) or "none"
+    flags = {pair.kind for pair in pairs} - {"embedding"}
+    if len(flags) > 1:
+        linear, conv1d = (next(p.module for p in pairs if p.kind == k) for k in ("linear", "conv1d"))
+        raise OptionError(
+            f"one adapter has one fan_in_fan_out, and {linear!r} is nn.Linear while {conv1d!r} is a Conv1D "
+            "layer; extract them as two adapters («target_modules»)"
+        )
     for pair in pairs:
+        if kind == "GRALORA" and pair.kind == "embedding":
+            raise OptionError(
+                f"{pair.module!r} is an embedding, which GraLoRA cannot hold (PEFT's GraLoRA takes nn.Linear "
+                "and Conv1D layers only); leave it out with «target_modules», or use a LoRA structure; "
+                "nothing was written"
+            )
         (m, n), where = pair.shape, f"layer {pair.module!r} (out={pair.shape[0]}, in={pair.shape[1]})"
         try:
             layout = structure.layout((m, n), n_blocks)
@@ -196,12 +210,12 @@ def _check_fit(structure, n_blocks, pairs, peft_type, rank, cap_rank):
 
 
 def _prepare(b, f, method, n_blocks, rank, budget_rank, total_budget, max_error, target_modules, peft_type,
-             cap_rank, dtype, modules_to_save):  # fmt: skip
+             cap_rank, dtype, modules_to_save, orientation=None):  # fmt: skip
     """Everything decided from the headers: structure, size option, pairing, adapter type, dtype, modules."""
     structure = get_structure(method)
     mode, size = _size_option(structure, rank, budget_rank, total_budget, max_error)
     n_blocks = structure.fixed_blocks or n_blocks
-    pairing = pair_layers(b, f, target_modules)
+    pairing = pair_layers(b, f, target_modules, orientation=orientation)
     if not pairing.pairs:
         modules = [n.rsplit(".", 1)[0] for n in pairing.excluded if n.endswith(".weight")]
         raise no_layer_selected(modules, target_modules).with_context("no layer selected: ")
@@ -352,8 +366,13 @@ def _adapter_specs(layers, kind, K, store, hybrid_r):
         m, n = v["shape"]
         key = f"{PREFIX}{name}."
         if kind == "LORA":
-            specs[key + "lora_A.weight"] = (code, (max(v["R"], 1), n))
-            specs[key + "lora_B.weight"] = (code, (m, max(v["R"], 1)))
+            names = (
+                ("lora_embedding_A", "lora_embedding_B")
+                if v["kind"] == "embedding"
+                else ("lora_A.weight", "lora_B.weight")
+            )
+            specs[key + names[0]] = (code, (max(v["R"], 1), n))
+            specs[key + names[1]] = (code, (m, max(v["R"], 1)))
             continue
         specs[key + "gralora_A"] = (code, (K, n // K, K * rho))
         specs[key + "gralora_B"] = (code, (K, K * rho, m // K))
@@ -365,7 +384,7 @@ def _adapter_specs(layers, kind, K, store, hybrid_r):
 
 def plan_extraction(base, finetuned, *, method="global", n_blocks=1, rank=None, budget_rank=None,
                     total_budget=None, max_error=None, target_modules=ALL_LINEAR, peft_type="auto",
-                    cap_rank=False, dtype=None, modules_to_save=None, **options):  # fmt: skip
+                    cap_rank=False, dtype=None, modules_to_save=None, orientation=None, **options):  # fmt: skip
     """What :func:`~blocklowrank.extract.extract_adapter` would write, from the headers alone (a dry run).
 
     Parameters are those of ``extract_adapter`` (without ``out``). Every
@@ -383,7 +402,7 @@ def plan_extraction(base, finetuned, *, method="global", n_blocks=1, rank=None, 
     finetuned = resolve_model(finetuned, role="fine-tuned")
     with _opened(base, finetuned) as (b, f):
         prep = _prepare(b, f, method, n_blocks, rank, budget_rank, total_budget, max_error, target_modules,
-                        peft_type, cap_rank, dtype, modules_to_save)  # fmt: skip
+                        peft_type, cap_rank, dtype, modules_to_save, orientation)  # fmt: skip
         saved_specs = {
             f"{PREFIX}{t}": (f.info(t).dtype, f.info(t).shape)  # carried whole in their own dtype
             for tensors in prep.saved.values()
@@ -398,6 +417,7 @@ def plan_extraction(base, finetuned, *, method="global", n_blocks=1, rank=None, 
             layout = layout.with_ranks(rank, cap_rank=cap_rank)
         ranks, n_params, R = _layer_bounds(layout, mode, size, kind, K)
         layers[pair.module] = {"shape": tuple(pair.shape), "ranks": ranks, "n_params": n_params, "R": R}
+        layers[pair.module]["kind"] = pair.kind
     if mode == "total_budget":  # one total over every layer bounds each layer and their sum
         total = int(size)
         for v in layers.values():
@@ -408,6 +428,7 @@ def plan_extraction(base, finetuned, *, method="global", n_blocks=1, rank=None, 
         m, n = v["shape"]
         v["n_params_written"] = (K * rho + hybrid_r) * (m + n) if kind == "GRALORA" else max(v.pop("R"), 1) * (m + n)
         v.pop("R", None)
+        v.pop("kind")
     n_params = sum(v["n_params"] for v in layers.values())
     if mode == "total_budget":
         n_params = min(n_params, int(size))

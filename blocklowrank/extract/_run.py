@@ -10,16 +10,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._engine import block_spectra
-from .._io import atomic_write_text
-from .._validation import spell_options
+from .._io import atomic_write_text, check_output_dir
+from .._validation import OptionError, spell_options
 from .._version import __version__
-from ..checkpoints import ALL_LINEAR, Checkpoint, iter_deltas
+from ..checkpoints import ALL_LINEAR, Checkpoint, changed_tensors, iter_deltas
 from ..checkpoints._dtypes import bf16_to_float32, float_to_bf16
 from ..checkpoints._names import resolve_model
 from ..checkpoints._select import _listing
 from ..convert import as_factors
 from ..factors import StructuredFactors
-from ..peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_peft_adapter
+from ..peft import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, save_peft_adapter
 from ..structures import approximate
 from ..study import allocate_model_wide
 from ..sweep import _bar
@@ -223,16 +223,21 @@ def _model_wide_ranks(base, tuned, pairing, structure, n_blocks, total_budget, p
             del delta  # before the next layer is read: one layer in memory, not two
             bar.update()
     ranks, _, _ = allocate_model_wide(spectra, int(total_budget))
+    if not any(r.any() for r in ranks):
+        cheapest = min(int(sp.layout.block_costs[sp.layout.active].min()) for sp in spectra)
+        raise OptionError(
+            f"«total_budget={total_budget}» is below the cheapest rank of any selected layer "
+            f"({cheapest} parameters: one rank of its smallest block); raise it"
+        )
     return dict(zip(names, ranks))
 
 
-def _changed(base, finetuned, names):
-    """The tensors among ``names`` whose values differ between the two checkpoints."""
-    return [
-        n
-        for n in names
-        if not np.array_equal(np.asarray(base.get(n), np.float64), np.asarray(finetuned.get(n), np.float64))
-    ]
+def _inputs(*sources):
+    """The paths of the checkpoints (given, and every file they open) that ``out`` must never replace."""
+    paths = []
+    for source in sources:
+        paths += [source.path, *source.files] if isinstance(source, Checkpoint) else [source]
+    return paths
 
 
 def _rounded(sf, store):
@@ -291,15 +296,6 @@ def _write_report(report):
     return report
 
 
-def _check_out(out, overwrite):
-    out = os.path.abspath(os.fspath(out))
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; pass overwrite=True (--overwrite) to replace it")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"{out} exists and is not a directory")
-    return out
-
-
 def extract_adapter(
     base,
     finetuned,
@@ -319,6 +315,7 @@ def extract_adapter(
     modules_to_save=None,
     overwrite=False,
     progress=False,
+    orientation=None,
     **options,
 ):
     """Extract a PEFT adapter from a fine-tuned checkpoint: fit each ΔW with one structure.
@@ -380,9 +377,20 @@ def extract_adapter(
         dtype, whatever ``dtype`` is) under PEFT's key names and the config
         lists their full paths.
     overwrite : bool, default=False
-        Replace a non-empty ``out``.
+        Replace a non-empty ``out`` if it is an adapter directory (nothing
+        else is ever replaced), in one atomic step. ``out`` may never be an
+        input, a folder holding one, the working directory or the home
+        directory (refused before anything is read).
     progress : bool, default=False
         A progress bar over the layers (tqdm, the ``progress`` extra).
+    orientation : {"out_in", "in_out"}, optional
+        How the checkpoints store their layers' weights, when their
+        ``config.json`` does not say: ``"in_out"`` for transformers'
+        ``Conv1D`` (GPT-2), ``"out_in"`` for ``nn.Linear`` (see
+        :func:`~blocklowrank.checkpoints.pair_layers`). Conv1D layers are
+        fitted as ``(out, in)`` like every other and written with
+        ``fan_in_fan_out: true``; an embedding chosen by ``target_modules``
+        is written in PEFT's embedding layout (LoRA) or refused (GraLoRA).
     **options
         Further keywords of the structure's fit (e.g. ``global_rank``,
         ``max_iter`` for hybrid).
@@ -405,7 +413,8 @@ def extract_adapter(
     FileNotFoundError, CheckpointError
         A missing or unreadable checkpoint (pickle files are refused).
     FileExistsError
-        ``out`` is not empty and ``overwrite`` is False.
+        ``out`` is not empty and ``overwrite`` is False, or it is not an
+        adapter directory.
 
     See Also
     --------
@@ -428,11 +437,11 @@ def extract_adapter(
     (['embed_tokens.weight'], ['adapter_config.json', 'adapter_model.safetensors', 'extract_report.json'])
     """
     t0 = time.perf_counter()
-    out = _check_out(out, overwrite)
     base, finetuned = resolve_model(base, role="base"), resolve_model(finetuned, role="fine-tuned")
+    check_output_dir(out, inputs=_inputs(base, finetuned), overwrite=overwrite, replaceable=ADAPTER_FILES)
     with _opened(base, finetuned) as (b, f):
         prep = _prepare(b, f, method, n_blocks, rank, budget_rank, total_budget, max_error, target_modules,
-                        peft_type, cap_rank, dtype, modules_to_save)  # fmt: skip
+                        peft_type, cap_rank, dtype, modules_to_save, orientation)  # fmt: skip
         alloc = None
         if prep.mode == "total_budget":
             alloc = _model_wide_ranks(b, f, prep.pairing, prep.structure, prep.n_blocks, prep.size, progress)
@@ -442,13 +451,16 @@ def extract_adapter(
                 f"no selected layer changed: the {len(unchanged)} layers chosen by "
                 f"target_modules={target_modules!r} are equal in both checkpoints"
             )
-        changed = _changed(b, f, list(prep.pairing.excluded) + list(prep.pairing.not_2d))
+        changed = changed_tensors(b, f, list(prep.pairing.excluded) + list(prep.pairing.not_2d))
+        inputs = _inputs(base, finetuned, b, f)
         carried = {m: {t: (np.asarray(f.get(t)), f.info(t).dtype) for t in ts} for m, ts in prep.saved.items()}
     written = save_peft_adapter(
         out,
         fits,
+        kinds={p.module: p.kind for p in prep.pairing.pairs},
         peft_type=prep.kind,
         overwrite=overwrite,
+        protect=inputs,
         base_model_name_or_path=None if isinstance(base, Checkpoint) else os.fspath(base),
         dtype=prep.store,
         modules_to_save=carried,

@@ -1,0 +1,398 @@
+"""Gram matrices of a data metric: validation once, one factor, products and sub-Grams.
+
+A :class:`GramFactor` is built once per input site (every layer that reads the
+same input shares it) and gives the fits what they need without n x n
+temporaries per layer: a factor ``F`` with ``F F^T = G_delta``, products
+``X @ F``, ``X @ F^T``, ``X @ G``, solves ``X @ F^{-T}`` and ``X @ F^{-1}``, and
+the sub-Grams of column blocks with their own factors. :class:`IdentityGram`
+is the absent side (``G = I``) with the same interface, at no cost.
+
+Every product takes a *row stack* ``X`` of shape ``(rows, size)``; left
+products follow by transposition (``F^T Y = (Y^T F)^T``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+from scipy.linalg import blas, lapack
+
+from .._params import check
+from .._validation import refuse_meaningless, validate_matrix
+
+__all__ = ["GramFactor", "IdentityGram", "as_gram"]
+
+#: Allowance for rounding in the symmetry check: ``max |G - G^T| <= sqrt(eps) max |G|``
+#: (eps of the dtype the Gram was given in: 1.5e-8 for float64, 3.5e-4 for float32).
+#: Negative eigenvalues are rounding when ``lambda_min >= -_PSD_ROUNDING * eps * trace(G)``:
+#: an entry of an accumulated ``X^T X / n`` is off by about ``eps`` times the sum of
+#: ``|x_i| |x_j|``, and the spectral norm of that error is below its Frobenius norm,
+#: below ``eps * trace`` times the growth of the summation (allowed: 32).
+_PSD_ROUNDING = 32
+
+
+def _rcond(size, dtype):
+    """Relative cutoff below which an eigenvalue of a Gram is treated as zero when it must be
+    inverted: ``max(size, 16) * eps`` (NumPy's ``matrix_rank`` rule), eps of the given dtype."""
+    return max(int(size), 16) * float(np.finfo(dtype).eps)
+
+
+class GramFactor:
+    """A validated PSD Gram matrix (second moment of a layer's inputs or output weight) and its factor.
+
+    Parameters
+    ----------
+    gram : array-like of shape (size, size)
+        Real, dense, finite, symmetric within rounding and positive
+        semi-definite (negative eigenvalues only within rounding): the
+        uncentred second moment ``X^T X / n_samples`` of a layer's inputs, or
+        an output-side weight. float16/32/64; integers, booleans, complex,
+        sparse and masked arrays are refused. Not modified.
+    size : int, optional
+        Expected side (the layer's ``n_in`` for ``input_gram``).
+    damping : float, default=0.0
+        ``delta >= 0``: the fits use ``G_delta = G + delta * mean(diag(G)) * I``
+        (GPTQ's rule). Their objective is then the data objective plus
+        ``delta * mean(diag(G))`` times the Frobenius one, so directions the
+        calibration never saw (dead inputs, a handful of samples) fall back
+        to the plain fit instead of being left to rounding; ``delta = 0`` keeps
+        the data objective exactly (a positive definite ``G`` needs no
+        damping; a singular one is handled in its range, see Notes).
+    name : str, default="input_gram"
+        The argument's name in error messages (``"output_gram"`` for ``H``).
+
+    Attributes
+    ----------
+    size : int
+    shift : float
+        ``delta * mean(diag(G))`` in the normalised units (see ``log2_scale``).
+    log2_scale : int
+        ``G`` is stored as ``G / 2**log2_scale`` (a power of two near its
+        mean diagonal, an exact rescaling): the fits do not depend on the
+        scale of ``G``, and energies are unscaled by ``ldexp``.
+    kind : {"cholesky", "eigen"}
+        ``F`` is the lower Cholesky factor of ``G_delta`` (n x n), or, when
+        that is singular to working precision (``delta = 0`` and ``G``
+        singular), ``Q_+ Lambda_+^{1/2}`` over the eigenvalues above
+        ``rcond * lambda_max`` (n x p).
+    rank : int
+        Columns of ``F``.
+    rcond : float
+        ``max(size, 16) * eps`` of the given dtype: the documented cutoff of
+        the pseudo-inverse (solves act in the range of ``G_delta``).
+
+    Notes
+    -----
+    Validation costs one Cholesky factorisation of ``G + 32 eps tr(G) I`` (the
+    PSD check) when ``delta > 0``, plus the factorisation of ``G_delta``; an
+    eigendecomposition only when ``G_delta`` is singular (``delta = 0``).
+    A singular ``G`` with ``delta = 0`` is exact for the global fit (no
+    inverse is needed there); block fits solve in the range of each
+    sub-Gram, so ``M`` has no component on directions the calibration never
+    saw (never NaN or inf).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).standard_normal((50, 6))
+    >>> gf = GramFactor(X.T @ X / 50, 6)
+    >>> gf.kind, gf.rank
+    ('cholesky', 6)
+    >>> F = gf.rmul_factor(np.eye(6))
+    >>> bool(np.allclose(np.ldexp(F @ F.T, gf.log2_scale), X.T @ X / 50))
+    True
+    """
+
+    is_identity = False
+
+    def __init__(self, gram, size=None, *, damping=0.0, name="input_gram"):
+        self.name = name
+        G, in_dtype = _check_gram(gram, size, name)
+        self.damping = check(damping, "gram_damping", caller="GramFactor")
+        self.size = G.shape[0]
+        self.rcond = _rcond(self.size, in_dtype)
+        trace = float(np.trace(G))
+        if not trace > 0:
+            raise ValueError(
+                f"{name} is zero (its diagonal sums to {trace:g}): no calibration signal; "
+                "check that the statistics were accumulated"
+            )
+        self.log2_scale = int(np.round(np.log2(trace / self.size)))
+        np.ldexp(G, -self.log2_scale, out=G)  # exact (G is our own copy)
+        allow = _PSD_ROUNDING * float(np.finfo(in_dtype).eps) * float(np.trace(G))
+        self.shift = self.damping * float(np.trace(G)) / self.size
+        if self.shift > 0:  # the PSD check needs its own factorisation: the damping hides mild negatives
+            _, info = lapack.dpotrf(_shifted(G, allow), lower=1, overwrite_a=1)
+            if info != 0:
+                self._refuse_indefinite(G, allow)
+            G[np.diag_indices_from(G)] += self.shift
+        self.gram = G
+        self._factor = _factorize(G, self.rcond)
+        w = self._factor.eigvals
+        if w is not None and w.size and w[0] < -allow:
+            self._refuse_indefinite(G, allow, w[0])
+        self._cache = {}
+
+    # ------------------------------------------------------------------ construction helpers
+    def _refuse_indefinite(self, G, allow, lmin=None):
+        if lmin is None:
+            lmin = float(scipy.linalg.eigh(G, eigvals_only=True, subset_by_index=[0, 0], check_finite=False)[0])
+        s = 2.0**self.log2_scale
+        raise ValueError(
+            f"{self.name} is not positive semi-definite: its smallest eigenvalue is {lmin * s:.4g}, beyond "
+            f"rounding (-{allow * s:.3g}); a second moment X^T X / n has no negative eigenvalue"
+        )
+
+    @classmethod
+    def _trusted(cls, gram, parent):
+        """A GramFactor of a Gram taken from a validated one (a sub-Gram, a permutation): same units."""
+        self = cls.__new__(cls)
+        self.name, self.size, self.rcond = parent.name, gram.shape[0], parent.rcond
+        self.damping, self.shift, self.log2_scale = parent.damping, parent.shift, parent.log2_scale
+        self.gram = gram
+        self._factor = _factorize(gram, self.rcond)
+        self._cache = {}
+        return self
+
+    # ------------------------------------------------------------------ the factor
+    @property
+    def kind(self):
+        return "cholesky" if self._factor.L is not None else "eigen"
+
+    @property
+    def rank(self):
+        f = self._factor
+        return self.size if f.L is not None else f.Q.shape[1]
+
+    def _arrays(self, dtype):
+        """The factor's arrays in ``dtype`` (float32 copies cached for float32 products)."""
+        dtype = np.dtype(dtype)
+        f = self._factor
+        if dtype == np.float64:
+            return f
+        if dtype not in self._cache:
+            self._cache[dtype] = _Factor(
+                *(None if a is None else np.asarray(a, dtype=dtype, order="F") for a in (f.L, f.Q, f.sqrt_w)), None
+            )
+        return self._cache[dtype]
+
+    def _tri(self, X, trans, solve):
+        """``X @ op(L)`` or ``X @ op(L)^{-1}`` for a row stack X through BLAS trmm/trsm (no copy of L)."""
+        X = _rows(X)
+        f = self._arrays(X.dtype)
+        fn = {(False, "f"): blas.strmm, (False, "d"): blas.dtrmm, (True, "f"): blas.strsm, (True, "d"): blas.dtrsm}
+        # row stack X (r, n) is X^T (n, r) in Fortran order; Y = X op(L) <=> Y^T = op(L)^T X^T
+        out = fn[(solve, X.dtype.char)](1.0, f.L, X.T, side=0, lower=1, trans_a=trans)
+        return out.T
+
+    def rmul_factor(self, X):
+        """``X @ F``: (rows, size) -> (rows, rank)."""
+        if self._factor.L is not None:
+            return self._tri(X, 1, False)  # X L: Y^T = L^T X^T
+        X = _rows(X)
+        f = self._arrays(X.dtype)
+        return (X @ f.Q) * f.sqrt_w
+
+    def rmul_factor_t(self, X):
+        """``X @ F^T``: (rows, rank) -> (rows, size)."""
+        if self._factor.L is not None:
+            return self._tri(X, 0, False)
+        X = _rows(X)
+        f = self._arrays(X.dtype)
+        return (X * f.sqrt_w) @ f.Q.T
+
+    def rsolve_factor_t(self, X):
+        """``X @ F^{+T}`` (``X F^{-T}``; in the range of ``G_delta`` when singular): (rows, size) -> (rows, rank)."""
+        if self._factor.L is not None:
+            return self._tri(X, 0, True)
+        X = _rows(X)
+        f = self._arrays(X.dtype)
+        return (X @ f.Q) / f.sqrt_w
+
+    def rsolve_factor(self, X):
+        """``X @ F^{+}`` (``X F^{-1}``): (rows, rank) -> (rows, size)."""
+        if self._factor.L is not None:
+            return self._tri(X, 1, True)
+        X = _rows(X)
+        f = self._arrays(X.dtype)
+        return (X / f.sqrt_w) @ f.Q.T
+
+    def rmul(self, X, *, damped=True):
+        """``X @ G_delta`` (or ``X @ G`` with ``damped=False``), normalised units, float64."""
+        X = np.asarray(X, dtype=np.float64)
+        out = X @ self.gram
+        if not damped and self.shift:
+            out -= self.shift * X
+        return out
+
+    # ------------------------------------------------------------------ blocks and bounds
+    def sub(self, start, stop):
+        """The sub-Gram ``G_delta[start:stop, start:stop]`` with its own factor (cached)."""
+        key = ("sub", int(start), int(stop))
+        if key not in self._cache:
+            g = np.array(self.gram[start:stop, start:stop])
+            self._cache[key] = GramFactor._trusted(g, self)
+        return self._cache[key]
+
+    def permuted(self, perm):
+        """The Gram of the permuted coordinates ``G[perm][:, perm]`` (a new factorisation)."""
+        perm = np.asarray(perm)
+        g = np.array(self.gram[np.ix_(perm, perm)])
+        return GramFactor._trusted(g, self)
+
+    def is_block_diagonal(self, edges):
+        """Whether every entry outside the diagonal blocks cut at ``edges`` is exactly zero."""
+        G = self.gram
+        for a, b in zip(edges[:-1], edges[1:]):
+            if np.any(G[a:b, :a]) or np.any(G[a:b, b:]):
+                return False
+        return True
+
+    def lambda_max(self, n_iter=30, seed=0):
+        """``(estimate, upper)`` of the largest eigenvalue of ``G_delta`` (normalised units).
+
+        ``estimate`` is a block power iteration's Rayleigh quotient (a lower
+        bound, usually tight); ``upper = min(trace, ||G||_F)`` is a guaranteed
+        upper bound for a PSD matrix.
+        """
+        G = self.gram
+        upper = min(float(np.trace(G)), float(np.linalg.norm(G)))
+        V = np.random.default_rng(seed).standard_normal((self.size, min(4, self.size)))
+        for _ in range(n_iter):
+            V, _ = np.linalg.qr(G @ V)
+        est = float(np.linalg.eigvalsh(V.T @ G @ V)[-1])
+        return min(est, upper), upper
+
+
+class IdentityGram:
+    """The absent side of a metric (``G = I``): the interface of :class:`GramFactor` at no cost."""
+
+    is_identity = True
+    kind = "identity"
+    shift = 0.0
+    log2_scale = 0
+    damping = 0.0
+
+    def __init__(self, size, name="output_gram"):
+        self.size = self.rank = int(size)
+        self.name = name
+
+    def rmul_factor(self, X):
+        return np.array(_rows(X))  # a new array, like GramFactor's products
+
+    rmul_factor_t = rsolve_factor_t = rsolve_factor = rmul_factor
+
+    def rmul(self, X, *, damped=True):
+        return np.array(X, dtype=np.float64)  # a new array, like GramFactor.rmul
+
+    def sub(self, start, stop):
+        return IdentityGram(stop - start, self.name)
+
+    def permuted(self, perm):
+        return self
+
+    def is_block_diagonal(self, edges):
+        return True
+
+    def lambda_max(self, n_iter=30, seed=0):
+        return 1.0, 1.0
+
+
+def as_gram(gram, size, *, damping=0.0, name="input_gram"):
+    """A :class:`GramFactor` (or :class:`IdentityGram` for None) of side ``size``.
+
+    A GramFactor built earlier (shared by the layers of one input site) is
+    reused as is after a size check; ``damping`` must then be left at its
+    default or match the one it was built with.
+    """
+    if gram is None:
+        return IdentityGram(size, name)
+    if isinstance(gram, (GramFactor, IdentityGram)):
+        if gram.size != size:
+            raise ValueError(f"{name} is a Gram of side {gram.size}, but the layer needs side {size}")
+        if damping and not gram.is_identity and gram.damping != damping:
+            raise ValueError(f"{name} was built with gram_damping={gram.damping}, not {damping}")
+        return gram
+    return GramFactor(gram, size, damping=damping, name=name)
+
+
+# ---------------------------------------------------------------------------- internals
+class _Factor:
+    """``L`` (lower Cholesky, Fortran order) or ``Q``, ``sqrt_w`` (eigen-factor); ``eigvals`` when
+    an eigendecomposition was run (ascending, for the PSD check)."""
+
+    __slots__ = ("L", "Q", "sqrt_w", "eigvals")
+
+    def __init__(self, L, Q, sqrt_w, eigvals):
+        self.L, self.Q, self.sqrt_w, self.eigvals = L, Q, sqrt_w, eigvals
+
+
+def _factorize(G, rcond):
+    """Cholesky of a symmetric PSD ``G`` when every pivot is above ``rcond * max(diag)``,
+    else the eigen-factor over eigenvalues above ``rcond * lambda_max``."""
+    L, info = lapack.dpotrf(G.T, lower=1, clean=1)  # G.T: the same symmetric matrix, Fortran order: one copy
+    if info == 0:
+        piv = np.diagonal(L) ** 2
+        if piv.min() > rcond * float(np.max(np.diagonal(G))):
+            return _Factor(L, None, None, None)
+    w, Q = scipy.linalg.eigh(G, check_finite=False)
+    keep = w > rcond * max(float(w[-1]), 0.0)
+    return _Factor(None, np.asfortranarray(Q[:, keep]), np.sqrt(w[keep]), w)
+
+
+def _shifted(G, allow):
+    """A Fortran copy of ``G + allow * I`` (consumed by the PSD check)."""
+    A = np.array(G, order="F")
+    A[np.diag_indices_from(A)] += allow
+    return A
+
+
+def _rows(X):
+    """A C-contiguous float row stack (float32 kept, anything else float64)."""
+    X = np.asarray(X)
+    if X.dtype not in (np.float32, np.float64):
+        X = X.astype(np.float64)
+    return np.ascontiguousarray(X)
+
+
+def _check_gram(gram, size, name):
+    """``gram`` as a symmetric float64 array (a copy) and the dtype it came in, or one clear error."""
+    refuse_meaningless(gram, name)
+    dt = getattr(gram, "dtype", None)
+    if isinstance(dt, np.dtype) and dt.kind in "biu":
+        raise TypeError(
+            f"{name} has dtype {dt}; a second moment is a float matrix: pass it as "
+            "float64 (e.g. G.astype(np.float64)) if these numbers are meant"
+        )
+    arr = validate_matrix(gram, name=name, max_ndim=2)  # sparse, masked, complex, NaN/inf, ... refused
+    want = "(size, size)" if size is None else f"({size}, {size})"
+    if arr.shape[0] != arr.shape[1] or (size is not None and arr.shape[0] != size):
+        raise ValueError(f"{name} must be a square matrix of shape {want} (one row per feature), got {arr.shape}")
+    G = np.array(arr, dtype=np.float64)
+    _check_symmetric(G, arr.dtype, name)
+    _symmetrize(G)
+    return G, arr.dtype
+
+
+def _symmetrize(G, chunk=1024):
+    """``G <- (G + G^T) / 2`` in place, by row chunks (no n x n temporary): exactly symmetric."""
+    n = G.shape[0]
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        D = G[a:b, a:b]
+        D[...] = 0.5 * (D + D.T)
+        S = 0.5 * (G[a:b, b:] + G[b:, a:b].T)
+        G[a:b, b:], G[b:, a:b] = S, S.T
+
+
+def _check_symmetric(G, dtype, name, chunk=1024):
+    """``max |G - G^T| <= sqrt(eps) max |G|`` checked by row chunks (no n x n temporary)."""
+    tol = np.sqrt(np.finfo(dtype).eps) * float(np.max(np.abs(G)))
+    n = G.shape[0]
+    for a in range(0, n, chunk):
+        d = float(np.max(np.abs(G[a : a + chunk] - G[:, a : a + chunk].T)))
+        if d > tol:
+            raise ValueError(
+                f"{name} is not symmetric (max |G - G^T| = {d:.3g}, above rounding {tol:.3g}); "
+                "a second moment X^T X / n is symmetric"
+            )

@@ -237,6 +237,15 @@ def test_an_id_not_in_the_cache_is_downloaded_with_huggingface_hub(monkeypatch, 
     assert resolve_model("org/remote@v1", role="base") == str(bert["folder"])
     assert seen["repo_id"] == "org/remote" and seen["revision"] == "v1"
     assert "*.safetensors" in seen["allow_patterns"] and not any(".bin" in p for p in seen["allow_patterns"])
+    # a mistyped local path (its folder exists) is never sent to the hub
+    (tmp_path / "models").mkdir()
+    seen.clear()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model(str(tmp_path / "models" / "bse"), role="base")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model("models/bse", role="base")
+    assert seen == {}
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE is set"):
         resolve_model("org/remote", role="base")

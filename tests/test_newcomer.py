@@ -267,13 +267,19 @@ def test_study_fast_defaults_roles_summary_and_heatmap(bert, tmp_path):
 
 def test_study_estimates_the_iterative_structures_before_they_start(bert, tmp_path):
     code, out, err = cli(
-        "study", bert["base"], bert["ft"], "--out", tmp_path / "s", "--budget-rank", "2", "--methods", "global",
+        "study", bert["base"], bert["ft"], "--out", tmp_path / "s", "--budget-rank", "4", "--methods", "global",
         "hybrid", "--max-iter", "3", "--n-blocks", "2",
     )  # fmt: skip
     assert code == 0, err
     lines = err.splitlines()
     at = next(i for i, line in enumerate(lines) if "hybrid is iterative" in line)
-    assert re.search(r"\d+ fits, each up to 3 alternations", lines[at])
+    found = re.search(r"(\d+) fits of up to 3 alternations.*a whole fit of ([\w.]+) took (\d+) alternations", lines[at])
+    assert found, lines[at]
+    from blocklowrank.budget import match_budget  # independently: the configurations that spend each budget
+
+    fits = sum(len(match_budget(s, 4 * sum(s), methods=["hybrid"], n_blocks=[2])) for k, s in LAYERS.items()
+               if len(s) == 2 and "embed" not in k)  # fmt: skip
+    assert int(found.group(1)) == fits and 1 <= int(found.group(3)) <= 3
     started = [i for i, line in enumerate(lines) if line.startswith("[study]") and "runs" in line]
     assert started and at < started[0]  # said before the first layer starts
 

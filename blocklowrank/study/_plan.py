@@ -44,7 +44,24 @@ def _one_alternation(name, shape, rec, fit_options, rng):
     return time.perf_counter() - start
 
 
-def estimate_cost(pairs, budgets, names, ks, fit_options=None, *, seed=0):
+def _configs(name, pair, budget, ks):
+    """The configurations of structure ``name`` that spend ``budget`` on ``pair`` (none: the layer is skipped)."""
+    layer_ks = [K for K in ks if K <= min(pair.shape)] or [1]
+    try:
+        return match_budget(pair.shape, budget, methods=[name], n_blocks=layer_ks)
+    except ValueError:
+        return []
+
+
+def _alternations(name, X, rec, fit_options):
+    """How many alternations a whole fit of one configuration takes on ``X`` (a real layer)."""
+    s = get_structure(name)
+    opts = {k: v for k, v in fit_options.items() if k in s.options}
+    res = s.fit(X, n_blocks=rec["n_blocks"], rank=rec["rank"], **{k: rec[k] for k in s.extra}, **opts)
+    return max(1, int(np.max(res.n_iter)))
+
+
+def estimate_cost(pairs, budgets, names, ks, fit_options=None, *, sample=None, seed=0):
     """The cost of the iterative structures among ``names`` on these layers, measured before the study.
 
     Parameters
@@ -58,14 +75,21 @@ def estimate_cost(pairs, budgets, names, ks, fit_options=None, *, seed=0):
         Grid sizes.
     fit_options : dict, optional
         The study's ``max_iter`` (default 100) and ``tol``.
+    sample : callable, optional
+        ``sample(pair) -> ΔW`` of a layer: the smallest layer is fitted once
+        in full (its first configuration), to count the alternations a fit
+        takes; without it only the upper bound is given.
 
     Returns
     -------
     list of dict
         Per iterative structure: ``structure``, ``fits`` (configurations
-        over all layers), ``seconds_per_alternation`` (summed over one fit
-        of each configuration), ``max_iter`` and ``upper_bound`` (seconds,
-        every fit running all its alternations).
+        over all layers), ``seconds_per_alternation`` (one alternation of
+        every fit, extrapolated from one fit per layer shape on a random
+        matrix), ``max_iter``, ``upper_bound`` (seconds, every fit running
+        all its alternations) and, with ``sample``, ``alternations`` (those
+        of the whole fit of the smallest layer), ``layer`` (its name) and
+        ``estimate`` (seconds at that many alternations per fit).
     """
     fit_options = dict(fit_options or {})
     max_iter = int(fit_options.get("max_iter", _MAX_ITER))
@@ -74,28 +98,22 @@ def estimate_cost(pairs, budgets, names, ks, fit_options=None, *, seed=0):
     for name in names:
         if get_structure(name).spectral:
             continue
-        fits, per_alt, measured = 0, 0.0, {}
-        for pair, budget in zip(pairs, budgets):
+        fits, per_alt, measured, first = 0, 0.0, {}, None
+        for pair, budget in sorted(zip(pairs, budgets), key=lambda pb: pb[0].shape[0] * pb[0].shape[1]):
             key = (tuple(pair.shape), int(budget))
             if key not in measured:
-                layer_ks = [K for K in ks if K <= min(pair.shape)] or [1]
-                try:
-                    recs = match_budget(pair.shape, budget, methods=[name], n_blocks=layer_ks)
-                except ValueError:  # no configuration spends this budget: the study skips the layer
-                    recs = []
+                recs = _configs(name, pair, budget, ks)
                 seconds = _one_alternation(name, pair.shape, recs[0], fit_options, rng) if recs else 0.0
-                measured[key] = (len(recs), seconds * len(recs))
-            n, t = measured[key]
+                measured[key] = (len(recs), seconds * len(recs), recs[0] if recs else None)
+            n, t, rec = measured[key]
             fits, per_alt = fits + n, per_alt + t
-        out.append(
-            {
-                "structure": name,
-                "fits": fits,
-                "seconds_per_alternation": per_alt,
-                "max_iter": max_iter,
-                "upper_bound": per_alt * max_iter,
-            }
-        )
+            first = first or (rec and (pair, rec))
+        cost = {"structure": name, "fits": fits, "seconds_per_alternation": per_alt, "max_iter": max_iter}
+        cost["upper_bound"] = per_alt * max_iter
+        if sample is not None and first is not None:
+            n_iter = min(_alternations(name, sample(first[0]), first[1], fit_options), max_iter)
+            cost.update(alternations=n_iter, layer=first[0].module, estimate=per_alt * n_iter)
+        out.append(cost)
     return out
 
 
@@ -111,13 +129,17 @@ def cost_summary(costs):
     """The estimate as lines to print before the study starts."""
     lines = []
     for c in costs:
-        bound = _duration(c["upper_bound"])
         ten = _duration(c["seconds_per_alternation"] * min(10, c["max_iter"]))
+        about = (
+            f"a whole fit of {c['layer']} took {c['alternations']} alternations, so about "
+            f"{_duration(c['estimate'])}, at most {_duration(c['upper_bound'])}"
+            if "estimate" in c
+            else f"so at most {_duration(c['upper_bound'])}"
+        )
         lines.append(
-            f"[study] {c['structure']} is iterative: {c['fits']} fits, each up to {c['max_iter']} alternations; "
-            f"one alternation of all of them took {_duration(c['seconds_per_alternation'])} here, so up to "
-            f"{bound} (fits stop earlier when they converge; a max_iter of 10, --max-iter 10 or "
-            f"fit_options={{'max_iter': 10}}, bounds it to {ten})"
+            f"[study] {c['structure']} is iterative: {c['fits']} fits of up to {c['max_iter']} alternations; "
+            f"one alternation of every fit costs about {_duration(c['seconds_per_alternation'])} here; {about} "
+            f"(a max_iter of 10, --max-iter 10 or fit_options={{'max_iter': 10}}, bounds it to {ten})"
         )
     return lines
 

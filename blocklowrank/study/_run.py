@@ -463,7 +463,8 @@ def run_study(
         ]  # fmt: skip
         fn = functools.partial(_study_layer, base=paths[0], finetuned=paths[1], settings=settings)
         if progress and any(not get_structure(n).spectral for n in names):  # minutes per large layer: say so first
-            for line in cost_summary(estimate_cost(pairing.pairs, budgets, names, ks, fit_options)):
+            sample = lambda pair: _read_layer(pair, paths[0], paths[1], settings)[0]  # noqa: E731
+            for line in cost_summary(estimate_cost(pairing.pairs, budgets, names, ks, fit_options, sample=sample)):
                 print(line, file=sys.stderr, flush=True)
         done = run_sweep(
             tasks,

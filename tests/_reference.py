@@ -93,3 +93,30 @@ def all_rank_tuples(rcuts, ccuts, active):
     sides = [min(rcuts[i].stop - rcuts[i].start, ccuts[j].stop - ccuts[j].start) for i, j in blocks]
     for combo in itertools.product(*(range(s + 1) for s in sides)):
         yield dict(zip(blocks, combo))
+
+
+def hostile_grams(n):
+    """Matrices that are not a usable Gram of side ``n``, by what is wrong with them."""
+    import scipy.sparse
+
+    G = np.eye(n)
+    neg = np.eye(n)
+    neg[0, 0] = -0.5
+    nonsym = np.eye(n)
+    nonsym[0, 1] = 0.3
+    return {
+        "wrong shape": np.eye(n + 1),
+        "not square": np.ones((n, n + 1)),
+        "3-D": np.ones((2, n, n)),
+        "NaN": np.where(np.eye(n) > 0, np.nan, 0.0),
+        "inf": np.where(G > 0, np.inf, 0.0),
+        "negative eigenvalue": neg,
+        "complex": G.astype(complex),
+        "sparse": scipy.sparse.csr_matrix(G),
+        "masked": np.ma.masked_array(G, mask=np.zeros_like(G, bool)),
+        "integer": np.eye(n, dtype=int),
+        "bool": np.eye(n, dtype=bool),
+        "non-symmetric": nonsym,
+        "zero": np.zeros((n, n)),
+        "strings": np.full((n, n), "1"),
+    }

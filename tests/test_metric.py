@@ -17,7 +17,7 @@ import _reference as ref  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from blocklowrank import BlockLayout, approximate  # noqa: E402
+from blocklowrank import BlockLayout, approximate, block_spectra  # noqa: E402
 from blocklowrank._metric import (  # noqa: E402
     GramFactor,
     fit_blocks,
@@ -605,39 +605,13 @@ def test_auto_falls_back_to_exact_on_a_flat_spectrum():
 
 
 # ---------------------------------------------------------------------------- hostile statistics
-def _hostile(n):
-    import scipy.sparse
-
-    G = np.eye(n)
-    neg = np.eye(n)
-    neg[0, 0] = -0.5
-    nonsym = np.eye(n)
-    nonsym[0, 1] = 0.3
-    return {
-        "wrong shape": np.eye(n + 1),
-        "not square": np.ones((n, n + 1)),
-        "3-D": np.ones((2, n, n)),
-        "NaN": np.where(np.eye(n) > 0, np.nan, 0.0),
-        "inf": np.where(G > 0, np.inf, 0.0),
-        "negative eigenvalue": neg,
-        "complex": G.astype(complex),
-        "sparse": scipy.sparse.csr_matrix(G),
-        "masked": np.ma.masked_array(G, mask=np.zeros_like(G, bool)),
-        "integer": np.eye(n, dtype=int),
-        "bool": np.eye(n, dtype=bool),
-        "non-symmetric": nonsym,
-        "zero": np.zeros((n, n)),
-        "strings": np.full((n, n), "1"),
-    }
-
-
-@pytest.mark.parametrize("case", list(_hostile(4)))
+@pytest.mark.parametrize("case", list(ref.hostile_grams(4)))
 @pytest.mark.parametrize("side", ["input_gram", "output_gram"])
 def test_hostile_grams_are_refused_in_one_line_naming_the_argument(case, side):
     """Claim: a Gram that is not a real, dense, finite, symmetric PSD matrix of the right side
     raises one clear error naming input_gram / output_gram, for every fit and for output_error."""
     W = np.random.default_rng(0).standard_normal((4, 4))
-    bad = _hostile(4)[case]
+    bad = ref.hostile_grams(4)[case]
     calls = [
         lambda g, h: fit_global(W, 1, g, h),
         lambda g, h: fit_blocks(W, BlockLayout.block((4, 4), 2, rank=1), g, h),
@@ -742,7 +716,7 @@ def test_metric_spectra_allocate_exactly_where_blocks_decouple():
     m, n, k = 9, 9, 3
     W = rng.standard_normal((m, n)) * np.exp(rng.uniform(-2, 2, n))
     G = sample_gram(rng, n)[1]
-    sp = metric_block_spectra(W, BlockLayout.diagonal((m, n), k), G)
+    sp = block_spectra(W, BlockLayout.diagonal((m, n), k), input_gram=G, gram_damping=0.0)
     assert sp.exact
     rc, cc = layout_cuts(m, n, k, k)
     tot = f_ref(W, 0, G)
@@ -759,7 +733,7 @@ def test_metric_spectra_allocate_exactly_where_blocks_decouple():
     for rk in combos[::5]:
         np.testing.assert_allclose(sp.error(np.diag(rk)), np.sqrt(fs[rk] / tot), rtol=1e-7)
     for budget in (6, 12, 20, 30):
-        ranks, exact = sp.allocate(budget=budget)
+        ranks, exact = sp.allocate(budget)
         assert exact
         chosen = tuple(int(v) for v in np.diag(ranks))
         feasible = [rk for rk in combos if 6 * sum(rk) <= budget]
@@ -782,11 +756,11 @@ def test_metric_spectra_say_when_allocation_is_not_exact():
     rng = np.random.default_rng(12)
     W = rng.standard_normal((8, 8))
     G = sample_gram(rng, 8)[1]
-    sp = metric_block_spectra(W, BlockLayout.block((8, 8), 2), G)
-    assert not sp.exact and not sp.allocate(budget=32)[1]
+    sp = block_spectra(W, BlockLayout.block((8, 8), 2), input_gram=G, gram_damping=0.0)
+    assert not sp.exact and not sp.allocate(32)[1]
     Gb = np.zeros((8, 8))
     Gb[:4, :4], Gb[4:, 4:] = G[:4, :4], G[4:, 4:]
-    assert metric_block_spectra(W, BlockLayout.block((8, 8), 2), Gb).exact
+    assert block_spectra(W, BlockLayout.block((8, 8), 2), input_gram=Gb, gram_damping=0.0).exact
 
 
 # ---------------------------------------------------------------------------- dtypes

@@ -46,7 +46,7 @@ from sklearn.utils import check_random_state
 
 from .._linalg import STEP_TOL
 from .._params import SVD_OPTIONS, validate_params
-from .._svd import _exact_svd, _flip, _solve
+from .._svd import _flip, _solve
 from ..layout import BlockLayout
 from ._objective import _DIRECT, _data_energy, descend_one, finish, metric_product, prepare, totals
 
@@ -451,56 +451,56 @@ class MetricSpectra:
         one active block per block-row, or block-diagonal Grams): then the
         damped objective at ranks ``r`` is exactly ``fixed_loss + sum of the
         spectra's tails``, and water-filling on them allocates optimally.
-        False elsewhere: the values are those of the first sweep's targets
-        (from zero, each block at full rank given the blocks before it), a
-        heuristic; ``exact_allocation`` is then False.
-    svds : dict or None
-        Where exact and asked for, the targets' SVDs (:func:`decoupled_svds`),
-        so that a fit at any ranks is a truncation (:func:`truncated_fit`).
+        False elsewhere: the values are those of every block's target with
+        the other blocks at zero, a heuristic; ``exact_allocation`` is then False.
+    fit_at : callable or None
+        Where exact and asked for: ``fit_at(ranks)``, the fit at per-block
+        ranks by truncating the targets' SVDs (:func:`truncated_fit`).
     """
 
     values: dict
     fixed_loss: float
     total: float
     exact: bool
-    svds: object = None
+    fit_at: object = None
 
 
 def block_spectra_of(p, g, n_jobs=None, keep_svds=False):
     """:class:`MetricSpectra` of a prepared problem on a grid (ranks ignored): one product ``H W G``
-    and, per block, an SVD of its target; where the blocks do not decouple, one full-rank sweep."""
+    and, per block, an SVD of its target given the other blocks at zero (equal shapes batched).
+
+    Where the blocks decouple these are the exact spectra; elsewhere a heuristic
+    that treats every block alike (each block's target with the others at zero,
+    a Jacobi step; their energies may add up to more than ``f_delta(0)``).
+    """
     P = g.start_product()
     e2 = p.log2_energy
     unit = float(np.sqrt(2.0**e2))
-    svds = None
-    if g.one_sweep:
-        svds = decoupled_svds(g, P, ("full", 10, "auto"), None, n_jobs, full=True)
-        values = {k: v[1] for k, v in svds.items()}
-        kept = sum(v[4] for v in svds.values())
-    else:
-        values, kept = {}, 0.0
-        for i, c, _ in g.all_blocks:
-            Y, e = g.target(P, i, c, None)
-            (s,) = _exact_svd(Y.astype(p.dtype, copy=False), compute_uv=False) if min(Y.shape) else (np.zeros(0),)
-            values[(i, c)], kept = s, kept + e
-            X = g.L(c).rsolve_factor(g.K(i).rsolve_factor(Y.T).T)  # later targets see this block at full rank
-            g.update(P, i, c, X)
-    return MetricSpectra(
-        values={k: np.asarray(v, np.float64) * unit for k, v in values.items()},
+    svds = decoupled_svds(g, P, ("full", 10, "auto"), None, n_jobs, full=True)
+    kept = sum(v[4] for v in svds.values())
+    sp = MetricSpectra(
+        values={k: np.asarray(v[1], np.float64) * unit for k, v in svds.items()},
         fixed_loss=float(np.ldexp(max(g.f0 - kept, 0.0), e2)),
         total=float(np.ldexp(g.f0, e2)),
         exact=bool(g.one_sweep),
-        svds=svds if keep_svds else None,
     )
+    if keep_svds and g.one_sweep:
+        tots = totals(p.W, p.G, p.H, g.f0)
+
+        def fit_at(ranks):
+            at = _Grid(p, g.lay.with_ranks(ranks))
+            at.f0 = g.f0
+            return truncated_fit(p, at, svds, ranks, tots)
+
+        sp.fit_at = fit_at
+    return sp
 
 
 @validate_params("gram_damping")
 def metric_block_spectra(W, layout, input_gram, output_gram=None, *, gram_damping=None):
     """Metric spectra of every active block of ``layout`` (ranks ignored): :class:`MetricSpectra`.
 
-    Costs one product ``H W G`` and one SVD (values only) per block; where the
-    blocks do not decouple, one full-rank sweep besides (``m n^2`` more
-    without ``H``).
+    Costs one product ``H W G`` and one SVD per block (see :func:`block_spectra_of`).
     """
     p = prepare(W, input_gram, output_gram, gram_damping)
     if not isinstance(layout, BlockLayout):

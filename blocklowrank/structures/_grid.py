@@ -236,10 +236,14 @@ _ATTRS_DOC = """
         equal to ``error_`` when no Gram was given.
     objective_ : float
         Only with a Gram: the damped objective the fit minimised.
-    error_trace_, n_iter_, stop_reason_
+    n_iter_ : int
+        Grid estimators (those with ``max_iter``): passes of the
+        block-coordinate descent in a data metric (the start counted); 1 for
+        a fit in one step.
+    error_trace_, stop_reason_
         Only for a block-coordinate descent in a data metric (blocks that do not
         decouple): the damped relative output error after each accepted
-        sweep, the passes (the start counted) and why it stopped.
+        sweep and why it stopped.
     ranks_ : ndarray of int, shape (K_rows, K_cols)
         Per-block ranks (0 where a block is inactive).
     singular_values_ : dict

@@ -18,14 +18,7 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from blocklowrank import BlockLayout, approximate, block_spectra  # noqa: E402
-from blocklowrank._metric import (  # noqa: E402
-    GramFactor,
-    fit_blocks,
-    fit_global,
-    fit_majorize,
-    metric_energy,
-    output_error,
-)
+from blocklowrank._metric import GramFactor, fit_blocks, fit_global, fit_majorize, metric_energy, output_error  # noqa: E402
 
 # the references here are undamped: the fits are called with gram_damping=0 unless a test says otherwise
 fit_global = functools.partial(fit_global, gram_damping=0.0)

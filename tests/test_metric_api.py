@@ -92,10 +92,12 @@ def problem(seed, with_h=False, shape=SHAPE):
 
 
 def config(name, shape=SHAPE, budget=88):
-    """A configuration of the structure at about ``budget`` parameters, from its budget rule."""
+    """A configuration of the structure at about ``budget`` parameters, from its budget rule
+    (at most 25 passes for the iterative fits: enough for the claims, and quick)."""
     s = get_structure(name)
     rec = match_budget(shape, budget, methods=[name], n_blocks=None if s.fixed_blocks else [2], exact=False)[0]
-    return {"n_blocks": rec["n_blocks"], "rank": rec["rank"], **{k: rec[k] for k in s.extra}}
+    iters = {"max_iter": 25} if "max_iter" in s.options else {}
+    return {"n_blocks": rec["n_blocks"], "rank": rec["rank"], **{k: rec[k] for k in s.extra}, **iters}
 
 
 NAMES = structure_names()

@@ -40,33 +40,10 @@ TRACE_TOL = 1e-12  # a relative error trace may rise by rounding only
 
 
 # ---------------------------------------------------------------------------- independent references
-def sample_gram(rng, n, n_samples=None):
-    """Samples X (rows) with correlated, unevenly scaled features and ``G = X^T X / N``."""
-    N = 3 * n + 5 if n_samples is None else n_samples
-    X = rng.standard_normal((N, n)) @ (np.eye(n) + 0.4 * rng.standard_normal((n, n))) * np.exp(rng.uniform(-1, 1, n))
-    return X, X.T @ X / N
 
 
 def damped(G, delta):
     return None if G is None else G + delta * np.trace(G) / len(G) * np.eye(len(G))
-
-
-def f_ref(W, M, G, H=None):
-    D = W - M
-    return float(np.sum((D if H is None else H @ D) * (D @ G)))
-
-
-def truncate(A, r):
-    U, s, Vt = np.linalg.svd(A, full_matrices=False)
-    return (U[:, :r] * s[:r]) @ Vt[:r], s
-
-
-def whitened(W, G, r, H=None):
-    """SVD-LLM's ``[W L]_r L^{-1}`` (and ``K^{-T} [K^T W L]_r L^{-1}`` with H), L = chol(G)."""
-    L = np.linalg.cholesky(G)
-    K = np.eye(W.shape[0]) if H is None else np.linalg.cholesky(H)
-    Y, s = truncate(K.T @ W @ L, r)
-    return np.linalg.solve(K.T, Y) @ np.linalg.inv(L), s
 
 
 def diagonal_closed_form(W, G, rc, cc, ranks):
@@ -78,7 +55,7 @@ def diagonal_closed_form(W, G, rc, cc, ranks):
             Gii = G[cc[i], cc[i]]
             T = np.linalg.solve(Gii, (W[rc[i]] @ G)[:, cc[i]].T).T
             L = np.linalg.cholesky(Gii)
-            M[rc[i], cc[i]] = truncate(T @ L, r)[0] @ np.linalg.inv(L)
+            M[rc[i], cc[i]] = ref.truncate(T @ L, r)[0] @ np.linalg.inv(L)
     return M
 
 
@@ -86,8 +63,8 @@ def problem(seed, with_h=False, shape=SHAPE):
     rng = np.random.default_rng(seed)
     m, n = shape
     W = rng.standard_normal((m, n)) * np.exp(rng.uniform(-1, 1, n))
-    X, G = sample_gram(rng, n)
-    H = sample_gram(rng, m)[1] if with_h else None
+    X, G = ref.sample_gram(rng, n)
+    H = ref.sample_gram(rng, m)[1] if with_h else None
     return W, X, G, H
 
 
@@ -157,11 +134,11 @@ def test_output_error_is_the_error_of_the_outputs_on_the_calibration_samples(nam
         if H is None:
             direct = np.linalg.norm((W - M) @ X.T) / np.linalg.norm(W @ X.T)
         else:
-            direct = np.sqrt(f_ref(W, M, G, H) / f_ref(W, 0 * W, G, H))
+            direct = np.sqrt(ref.f_ref(W, M, G, H) / ref.f_ref(W, 0 * W, G, H))
         np.testing.assert_allclose(res.output_error, direct, rtol=1e-8)
         Gd, Hd = damped(G, delta), damped(H, delta)
-        np.testing.assert_allclose(res.objective, f_ref(W, M, Gd, Hd), rtol=1e-8)
-        np.testing.assert_allclose(res.total_objective, f_ref(W, 0 * W, Gd, Hd), rtol=1e-10)
+        np.testing.assert_allclose(res.objective, ref.f_ref(W, M, Gd, Hd), rtol=1e-8)
+        np.testing.assert_allclose(res.total_objective, ref.f_ref(W, 0 * W, Gd, Hd), rtol=1e-10)
         np.testing.assert_allclose(res.error, np.linalg.norm(W - M) / np.linalg.norm(W), rtol=1e-8)
         assert res.gram_damping == delta
 
@@ -179,7 +156,7 @@ def test_every_fit_in_the_metric_is_no_worse_than_the_plain_fit_and_never_increa
         for delta in (0.0, 0.02):
             res = approximate(W, method=name, input_gram=G, output_gram=H, gram_damping=delta, **cfg)
             Gd, Hd = damped(G, delta), damped(H, delta)
-            assert res.objective <= f_ref(W, plain, Gd, Hd) * (1 + 1e-9) + 1e-12 * f_ref(W, 0 * W, Gd, Hd)
+            assert res.objective <= ref.f_ref(W, plain, Gd, Hd) * (1 + 1e-9) + 1e-12 * ref.f_ref(W, 0 * W, Gd, Hd)
             if res.error_trace is not None:
                 assert np.all(np.diff(res.error_trace) <= TRACE_TOL)
                 np.testing.assert_allclose(res.error_trace[-1] ** 2 * res.total_objective, res.objective, rtol=1e-7)
@@ -195,7 +172,7 @@ def test_a_user_registered_layout_structure_fits_in_the_metric():
         plain = approximate(W, method="upper", n_blocks=3, rank=1)
         res = approximate(W, method="upper", n_blocks=3, rank=1, input_gram=G, gram_damping=0.0)
         assert res.stop_reason in ("tol", "max_iter") and np.all(np.diff(res.error_trace) <= TRACE_TOL)
-        assert res.objective <= f_ref(W, plain.reconstruction, G) * (1 + 1e-9)
+        assert res.objective <= ref.f_ref(W, plain.reconstruction, G) * (1 + 1e-9)
         direct = np.linalg.norm((W - res.reconstruction) @ X.T) / np.linalg.norm(W @ X.T)
         np.testing.assert_allclose(res.output_error, direct, rtol=1e-8)
         est = UPPER.estimator(n_blocks=3, rank=1, gram_damping=0.0).fit(W, input_gram=G)
@@ -221,7 +198,7 @@ def test_global_is_the_whitened_svd(with_h, delta):
     W, _, G, H = problem(5, with_h)
     Gd, Hd = damped(G, delta), damped(H, delta)
     for r in (1, 3):
-        M_ref, s = whitened(W, Gd, r, Hd)
+        M_ref, s = ref.whitened(W, Gd, r, Hd)
         res = approximate(W, method="global", rank=r, input_gram=G, output_gram=H, gram_damping=delta)
         np.testing.assert_allclose(res.reconstruction, M_ref, atol=1e-8 * np.linalg.norm(W))
         np.testing.assert_allclose(res.objective, np.sum(s[r:] ** 2), rtol=1e-9)
@@ -247,7 +224,8 @@ def _diagonal_objectives(W, G, k, rmax):
     """``{rank tuple: f}`` of the diagonal structure's exact fit at every rank tuple (brute force)."""
     rc, cc = ref.cuts(W.shape[0], k), ref.cuts(W.shape[1], k)
     return {
-        rk: f_ref(W, diagonal_closed_form(W, G, rc, cc, rk), G) for rk in itertools.product(range(rmax + 1), repeat=k)
+        rk: ref.f_ref(W, diagonal_closed_form(W, G, rc, cc, rk), G)
+        for rk in itertools.product(range(rmax + 1), repeat=k)
     }
 
 
@@ -268,13 +246,14 @@ def test_budget_allocation_is_exact_where_blocks_decouple(delta):
 
 def test_block_budget_on_a_coupled_metric_says_it_is_not_proven():
     """Claim: on a full grid with a coupled G the allocation is a heuristic: exact_allocation is
-    False, the budget is kept, and the fit is no worse than the uniform ranks it could have used."""
+    False, the budget is kept, the descent never increases its objective, and the fit is no worse
+    in the metric than the uniform ranks the budget allows (fitted the same way)."""
     W, _, G, _ = problem(31)
     res = approximate(W, method="block", n_blocks=2, budget=88, input_gram=G, gram_damping=0.0)
     uniform = approximate(W, method="block", n_blocks=2, rank=2, input_gram=G, gram_damping=0.0)
     assert res.exact_allocation is False and res.n_params <= 88
     assert np.all(np.diff(res.error_trace) <= TRACE_TOL)
-    assert uniform.objective > 0 and res.objective <= uniform.objective * 1.5  # a heuristic, not a proof
+    assert res.objective <= uniform.objective * (1 + 1e-12)
 
 
 def test_max_error_bounds_the_output_error_with_the_fewest_parameters_where_exact():
@@ -284,7 +263,7 @@ def test_max_error_bounds_the_output_error_with_the_fewest_parameters_where_exac
     target raises."""
     W, X, G, _ = problem(32, shape=(9, 9))
     fs = _diagonal_objectives(W, G, 3, 3)
-    tot = f_ref(W, 0 * W, G)
+    tot = ref.f_ref(W, 0 * W, G)
     lowest = np.sqrt(min(fs.values()) / tot)
     full_rank_damped = approximate(
         W, method="diagonal", n_blocks=3, rank=3, input_gram=G, gram_damping=0.05
@@ -331,13 +310,13 @@ def test_one_total_budget_over_layers_minimises_the_sum_of_squared_relative_erro
     layers = []
     for scale, shape in ((1.0, (6, 5)), (1e4, (5, 7)), (1e-3, (6, 6))):
         W = rng.standard_normal(shape) @ np.diag(np.exp(rng.uniform(-2, 1, shape[1])))
-        _, G = sample_gram(rng, shape[1])
+        _, G = ref.sample_gram(rng, shape[1])
         layers.append((W, scale * G))
     sps = [block_spectra(W, BlockLayout.global_(W.shape), input_gram=G, gram_damping=0.0) for W, G in layers]
 
     def rel(t, r):
         W, G = layers[t]
-        return f_ref(W, whitened(W, G, r)[0], G) / f_ref(W, 0 * W, G) if r else 1.0
+        return ref.f_ref(W, ref.whitened(W, G, r)[0], G) / ref.f_ref(W, 0 * W, G) if r else 1.0
 
     costs = [sum(W.shape) for W, _ in layers]
     for budget in (11, 30, 60, 90):

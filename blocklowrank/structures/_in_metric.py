@@ -57,8 +57,8 @@ def in_scalar_metric(plain, X, G, H, delta):
     return Approximation(plain.factors, rep)
 
 
-def _stack(outs, batch):
-    """The per-matrix results as the arrays :func:`~._iterative.iterative_result` takes."""
+def _result(layout, outs, X, delta, structure, **factors):
+    """The per-matrix results as one :class:`~blocklowrank.Approximation` (through ``iterative_result``)."""
     N = len(outs)
     width = max(len(o.trace) for o in outs)
     errors = np.full((N, width), np.nan)
@@ -69,8 +69,12 @@ def _stack(outs, batch):
         "output_error": np.array([o.output_error for o in outs]),
         "objective": np.array([o.objective for o in outs]),
         "total_objective": np.array([o.total for o in outs]),
+        "gram_damping": delta,
     }
-    return np.array([o.error for o in outs]), trace, metric
+    err = np.array([o.error for o in outs])
+    return iterative_result(
+        layout, err, trace, X.shape[:-2], X.dtype, None, structure=structure, metric=metric, **factors
+    )
 
 
 def _frobenius(p, M):
@@ -100,24 +104,11 @@ def hybrid_in_metric(X, layout, r_g, plain, svd, rng, n_jobs, iters, first_step,
     for b, W in enumerate(flat):
         start = _plain_parts(plain, b, X.ndim > 2)
         outs.append(_Hybrid(prepare(W, G, H), layout, r_g, svd, rng, n_jobs).run(start, first_step, *iters))
-    err, trace, numbers = _stack(outs, X.shape[:-2])
     blocks = {
         k: tuple(np.stack([o.parts["blocks"][k][t] for o in outs]) for t in (0, 1)) for k in outs[0].parts["blocks"]
     }
     gf = tuple(np.stack([o.parts["global"][t] for o in outs]) for t in (0, 1))
-    return iterative_result(
-        layout,
-        err,
-        trace,
-        X.shape[:-2],
-        X.dtype,
-        None,
-        blocks=blocks,
-        global_factors=gf,
-        structure="hybrid",
-        solver=svd[0],
-        metric={**numbers, "gram_damping": delta},
-    )
+    return _result(layout, outs, X, delta, "hybrid", blocks=blocks, global_factors=gf, solver=svd[0])
 
 
 def _plain_parts(plain, b, stacked):
@@ -240,23 +231,12 @@ def shared_basis_in_metric(X, layout, plain, fit_plain, iters, metric):
                 prepare(W, G, H), layout, ([pick(u) for u in U], [pick(v) for v in V], pick(S)), fit_plain, iters
             )
         )
-    err, trace, numbers = _stack(outs, X.shape[:-2])
     shared = (
         [np.stack([o.parts[0][i] for o in outs]) for i in range(len(U))],
         [np.stack([o.parts[1][j] for o in outs]) for j in range(len(V))],
         np.stack([o.parts[2] for o in outs]),
     )
-    return iterative_result(
-        layout,
-        err,
-        trace,
-        X.shape[:-2],
-        X.dtype,
-        None,
-        shared=shared,
-        structure="shared_basis",
-        metric={**numbers, "gram_damping": delta},
-    )
+    return _result(layout, outs, X, delta, "shared_basis", shared=shared)
 
 
 def _big(shared, layout):

@@ -153,7 +153,7 @@ class GramFactor:
             _, info = lapack.dpotrf(A, lower=1, overwrite_a=1)
             if info != 0:
                 self._refuse_indefinite(G, allow)
-            A[...] = G  # reuse the check's memory for G_delta (Fortran order)
+            A.T[...] = G  # reuse the check's memory for G_delta (G symmetric: a straight copy into A^T)
             A[np.diag_indices_from(A)] += self.shift
         if A is None:  # the factorisation is the PSD check
             self._factor = _factorize(G, self.rcond, consume=False)
@@ -475,8 +475,9 @@ def _factorize(A, rcond, *, consume, keep=None, shift=0.0):
 
 
 def _shifted(G, allow):
-    """A Fortran copy of ``G + allow * I`` (consumed by the PSD check)."""
-    A = np.array(G, order="F")
+    """A Fortran copy of ``G + allow * I`` (consumed by the PSD check; ``G`` symmetric, so ``G^T``'s
+    memory, a straight copy)."""
+    A = np.array(G.T, order="F")
     A[np.diag_indices_from(A)] += allow
     return A
 
@@ -503,30 +504,25 @@ def _check_gram(gram, size, name):
     if arr.shape[0] != arr.shape[1] or (size is not None and arr.shape[0] != size):
         raise ValueError(f"{name} must be a square matrix of shape {want} (one row per feature), got {arr.shape}")
     G = np.array(arr, dtype=np.float64)
-    _check_symmetric(G, arr.dtype, name)
-    _symmetrize(G)
+    _symmetrize_checked(G, arr.dtype, name)
     return G, arr.dtype
 
 
-def _symmetrize(G, chunk=1024):
-    """``G <- (G + G^T) / 2`` in place, by row chunks (no n x n temporary): exactly symmetric."""
-    n = G.shape[0]
-    for a in range(0, n, chunk):
-        b = min(a + chunk, n)
-        D = G[a:b, a:b]
-        D[...] = 0.5 * (D + D.T)
-        S = 0.5 * (G[a:b, b:] + G[b:, a:b].T)
-        G[a:b, b:], G[b:, a:b] = S, S.T
-
-
-def _check_symmetric(G, dtype, name, chunk=1024):
-    """``max |G - G^T| <= sqrt(eps) max |G|`` checked by row chunks (no n x n temporary)."""
+def _symmetrize_checked(G, dtype, name, tile=128):
+    """``G <- (G + G^T) / 2`` in place after checking ``max |G - G^T| <= sqrt(eps) max |G|`` (eps of
+    ``dtype``), by pairs of square tiles (cache-friendly; no n x n temporary): exactly symmetric."""
     tol = np.sqrt(np.finfo(dtype).eps) * float(np.max(np.abs(G)))
     n = G.shape[0]
-    for a in range(0, n, chunk):
-        d = float(np.max(np.abs(G[a : a + chunk] - G[:, a : a + chunk].T)))
-        if d > tol:
-            raise ValueError(
-                f"{name} is not symmetric (max |G - G^T| = {d:.3g}, above rounding {tol:.3g}); "
-                "a second moment X^T X / n is symmetric"
-            )
+    worst = 0.0
+    for a in range(0, n, tile):
+        for c in range(a, n, tile):
+            A, B = G[a : a + tile, c : c + tile], G[c : c + tile, a : a + tile]
+            worst = max(worst, float(np.max(np.abs(A - B.T))))
+            S = 0.5 * (A + B.T)
+            A[...] = S
+            B[...] = S.T
+    if worst > tol:
+        raise ValueError(
+            f"{name} is not symmetric (max |G - G^T| = {worst:.3g}, above rounding {tol:.3g}); "
+            "a second moment X^T X / n is symmetric"
+        )

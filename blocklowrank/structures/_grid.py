@@ -201,9 +201,9 @@ _BCD_DOC = """
     max_iter : int, default=100
         In a data metric whose blocks do not decouple: passes of the
         block-coordinate descent, the start included.
-    tol : float, default=1e-3
+    tol : float, default=5e-3
         Stop the block-coordinate descent when a sweep improves the relative
-        output error by a fraction ``<= tol``.
+        (damped) output error by a fraction ``<= tol``.
 """
 
 _GRID_DOC = """

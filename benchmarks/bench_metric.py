@@ -16,6 +16,8 @@ few outlier features) it times, in one process:
   the total from a separate pass;
 * ``metric auto (...)``: the same with ``svd_solver="auto"`` (certified, else exact);
 * ``metric exact``: ``fit_global(W, r, gram, svd_solver="full")``;
+* ``approximate(input_gram=) auto``: the public entry (adds the Frobenius ``error``
+  from the factors, ``m n r``);
 * ``stand-in``: the straightforward implementation (SVD-LLM's whitening), NumPy only:
   ``L = cholesky(G)`` per layer (float64), ``S = W L`` and a full
   ``np.linalg.svd(S)`` in float32, factors ``U_r S_r`` and ``V_r^T L^{-1}`` -- a torch-free
@@ -116,6 +118,10 @@ def run(m, n, r, repeats, skip_exact):
         damped = np.sqrt(res.objective / res.total)
         note = f"damped error {damped:.5f}, output_error {res.output_error:.5f} ({res.svd_solver})"
         rows.append((f"metric {solver}" + ("" if solver == "full" else f" ({sketch})"), t, note))
+    t, res = best_of(
+        lambda: approximate(W, method="global", rank=r, input_gram=gram, svd_solver="auto", random_state=0), repeats
+    )
+    rows.append(("approximate(input_gram=) auto", t, f"output_error {res.output_error:.5f}, error {res.error:.5f}"))
     if not skip_exact:
         t, err = best_of(lambda: stand_in(W, G + 0.01 * np.mean(np.diag(G)) * np.eye(n), r), repeats)
         rows.append(("stand-in (chol + W L + full SVD)", t, f"damped error {err:.5f}"))

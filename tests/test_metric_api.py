@@ -207,6 +207,29 @@ def test_global_is_the_whitened_svd(with_h, delta):
         assert est.objective_ == pytest.approx(res.objective, rel=1e-12)
 
 
+def test_an_output_weight_alone_is_the_other_side_of_the_metric():
+    """Claim: output_gram alone (input_gram absent, G = I) fits in the metric ||H^{1/2} (W - M)||_F:
+    the global fit is the whitened truncation K^{-T} [K^T W]_r (G = I in the reference)."""
+    W, _, _, H = problem(6, with_h=True)
+    res = approximate(W, method="global", rank=2, output_gram=H, gram_damping=0.0)
+    M_ref, _ = ref.whitened(W, np.eye(W.shape[1]), 2, H)
+    np.testing.assert_allclose(res.reconstruction, M_ref, atol=1e-8 * np.linalg.norm(W))
+
+
+def test_a_shared_basis_warm_start_is_no_worse_than_its_start():
+    """Claim: fit_shared_basis(init=(U, V, S)) starts from the given bases: its first pass (the exact
+    s and U steps on them) is no worse than the fit given, and its trace never increases."""
+    from blocklowrank import fit_shared_basis
+
+    W, _, _, _ = problem(7)
+    start = fit_shared_basis(W, 2, 3, max_iter=2)
+    warm = fit_shared_basis(W, 2, 3, init=start.factors.shared, max_iter=5)
+    assert warm.error_trace[0] <= start.error * (1 + 1e-12)
+    assert np.all(np.diff(warm.error_trace) <= TRACE_TOL)
+    with pytest.raises(ValueError, match="init"):
+        fit_shared_basis(W, 2, 3, init=(start.factors.shared[0][:1], start.factors.shared[1], None))
+
+
 def test_diagonal_is_the_per_block_closed_form():
     """Claim: the diagonal structure with H absent is exact in one step: each block equals the
     independent closed form (normal equations in G, whitened truncation in G_ii), for uneven cuts."""

@@ -412,6 +412,23 @@ def test_a_gram_factor_keeps_its_factor_only_and_redamps_on_request():
     np.testing.assert_allclose(a.reconstruction, b.reconstruction, atol=1e-10 * np.linalg.norm(W))
 
 
+def test_statistics_stored_in_float32_need_their_rounding_allowance():
+    """Claim: a singular second moment rounded to float32 and read back as float64 has negative
+    eigenvalues at float32's rounding: refused at float64's allowance, accepted with ``psd_tol`` at
+    float32's, and a clearly indefinite matrix is refused at any rounding-level tolerance."""
+    X = np.random.default_rng(8).standard_normal((5, 40))
+    G = (X.T @ X / 5).astype(np.float32).astype(np.float64)
+    lmin = np.linalg.eigvalsh(G)[0]
+    assert lmin < -32 * np.finfo(np.float64).eps * np.trace(G)  # the premise: beyond float64 rounding
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        GramFactor(G, 40, damping=0.0)
+    gf = GramFactor(G, 40, damping=0.0, psd_tol=1e-6)
+    assert gf.kind == "eigen" and gf.rank == 5
+    bad = G - 1e-3 * np.trace(G) / 40 * np.eye(40)
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        GramFactor(bad, 40, damping=0.0, psd_tol=1e-6)
+
+
 def test_a_permuted_layout_is_fitted_in_its_own_coordinates():
     """Claim: fit_layout with a permuted diagonal layout in a metric equals the independent closed
     form of the permuted problem (W[rows][:, cols], G[cols][:, cols]), put back in place."""

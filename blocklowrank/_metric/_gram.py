@@ -17,7 +17,7 @@ import numpy as np
 import scipy.linalg
 from scipy.linalg import blas, lapack
 
-from .._params import check
+from .._params import Float, check
 from .._validation import refuse_meaningless, validate_matrix
 
 __all__ = ["GramFactor", "IdentityGram", "as_gram", "GRAM_DAMPING"]
@@ -72,6 +72,14 @@ class GramFactor:
         damping; a singular one is handled in its range, see Notes).
     name : str, default="input_gram"
         The argument's name in error messages (``"output_gram"`` for ``H``).
+    psd_tol : float, optional
+        Negative eigenvalues down to ``-psd_tol * trace(G)`` are rounding
+        (default ``32 eps`` of the dtype ``gram`` is given in). Statistics
+        stored in a lower precision than they are given in (float32 files read
+        as float64) carry that precision's rounding: pass it (e.g. the tolerance
+        :mod:`blocklowrank.calibration` checked them with). Given, it is also
+        the relative cutoff ``rcond`` below which an eigenvalue counts as zero
+        where ``G`` must be inverted.
 
     Attributes
     ----------
@@ -129,7 +137,7 @@ class GramFactor:
 
     is_identity = False
 
-    def __init__(self, gram, size=None, *, damping=None, name="input_gram"):
+    def __init__(self, gram, size=None, *, damping=None, name="input_gram", psd_tol=None):
         self.name = name
         G, in_dtype = _check_gram(gram, size, name)
         self.damping = GRAM_DAMPING if damping is None else check(damping, "gram_damping", caller="GramFactor")
@@ -145,7 +153,12 @@ class GramFactor:
         np.ldexp(G, -self.log2_scale, out=G)  # exact (G is our own copy)
         self._trace = float(np.trace(G))
         self._shape_info(G)
-        allow = _PSD_ROUNDING * float(np.finfo(in_dtype).eps) * self._trace
+        if psd_tol is None:
+            psd_tol = _PSD_ROUNDING * float(np.finfo(in_dtype).eps)
+        else:  # the statistics' own rounding: also what counts as zero when G must be inverted
+            psd_tol = check(psd_tol, "psd_tol", [Float(0, 1, closed="left")], caller="GramFactor")
+            self.rcond = max(self.rcond, psd_tol)
+        allow = psd_tol * self._trace
         self.shift = self.damping * self._trace / self.size
         A = None
         if self.shift > 0:  # the PSD check needs its own factorisation: the damping hides mild negatives

@@ -26,20 +26,9 @@ def prepare(X):
 
 
 def iterative_result(
-    layout,
-    err,
-    trace,
-    batch,
-    dtype,
-    scale,
-    *,
-    blocks=None,
-    global_factors=None,
-    shared=None,
-    structure=None,
-    solver=None,
-    metric=None,
-):
+    layout, err, trace, batch, dtype, scale, *,
+    blocks=None, global_factors=None, shared=None, structure=None, solver=None, metric=None,
+):  # fmt: skip
     """One :class:`~blocklowrank.Approximation` from the arrays of a stacked fit and its ``Trace``.
 
     Every array has a leading axis of length N (the flattened stack); they are

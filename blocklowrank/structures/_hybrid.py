@@ -20,7 +20,7 @@ from ..estimators import StructuredEstimator, _set_params
 from ..factors import StructuredFactors
 from ..layout import BlockLayout, _normalize_n_blocks
 from ._in_metric import hybrid_in_metric
-from ._iterative import iterative_result, prepare
+from ._iterative import damping_doc, iterative_result, prepare
 from ._registry import Structure, register
 from ._rules import allowed_ranks, record
 
@@ -304,7 +304,8 @@ class _Alternation:
 
 # ---------------------------------------------------------------------------- estimator
 class HybridLowRank(StructuredEstimator):
-    """Block low-rank plus a global low-rank term (GraLoRA ``hybrid_r`` structure).
+    __doc__ = (
+        """Block low-rank plus a global low-rank term (GraLoRA ``hybrid_r`` structure).
 
     ``X ~ B_g A_g + P``: a rank-``global_rank`` term over the whole matrix
     plus a rank-``rank`` factorisation on every active block of a
@@ -335,11 +336,9 @@ class HybridLowRank(StructuredEstimator):
         Which part is fitted first, on X itself.
     svd_solver, n_oversamples, iterated_power, random_state, n_jobs
         For every truncated SVD (see :func:`blocklowrank.approximate`); the
-        monotone-error guarantee needs the exact solver.
-    gram_damping : float, default=None
-        Damping of a fit in a data metric (``fit(X, input_gram=G)``; see
-        :func:`fit_hybrid`); None: :data:`blocklowrank.GRAM_DAMPING`.
-
+        monotone-error guarantee needs the exact solver."""
+        + damping_doc("fit_hybrid")
+        + """
     Attributes
     ----------
     factors_ : StructuredFactors
@@ -379,6 +378,7 @@ class HybridLowRank(StructuredEstimator):
     >>> est.n_params_, est.fit_transform(X).shape
     (224, (28, 4))
     """
+    )
 
     def __init__(
         self, *, n_blocks=1, rank=1, global_rank=1, pattern="full", max_iter=100, tol=1e-6, first_step="global",

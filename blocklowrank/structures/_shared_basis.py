@@ -20,7 +20,7 @@ from ..estimators import StructuredEstimator, _set_params
 from ..layout import BlockLayout, _normalize_n_blocks
 from ._als import _normalise, als
 from ._in_metric import shared_basis_in_metric
-from ._iterative import iterative_result, prepare
+from ._iterative import damping_doc, iterative_result, prepare
 from ._registry import Structure, register
 from ._rules import LinearBudget
 
@@ -258,7 +258,8 @@ def _initial_bases(init, layout, N, batch, random_state):
 
 
 class SharedBasisLowRank(StructuredEstimator):
-    """Block low rank with bases shared along block-rows and block-columns (BLAST).
+    __doc__ = (
+        """Block low rank with bases shared along block-rows and block-columns (BLAST).
 
     Block ``(i, j)`` of a ``K_rows x K_cols`` grid is ``U_i diag(s_ij)
     V_j^T``: ``U_i`` (``m_i x r``) is shared by block-row ``i``, ``V_j``
@@ -286,11 +287,9 @@ class SharedBasisLowRank(StructuredEstimator):
     random_state : int, RandomState instance or None, default=None
         Seeds ``init="random"``.
     n_jobs : int, default=None
-        Worker threads over chunks of a stack (see :func:`fit_shared_basis`).
-    gram_damping : float, default=None
-        Damping of a fit in a data metric (``fit(X, input_gram=G)``; see
-        :func:`fit_shared_basis`); None: :data:`blocklowrank.GRAM_DAMPING`.
-
+        Worker threads over chunks of a stack (see :func:`fit_shared_basis`)."""
+        + damping_doc("fit_shared_basis")
+        + """
     Attributes
     ----------
     factors_ : StructuredFactors
@@ -329,6 +328,7 @@ class SharedBasisLowRank(StructuredEstimator):
     >>> est.n_params_, est.fit_transform(X).shape
     (180, (28, 3))
     """
+    )
 
     _param_rules = {"rank": "shared_rank"}
 

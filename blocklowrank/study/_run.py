@@ -402,9 +402,11 @@ def run_study(
     records : RecordList
         One row per layer and configuration (:data:`STUDY_COLUMNS`: ``layer``,
         ``module_type``, ``shape``, ``structure``, ``config``, ``allocation``,
-        ``n_params``, ``budget``, ``error`` (relative Frobenius), ``energy``
-        (captured, ``1 - error^2``), ``best`` (lowest error of its layer and
-        structure), ``effective_rank``, ...). Attributes: ``model_wide``
+        ``n_params``, ``budget``, ``error`` (relative Frobenius),
+        ``output_error`` (with ``calibration``: relative output error; None
+        without), ``energy`` (captured, ``1 - error^2``), ``best`` (lowest
+        error of its layer and structure; lowest output error with
+        ``calibration``), ``effective_rank`` (of ΔW), ...). Attributes: ``model_wide``
         (:data:`MODEL_WIDE_COLUMNS`, model-wide against uniform per layout
         structure and grid size), ``model_wide_layers`` (where the model-wide
         allocation puts the parameters), ``layers`` (per-layer records with

@@ -520,3 +520,16 @@ def test_calibrate_then_extract_and_study_on_the_command_line(gpt2, tmp_path):
         rc, out, _ = cli([command, "--help"])
         assert rc == 0 and "--calibration" in out and "--gram-damping" in out
     assert "relative output error" in " ".join(cli(["extract", "--help"])[1].split())
+
+
+def test_max_error_targets_the_output_error_when_calibrated(bert, tmp_path):
+    """Claim: with calibration, --max-error E gives every layer an output error of at most E (the undamped
+    one, measured here from the file's G), with a Frobenius error above E on some layer (it is not the
+    Frobenius target)."""
+    report = extract_adapter(bert["base_dir"], bert["ft_dir"], tmp_path / "a", max_error=0.3,
+                             calibration=bert["stats"])  # fmt: skip
+    merged = _peft_deltas(bert, tmp_path / "a")
+    for module in bert["modules"]:
+        dW, G = _delta(bert, module), _gram(bert["stats"], module)
+        assert _metric_error(dW, merged[module], G) <= 0.3 * (1 + 1e-4), module
+    assert max(v["error"] for v in report.layers.values()) > 0.3

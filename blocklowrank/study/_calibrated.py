@@ -15,7 +15,7 @@ from .._validation import OptionError
 from ..calibration import CalibrationStats, load_statistics
 from ..calibration._sites import SiteMetrics, check_damping, open_calibration
 
-__all__ = ["check_calibration", "layer_metric", "relative_spectra"]
+__all__ = ["check_calibration", "layer_metric", "release_metrics", "relative_spectra"]
 
 #: The metrics of the study a worker process ran last: ``(key, stats, SiteMetrics)``.
 _WORKER = {}
@@ -58,12 +58,17 @@ def layer_metric(settings, study, layer):
         return {}
     key = (path, study)
     if _WORKER.get("key") != key:
-        if _WORKER.get("stats") is not None:
-            _WORKER["stats"].close()
-        _WORKER.clear()
+        release_metrics()
         stats = load_statistics(path)
         _WORKER.update(key=key, stats=stats, metrics=SiteMetrics(stats, settings["gram_damping"]))
     return _WORKER["metrics"](layer)
+
+
+def release_metrics():
+    """Close the statistics this process keeps for its last study, and drop their factors."""
+    if _WORKER.get("stats") is not None:
+        _WORKER["stats"].close()
+    _WORKER.clear()
 
 
 def relative_spectra(sp):

@@ -25,7 +25,7 @@ from ..compare import compare_at_budget
 from ..peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_deltas, adapter_pairs
 from ..structures import get_structure
 from ..sweep import RunLog, canonical, jsonable, run_sweep
-from ._calibrated import check_calibration, layer_metric
+from ._calibrated import check_calibration, layer_metric, release_metrics
 from ._model_wide import _model_wide
 from ._plan import apply_roles, cost_summary, default_structures, estimate_cost
 from ._report import write_study
@@ -515,6 +515,7 @@ def run_study(
         files = [t["spectra"] for t in tasks]
         model_wide, model_layers, notes = _model_wide(layers, files, names, ks, total, budgets, bool(calibrated))
     finally:
+        release_metrics()  # the statistics file this process opened for the layers it ran (workers keep theirs)
         if tmp:
             tmp.cleanup()
     records = RecordList(_mark_best([row for lay in layers for row in lay["rows"]]), columns=STUDY_COLUMNS)

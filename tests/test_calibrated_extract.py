@@ -339,6 +339,14 @@ def _counts(change):
 
 
 SITE = "encoder.layer.0.attention.self.query"
+
+
+def _h_counted_apart(tensors, meta):
+    """An H for the query layer counted over one token more than its site's G."""
+    tensors[f"H.{SITE}"] = np.eye(32)
+    meta["output_counts"] = json.dumps({SITE: json.loads(meta["input_counts"])[SITE] + 1})
+
+
 HOSTILE = {
     # case: (how the file is made from the good one, words the one-line message must hold)
     "wrong shape": (lambda t, m: _set(t, m, np.eye(33)), ["'G.", "33"]),
@@ -356,6 +364,7 @@ HOSTILE = {
         ["layer_sites", "G.nowhere"],
     ),
     "another format": (_meta("format", lambda m: "pt"), ["'format'"]),
+    "H counts disagree": (_h_counted_apart, ["'output_counts'", SITE, "same tokens"]),
 }
 
 

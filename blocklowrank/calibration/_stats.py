@@ -122,7 +122,8 @@ class CalibrationStats:
     ------
     CalibrationError
         If the parts do not fit together (an entry without a count or a
-        count without an entry, a count that is not an integer >= 1, a layer
+        count without an entry, a count that is not an integer >= 1, an
+        ``H`` whose count is not its site's ``G`` count, a layer
         mapped to a missing site, a site no layer reads, ``H`` of an unknown
         layer, an entry that is not a non-empty square matrix), naming the entry.
 
@@ -215,6 +216,12 @@ class CalibrationStats:
         for layer in self._outputs:
             if layer not in self.layer_sites:
                 raise self._error(f"entry {'H.' + layer!r}", "its layer is not in layer_sites")
+            count, site = self.output_counts[layer], self.layer_sites[layer]
+            if count != self.input_counts[site]:  # H is over the tokens G is over
+                raise self._error(
+                    f"__metadata__['output_counts'][{layer!r}]",
+                    f"{count} samples, but G.{site}, over the same tokens, has {self.input_counts[site]}",
+                )
         for name in _STRINGS:
             if not isinstance(getattr(self, name), str):
                 raise self._error(f"__metadata__[{name!r}]", f"must be a string, got {getattr(self, name)!r}")

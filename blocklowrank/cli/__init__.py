@@ -255,6 +255,8 @@ def cmd_study(args):
         svd_solver=args.svd_solver,
         fit_options=None if args.max_iter is None else {"max_iter": args.max_iter},
         orientation=args.orientation,
+        calibration=args.calibration,
+        gram_damping=args.gram_damping,
         **budget,
     )
     skipped = sum(1 for lay in res.layers if lay["skipped"])
@@ -273,8 +275,9 @@ def cmd_study(args):
                 if r["allocation"] == "uniform"
                 and (r["structure"], r["n_blocks"]) == (row["structure"], row["n_blocks"])
             )
+            what = "output error (rms)" if row["measure"] == "output" else "error"
             print(
-                f"  {row['structure']:<10} K={row['n_blocks']:<3} model-wide error {row['error']:.4f} "
+                f"  {row['structure']:<10} K={row['n_blocks']:<3} model-wide {what} {row['error']:.4f} "
                 f"vs uniform {unif['error']:.4f}"
             )
     print(f"wrote {args.out}/: layers.csv, model_wide.csv, summary.md, error_heatmap.png, error_vs_budget.png")
@@ -293,6 +296,8 @@ def cmd_extract(args):
         dtype=args.dtype,
         modules_to_save=args.modules_to_save,
         orientation=args.orientation,
+        calibration=args.calibration,
+        gram_damping=args.gram_damping,
         **_size_kwargs(args, ("rank", "budget_rank", "total_budget", "max_error")),
     )
     if args.max_iter is not None:

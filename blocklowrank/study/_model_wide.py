@@ -6,6 +6,7 @@ import numpy as np
 
 from .._allocation import allocate_ranks
 from ..budget import RecordList
+from ._calibrated import relative_spectra
 from ._spectra import _load_spectra, _partitions
 
 #: Columns of the model-wide records.
@@ -21,6 +22,7 @@ MODEL_WIDE_COLUMNS = (
     "error_lower_bound",
     "fallback",
     "n_layers",
+    "measure",
 )
 
 
@@ -89,20 +91,27 @@ def _fractional_bound(gains, costs, maxr, budget):
     return float(kept)
 
 
-def _model_wide(layers, files, names, ks, total, uniform_budgets):
-    """Model-wide vs uniform records for every layout partition present in every layer."""
+def _model_wide(layers, files, names, ks, total, uniform_budgets, relative=False):
+    """Model-wide vs uniform records for every layout partition present in every layer.
+
+    ``relative`` (a study in the layers' data metrics): every layer's energies divided by its own total,
+    so that the allocation minimises the sum of the layers' relative squared output errors and ``error``
+    is their root mean square; ``exact`` also needs every layer's spectra to give its fits' errors."""
     out, per_layer, notes = [], [], []
     for name, K in dict.fromkeys(p for lay in layers for p in _partitions(names, lay["shape"], ks)):
         spectra = [_load_spectra(file, name, K, lay["shape"]) for lay, file in zip(layers, files)]
         if any(sp is None for sp in spectra):
             notes.append(f"{name} K={K}: not every layer has {K} blocks per side; no model-wide row")
             continue
+        if relative:
+            spectra = [relative_spectra(sp) for sp in spectra]
         energy = sum(float(sp.total_energy) for sp in spectra)
         unif = [
             sp.allocate(b)[0] if b >= 1 else np.zeros(sp.layout.n_blocks, int)
             for sp, b in zip(spectra, uniform_budgets)
         ]
         ranks, exact, gap = allocate_model_wide(spectra, total)
+        exact = exact and all(sp.exact for sp in spectra)
         floor = _discarded(spectra, ranks) - gap  # no allocation within the total discards less
         fallback = not exact and _discarded(spectra, ranks) > _discarded(spectra, unif)
         ranks = unif if fallback else ranks
@@ -122,6 +131,7 @@ def _model_wide(layers, files, names, ks, total, uniform_budgets):
                     "error_lower_bound": _total_error(floor, energy) if wide else None,
                     "fallback": fallback if wide else None,
                     "n_layers": len(spectra),
+                    "measure": "output" if relative else "frobenius",
                 }
             )
             per_layer += [

@@ -358,29 +358,11 @@ def _write_report(report):
 
 
 def extract_adapter(
-    base,
-    finetuned,
-    out,
-    *,
-    method="global",
-    n_blocks=1,
-    rank=None,
-    budget_rank=None,
-    total_budget=None,
-    max_error=None,
-    target_modules=ALL_LINEAR,
-    peft_type="auto",
-    svd_solver="auto",
-    cap_rank=False,
-    dtype=None,
-    modules_to_save=None,
-    overwrite=False,
-    progress=False,
-    orientation=None,
-    calibration=None,
-    gram_damping=None,
+    base, finetuned, out, *, method="global", n_blocks=1, peft_type="auto", dtype=None, modules_to_save=None,
+    rank=None, budget_rank=None, total_budget=None, max_error=None, cap_rank=False, target_modules=ALL_LINEAR,
+    orientation=None, calibration=None, gram_damping=None, svd_solver="auto", overwrite=False, progress=False,
     **options,
-):
+):  # fmt: skip
     """Extract a PEFT adapter from a fine-tuned checkpoint: fit each ΔW with one structure.
 
     Parameters

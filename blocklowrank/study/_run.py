@@ -291,24 +291,10 @@ def _inputs(b, f, adapter_dir):
 
 
 def run_study(
-    base,
-    finetuned=None,
-    *,
-    out=None,
-    structures=None,
-    budget_rank=16,
-    budget_fraction=None,
-    total_budget=None,
-    target_modules=ALL_LINEAR,
-    n_blocks=None,
-    n_jobs=None,
-    progress=True,
-    svd_solver="auto",
-    fit_options=None,
-    orientation=None,
-    calibration=None,
-    gram_damping=None,
-):
+    base, finetuned=None, *, out=None, structures=None, n_blocks=None, fit_options=None,
+    budget_rank=16, budget_fraction=None, total_budget=None, target_modules=ALL_LINEAR, orientation=None,
+    calibration=None, gram_damping=None, svd_solver="auto", n_jobs=None, progress=True,
+):  # fmt: skip
     """Approximate every layer of a checkpoint by every registered structure at matched budgets.
 
     Parameters

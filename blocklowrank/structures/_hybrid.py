@@ -12,13 +12,14 @@ from __future__ import annotations
 import numpy as np
 from sklearn.utils import check_random_state
 
+from .._descent import Trace, descend
 from .._engine import _fit_layout
 from .._params import SVD_OPTIONS, validate_params
 from .._validation import validate_matrix
 from ..estimators import StructuredEstimator, _set_params
 from ..factors import StructuredFactors
 from ..layout import BlockLayout, _normalize_n_blocks
-from ._iterative import Trace, descend, iterative_result, prepare
+from ._iterative import iterative_result, prepare
 from ._registry import Structure, register
 from ._rules import allowed_ranks, record
 
@@ -198,7 +199,7 @@ def fit_hybrid(
 
 def _alternate(alt, max_iter, tol, first_step):
     """The alternation of :func:`fit_hybrid`: an initial pass fitting each part once on every
-    matrix, then passes of both steps (:func:`~._iterative.descend`); the :class:`~._iterative.Trace`.
+    matrix, then passes of both steps (``descend``); the ``Trace``.
 
     With one part empty the initial pass is exact (``stop_reason="exact"``).
     """
@@ -252,7 +253,7 @@ class _Alternation:
 
     def step(self, which):
         """The step fitting part ``which`` ("global" or "blocks") exactly given the other,
-        as :func:`~._iterative.descend` takes it."""
+        as ``descend`` takes it."""
 
         def run(ids):
             if which == "global":

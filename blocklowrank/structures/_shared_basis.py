@@ -12,12 +12,13 @@ from __future__ import annotations
 import numpy as np
 from sklearn.utils import check_random_state
 
+from .._descent import Trace
 from .._parallel import resolve_n_jobs, run_chunked
 from .._params import validate_params
 from ..estimators import StructuredEstimator, _set_params
 from ..layout import BlockLayout, _normalize_n_blocks
 from ._als import _normalise, als
-from ._iterative import Trace, iterative_result, prepare
+from ._iterative import iterative_result, prepare
 from ._registry import Structure, register
 from ._rules import LinearBudget
 

@@ -38,7 +38,7 @@ import numpy as np
 from sklearn.utils import check_random_state
 
 from .._params import SVD_OPTIONS, validate_params
-from .._svd import _AUTO_TOL, _FIRST_STAGE, _PROBES, _auto_plan, _auto_power, _flip, _residual_norm2, _solve
+from .._svd import _FIRST_STAGE, _PROBES, _auto_plan, _auto_power, _certified, _flip, _solve
 from ._objective import _CHUNK_ELEMS, _DIRECT, _data_energy, finish, prepare, totals
 
 __all__ = ["fit_global"]
@@ -228,26 +228,6 @@ def _sketch(op, k, ell, n_power, rng, total):
         Q, _ = np.linalg.qr(Y)
         Uh, s, Vt = np.linalg.svd((op.swapaxes(-1, -2) @ Q).T, full_matrices=False)  # Q^T A
         U = Q @ Uh
-        if probe is None or _certified(op, Q, U, s, Vt, k, probe, total):
+        if probe is None or _certified(op, Q[None], U[None], s[None], Vt[None], k, probe[None], [total])[0]:
             return U[:, :k], s
     return None
-
-
-def _certified(op, Q, U, s, Vt, k, probe, total):
-    """The certificate of ``svd_solver="auto"`` (:func:`~blocklowrank._svd._deficit_bound`)
-    on the operator, with the total energy given (the engine's computes it from the dense
-    block; part 2 passes ``total`` to that function and removes this copy of its bound)."""
-    T = op @ Vt.T - U * s  # R V (p_H, ell)
-    F = np.matmul(T.T, T, dtype=np.float64)
-    rho2 = float(_residual_norm2(op, Q[None], probe[None])[0])
-    s2 = s.astype(np.float64) ** 2
-    best = np.inf
-    for c in range(k, s.size):
-        lam = np.clip(np.linalg.eigvalsh(F[:c, :c]), 0, None)
-        g2 = lam[-1] * rho2
-        eta = s2[:k] - (s2[c] + rho2)
-        if eta[-1] <= 0:
-            continue
-        quad = float(np.sum(2 * g2 / (eta + np.sqrt(eta * eta + 4 * g2))))
-        best = min(best, float(lam[-k:].sum()) + quad)
-    return best <= _AUTO_TOL / (1 + _AUTO_TOL) * (total - float(s2[:k].sum()))

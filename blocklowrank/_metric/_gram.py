@@ -226,6 +226,10 @@ class GramFactor:
         """Whether ``G`` is a multiple of the identity (then a fit in it is the plain fit)."""
         return bool(np.all(self._lo == self._hi) and np.all(self._diag == self._diag[0]))
 
+    def scalar(self):
+        """``a`` when ``G_delta = a I`` (caller's units; see :attr:`is_scalar`), else None."""
+        return float(np.ldexp(self._diag[0] + self.shift, self.log2_scale)) if self.is_scalar else None
+
     @property
     def nbytes(self):
         f, held = self._factor, 0
@@ -394,6 +398,9 @@ class IdentityGram:
 
     def rmul(self, X, *, damped=True):
         return np.array(X, dtype=np.float64)  # a new array, like GramFactor.rmul
+
+    def scalar(self):
+        return 1.0
 
     def rmul_rows(self, X, start, stop):
         out = np.zeros((np.shape(X)[0], self.size))

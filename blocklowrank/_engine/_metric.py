@@ -106,7 +106,7 @@ def fit_ranks(p, lay, svd, rng, n_jobs, iters):
 
 
 def metric_spectra(p, lay, n_jobs=None, keep=False):
-    """The :class:`~blocklowrank._metric.MetricSpectra` of a prepared problem (ranks ignored); with
+    """The ``MetricSpectra`` of a prepared problem (ranks ignored); with
     ``keep``, where exact, ``fit_at(ranks)`` fits by truncating the spectra's SVDs."""
     if lay.n_blocks == (1, 1):  # the global fit: K^T W L formed once, every singular value
         out = global_svd(p, min(p.H.rank, p.G.rank), ("full", 10, "auto"), None, n_jobs)

@@ -353,26 +353,31 @@ def descend_one(f_start, total, propose, max_iter, tol):
     """The project's stopping loop (``_descent.descend``) on one problem of the metric fits.
 
     The objective is the relative damped error ``sqrt(f / total)``; the start
-    (``f_start``) is the first pass. ``propose() -> (f, commit)`` runs one pass
-    on copies and returns its objective and how to keep it. Returns
-    ``(trace, n_iter, stop_reason)``: ``n_iter`` counts passes, the start
-    included (the convention of every iterative fit).
+    (``f_start``) is the first pass. ``propose`` (a callable, or a list of them:
+    the steps of one pass) ``() -> (f, commit)`` runs a step on copies and
+    returns its objective and how to keep it. Returns ``(trace, n_iter,
+    stop_reason)``: the trace has the start and every accepted step, ``n_iter``
+    counts passes, the start included (the convention of every iterative fit).
     """
 
     def rel(f):
         return float(np.sqrt(max(f, 0.0) / total)) if total > 0 else 0.0
 
-    trace = Trace(1, max_iter + 1)
+    steps = list(propose) if isinstance(propose, (list, tuple)) else [propose]
+    trace = Trace(1, 1 + len(steps) * max(max_iter - 1, 0))
     trace.record(np.arange(1), np.array([rel(f_start)]))
 
-    def step(ids):
-        f, commit = propose()
+    def wrap(one):
+        def step(ids):
+            f, commit = one()
 
-        def keep(accepted):
-            if accepted[0]:
-                commit()
+            def keep(accepted):
+                if accepted[0]:
+                    commit()
 
-        return np.array([rel(f)]), keep
+            return np.array([rel(f)]), keep
 
-    descend(trace, [step], max_iter=max_iter, tol=tol)
+        return step
+
+    descend(trace, [wrap(one) for one in steps], max_iter=max_iter, tol=tol)
     return trace.errors[0, : trace.length[0]].copy(), int(trace.n_iter[0]), str(trace.stop[0])

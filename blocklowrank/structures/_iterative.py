@@ -38,12 +38,15 @@ def iterative_result(
     shared=None,
     structure=None,
     solver=None,
+    metric=None,
 ):
-    """One :class:`~blocklowrank.Approximation` from the arrays of a stacked fit and its :class:`Trace`.
+    """One :class:`~blocklowrank.Approximation` from the arrays of a stacked fit and its ``Trace``.
 
     Every array has a leading axis of length N (the flattened stack); they are
     reshaped to ``batch``, cast to ``dtype`` and unscaled (left factors, or the
     couplings of shared bases, by the power-of-two exponents ``scale``).
+    ``metric``: the report's fields of a fit in a data metric (``output_error``,
+    ``objective``, ``total_objective``: arrays over the N matrices; ``gram_damping``).
     """
     k = None if scale is None else scale.reshape(-1)
 
@@ -63,6 +66,10 @@ def iterative_result(
     factors = StructuredFactors(layout, structure=structure, **kw)
     errors, n_done, stop = trace.errors, trace.n_iter, trace.stop
     width = int(np.sum(~np.isnan(errors), axis=1).max())
+    for key, value in (metric or {}).items():
+        metric[key] = np.reshape(value, batch) if batch and key != "gram_damping" else value
+        if not batch and key != "gram_damping":
+            metric[key] = float(np.reshape(value, -1)[0])
     if batch:
         rep = dict(
             error=err.reshape(batch),
@@ -72,4 +79,4 @@ def iterative_result(
         )
     else:
         rep = dict(error=float(err[0]), n_iter=int(n_done[0]), stop_reason=str(stop[0]), error_trace=errors[0, :width])
-    return Approximation(factors, FitReport(svd_solver={"steps": solver} if solver else {}, **rep))
+    return Approximation(factors, FitReport(svd_solver={"steps": solver} if solver else {}, **rep, **(metric or {})))

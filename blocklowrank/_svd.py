@@ -143,16 +143,22 @@ def _residual_norm2(A, Q, probe):
     return np.exp((np.log(_PROBE_ALPHA * np.sqrt(2 / np.pi)) + log_c) / _PROBE_POWER)
 
 
-def _certified(A, Q, U, s, Vt, k, probe):
+def _certified(A, Q, U, s, Vt, k, probe, total=None):
     """Whether the rank-``k`` truncation of a sketch provably keeps within ``_AUTO_TOL``
-    of the optimal discarded energy, for every matrix of the stack ``A`` (N, m, n)."""
-    bound, discarded = _deficit_bound(A, Q, U, s, Vt, k, probe)
+    of the optimal discarded energy, for every matrix of the stack ``A`` (N, m, n)
+    (``total``: see :func:`_deficit_bound`)."""
+    bound, discarded = _deficit_bound(A, Q, U, s, Vt, k, probe, total)
     return bound <= _AUTO_TOL / (1 + _AUTO_TOL) * discarded
 
 
-def _deficit_bound(A, Q, U, s, Vt, k, probe):
+def _deficit_bound(A, Q, U, s, Vt, k, probe, total=None):
     """Upper bound on the captured energy the sketch's rank-``k`` truncation misses,
-    and its discarded energy, per matrix of ``A`` (N, m, n), tall (m >= n).
+    and its discarded energy, per matrix of ``A`` (N, m, n).
+
+    ``A`` needs only products (``A @ X``, ``A.swapaxes(-1, -2) @ Y``): an operator
+    that never forms the matrix works, with its energy ``||A||_F^2`` per matrix
+    given as ``total`` (None: computed from ``A``). The fits in a data metric pass
+    the operator ``K^T W L`` and the total they compute anyway.
 
     With ``B = Q^T A = U~ S V^T`` (``U = Q U~``) and ``R = (I - Q Q^T) A``,
     ``A^T A = B^T B + R^T R``. In the basis ``[V_c, V_perp]`` (``k <= c < ell``)
@@ -188,8 +194,9 @@ def _deficit_bound(A, Q, U, s, Vt, k, probe):
             quad = (2 * g2[:, None] / (eta + np.sqrt(eta * eta + 4 * g2[:, None]))).sum(axis=-1)
         bound = np.where(eta[:, -1] > 0, kyfan + np.nan_to_num(quad, nan=0.0), np.inf)
         best = np.minimum(best, bound)
-    total = np.einsum("bij,bij->b", A, A, dtype=np.float64)
-    return best, total - s2[:, :k].sum(axis=-1)
+    if total is None:
+        total = np.einsum("bij,bij->b", A, A, dtype=np.float64)
+    return best, np.asarray(total, dtype=np.float64) - s2[:, :k].sum(axis=-1)
 
 
 def _randomized_svd(A, k, n_power, omega, probe=None):

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from ._engine import BlockSpectra, _block_energies, block_spectra, fit_layout
+from ._metric import as_gram
 from ._params import SVD_OPTIONS, validate_params
 from ._validation import validate_matrix
 from .budget import RecordList, check_methods, match_budget
@@ -25,6 +26,8 @@ COMPARE_COLUMNS = (
     "exact",
     "error",
     "errors",
+    "output_error",
+    "output_errors",
     "n_params_each",
     "block_ranks",
     "proven_optimal",
@@ -32,7 +35,14 @@ COMPARE_COLUMNS = (
 
 
 @validate_params(
-    "budget", "exact", "include_optimal", "fit_options", *SVD_OPTIONS, n_blocks="grid_sizes", ranks="ranks"
+    "budget",
+    "exact",
+    "include_optimal",
+    "fit_options",
+    "gram_damping",
+    *SVD_OPTIONS,
+    n_blocks="grid_sizes",
+    ranks="ranks",
 )
 def compare_at_budget(
     X,
@@ -50,6 +60,9 @@ def compare_at_budget(
     n_jobs=None,
     fit_options=None,
     spectra=None,
+    input_gram=None,
+    output_gram=None,
+    gram_damping=None,
 ):
     """Fit every configuration at a parameter budget and rank them by error.
 
@@ -79,18 +92,26 @@ def compare_at_budget(
         ``svd_solver`` "auto" or "full"; checked against ``X``'s block energies
         (the spectra of another matrix are refused). Each partition's spectrum is computed
         once in any case: two structures with the same layout (global and a
-        1 x 1 block grid) share it.
+        1 x 1 block grid) share it. Not with a Gram.
+    input_gram, output_gram, gram_damping : optional
+        Compare in a data metric (see :func:`blocklowrank.approximate`): every
+        configuration is fitted in it (the Grams are factorised once), rows
+        carry ``output_error`` beside the Frobenius ``error`` and are ranked by
+        ``output_error``; the optimal rows allocate on the metric spectra.
 
     Returns
     -------
     records : RecordList of dict
-        Sorted by ``error`` (ties by ``n_params``, structure, ``n_blocks``,
-        uniform before optimal). Keys: ``method``, ``n_blocks``; ``rank``, the
+        Sorted by ``output_error`` (without a Gram: ``error``; ties by
+        ``n_params``, structure, ``n_blocks``, uniform before optimal). Keys:
+        ``method``, ``n_blocks``; ``rank``, the
         uniform rank (None on an allocation row, whose ranks are in
         ``block_ranks``); ``allocation`` ("uniform" or "optimal");
         ``n_params`` (for a stack, the largest); ``budget``; ``exact`` (count
         equals the budget for every matrix); ``error`` (for a stack, the
-        mean); ``errors`` and ``n_params_each`` (per matrix); ``block_ranks``;
+        mean); ``errors`` and ``n_params_each`` (per matrix); ``output_error``
+        and ``output_errors`` (in the data metric; equal to ``error`` and
+        ``errors`` without a Gram); ``block_ranks``;
         ``proven_optimal`` (allocation rows: see
         :func:`~blocklowrank.allocate_ranks`; None otherwise);
         plus the structures' extra keys (``global_rank``).
@@ -118,6 +139,7 @@ def compare_at_budget(
      ('shared_basis', 3, None, 180)]
     """
     X = validate_matrix(X)
+    metric = _metric_options(X, input_gram, output_gram, gram_damping, spectra)
     methods = check_methods(methods)
     matched = match_budget(X.shape[-2:], budget, methods=methods, n_blocks=n_blocks, ranks=ranks, exact=exact)
     svd = dict(
@@ -127,7 +149,7 @@ def compare_at_budget(
         random_state=random_state,
         n_jobs=n_jobs,
     )
-    cmp = _Comparison(X, matched, matched[0]["budget"] if matched else budget, svd, fit_options or {}, spectra)
+    cmp = _Comparison(X, matched, matched[0]["budget"] if matched else budget, svd, fit_options or {}, spectra, metric)
     rows, partitions = [], {}
     for rec in matched:
         s = get_structure(rec["method"])
@@ -138,7 +160,14 @@ def compare_at_budget(
         rows += [cmp.optimal(get_structure(name), rec) for (name, _), rec in partitions.items()]
     order = {mth: t for t, mth in enumerate(methods)}
     rows.sort(
-        key=lambda d: (d["error"], d["n_params"], order[d["method"]], d["n_blocks"], d["allocation"] == "optimal")
+        key=lambda d: (
+            d["output_error"],
+            d["error"],
+            d["n_params"],
+            order[d["method"]],
+            d["n_blocks"],
+            d["allocation"] == "optimal",
+        )
     )
     return RecordList(rows, columns=COMPARE_COLUMNS + cmp.extra)
 
@@ -146,10 +175,11 @@ def compare_at_budget(
 class _Comparison:
     """The fits of :func:`compare_at_budget` on one X: rows, and the spectra shared by equal layouts."""
 
-    def __init__(self, X, matched, budget, svd, fit_options, spectra):
+    def __init__(self, X, matched, budget, svd, fit_options, spectra, metric):
         self.X, self.batch, self.budget, self.svd, self.fit_options = X, X.shape[:-2], budget, svd, fit_options
         self.extra = tuple(k for k in matched.columns if k not in COMPARE_COLUMNS)
-        self.spectral = svd["svd_solver"] in ("auto", "full")  # exact spectra: errors without factors
+        self.metric = metric  # {} (plain) or the Grams as GramFactors: every row is fitted in the metric
+        self.spectral = svd["svd_solver"] in ("auto", "full") and not metric  # exact spectra: errors without factors
         self.cache = _known_spectra(X, spectra)  # (layout without ranks, BlockSpectra), matched by layout
 
     def spectra_of(self, lay):
@@ -160,11 +190,12 @@ class _Comparison:
         self.cache.append((lay0, block_spectra(self.X, lay, n_jobs=self.svd["n_jobs"])))
         return self.cache[-1][1]
 
-    def row(self, rec, rank, allocation, n_each, err_each, block_ranks, proven):
+    def row(self, rec, rank, allocation, n_each, err_each, block_ranks, proven, out_each=None):
+        out_each = err_each if out_each is None else out_each
         if self.batch:
-            n_each, err_each = np.broadcast_to(n_each, self.batch).copy(), err_each
+            n_each = np.broadcast_to(n_each, self.batch).copy()
         else:
-            n_each, err_each = int(n_each), float(err_each)
+            n_each, err_each, out_each = int(n_each), float(err_each), float(out_each)
         return {
             "method": rec["method"],
             "n_blocks": rec["n_blocks"],
@@ -175,6 +206,8 @@ class _Comparison:
             "exact": bool(np.all(np.asarray(n_each) == self.budget)),
             "error": float(np.mean(err_each)),
             "errors": err_each,
+            "output_error": float(np.mean(out_each)),
+            "output_errors": out_each,
             "n_params_each": n_each,
             "block_ranks": block_ranks,
             "proven_optimal": proven,
@@ -186,17 +219,20 @@ class _Comparison:
         if not s.spectral:
             opts = {k: v for k, v in {**self.svd, **self.fit_options}.items() if k in s.options}
             config = {k: rec[k] for k in s.extra}
-            res = s.fit(self.X, n_blocks=rec["n_blocks"], rank=rec["rank"], **config, **opts)
-            return self.row(
-                rec, rec["rank"], "uniform", res.factors.n_params, res.error, np.array(res.layout.ranks), None
-            )
+            res = s.fit(self.X, n_blocks=rec["n_blocks"], rank=rec["rank"], **config, **opts, **self.metric)
+            ranks = np.array(res.layout.ranks)
+            return self.row(rec, rec["rank"], "uniform", res.factors.n_params, res.error, ranks, None, res.output_error)
         lay = s.layout(self.X.shape[-2:], rec["n_blocks"])
         lay_r = lay.with_ranks(rec["rank"])
         if self.spectral:
-            err = self.spectra_of(lay).error(lay_r.ranks)
+            err = out = self.spectra_of(lay).error(lay_r.ranks)
         else:
-            err = fit_layout(self.X, lay_r, **self.svd).error
-        return self.row(rec, rec["rank"], "uniform", lay_r.n_params, err, np.array(lay_r.ranks), None)
+            res = fit_layout(self.X, lay_r, **self.svd, **self._iters(s), **self.metric)
+            err, out = res.error, res.output_error
+        return self.row(rec, rec["rank"], "uniform", lay_r.n_params, err, np.array(lay_r.ranks), None, out)
+
+    def _iters(self, s):
+        return {k: v for k, v in self.fit_options.items() if k in s.options} if self.metric else {}
 
     def optimal(self, s, rec):
         """The row of a partition of a layout structure with budget-optimal per-block ranks."""
@@ -205,8 +241,22 @@ class _Comparison:
             sp = self.spectra_of(lay)
             R, proven = sp.allocate(self.budget)
             return self.row(rec, None, "optimal", sp.n_params(R), sp.error(R), R, bool(proven))
-        res = fit_layout(self.X, lay, budget=self.budget, **self.svd)
-        return self.row(rec, None, "optimal", res.n_params, res.error, res.ranks, bool(res.exact_allocation))
+        res = fit_layout(self.X, lay, budget=self.budget, **self.svd, **self._iters(s), **self.metric)
+        proven = bool(res.exact_allocation)
+        return self.row(rec, None, "optimal", res.n_params, res.error, res.ranks, proven, res.output_error)
+
+
+def _metric_options(X, input_gram, output_gram, gram_damping, spectra):
+    """The fits' metric options: the Grams factorised once (``{}`` without a Gram)."""
+    if input_gram is None and output_gram is None:
+        return {}
+    if spectra is not None:
+        raise ValueError("spectra= serves plain comparisons: give no spectra with input_gram/output_gram")
+    m, n = X.shape[-2:]
+    out = {"input_gram": as_gram(input_gram, n, damping=gram_damping, name="input_gram")}
+    if output_gram is not None:
+        out["output_gram"] = as_gram(output_gram, m, damping=gram_damping, name="output_gram")
+    return out
 
 
 def _known_spectra(X, spectra):

@@ -17,6 +17,21 @@ coordinates in the block's right factor), or the shared basis' codes (BLAST).
 ``x @ pinv(D_i)``; every fit ends with that least-squares step (for the SVD
 structures it is the projection ``x @ D_i^T``), so ``fit_transform`` and
 ``transform`` of the fitted X agree.
+
+Fits in a data metric. Every estimator's ``fit`` (and ``fit_transform``)
+takes ``input_gram`` and ``output_gram`` (arrays, or a
+:class:`~blocklowrank.GramFactor` built once per input site): data, like
+``sample_weight``, so they are fit parameters, routed by scikit-learn's
+metadata routing (``est.set_fit_request(input_gram=True)`` inside a
+``Pipeline`` or ``GridSearchCV`` with ``sklearn.set_config(enable_metadata_routing=True)``);
+``gram_damping`` is a hyper-parameter. The fitted ``output_error_`` is the
+relative output error in that metric (``error_`` when no Gram is given);
+``error_`` stays the Frobenius error. The Grams are not stored.
+``fit_transform`` returns the fitted codes (the metric's); ``transform`` codes
+rows by Frobenius least squares for the fitted decoders and ``score`` stays
+minus the relative Frobenius reconstruction error (new rows have no metric):
+to choose ``gram_damping``, score held-out output errors yourself (see
+:func:`blocklowrank.output_error`).
 """
 
 from __future__ import annotations
@@ -79,7 +94,9 @@ class StructuredEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
     """Shared base of the structures' estimators (see the module docstring).
 
     Subclasses store their parameters in ``__init__`` and implement
-    ``_fit_structure(X) -> Approximation``; the base does everything else.
+    ``_fit_structure(X, **metric) -> Approximation`` (``metric``:
+    ``input_gram``, ``output_gram`` and ``gram_damping``, given only when a
+    Gram is); the base does everything else.
     ``_parameter_constraints`` is built from ``__init__``'s signature and the
     library's one table of parameter rules, by parameter name; ``_param_rules``
     maps a parameter to another rule of the table (its key) where its name does
@@ -102,7 +119,7 @@ class StructuredEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         """Check the parameters against their rules (the functions' rules: one table)."""
         check_params(self._parameter_constraints, self.get_params(deep=False), type(self).__name__)
 
-    def _fit_structure(self, X):  # pragma: no cover - abstract
+    def _fit_structure(self, X, **metric):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _grid(self):
@@ -121,23 +138,28 @@ class StructuredEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         kw = {"ensure_min_samples": 1} if reset else {}
         return validate_data(self, X, dtype=[np.float64, np.float32], reset=reset, **kw)
 
-    def fit(self, X, y=None):
-        """Fit the structure to ``X``.
+    def fit(self, X, y=None, *, input_gram=None, output_gram=None):
+        """Fit the structure to ``X``, in the Frobenius norm or in a data metric.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            The matrix to approximate.
+            The matrix to approximate (a layer's weight: outputs x inputs).
         y : Ignored
+        input_gram : array-like of shape (n_features, n_features) or GramFactor, optional
+            ``G``, the second moment of the layer's inputs: fit in the metric
+            ``||H^{1/2} (X - X_hat) G^{1/2}||_F`` (see :func:`blocklowrank.approximate`).
+        output_gram : array-like of shape (n_samples, n_samples) or GramFactor, optional
+            ``H``, an output-side weight.
 
         Returns
         -------
         self : object
         """
-        self._fit(X)
+        self._fit(X, input_gram, output_gram)
         return self
 
-    def fit_transform(self, X, y=None):
+    def fit_transform(self, X, y=None, *, input_gram=None, output_gram=None):
         """Fit and return the codes of the fitted rows.
 
         ``inverse_transform(fit_transform(X))`` is the fitted approximation.
@@ -146,14 +168,16 @@ class StructuredEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         ----------
         X : array-like of shape (n_samples, n_features)
         y : Ignored
+        input_gram, output_gram : optional
+            As in :meth:`fit`.
 
         Returns
         -------
         Z : ndarray of shape (n_samples, n_codes_)
         """
-        return self._fit(X).copy()
+        return self._fit(X, input_gram, output_gram).copy()
 
-    def _fit(self, X):
+    def _fit(self, X, input_gram=None, output_gram=None):
         self._validate_params()
         X = self._validate_X(X, reset=True)
         kr, kc = self._grid()
@@ -161,24 +185,34 @@ class StructuredEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
             if k > side:
                 axis = "n_samples" if what == "block-rows" else "n_features"
                 raise ValueError(f"n_blocks asks for {k} {what} but X has {axis} = {side}; use at most {side} {what}")
-        res = self._fit_structure(X)
-        self._store(res, X.dtype)
+        metric = input_gram is not None or output_gram is not None
+        if metric:
+            gd = getattr(self, "gram_damping", None)
+            res = self._fit_structure(X, input_gram=input_gram, output_gram=output_gram, gram_damping=gd)
+        else:
+            res = self._fit_structure(X)
+        self._store(res, X.dtype, metric)
         self._fit_rows = np.linalg.norm(X, axis=1)
         return self._fit_codes
 
-    def _store(self, res, dtype):
+    _OPTIONAL = ("error_trace", "n_iter", "stop_reason", "singular_values", "exact_allocation", "objective")
+
+    def _store(self, res, dtype, metric=False):
         f, rep = res.factors, res.report
         self.factors_ = f
         self.layout_ = f.layout
         self.ranks_ = f.layout.ranks.copy()
         self.n_params_ = int(f.n_params)
         self.error_ = float(rep.error)
-        for name in ("error_trace", "n_iter", "stop_reason", "singular_values", "exact_allocation"):
-            if getattr(rep, name) is not None:
+        self.output_error_ = float(rep.output_error)
+        for name in self._OPTIONAL:  # a refit must not keep what the previous fit reported
+            self.__dict__.pop(name + "_", None)
+            if getattr(rep, name) is not None and (metric or name != "objective"):
                 setattr(self, name + "_", getattr(rep, name))
         D = np.ascontiguousarray(f.decoders(), dtype=dtype)
         self._decoders = D
-        self._encoders = np.ascontiguousarray(D.swapaxes(1, 2) if self._orthonormal_codes else np.linalg.pinv(D))
+        orthonormal = self._orthonormal_codes and not metric  # in a metric A G A^T = I, not A A^T = I
+        self._encoders = np.ascontiguousarray(D.swapaxes(1, 2) if orthonormal else np.linalg.pinv(D))
         self.n_codes_ = int(D.shape[1])
         self.n_samples_fit_ = int(f.shape[0])
         Z = np.ascontiguousarray(f.codes(), dtype=dtype)
@@ -294,7 +328,11 @@ class StructuredEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
 
         ``-||X - inverse_transform(transform(X))||_F / ||X||_F`` (0 for X = 0),
         so that greater is better and model selection works without labels.
-        On the fitted ``X`` this is ``-error_`` (up to rounding).
+        On the fitted ``X`` this is ``-error_`` (up to rounding) after a plain
+        fit. After a fit in a data metric it is still this Frobenius score (the
+        Grams describe the fitted layer's inputs, not new rows; compare
+        ``output_error_``, or score held-out output errors with
+        :func:`blocklowrank.output_error`).
 
         Parameters
         ----------

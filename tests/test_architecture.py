@@ -33,7 +33,7 @@ PACKAGE = Path(blocklowrank.__file__).parent
 #: The module map, bottom first: (layer, its units). The root package is its own unit, "blocklowrank".
 LAYERS = (
     ("floor", {"_version", "_validation", "_params", "_parallel", "_io", "_extras"}),
-    ("layout", {"layout", "_linalg"}),
+    ("layout", {"layout", "_linalg", "_descent"}),
     ("numerical kernels", {"_svd", "_allocation", "permutations"}),
     ("fits in a data metric", {"_metric"}),
     ("the container", {"factors"}),

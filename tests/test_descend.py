@@ -1,4 +1,4 @@
-"""The stopping loop shared by the iterative fits (``structures._iterative.descend``).
+"""The stopping loop shared by the iterative fits (``blocklowrank._descent.descend``).
 
 Claim: on a stack, every problem gets the trace, pass count and stop reason of
 the plain one-problem loop written out below (accept a step unless it raises
@@ -11,7 +11,7 @@ objective ``script[i][t]``, so every branch of the rule is reached.
 import numpy as np
 import pytest
 
-from blocklowrank.structures._iterative import Trace, descend
+from blocklowrank._descent import Trace, descend
 
 STEP_TOL = 1e-12
 

@@ -38,10 +38,10 @@ import numpy as np
 from sklearn.utils import check_random_state
 
 from .._params import SVD_OPTIONS, validate_params
-from .._svd import _AUTO_TOL, _FIRST_STAGE, _PROBES, _auto_plan, _auto_power, _flip, _residual_norm2, _solve
+from .._svd import _FIRST_STAGE, _PROBES, _auto_plan, _auto_power, _certified, _flip, _solve
 from ._objective import _CHUNK_ELEMS, _DIRECT, _data_energy, finish, prepare, totals
 
-__all__ = ["fit_global"]
+__all__ = ["fit_global", "global_svd", "global_fit"]
 
 
 @validate_params("gram_damping", "sketch", *SVD_OPTIONS, rank="shared_rank")
@@ -51,7 +51,7 @@ def fit_global(
     input_gram,
     output_gram=None,
     *,
-    gram_damping=0.0,
+    gram_damping=None,
     svd_solver="full",
     n_oversamples=10,
     iterated_power="auto",
@@ -73,8 +73,9 @@ def fit_global(
         site and pass it to every layer reading that input).
     output_gram : array-like (m, m) or GramFactor, optional
         ``H``, an output-side weight; absent: ``H = I``.
-    gram_damping : float, default=0.0
-        ``delta``: fit in ``G + delta mean(diag G) I`` (and ``H`` likewise).
+    gram_damping : float, optional
+        ``delta``: fit in ``G + delta mean(diag G) I`` (and ``H`` likewise);
+        default :data:`GRAM_DAMPING` for an array, a GramFactor's own damping.
     svd_solver : {"full", "randomized", "auto"}, default="full"
         The engine's solvers (:func:`blocklowrank.batched_svd`) applied
         to ``K^T W L``: "full" (LAPACK), "randomized", or "auto" (the sketch
@@ -108,6 +109,12 @@ def fit_global(
 def _fit_global(p, rank, svd, rng, n_jobs, sketch="formed"):
     """:func:`fit_global` on a prepared problem."""
     k = min(rank, p.H.rank, p.G.rank)
+    return global_fit(p, rank, *global_svd(p, k, svd, rng, n_jobs, sketch))
+
+
+def global_svd(p, k, svd, rng, n_jobs, sketch="formed"):
+    """``(U, s, solver, totals)``: the leading ``k`` left singular vectors of ``K^T W L`` and its
+    singular values (all of them with the exact solver), the solver used, ``(f(0), f_delta(0))``."""
     out = _operator_route(p, k, svd, rng) if sketch == "operator" and svd[0] != "full" else None
     if out is None:  # form K^T W L once: its energy is the total, and the engine's solvers apply as they are
         KWL = _form(p.W, p.G, p.H)
@@ -115,7 +122,12 @@ def _fit_global(p, rank, svd, rng, n_jobs, sketch="formed"):
         U, s, _, used = _solve(KWL[None], k, svd[0], svd[1], svd[2], rng, n_jobs, True)
         del KWL
         out = (U[0], s[0], used, totals(p.W, p.G, p.H, f0))
-    U, s, used, tots = out
+    return out
+
+
+def global_fit(p, rank, U, s, used, tots):
+    """The rank-``rank`` global fit from :func:`global_svd`'s output: a :class:`MetricFit`."""
+    k = min(rank, U.shape[1])
     B, A = _factors(p.W, p.G, p.H, U[:, :k], s[:k])
     s64 = s.astype(np.float64)
     if used == "full":  # every singular value: the tail, without cancellation
@@ -228,26 +240,6 @@ def _sketch(op, k, ell, n_power, rng, total):
         Q, _ = np.linalg.qr(Y)
         Uh, s, Vt = np.linalg.svd((op.swapaxes(-1, -2) @ Q).T, full_matrices=False)  # Q^T A
         U = Q @ Uh
-        if probe is None or _certified(op, Q, U, s, Vt, k, probe, total):
+        if probe is None or _certified(op, Q[None], U[None], s[None], Vt[None], k, probe[None], [total])[0]:
             return U[:, :k], s
     return None
-
-
-def _certified(op, Q, U, s, Vt, k, probe, total):
-    """The certificate of ``svd_solver="auto"`` (:func:`~blocklowrank._svd._deficit_bound`)
-    on the operator, with the total energy given (the engine's computes it from the dense
-    block; part 2 passes ``total`` to that function and removes this copy of its bound)."""
-    T = op @ Vt.T - U * s  # R V (p_H, ell)
-    F = np.matmul(T.T, T, dtype=np.float64)
-    rho2 = float(_residual_norm2(op, Q[None], probe[None])[0])
-    s2 = s.astype(np.float64) ** 2
-    best = np.inf
-    for c in range(k, s.size):
-        lam = np.clip(np.linalg.eigvalsh(F[:c, :c]), 0, None)
-        g2 = lam[-1] * rho2
-        eta = s2[:k] - (s2[c] + rho2)
-        if eta[-1] <= 0:
-            continue
-        quad = float(np.sum(2 * g2 / (eta + np.sqrt(eta * eta + 4 * g2))))
-        best = min(best, float(lam[-k:].sum()) + quad)
-    return best <= _AUTO_TOL / (1 + _AUTO_TOL) * (total - float(s2[:k].sum()))

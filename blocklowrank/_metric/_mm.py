@@ -22,7 +22,16 @@ import numpy as np
 
 from .._linalg import STEP_TOL
 from .._params import validate_params
-from ._objective import _DIRECT, MetricRun, Stop, _data_energy, _objective_lowrank, metric_product, prepare, totals
+from ._objective import (
+    _DIRECT,
+    MetricRun,
+    _data_energy,
+    _objective_lowrank,
+    descend_one,
+    metric_product,
+    prepare,
+    totals,
+)
 
 __all__ = ["fit_majorize", "MajorizeFit"]
 
@@ -54,7 +63,7 @@ class MajorizeFit(MetricRun):
 
 
 @validate_params("gram_damping", "max_iter", "tol")
-def fit_majorize(W, input_gram, output_gram=None, *, plain_fit, init=None, gram_damping=0.0, max_iter=500, tol=1e-6):
+def fit_majorize(W, input_gram, output_gram=None, *, plain_fit, init=None, gram_damping=None, max_iter=500, tol=1e-6):
     """Minimise ``||H^{1/2} (W - M) G^{1/2}||_F`` over a structure given only its plain fitter.
 
     Parameters
@@ -73,7 +82,7 @@ def fit_majorize(W, input_gram, output_gram=None, *, plain_fit, init=None, gram_
         The start; default ``plain_fit(W, None)``, the plain fit, so the
         result is never worse than it in the metric.
     max_iter : int, default=500
-        Accepted majorisation steps.
+        Passes: the start, then one majorisation step each.
     tol : float, default=1e-6
         Stop when a step improves the relative error by a fraction ``<= tol``.
 
@@ -84,9 +93,11 @@ def fit_majorize(W, input_gram, output_gram=None, *, plain_fit, init=None, gram_
     Notes
     -----
     ``c = lambda_H lambda_G`` starts from a power-iteration estimate of the
-    largest eigenvalues (times 1.001) and doubles, up to the guaranteed
-    bound ``min(trace, ||.||_F)`` of each, whenever a step would increase
-    ``f``: every accepted step is a majorisation step, ``f`` never increases.
+    largest eigenvalues (times 1.001; exact for diagonal Grams) and doubles,
+    up to the guaranteed bound ``min(trace, ||.||_F)`` of each, whenever a
+    step would increase ``f``: every accepted step is a majorisation step, ``f``
+    never increases. The passes run through the project's stopping loop
+    (``n_iter`` counts the start as the first pass).
     Convergence is linear at a rate about ``1 - lambda_min / lambda_max`` of
     the metric on the structure's tangent space: slow for ill-conditioned
     Grams (damping helps), which is why the layout structures use exact
@@ -95,8 +106,7 @@ def fit_majorize(W, input_gram, output_gram=None, *, plain_fit, init=None, gram_
     p = prepare(W, input_gram, output_gram, gram_damping)
     if not callable(plain_fit):
         raise TypeError(f"plain_fit must be callable (Z, state) -> (M, state), got {plain_fit!r}")
-    stop = Stop(1.0, max_iter, tol)
-    return _majorize(p, plain_fit, init, stop)
+    return majorize(p, plain_fit, init, max_iter, tol)
 
 
 class _Iterate:
@@ -118,36 +128,48 @@ class _Iterate:
             self.f = _data_energy(D, p.G, p.H)[1]
 
 
-def _majorize(p, plain_fit, init, stop):
+def majorize(p, plain_fit, init, max_iter, tol):
+    """:func:`fit_majorize` on a prepared problem."""
     W = np.asarray(p.W, np.float64)
     P0 = metric_product(p, W)
     f0 = float(np.einsum("ij,ij->", P0, W))
-    stop.total = f0
     M, state = plain_fit(W.copy(), None) if init is None else init
-    cur = _Iterate(p, P0, f0, M, state)
-    stop.start(cur.f)
     (eg, ug), (eh, uh) = p.G.lambda_max(), p.H.lambda_max()
-    c, c_up, backtracks = min(eg * eh * 1.001, ug * uh), ug * uh, 0
-    reason = None
-    while reason is None:
-        Z = cur.dense + cur.P / c
-        M, state = plain_fit(Z, cur.state)
-        new = _Iterate(p, P0, f0, M, state)
-        if np.linalg.norm(Z - new.dense) > np.linalg.norm(Z - cur.dense) * (1 + STEP_TOL):
-            reason = "callback"
-            break
-        if new.f > cur.f + STEP_TOL * f0:
-            if c < c_up:  # the estimate was below lambda_max: a larger c majorises
-                c, backtracks = min(2 * c, c_up), backtracks + 1
+    c = eg * eh if (eg == ug and eh == uh) else min(eg * eh * 1.001, ug * uh)
+    run = _Run(p, P0, f0, _Iterate(p, P0, f0, M, state), c, ug * uh, plain_fit)
+    trace, n_iter, reason = descend_one(run.cur.f, f0, run.propose, max_iter, tol)
+    if run.callback:
+        reason = "callback"
+    return _result(p, run.cur, f0, trace, n_iter, reason, run.c, run.backtracks)
+
+
+class _Run:
+    """The state of a majorisation: the current iterate, ``c`` and its doublings."""
+
+    def __init__(self, p, P0, f0, cur, c, c_up, plain_fit):
+        self.p, self.P0, self.f0, self.cur, self.c, self.c_up, self.plain_fit = p, P0, f0, cur, c, c_up, plain_fit
+        self.backtracks, self.callback = 0, False
+
+    def rel(self, f):
+        return np.sqrt(max(f, 0.0) / self.f0) if self.f0 > 0 else 0.0
+
+    def propose(self):
+        """One majorisation step (``c`` doubled while a step would raise ``f``): ``(f, commit)``."""
+        cur = self.cur
+        while True:
+            Z = cur.dense + cur.P / self.c
+            M, state = self.plain_fit(Z, cur.state)
+            new = _Iterate(self.p, self.P0, self.f0, M, state)
+            if np.linalg.norm(Z - new.dense) > np.linalg.norm(Z - cur.dense) * (1 + STEP_TOL):
+                self.callback = True
+                return np.inf, lambda: None
+            if self.rel(new.f) > self.rel(cur.f) + STEP_TOL and self.c < self.c_up:
+                self.c, self.backtracks = min(2 * self.c, self.c_up), self.backtracks + 1
                 continue
-            reason = "increase"
-            break
-        cur = new
-        reason = stop.step(cur.f)
-    return _result(p, cur, f0, stop, reason, c, backtracks)
+            return new.f, lambda: setattr(self, "cur", new)
 
 
-def _result(p, cur, f0, stop, reason, c, backtracks):
+def _result(p, cur, f0, trace, n_iter, reason, c, backtracks):
     tots = totals(p.W, p.G, p.H, f0)
     f = cur.f
     if p.G.shift or p.H.shift:
@@ -166,8 +188,8 @@ def _result(p, cur, f0, stop, reason, c, backtracks):
         objective=float(np.ldexp(cur.f, e2)),
         total=float(np.ldexp(f0, e2)),
         output_error=float(np.sqrt(f / tots[0])) if tots[0] > 0 else 0.0,
-        error_trace=np.asarray(stop.trace),
-        n_iter=stop.n_iter,
+        error_trace=np.asarray(trace),
+        n_iter=n_iter,
         stop_reason=reason,
         lipschitz=float(c),
         n_backtracks=backtracks,

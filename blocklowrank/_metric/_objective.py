@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._descent import Trace, descend
 from .._validation import pow2_scale, validate_matrix
 from ._gram import as_gram
 
-__all__ = ["MetricRun", "MetricFit", "Problem", "prepare", "output_error", "metric_energy"]
+__all__ = ["MetricRun", "MetricFit", "Problem", "prepare", "grams", "output_error", "metric_energy"]
 
 #: Column chunks of the energy passes hold about this many entries (32 MB of float64).
 _CHUNK_ELEMS = 1 << 22
@@ -58,12 +59,13 @@ class MetricFit(MetricRun):
         ``sqrt(f(M) / f(0))`` with the undamped Grams (the data objective):
         the relative error of the layer's outputs on the calibration inputs.
     error_trace : ndarray
-        ``sqrt(f_delta / f_delta(0))`` at the start and after every sweep.
+        ``sqrt(f_delta / f_delta(0))`` at the start and after every accepted pass.
     n_iter : int
-        Sweeps (steps of the majorisation) run; 1 for a closed form.
+        Passes run, the start included (the convention of every iterative
+        fit); 1 for a closed form.
     stop_reason : str
-        "exact" (closed form or one exact sweep), "tol", "max_iter", or
-        "increase"/"callback" for the majorisation fallback.
+        "exact" (closed form or one exact sweep), "tol", "max_iter",
+        "increase", or "callback" for the majorisation fallback.
     exact : bool
         Whether the result is provably the optimum of ``f_delta``.
     svd_solver : str
@@ -96,17 +98,30 @@ class Problem:
         return np.ldexp(B, -self.w_exp) if self.w_exp else B
 
 
-def prepare(W, input_gram, output_gram=None, gram_damping=0.0):
+def prepare(W, input_gram, output_gram=None, gram_damping=None, *, array_damping=None):
     """Validated :class:`Problem`: ``W`` a finite real matrix (float32 kept), ``input_gram`` of side
     ``n`` and ``output_gram`` (None: absent) of side ``m`` as Gram factors (arrays or shared
-    :class:`GramFactor` objects)."""
+    :class:`GramFactor` objects; ``gram_damping`` as in :func:`as_gram`, ``array_damping`` the
+    damping of a Gram given as an array when ``gram_damping`` is None)."""
     W = validate_matrix(W, name="W", max_ndim=2)
     m, n = W.shape
-    G = as_gram(input_gram, n, damping=gram_damping, name="input_gram")
-    H = as_gram(output_gram, m, damping=gram_damping, name="output_gram")
+    G, H = grams(input_gram, output_gram, (m, n), gram_damping, array_damping)
     k = pow2_scale(W)
     w_exp = 0 if k is None else int(k[0, 0])
     return Problem(np.ldexp(W, w_exp) if w_exp else W, G, H, W.dtype, w_exp)
+
+
+def grams(input_gram, output_gram, shape, gram_damping=None, array_damping=None):
+    """``(G, H)`` as Gram factors for a layer of ``shape`` (m, n) (see :func:`prepare`)."""
+    m, n = shape
+
+    def one(gram, size, name):
+        d = gram_damping
+        if d is None and array_damping is not None and gram is not None and not hasattr(gram, "rmul_factor"):
+            d = array_damping
+        return as_gram(gram, size, damping=d, name=name)
+
+    return one(input_gram, n, "input_gram"), one(output_gram, m, "output_gram")
 
 
 # ---------------------------------------------------------------------------- energies
@@ -220,7 +235,7 @@ def metric_energy(W, input_gram, output_gram=None):
     >>> bool(np.isclose(metric_energy(W, X.T @ X / 30), np.linalg.norm(W @ X.T) ** 2 / 30))
     True
     """
-    p = prepare(W, input_gram, output_gram)
+    p = prepare(W, input_gram, output_gram, array_damping=0.0)
     return float(np.ldexp(_data_energy(p.W, p.G, p.H)[0], p.log2_energy))
 
 
@@ -301,7 +316,7 @@ def output_error(W, approx, input_gram, output_gram=None, *, layout=None):
     >>> bool(np.isclose(e, np.linalg.norm((W - B @ A) @ X.T) / np.linalg.norm(W @ X.T)))
     True
     """
-    p = prepare(W, input_gram, output_gram)
+    p = prepare(W, input_gram, output_gram, array_damping=0.0)
     totals = _data_energy(p.W, p.G, p.H)
     if totals[0] <= 0:
         return 0.0
@@ -334,33 +349,35 @@ def _approx_factors(approx, p, layout):
 
 
 # ---------------------------------------------------------------------------- stopping
-class Stop:
-    """The trace and stopping rule of the iterative metric fits (a local helper; the project's
-    one stopping loop replaces it when the fits move into the engine).
+def descend_one(f_start, total, propose, max_iter, tol):
+    """The project's stopping loop (``_descent.descend``) on one problem of the metric fits.
 
-    Records the relative damped error ``sqrt(f / f(0))`` of the start and of
-    every sweep; stops on "tol" (relative improvement of one sweep ``<= tol``,
-    or zero error) or "max_iter".
+    The objective is the relative damped error ``sqrt(f / total)``; the start
+    (``f_start``) is the first pass. ``propose`` (a callable, or a list of them:
+    the steps of one pass) ``() -> (f, commit)`` runs a step on copies and
+    returns its objective and how to keep it. Returns ``(trace, n_iter,
+    stop_reason)``: the trace has the start and every accepted step, ``n_iter``
+    counts passes, the start included (the convention of every iterative fit).
     """
 
-    def __init__(self, total, max_iter, tol):  # max_iter and tol checked at the public boundary
-        self.total, self.max_iter, self.tol = total, max_iter, tol
-        self.trace = []
-        self.n_iter = 0
+    def rel(f):
+        return float(np.sqrt(max(f, 0.0) / total)) if total > 0 else 0.0
 
-    def error(self, f):
-        return float(np.sqrt(max(f, 0.0) / self.total)) if self.total > 0 else 0.0
+    steps = list(propose) if isinstance(propose, (list, tuple)) else [propose]
+    trace = Trace(1, 1 + len(steps) * max(max_iter - 1, 0))
+    trace.record(np.arange(1), np.array([rel(f_start)]))
 
-    def start(self, f):
-        self.trace = [self.error(f)]
+    def wrap(one):
+        def step(ids):
+            f, commit = one()
 
-    def step(self, f):
-        """Record one sweep's objective; the stop reason, or None to go on."""
-        prev, e = self.trace[-1], self.error(f)
-        self.trace.append(e)
-        self.n_iter += 1
-        if e == 0 or prev - e <= self.tol * prev:
-            return "tol"
-        if self.n_iter >= self.max_iter:
-            return "max_iter"
-        return None
+            def keep(accepted):
+                if accepted[0]:
+                    commit()
+
+            return np.array([rel(f)]), keep
+
+        return step
+
+    descend(trace, [wrap(one) for one in steps], max_iter=max_iter, tol=tol)
+    return trace.errors[0, : trace.length[0]].copy(), int(trace.n_iter[0]), str(trace.stop[0])

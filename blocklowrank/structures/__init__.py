@@ -85,10 +85,14 @@ def approximate(X, layout=None, *, method=None, **kwargs):
         Rank of every active block, or of each block.
     budget : int, optional
         Parameter budget: per-block ranks that minimise the error under it
-        (see :func:`~blocklowrank.allocate_ranks`), per matrix.
+        (see :func:`~blocklowrank.allocate_ranks`), per matrix. In a data
+        metric, on the blocks' metric spectra (exact where the blocks decouple;
+        ``exact_allocation`` says so).
     max_error : float in (0, 1), optional
         Fewest parameters with relative error ``<= max_error`` (exactly the
-        fewest when ``exact_allocation`` is True).
+        fewest when ``exact_allocation`` is True). **With a Gram it bounds the
+        output error** (``report.output_error``, undamped), not the Frobenius
+        error; for a Frobenius target give no Gram.
     svd_solver : {"auto", "full", "randomized"}, default="auto"
         "full": exact LAPACK SVD; "randomized": batched randomized SVD with
         ``n_oversamples``, ``iterated_power`` and ``random_state`` as in
@@ -106,14 +110,45 @@ def approximate(X, layout=None, *, method=None, **kwargs):
         each); -1 means all cores. Results agree to rounding whatever ``n_jobs``.
     row_perm, col_perm : array-like of int, optional
         Cut ``X[row_perm][:, col_perm]`` into blocks (layout structures).
+    input_gram : array-like of shape (n, n) or GramFactor, optional
+        Fit in a data metric: ``G``, the (uncentred) second moment
+        ``X_in^T X_in / N`` of the layer's inputs (``X`` is the layer's
+        weight, outputs x inputs). The fit then minimises
+        ``f(M) = ||H^{1/2} (X - M) G^{1/2}||_F^2 = tr(H (X - M) G (X - M)^T)``
+        instead of ``||X - M||_F^2``: with ``H`` absent, the error of the
+        layer's outputs on its calibration inputs. Build a
+        :class:`~blocklowrank.GramFactor` once per input site and pass it to
+        every layer reading that input (the factorisation is paid once).
+        Global: the exact optimum (Eckart-Young in the metric). Diagonal with
+        ``H`` absent, or Grams block-diagonal over the cuts: exact in one step.
+        Other grids: block-coordinate descent (never increases the objective,
+        starts no worse than the plain fit; ``error_trace``, ``n_iter``,
+        ``stop_reason``, ``max_iter``, ``tol``). Hybrid: exact alternating
+        steps in the metric; shared basis: majorisation-minimisation (see
+        their fit functions). A metric that is a multiple of the identity is
+        the plain fit.
+    output_gram : array-like of shape (m, m) or GramFactor, optional
+        ``H``, an output-side weight (e.g. the second moment of the loss
+        gradient at the layer's output); absent: ``H = I``.
+    gram_damping : float, optional
+        ``delta >= 0``: the fits use ``G + delta mean(diag G) I`` (and ``H``
+        likewise), so directions the calibration never saw follow the plain
+        fit. None: :data:`~blocklowrank.GRAM_DAMPING` for arrays (provisional,
+        until measured on held-out data), a GramFactor's own damping.
+        ``gram_damping=0`` minimises the data objective exactly (a singular
+        ``G`` is then handled in its range).
+    max_iter, tol : optional
+        Iterative fits: passes (the start counted) and the stopping tolerance.
 
     Returns
     -------
     Approximation
         ``.factors`` (a :class:`~blocklowrank.factors.StructuredFactors`:
         ``factors[(i, j)]`` is ``(B_ij, A_ij)`` with ``B = U_r S_r`` and
-        ``A = V_r^T``) and ``.report``; ``error``, ``n_params``, ``ranks``,
-        ``layout``, ``reconstruction`` read as attributes.
+        ``A = V_r^T``; in a data metric ``B = K^{-T} U_r S_r``, ``A = V_r^T L^{-1}``
+        from the SVD of the block's target in its metric) and ``.report``
+        (:class:`~blocklowrank.FitReport`); ``error``, ``output_error``,
+        ``n_params``, ``ranks``, ``layout``, ``reconstruction`` read as attributes.
 
     Notes
     -----
@@ -135,6 +170,18 @@ def approximate(X, layout=None, *, method=None, **kwargs):
     True
     >>> approximate(X, method="hybrid", n_blocks=2, rank=1, global_rank=2).n_params
     224
+
+    In a data metric (``G`` from 100 input samples ``X_in``, one row per sample):
+
+    >>> from blocklowrank import output_error
+    >>> X_in = np.random.default_rng(1).standard_normal((100, 28)) * np.linspace(0.1, 3, 28)
+    >>> G = X_in.T @ X_in / 100
+    >>> res = approximate(X, method="global", rank=4, input_gram=G, gram_damping=0.0)
+    >>> out = np.linalg.norm((X - res.reconstruction) @ X_in.T) / np.linalg.norm(X @ X_in.T)
+    >>> bool(np.isclose(res.output_error, out))
+    True
+    >>> bool(res.output_error < output_error(X, g.reconstruction, G))  # the plain fit, in the same metric
+    True
     """
     if layout is not None:
         if method is not None or "n_blocks" in kwargs:
@@ -143,4 +190,7 @@ def approximate(X, layout=None, *, method=None, **kwargs):
     method = "block" if method is None else method
     if not isinstance(method, str) or method not in structure_names():
         raise ValueError(f"method must be a registered structure {structure_names()}, got {method!r}")
-    return get_structure(method).fit(X, **kwargs)
+    s = get_structure(method)
+    if not s.metric and any(k in kwargs for k in ("input_gram", "output_gram", "gram_damping")):
+        raise ValueError(f"the {method!r} structure has no fit in a data metric: give no input_gram/output_gram")
+    return s.fit(X, **kwargs)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._descent import Trace, descend
 from .._linalg import spd_solve
 from .._svd import _batched_svd
-from ._iterative import Trace, descend
 
 __all__ = ["als"]
 
@@ -150,9 +150,9 @@ def als(Xd, layout, r, max_iter, tol, U=None, V=None):
     """The ALS on a stack ``Xd`` (N, m, n) from the SVD init (U, V None) or given U, V.
 
     Returns ``(U, V, S, error, trace, n_done, stop)`` over the N matrices (padded
-    ``U``/``V``; the arrays of a :class:`~._iterative.Trace` of width ``max_iter``,
+    ``U``/``V``; the arrays of a ``Trace`` of width ``max_iter``,
     NaN past each matrix's last pass). Each matrix is iterated until its own
-    stopping rule fires (:func:`~._iterative.descend`); the stack is compressed
+    stopping rule fires (``descend``); the stack is compressed
     to the matrices still running whenever some stop.
     """
     N = Xd.shape[0]
@@ -191,7 +191,7 @@ def _svd_bases(Xd, layout, r):
 
 
 class _Sweeps:
-    """One ALS sweep as a step of :func:`~._iterative.descend`.
+    """One ALS sweep as a step of ``descend``.
 
     It works on copies of the matrices still running, compressed only when some
     stop, and writes accepted sweeps into ``U``, ``V``, ``S`` (the whole stack).

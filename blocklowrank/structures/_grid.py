@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._engine import fit_layout
+from .._metric import BCD_TOL
 from .._params import check
 from .._validation import validate_matrix
 from ..estimators import StructuredEstimator, _set_params
@@ -151,6 +152,8 @@ def layout_structure(
         fixed_blocks=fixed_blocks,
         min_default_blocks=min_default_blocks,
         peft=peft,
+        options=("max_iter", "tol"),
+        metric=True,
     )
 
 
@@ -187,6 +190,20 @@ _PARAMS_DOC = """
         raising ValueError.
     n_jobs : int, default=None
         Worker threads over each stack of equal-shaped blocks.
+    gram_damping : float, default=None
+        Damping of a fit in a data metric (``fit(X, input_gram=G)``):
+        ``G + gram_damping * mean(diag G) * I`` (``H`` likewise); None:
+        :data:`blocklowrank.GRAM_DAMPING` (provisional), or the damping a
+        :class:`~blocklowrank.GramFactor` was built with.
+"""
+
+_BCD_DOC = """
+    max_iter : int, default=100
+        In a data metric whose blocks do not decouple: passes of the
+        block-coordinate descent, the start included.
+    tol : float, default=1e-3
+        Stop the block-coordinate descent when a sweep improves the relative
+        output error by a fraction ``<= tol``.
 """
 
 _GRID_DOC = """
@@ -213,6 +230,16 @@ _ATTRS_DOC = """
         Exact number of parameters, ``factors_.n_params`` (= ``layout_.n_params``).
     error_ : float
         Relative Frobenius error ``||X - X_hat||_F / ||X||_F`` on the fitted X.
+    output_error_ : float
+        Relative output error in the data metric of the fit
+        (``sqrt(f(X_hat) / f(0))``, undamped; see :func:`blocklowrank.approximate`);
+        equal to ``error_`` when no Gram was given.
+    objective_ : float
+        Only with a Gram: the damped objective the fit minimised.
+    error_trace_, n_iter_, stop_reason_
+        Only for a block-coordinate descent in a data metric (blocks that do not
+        decouple): the damped relative output error after each accepted
+        sweep, the passes (the start counted) and why it stopped.
     ranks_ : ndarray of int, shape (K_rows, K_cols)
         Per-block ranks (0 where a block is inactive).
     singular_values_ : dict
@@ -241,7 +268,7 @@ class _LayoutEstimator(StructuredEstimator):
         rule = {k: getattr(self, k) for k in ("rank", "budget", "max_error")}
         return rule if any(v is not None for v in rule.values()) else {"rank": 1}
 
-    def _fit_structure(self, X):
+    def _fit_structure(self, X, **metric):
         s = get_structure(self._structure)
         layout = s.layout(X.shape, getattr(self, "n_blocks", 1))
         rps, cps = getattr(self, "row_perm", None), getattr(self, "col_perm", None)
@@ -260,6 +287,8 @@ class _LayoutEstimator(StructuredEstimator):
             cap_rank=self.cap_rank,
             n_jobs=self.n_jobs,
             structure=self._structure,
+            **{k: getattr(self, k) for k in ("max_iter", "tol") if hasattr(self, k)},
+            **metric,
             **self._rank_arguments(),
         )
 
@@ -277,7 +306,8 @@ class GlobalLowRank(_LayoutEstimator):
         + _PARAMS_DOC
         + _ATTRS_DOC
         + """    components_ : ndarray of shape (rank, n_features)
-        ``A``, the right singular vectors (as in TruncatedSVD).
+        ``A``, the right singular vectors (as in TruncatedSVD); in a data
+        metric ``A = V_r^T L^{-1}`` (rows orthonormal in ``G_delta``).
 
     See Also
     --------
@@ -311,11 +341,12 @@ class GlobalLowRank(_LayoutEstimator):
         random_state=None,
         cap_rank=False,
         n_jobs=None,
+        gram_damping=None,
     ):
         _set_params(self, locals())
 
-    def _store(self, res, dtype):
-        super()._store(res, dtype)
+    def _store(self, res, dtype, metric=False):
+        super()._store(res, dtype, metric)
         self.components_ = self.factors_[(0, 0)][1]
 
 
@@ -327,6 +358,7 @@ class GridLowRank(_LayoutEstimator):
     ----------"""
         + _GRID_DOC
         + _PARAMS_DOC
+        + _BCD_DOC
         + _ATTRS_DOC
         + """
     Notes
@@ -353,6 +385,9 @@ class GridLowRank(_LayoutEstimator):
         n_jobs=None,
         row_perm=None,
         col_perm=None,
+        gram_damping=None,
+        max_iter=100,
+        tol=BCD_TOL,
     ):
         _set_params(self, locals())
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 import numpy as np
 from sklearn.utils import check_random_state
 
+from .._descent import Trace, descend
 from .._engine import _fit_layout
 from .._params import SVD_OPTIONS, validate_params
 from .._validation import validate_matrix
 from ..estimators import StructuredEstimator, _set_params
 from ..factors import StructuredFactors
 from ..layout import BlockLayout, _normalize_n_blocks
-from ._iterative import Trace, descend, iterative_result, prepare
+from ._in_metric import hybrid_in_metric
+from ._iterative import iterative_result, prepare
 from ._registry import Structure, register
 from ._rules import allowed_ranks, record
 
@@ -91,7 +93,7 @@ class HybridBudget:
 
 
 # ---------------------------------------------------------------------------- core
-@validate_params("global_rank", "max_iter", "tol", "first_step", *SVD_OPTIONS, layout=[BlockLayout])
+@validate_params("global_rank", "max_iter", "tol", "first_step", "gram_damping", *SVD_OPTIONS, layout=[BlockLayout])
 def fit_hybrid(
     X,
     layout,
@@ -105,6 +107,9 @@ def fit_hybrid(
     iterated_power="auto",
     random_state=None,
     n_jobs=None,
+    input_gram=None,
+    output_gram=None,
+    gram_damping=None,
 ):
     """Fit blocks plus a global low-rank term by alternating exact steps.
 
@@ -148,6 +153,18 @@ def fit_hybrid(
         worse than the block structure alone.
     svd_solver, n_oversamples, iterated_power, random_state, n_jobs
         For every truncated SVD, as in :func:`blocklowrank.approximate`.
+    input_gram, output_gram, gram_damping : optional
+        Fit in a data metric (see :func:`blocklowrank.approximate`) by exact
+        alternating steps in the metric: the global step is the exact global
+        fit of ``X - P`` in the metric (Eckart-Young on ``K^T (X - P) L``), the
+        block step one sweep of exact block steps (each block the best given
+        the others and the global term). It starts from the better, in the
+        metric, of the plain fit above and the metric's own first pass
+        (``first_step`` on ``X``), so it ends no worse than either (with
+        "global": no worse than global LoRA in the metric), and the damped
+        objective never increases (``error_trace``: the damped relative output
+        error after the start and each accepted step). A multiple of the
+        identity is the plain fit.
 
     Returns
     -------
@@ -169,6 +186,7 @@ def fit_hybrid(
     >>> batch.error.shape, batch.global_factors[0].shape
     ((20,), (20, 28, 2))
     """
+    X = validate_matrix(X)
     Xd, dtype, batch, scale = prepare(X)
     m, n = Xd.shape[-2:]
     if tuple(layout.shape) != (m, n):
@@ -182,7 +200,7 @@ def fit_hybrid(
     trace = _alternate(alt, max_iter, tol, first_step)
     f, err = alt.refit()
     trace.record(np.arange(len(err)), err)
-    return iterative_result(
+    plain = iterative_result(
         layout,
         err,
         trace,
@@ -194,11 +212,15 @@ def fit_hybrid(
         structure="hybrid",
         solver=svd_solver,
     )
+    if input_gram is None and output_gram is None:
+        return plain
+    metric = (input_gram, output_gram, gram_damping)
+    return hybrid_in_metric(X, layout, global_rank, plain, svd, alt.rng, n_jobs, (max_iter, tol), first_step, metric)
 
 
 def _alternate(alt, max_iter, tol, first_step):
     """The alternation of :func:`fit_hybrid`: an initial pass fitting each part once on every
-    matrix, then passes of both steps (:func:`~._iterative.descend`); the :class:`~._iterative.Trace`.
+    matrix, then passes of both steps (``descend``); the ``Trace``.
 
     With one part empty the initial pass is exact (``stop_reason="exact"``).
     """
@@ -252,7 +274,7 @@ class _Alternation:
 
     def step(self, which):
         """The step fitting part ``which`` ("global" or "blocks") exactly given the other,
-        as :func:`~._iterative.descend` takes it."""
+        as ``descend`` takes it."""
 
         def run(ids):
             if which == "global":
@@ -333,6 +355,9 @@ class HybridLowRank(StructuredEstimator):
     svd_solver, n_oversamples, iterated_power, random_state, n_jobs
         For every truncated SVD (see :func:`blocklowrank.approximate`); the
         monotone-error guarantee needs the exact solver.
+    gram_damping : float, default=None
+        Damping of a fit in a data metric (``fit(X, input_gram=G)``; see
+        :func:`fit_hybrid`); None: :data:`blocklowrank.GRAM_DAMPING`.
 
     Attributes
     ----------
@@ -342,8 +367,11 @@ class HybridLowRank(StructuredEstimator):
         ``sum_ij r_ij (m_i + n_j) + r_g (m + n)`` = ``factors_.n_params``;
         ``layout_.n_params`` counts the block part only.
     error_ : float
+    output_error_ : float
+        Relative output error in the data metric of the fit; ``error_`` without one.
     error_trace_ : ndarray
-        Relative error after each accepted step; non-increasing.
+        Relative error after each accepted step; non-increasing (in a data
+        metric: the damped relative output error).
     n_iter_ : int
         Alternations run, the initial pass included.
     stop_reason_ : str
@@ -386,6 +414,7 @@ class HybridLowRank(StructuredEstimator):
         iterated_power="auto",
         random_state=None,
         n_jobs=None,
+        gram_damping=None,
     ):
         _set_params(self, locals())
 
@@ -395,7 +424,7 @@ class HybridLowRank(StructuredEstimator):
             raise ValueError(f"pattern='diagonal' needs a square grid, got n_blocks={self.n_blocks!r}")
         return kr, kc
 
-    def _fit_structure(self, X):
+    def _fit_structure(self, X, **metric):
         return _fit(
             X,
             n_blocks=self.n_blocks,
@@ -403,6 +432,7 @@ class HybridLowRank(StructuredEstimator):
             global_rank=self.global_rank,
             pattern=self.pattern,
             **{k: getattr(self, k) for k in _OPTIONS},
+            **metric,
         )
 
 
@@ -430,5 +460,6 @@ register(
         extra=("global_rank",),
         peft="GRALORA",
         options=_OPTIONS,
+        metric=True,
     )
 )

@@ -1,16 +1,7 @@
-"""What the iterative fits (hybrid, shared basis) share: input preparation, the stopping loop, the result.
+"""What the iterative fits (hybrid, shared basis) share: input preparation and the result.
 
-The loop (:func:`descend`) is block-coordinate descent over a stack of N
-problems, each with its own trace and stopping rule. A *pass* runs a sequence
-of steps; a step proposes new values for some of its variables and returns
-the objective (the relative error) each matrix would have with them. The loop
-accepts a proposal unless it raises that matrix's objective by more than
-rounding (``STEP_TOL``): the objective then never increases, and a matrix
-whose step would raise it stops with ``"increase"`` (the previous iterate is
-kept). A matrix stops with ``"tol"`` when a pass improves its objective by a
-fraction ``<= tol`` (or the objective is zero to rounding), with
-``"max_iter"`` after ``max_iter`` passes (the initial pass, run by the caller,
-counted as the first).
+The stopping loop they share is :func:`blocklowrank._descent.descend` (below the
+engine, so that the fits in a data metric use it too).
 """
 
 from __future__ import annotations
@@ -18,11 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 from .._engine import Approximation, FitReport
-from .._linalg import STEP_TOL
 from .._validation import pow2_scale, validate_matrix
 from ..factors import StructuredFactors
 
-__all__ = ["prepare", "Trace", "descend", "iterative_result"]
+__all__ = ["prepare", "iterative_result"]
 
 
 def prepare(X):
@@ -33,96 +23,6 @@ def prepare(X):
     scale = pow2_scale(X)
     Xd = np.asarray(X if scale is None else np.ldexp(X, scale), dtype=np.float64).reshape((-1, m, n))
     return Xd, X.dtype, X.shape[:-2], scale
-
-
-class Trace:
-    """The record of an iterative fit of N problems: every matrix's objective after each accepted step.
-
-    Attributes
-    ----------
-    errors : ndarray of shape (N, width)
-        NaN past each matrix's last entry.
-    length : ndarray of int, shape (N,)
-        Entries recorded per matrix.
-    n_iter : ndarray of int, shape (N,)
-        Passes run per matrix, the initial one counted.
-    stop : ndarray of str, shape (N,)
-        Why each matrix stopped ("max_iter" until a rule fires).
-    """
-
-    def __init__(self, n, width):
-        self.errors = np.full((n, width), np.nan)
-        self.length = np.zeros(n, dtype=np.int64)
-        self.n_iter = np.ones(n, dtype=np.int64)
-        self.stop = np.full(n, "max_iter", dtype="<U8")
-
-    def record(self, ids, errors):
-        """Append ``errors`` to the traces of the matrices ``ids``."""
-        self.errors[ids, self.length[ids]] = errors
-        self.length[ids] += 1
-
-    def last(self, ids):
-        """The last recorded objective of the matrices ``ids``."""
-        return self.errors[ids, self.length[ids] - 1]
-
-    def replace_last(self, errors):
-        """Overwrite every matrix's last entry (e.g. with an objective recomputed more accurately)."""
-        self.errors[np.arange(len(self.length)), self.length - 1] = errors
-
-    def arrays(self):
-        """``(errors, n_iter, stop)``: arrays over the stack (to join the traces of chunks)."""
-        return self.errors, self.n_iter, self.stop
-
-    @classmethod
-    def from_arrays(cls, errors, n_iter, stop):
-        """The trace of :meth:`arrays` (e.g. joined over chunks of a stack)."""
-        trace = cls(len(n_iter), errors.shape[1])
-        trace.errors, trace.n_iter, trace.stop = errors, n_iter, stop
-        trace.length = np.sum(~np.isnan(errors), axis=1)
-        return trace
-
-
-def descend(trace, steps, *, max_iter, tol):
-    """Passes 2 to ``max_iter`` of a monotone descent, each matrix stopping on its own rule.
-
-    Parameters
-    ----------
-    trace : Trace
-        Holds the objective after the initial pass; updated in place.
-    steps : sequence of callable
-        One pass runs them in order. ``step(ids) -> (objective, commit)``:
-        the objective of each matrix of ``ids`` (int array, ascending) with the
-        step's proposal, and ``commit(accepted)`` to store the proposal for the
-        matrices ``ids[accepted]``. A matrix whose step is refused takes no
-        further step in the pass and stops.
-    max_iter : int
-    tol : float
-        Stop a matrix when a pass improves its objective by a fraction ``<= tol``.
-    """
-    active = np.arange(len(trace.n_iter))
-    for _ in range(max_iter - 1):
-        done = trace.last(active) <= STEP_TOL  # exact to rounding: nothing left to improve
-        trace.stop[active[done]] = "tol"
-        active = active[~done]
-        if active.size == 0:
-            break
-        before = trace.last(active)
-        ok = np.ones(active.size, dtype=bool)
-        for step in steps:
-            ids = active[ok]
-            if ids.size == 0:
-                break
-            objective, commit = step(ids)
-            up = objective > trace.last(ids) + STEP_TOL
-            commit(~up)
-            trace.record(ids[~up], objective[~up])
-            ok[np.flatnonzero(ok)[up]] = False
-        trace.stop[active[~ok]] = "increase"
-        good, before = active[ok], before[ok]
-        trace.n_iter[good] += 1
-        converged = (before - trace.last(good)) <= tol * before
-        trace.stop[good[converged]] = "tol"
-        active = good[~converged]
 
 
 def iterative_result(
@@ -138,12 +38,15 @@ def iterative_result(
     shared=None,
     structure=None,
     solver=None,
+    metric=None,
 ):
-    """One :class:`~blocklowrank.Approximation` from the arrays of a stacked fit and its :class:`Trace`.
+    """One :class:`~blocklowrank.Approximation` from the arrays of a stacked fit and its ``Trace``.
 
     Every array has a leading axis of length N (the flattened stack); they are
     reshaped to ``batch``, cast to ``dtype`` and unscaled (left factors, or the
     couplings of shared bases, by the power-of-two exponents ``scale``).
+    ``metric``: the report's fields of a fit in a data metric (``output_error``,
+    ``objective``, ``total_objective``: arrays over the N matrices; ``gram_damping``).
     """
     k = None if scale is None else scale.reshape(-1)
 
@@ -163,6 +66,10 @@ def iterative_result(
     factors = StructuredFactors(layout, structure=structure, **kw)
     errors, n_done, stop = trace.errors, trace.n_iter, trace.stop
     width = int(np.sum(~np.isnan(errors), axis=1).max())
+    for key, value in (metric or {}).items():
+        metric[key] = np.reshape(value, batch) if batch and key != "gram_damping" else value
+        if not batch and key != "gram_damping":
+            metric[key] = float(np.reshape(value, -1)[0])
     if batch:
         rep = dict(
             error=err.reshape(batch),
@@ -172,4 +79,4 @@ def iterative_result(
         )
     else:
         rep = dict(error=float(err[0]), n_iter=int(n_done[0]), stop_reason=str(stop[0]), error_trace=errors[0, :width])
-    return Approximation(factors, FitReport(svd_solver={"steps": solver} if solver else {}, **rep))
+    return Approximation(factors, FitReport(svd_solver={"steps": solver} if solver else {}, **rep, **(metric or {})))

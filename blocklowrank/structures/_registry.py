@@ -50,6 +50,13 @@ class Structure:
         Smallest grid size tried by default by the budget tools.
     peft : str or None
         The PEFT adapter type it converts to exactly ("LORA", "GRALORA"), if any.
+    metric : bool
+        Whether its ``fit`` takes ``input_gram``, ``output_gram`` and
+        ``gram_damping`` (fits in a data metric; :func:`layout_structure` gives
+        them to every layout structure). :func:`~blocklowrank.approximate`
+        refuses a Gram for a structure without.
+    options : tuple of str
+        Options of its ``fit`` the budget tools pass on (``max_iter``, ``tol``, ...).
     """
 
     name: str
@@ -67,6 +74,7 @@ class Structure:
     min_default_blocks: int = 2
     peft: object = None
     options: tuple = field(default=())
+    metric: bool = False
 
     def __repr__(self):
         return f"Structure({self.name!r}, {self.label})"

@@ -12,12 +12,15 @@ from __future__ import annotations
 import numpy as np
 from sklearn.utils import check_random_state
 
+from .._descent import Trace
 from .._parallel import resolve_n_jobs, run_chunked
-from .._params import validate_params
+from .._params import INITS, StrOptions, validate_params
+from .._validation import validate_matrix
 from ..estimators import StructuredEstimator, _set_params
 from ..layout import BlockLayout, _normalize_n_blocks
 from ._als import _normalise, als
-from ._iterative import Trace, iterative_result, prepare
+from ._in_metric import shared_basis_in_metric
+from ._iterative import iterative_result, prepare
 from ._registry import Structure, register
 from ._rules import LinearBudget
 
@@ -58,7 +61,16 @@ def _check_rank(lay, rank):
     return rank
 
 
-@validate_params("n_blocks", "max_iter", "tol", "init", "random_state", "n_jobs", rank="shared_rank")
+@validate_params(
+    "n_blocks",
+    "max_iter",
+    "tol",
+    "random_state",
+    "n_jobs",
+    "gram_damping",
+    rank="shared_rank",
+    init=[StrOptions(set(INITS)), tuple, list],
+)
 def fit_shared_basis(
     X,
     n_blocks,
@@ -71,6 +83,9 @@ def fit_shared_basis(
     row_sizes=None,
     col_sizes=None,
     n_jobs=None,
+    input_gram=None,
+    output_gram=None,
+    gram_damping=None,
 ):
     """Fit ``X_ij ~ U_i diag(s_ij) V_j^T`` by exact alternating least squares.
 
@@ -85,7 +100,10 @@ def fit_shared_basis(
     singular vectors of block-column ``j`` (``m x n_j``), then the exact
     ``s`` step. ``init="random"``: Gaussian ``U_i``, ``V_j`` (seeded by
     ``random_state``; for a stack, drawn matrix after matrix from one
-    generator), then the exact ``s`` step.
+    generator), then the exact ``s`` step. ``init=(U, V, S)`` (e.g. a fit's
+    ``factors.shared``): a warm start from those bases (the exact ``s`` and
+    ``U`` steps then recompute the couplings and left bases, so the first
+    pass is no worse than the fit given).
 
     One sweep = three exact block-coordinate steps:
 
@@ -139,7 +157,7 @@ def fit_shared_basis(
     tol : float, default=1e-6
         Stop when a sweep improves the relative error by a fraction
         ``<= tol`` of its value.
-    init : {"svd", "random"}, default="svd"
+    init : {"svd", "random"} or (U, V, S), default="svd"
     random_state : int, RandomState instance or None, default=None
         Used by ``init="random"`` only.
     row_sizes, col_sizes : sequence of int, optional
@@ -149,6 +167,21 @@ def fit_shared_basis(
         thread each), as in :func:`~blocklowrank.approximate`; -1 uses every
         core. Each matrix's result does not depend on the chunking (to
         rounding).
+
+    input_gram, output_gram, gram_damping : optional
+        Fit in a data metric (see :func:`blocklowrank.approximate`): by
+        majorisation-minimisation. With ``c >= lambda_max(H_d) lambda_max(G_d)``,
+        ``f(M) <= f(M_t) - 2 <H_d (W - M_t) G_d, M - M_t> + c ||M - M_t||^2`` (equality
+        at ``M_t``), so any fit of the target ``Z_t = M_t + H_d (W - M_t) G_d / c``
+        that is no worse than ``M_t`` in the Frobenius norm lowers ``f``: each
+        step is one warm-started ALS pass and sweep on ``Z_t``. It starts from
+        the plain fit (so ends no worse than it in the metric), the objective
+        never increases (``c`` doubles, up to a guaranteed bound, when a step
+        would raise it), ``error_trace`` holds the damped relative output error
+        and ``max_iter``/``tol`` bound the majorisation's passes. Its rate is
+        about ``1 - lambda_min / lambda_max`` of the damped metric: slow for
+        raw activation Grams (damping bounds it). A multiple of the identity
+        is the plain fit.
 
     Returns
     -------
@@ -168,24 +201,14 @@ def fit_shared_basis(
     >>> bool(np.isclose(batch.error[7], fit_shared_basis(S[7], 2, 3).error))
     True
     """
+    X = validate_matrix(X)
     Xd, dtype, batch, scale = prepare(X)
     N, m, n = Xd.shape
     layout = _grid((m, n), n_blocks, row_sizes, col_sizes)
     r = _check_rank(layout, rank)
     layout = layout.with_ranks(r)
+    U0, V0 = _initial_bases(init, layout, N, batch, random_state)
     kr, kc = layout.n_blocks
-    mb, nb = max(layout.row_sizes), max(layout.col_sizes)
-    U0 = V0 = None  # svd: computed inside each chunk
-    if init == "random":
-        rng = check_random_state(random_state)
-        U0, V0 = np.zeros((N, kr, mb, r)), np.zeros((N, kc, nb, r))
-        for b in range(N):
-            for i in range(kr):
-                U0[b, i, : layout.row_sizes[i]] = rng.standard_normal((layout.row_sizes[i], r))
-            for j in range(kc):
-                V0[b, j, : layout.col_sizes[j]] = rng.standard_normal((layout.col_sizes[j], r))
-        _normalise(U0, np.ones((N, kr, kc, r)), 0)
-        _normalise(V0, np.ones((N, kr, kc, r)), 1)
 
     def run(Xc, *init_arrays):
         return als(Xc, layout, r, max_iter, tol, *init_arrays)
@@ -197,9 +220,48 @@ def fit_shared_basis(
         [V[:, j, : layout.col_sizes[j]] for j in range(kc)],
         S,
     )
-    return iterative_result(
+    plain = iterative_result(
         layout, final, Trace.from_arrays(*trace), batch, dtype, scale, shared=shared, structure="shared_basis"
     )
+    if input_gram is None and output_gram is None:
+        return plain
+
+    def warm(Z, state):  # one warm-started ALS pass and sweep: no worse than ``state`` on ||Z - M||
+        return fit_shared_basis(
+            Z, n_blocks, rank, init=state, max_iter=2, tol=0.0, row_sizes=row_sizes, col_sizes=col_sizes
+        ).factors.shared
+
+    metric = (input_gram, output_gram, gram_damping)
+    return shared_basis_in_metric(X, layout, plain, warm, (max_iter, tol), metric)
+
+
+def _initial_bases(init, layout, N, batch, random_state):
+    """Padded starting bases ``(U0, V0)`` of shapes (N, K_rows, mb, r) and (N, K_cols, nb, r), unit
+    columns; ``(None, None)`` for the SVD start (computed inside each chunk)."""
+    (kr, kc), r = layout.n_blocks, layout.uniform_rank
+    mb, nb = max(layout.row_sizes), max(layout.col_sizes)
+    if isinstance(init, str) and init == "svd":
+        return None, None
+    U0, V0 = np.zeros((N, kr, mb, r)), np.zeros((N, kc, nb, r))
+    if isinstance(init, str):  # "random"
+        rng = check_random_state(random_state)
+        for b in range(N):
+            for i in range(kr):
+                U0[b, i, : layout.row_sizes[i]] = rng.standard_normal((layout.row_sizes[i], r))
+            for j in range(kc):
+                V0[b, j, : layout.col_sizes[j]] = rng.standard_normal((layout.col_sizes[j], r))
+    else:
+        if len(init) != 3 or len(init[0]) != kr or len(init[1]) != kc:
+            raise ValueError(f"init must be 'svd', 'random' or (U, V, S) with {kr} U and {kc} V matrices")
+        for F, mats, sizes in ((U0, init[0], layout.row_sizes), (V0, init[1], layout.col_sizes)):
+            for t, (a, h) in enumerate(zip(mats, sizes)):
+                a = np.asarray(a, dtype=np.float64)
+                if a.shape != batch + (h, r) or not np.all(np.isfinite(a)):
+                    raise ValueError(f"init: basis {t} must be finite of shape {batch + (h, r)}, got {a.shape}")
+                F[:, t, :h] = a.reshape((N, h, r))
+    _normalise(U0, np.ones((N, kr, kc, r)), 0)
+    _normalise(V0, np.ones((N, kr, kc, r)), 1)
+    return U0, V0
 
 
 class SharedBasisLowRank(StructuredEstimator):
@@ -232,6 +294,9 @@ class SharedBasisLowRank(StructuredEstimator):
         Seeds ``init="random"``.
     n_jobs : int, default=None
         Worker threads over chunks of a stack (see :func:`fit_shared_basis`).
+    gram_damping : float, default=None
+        Damping of a fit in a data metric (``fit(X, input_gram=G)``; see
+        :func:`fit_shared_basis`); None: :data:`blocklowrank.GRAM_DAMPING`.
 
     Attributes
     ----------
@@ -242,8 +307,12 @@ class SharedBasisLowRank(StructuredEstimator):
         ``r (m + n) + r K_rows K_cols`` = ``factors_.n_params``;
         ``layout_.n_params`` counts independent blocks of rank ``r`` instead.
     error_ : float
+    output_error_ : float
+        Relative output error in the data metric of the fit; ``error_`` without one.
     error_trace_ : ndarray
-        Relative error after the initialisation and each sweep; non-increasing.
+        Relative error after the initialisation and each sweep; non-increasing
+        (in a data metric: the damped output error after the plain fit and
+        each majorisation step).
     n_iter_ : int
         Passes run, the initialisation counted as the first.
     stop_reason_ : str
@@ -270,13 +339,24 @@ class SharedBasisLowRank(StructuredEstimator):
 
     _param_rules = {"rank": "shared_rank"}
 
-    def __init__(self, *, n_blocks=1, rank=1, max_iter=100, tol=1e-6, init="svd", random_state=None, n_jobs=None):
+    def __init__(
+        self,
+        *,
+        n_blocks=1,
+        rank=1,
+        max_iter=100,
+        tol=1e-6,
+        init="svd",
+        random_state=None,
+        n_jobs=None,
+        gram_damping=None,
+    ):
         _set_params(self, locals())
 
     def _grid(self):
         return _normalize_n_blocks(self.n_blocks)
 
-    def _fit_structure(self, X):
+    def _fit_structure(self, X, **metric):
         return fit_shared_basis(
             X,
             self.n_blocks,
@@ -286,6 +366,7 @@ class SharedBasisLowRank(StructuredEstimator):
             init=self.init,
             random_state=self.random_state,
             n_jobs=self.n_jobs,
+            **metric,
         )
 
 
@@ -307,5 +388,6 @@ register(
             rmax=lambda shape, K: min(shape[0] // K, shape[1] // K) - 1,
         ),
         options=("max_iter", "tol", "init", "random_state", "n_jobs"),
+        metric=True,
     )
 )

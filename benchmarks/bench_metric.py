@@ -6,7 +6,7 @@ spectrum over a noise floor, like a fine-tuning update; a synthetic input
 second moment ``G`` (n x n, float64) with a decaying spectrum, a floor and a
 few outlier features) it times, in one process:
 
-* ``gram``: :class:`~blocklowrank._metric.GramFactor` of ``G`` (validation, the
+* ``gram``: :class:`~blocklowrank.GramFactor` of ``G`` (validation, the
   PSD check and the Cholesky factor of ``G_delta``; once per input site);
 * ``plain rand``: ``approximate(W, method="global", rank=r, svd_solver="randomized")``;
 * ``total``: the total energy ``tr(W G W^T)`` alone (``m n^2``, through the factor);
@@ -16,6 +16,8 @@ few outlier features) it times, in one process:
   the total from a separate pass;
 * ``metric auto (...)``: the same with ``svd_solver="auto"`` (certified, else exact);
 * ``metric exact``: ``fit_global(W, r, gram, svd_solver="full")``;
+* ``approximate(input_gram=) auto``: the public entry (adds the Frobenius ``error``
+  from the factors, ``m n r``);
 * ``stand-in``: the straightforward implementation (SVD-LLM's whitening), NumPy only:
   ``L = cholesky(G)`` per layer (float64), ``S = W L`` and a full
   ``np.linalg.svd(S)`` in float32, factors ``U_r S_r`` and ``V_r^T L^{-1}`` -- a torch-free
@@ -28,12 +30,17 @@ the metric fits' output errors are printed beside the stand-in's.
 Usage::
 
     PYTHONPATH=. python benchmarks/bench_metric.py [--shapes 4096x4096 4096x11008] [--rank 64]
-        [--repeats 1] [--skip-exact] [--blocks K --block-rank r]
+        [--repeats 1] [--skip-exact] [--skip-global] [--blocks K --block-rank r] [--iterative]
+        [--gram 4096 11008]
 
 ``--blocks K`` also times the block structures on the first shape: the plain
 engine fit (exact SVDs), the metric diagonal fit (one exact step), the metric
-K x K fit (block-coordinate descent, 5 sweeps), each with the exact and the
-"auto" block solver, and the metric spectra used for allocation.
+K x K fit (block-coordinate descent with the default ``tol``, and 8 sweeps to
+show what each gains), each with the exact and the "auto" block solver, the
+metric spectra used for allocation and a budget fit. ``--iterative`` times the
+hybrid and shared-basis fits in the metric against their plain fits.
+``--gram N [N ...]`` times a :class:`~blocklowrank.GramFactor` of side N (with and
+without damping: the PSD check) and reports the memory it keeps.
 """
 
 from __future__ import annotations
@@ -41,12 +48,14 @@ from __future__ import annotations
 import argparse
 import os
 import time
+import tracemalloc
 
 import numpy as np
+import scipy.linalg
 from threadpoolctl import threadpool_info
 
-from blocklowrank import BlockLayout, approximate
-from blocklowrank._metric import GramFactor, fit_blocks, fit_global, metric_block_spectra, output_error
+from blocklowrank import GramFactor, approximate, block_spectra, get_structure, output_error
+from blocklowrank._metric import fit_global
 from blocklowrank._metric._objective import _data_energy, prepare
 
 
@@ -109,6 +118,10 @@ def run(m, n, r, repeats, skip_exact):
         damped = np.sqrt(res.objective / res.total)
         note = f"damped error {damped:.5f}, output_error {res.output_error:.5f} ({res.svd_solver})"
         rows.append((f"metric {solver}" + ("" if solver == "full" else f" ({sketch})"), t, note))
+    t, res = best_of(
+        lambda: approximate(W, method="global", rank=r, input_gram=gram, svd_solver="auto", random_state=0), repeats
+    )
+    rows.append(("approximate(input_gram=) auto", t, f"output_error {res.output_error:.5f}, error {res.error:.5f}"))
     if not skip_exact:
         t, err = best_of(lambda: stand_in(W, G + 0.01 * np.mean(np.diag(G)) * np.eye(n), r), repeats)
         rows.append(("stand-in (chol + W L + full SVD)", t, f"damped error {err:.5f}"))
@@ -119,24 +132,70 @@ def run(m, n, r, repeats, skip_exact):
 
 def run_blocks(m, n, K, r, repeats):
     """Block structures: the plain engine fit against the metric fits (diagonal: one exact step;
-    K x K: block-coordinate descent, 5 sweeps), and the spectra for allocation."""
+    K x K: block-coordinate descent with the default tol, and 8 sweeps to see what each gains),
+    the spectra and a budget fit, hybrid and shared basis (the iterative structures)."""
     W, G = synthetic(m, n)
     gram = GramFactor(G, n, damping=0.01)
     print(f"\nblocks: layer {m} x {n}, K = {K}, block rank {r}")
     rows = []
-    for pattern, method in (("diagonal", "diagonal"), ("full", "block")):
-        lay = BlockLayout.from_blocks((m, n), K, rank=r, pattern=pattern)
+    for method in ("diagonal", "block"):
+        lay = get_structure(method).layout((m, n), K).with_ranks(r)
         t, res = best_of(lambda: approximate(W, lay, svd_solver="full"), repeats)
-        plain_out = output_error(W, dict(res.factors.items()), gram, layout=lay)
+        plain_out = output_error(W, res.reconstruction, gram)
         rows.append((f"plain {method} (full)", t, f"error {res.error:.5f}, output_error {plain_out:.5f}"))
         for solver in ("full", "auto"):
-            t, res = best_of(lambda s=solver: fit_blocks(W, lay, gram, max_iter=5, tol=0, svd_solver=s), repeats)
-            note = f"output_error {res.output_error:.5f}, {res.n_iter} sweeps ({res.stop_reason}), trace {res.error_trace.round(5)}"
-            rows.append((f"metric {method} ({solver})", t, note))
-        t, sp = best_of(lambda: metric_block_spectra(W, lay, gram), repeats)
+            t, res = best_of(lambda s=solver: approximate(W, lay, input_gram=gram, svd_solver=s), repeats)
+            rows.append((f"metric {method} ({solver})", t, _how(res)))
+        if method == "block":
+            t, res = best_of(lambda: approximate(W, lay, input_gram=gram, svd_solver="full", max_iter=9, tol=0), 1)
+            rows.append(("metric block, 8 sweeps (full)", t, _how(res)))
+        t, sp = best_of(lambda: block_spectra(W, lay, input_gram=gram), repeats)
         rows.append((f"metric spectra {method}", t, f"exact={sp.exact}"))
+        t, res = best_of(lambda: approximate(W, lay.with_ranks(0), budget=lay.n_params, input_gram=gram), repeats)
+        rows.append(
+            (f"metric {method} budget={lay.n_params}", t, _how(res) + f", exact_allocation={res.exact_allocation}")
+        )
     for name, t, note in rows:
         print(f"  {name:34s} {t:9.2f} s  {note}")
+
+
+def _how(res):
+    out = f"output_error {res.output_error:.5f}"
+    if res.error_trace is not None:
+        out += f", {res.n_iter} passes ({res.stop_reason}), trace {np.round(res.error_trace, 5)}"
+    return out
+
+
+def run_iterative(m, n, K, r, repeats):
+    """Hybrid and shared basis (BLAST) in the metric against their plain fits (max_iter 20)."""
+    W, G = synthetic(m, n)
+    gram = GramFactor(G, n, damping=0.01)
+    print(f"\niterative structures: layer {m} x {n}, K = {K}, block rank {r}, max_iter 20")
+    for method, kw in (("hybrid", dict(rank=r, global_rank=r)), ("shared_basis", dict(rank=r * K))):
+        t, res = best_of(lambda: approximate(W, method=method, n_blocks=K, max_iter=20, **kw), repeats)
+        print(f"  plain {method:27s} {t:9.2f} s  output_error {output_error(W, res.reconstruction, gram):.5f}")
+        t, res = best_of(lambda: approximate(W, method=method, n_blocks=K, max_iter=20, input_gram=gram, **kw), repeats)
+        print(f"  metric {method:26s} {t:9.2f} s  {_how(res)}")
+
+
+def run_gram(n, repeats):
+    """A GramFactor of side n: construction with and without damping (the PSD check is the extra
+    Cholesky of the damped case), the memory it keeps, and after a float32 product."""
+    _, G = synthetic(8, n)
+    print(f"\nGramFactor, n = {n} (G itself: {G.nbytes / 2**20:.0f} MiB float64)")
+    for delta in (0.0, 0.01):
+        tracemalloc.start()
+        t, gram = best_of(lambda d=delta: GramFactor(G, n, damping=d), repeats)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        held = gram.nbytes
+        gram.rmul_factor(np.ones((4, n), np.float32))
+        print(
+            f"  damping {delta:<5}: {t:7.2f} s ({gram.kind}); keeps {held / 2**20:7.0f} MiB, "
+            f"{gram.nbytes / 2**20:7.0f} MiB after a float32 product; peak while building {peak / 2**20:7.0f} MiB"
+        )
+    t, _ = best_of(lambda: scipy.linalg.cholesky(G, lower=True, check_finite=False), repeats)
+    print(f"  one Cholesky of G (scipy, for scale): {t:7.2f} s")
 
 
 def main():
@@ -145,20 +204,27 @@ def main():
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--skip-exact", action="store_true")
+    ap.add_argument("--skip-global", action="store_true", help="skip the global routes (the other parts only)")
     ap.add_argument("--blocks", type=int, default=0, help="also time block structures with K blocks (first shape)")
     ap.add_argument("--block-rank", type=int, default=16)
+    ap.add_argument("--iterative", action="store_true", help="also time hybrid and shared basis (first shape)")
+    ap.add_argument("--gram", type=int, nargs="*", default=[], help="time and measure GramFactor at these sides")
     args = ap.parse_args()
     blas = "; ".join(f"{i['internal_api']} {i.get('version')} {i['num_threads']} threads" for i in threadpool_info())
     print(f"BLAS: {blas}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
     print(
         f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', '(unset)')}; load average at start: {os.getloadavg()}"
     )
-    for shape in args.shapes:
+    for shape in args.shapes if not args.skip_global else ():
         m, n = (int(v) for v in shape.split("x"))
         run(m, n, args.rank, args.repeats, args.skip_exact)
+    m, n = (int(v) for v in args.shapes[0].split("x"))
     if args.blocks:
-        m, n = (int(v) for v in args.shapes[0].split("x"))
         run_blocks(m, n, args.blocks, args.block_rank, args.repeats)
+    if args.iterative:
+        run_iterative(m, n, max(args.blocks, 2), args.block_rank, args.repeats)
+    for side in args.gram:
+        run_gram(side, args.repeats)
     print(f"\nload average at end: {os.getloadavg()}")
 
 

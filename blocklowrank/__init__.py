@@ -57,6 +57,7 @@ _EXPORTS = {
     "compare_at_budget": "compare",
     "budget_sweep_points": "budget",
     "RecordList": "budget",
+    "OptionError": "_validation",
 }
 
 __all__ = list(_EXPORTS)

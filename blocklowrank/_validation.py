@@ -9,9 +9,64 @@ of the other parameters (ranks, budgets, solver options, ...) are declared in
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
-__all__ = ["validate_matrix", "refuse_meaningless", "pow2_scale"]
+__all__ = ["validate_matrix", "refuse_meaningless", "pow2_scale", "OptionError", "spell_options"]
+
+_OPTION = re.compile(r"«(\w+)(?:=([^»]*))?»")
+
+
+class OptionError(ValueError):
+    """A problem its caller fixes by changing an option, told in the caller's own spelling.
+
+    The message is a template in which ``«name»`` or ``«name=value»`` stands
+    for an option: ``str(exc)`` spells them as Python keywords
+    (``peft_type='LORA'``, ``n_blocks``), :meth:`spelled` ``("cli")`` as the
+    command line's flags (``--peft-type LORA``, ``--n-blocks``). A value of
+    ``True`` is a switch (``cap_rank=True``, ``--cap-rank``); a value with
+    spaces is a list (``modules_to_save=['a', 'b']``, ``--modules-to-save a b``).
+
+    Examples
+    --------
+    >>> exc = OptionError("layer 'fc' is 10x10: use «peft_type=LORA» or another «n_blocks»")
+    >>> str(exc)
+    "layer 'fc' is 10x10: use peft_type='LORA' or another n_blocks"
+    >>> exc.spelled("cli")
+    "layer 'fc' is 10x10: use --peft-type LORA or another --n-blocks"
+    """
+
+    def __init__(self, template):
+        self.template = template
+        super().__init__(self.spelled("python"))
+
+    def spelled(self, style="python"):
+        """The message with each option in ``style``: "python" (keywords) or "cli" (flags)."""
+        if style not in ("python", "cli"):
+            raise ValueError(f"style must be 'python' or 'cli', got {style!r}")
+        return _OPTION.sub(lambda m: _spell(m.group(1), m.group(2), style), self.template)
+
+    def with_context(self, prefix):
+        """The same error with ``prefix`` (e.g. the layer it concerns) in front of the message."""
+        return OptionError(prefix + self.template)
+
+
+def _spell(name, value, style):
+    if style == "cli":
+        flag = "--" + name.replace("_", "-")
+        return flag if value in (None, "True") else f"{flag} {value}"
+    if value is None:
+        return name
+    if " " in value.strip():  # several values: a list in Python
+        return f"{name}={value.split()!r}"
+    literal = value in ("True", "False", "None") or re.fullmatch(r"-?\d+(\.\d*)?", value)
+    return f"{name}={value if literal else repr(value)}"
+
+
+def spell_options(template, style="python"):
+    """``template`` with each ``«name»`` / ``«name=value»`` spelled for ``style`` (see :class:`OptionError`)."""
+    return OptionError(template).spelled(style)
 
 
 def refuse_meaningless(X, name="X"):

@@ -20,7 +20,7 @@ from .layout import BlockLayout
 from .structures import get_structure, structure_names, structures
 from .structures._grid import _rank_matrix
 
-__all__ = ["count_params", "match_budget", "budget_sweep_points", "RecordList", "check_methods"]
+__all__ = ["count_params", "match_budget", "over_parameterised", "budget_sweep_points", "RecordList", "check_methods"]
 
 #: Columns of the records returned by :func:`match_budget` (plus the structures' extra keys).
 MATCH_COLUMNS = ("method", "n_blocks", "rank", "n_params", "budget", "exact")
@@ -289,6 +289,33 @@ def match_budget(shape, budget, *, methods=None, n_blocks=None, ranks=None, exac
             rec.setdefault(k, None)
     records.sort(key=lambda d: (order[d["method"]], d["n_blocks"], d["rank"], *[d[k] or 0 for k in extra]))
     return RecordList(records, columns=MATCH_COLUMNS + extra)
+
+
+def over_parameterised(shape, budget, *, methods=None, n_blocks=None, ranks=None):
+    """The configurations :func:`match_budget` leaves out as over-parameterised, flagged ``over``.
+
+    For the structures whose count is linear in one rank (the layout
+    structures): a configuration spending the budget with a rank equal to an
+    active block's smallest side is valid, but that block is cheaper stored
+    densely, so :func:`match_budget` skips it. Uneven grids are where this
+    happens first (the diagonal ``N = 6`` and ``N = 7`` of a 28 x 28 matrix at
+    224 parameters: blocks of side 4 at rank 4). Arguments as in
+    :func:`match_budget`; other structures give no record.
+
+    Examples
+    --------
+    >>> [(r["method"], r["n_blocks"], r["rank"], r["n_params"]) for r in over_parameterised((28, 28), 224)]
+    [('diagonal', 6, 4, 224), ('diagonal', 7, 4, 224)]
+    """
+    methods = check_methods(methods)
+    n_blocks, ranks = _int_list(n_blocks), _int_list(ranks)
+    _check_k_list(shape, n_blocks)
+    out = []
+    for mth in methods:
+        s = get_structure(mth)
+        if hasattr(s.budget_rule, "over"):
+            out += s.budget_rule.over(s.name, tuple(shape), int(budget), _ks(s, shape, n_blocks, methods), ranks)
+    return RecordList(out, columns=MATCH_COLUMNS + ("over",))
 
 
 @validate_params("shape", "min_budget", "max_budget", n_blocks="grid_sizes", ranks="ranks")

@@ -178,6 +178,15 @@ class StructuredEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         return self._fit(X, input_gram, output_gram).copy()
 
     def _fit(self, X, input_gram=None, output_gram=None):
+        before = dict(vars(self))
+        try:
+            return self._fit_checked(X, input_gram, output_gram)
+        except BaseException:  # a refused fit leaves the estimator as it was (not fitted by this call)
+            vars(self).clear()
+            vars(self).update(before)
+            raise
+
+    def _fit_checked(self, X, input_gram, output_gram):
         self._validate_params()
         X = self._validate_X(X, reset=True)
         kr, kc = self._grid()
@@ -209,6 +218,8 @@ class StructuredEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
             self.__dict__.pop(name + "_", None)
             if getattr(rep, name) is not None and (metric or name != "objective"):
                 setattr(self, name + "_", getattr(rep, name))
+        if "n_iter_" not in vars(self) and "max_iter" in self.get_params(deep=False):
+            self.n_iter_ = 1  # a fit in one pass (scikit-learn's rule: max_iter comes with n_iter_)
         D = np.ascontiguousarray(f.decoders(), dtype=dtype)
         self._decoders = D
         orthonormal = self._orthonormal_codes and not metric  # in a metric A G A^T = I, not A A^T = I
@@ -233,7 +244,9 @@ class StructuredEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
             raise ValueError(
                 f"{what} got {n_rows} rows but this {type(self).__name__} was fitted on "
                 f"{lay.shape[0]} rows cut into {kr} block-rows: a row's block-row is fixed by "
-                f"its position, so {what} needs exactly {lay.shape[0]} rows"
+                f"its position, so {what} needs exactly {lay.shape[0]} rows. To tune n_blocks > 1 with "
+                "GridSearchCV or cross_val_score on one matrix, pass cv=blocklowrank.single_fit_cv(len(X)) "
+                "(every fold scores the whole matrix); the default cv holds rows out and scores NaN"
             )
         return lay.row_edges
 

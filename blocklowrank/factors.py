@@ -339,6 +339,26 @@ class StructuredFactors(Mapping):
             raise TypeError(f"dtype must be a floating type, got {np.dtype(dtype)}")
         return out if dtype is None else out.astype(dtype, copy=False)
 
+    def transpose(self):
+        """The factors of the transposed matrix (or stack): block ``(j, i)`` holds ``(A_ij^T, B_ij^T)``.
+
+        The layout is transposed with them (:meth:`BlockLayout.transpose`), so
+        ``f.transpose().to_dense()`` equals ``f.to_dense()`` transposed (the
+        last two axes), with the same parameter count.
+        """
+        sw = lambda a: np.swapaxes(a, -1, -2)  # noqa: E731
+        gf = None if self.global_factors is None else (sw(self.global_factors[1]), sw(self.global_factors[0]))
+        kw = dict(global_factors=gf, structure=self.structure, ranks=sw(self.ranks), meta=self.meta)
+        if self.shared is not None:
+            U, V, S = self.shared
+            return StructuredFactors(self.layout.transpose(), shared=(V, U, np.swapaxes(S, -3, -2)), **kw)
+        blocks = {}
+        for g in self._groups:
+            for t, (i, j) in enumerate(zip(g.rows.tolist(), g.cols.tolist())):
+                r = int(self.layout.ranks[i, j])
+                blocks[(j, i)] = (sw(g.A[..., t, :r, :]), sw(g.B[..., t, :, :r]))
+        return StructuredFactors(self.layout.transpose(), blocks, **kw)
+
     # ------------------------------------------------------------------ codes (one matrix)
     def decoders(self):
         """Per block-row decoders ``D_i``, shape ``(..., K_rows, n_codes, n)``, in the layout's coordinates.

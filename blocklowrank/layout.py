@@ -264,6 +264,13 @@ class BlockLayout:
         """The same layout in its own (permuted) coordinates."""
         return BlockLayout(self.shape, self.row_sizes, self.col_sizes, self.active, self.ranks)
 
+    def transpose(self):
+        """The layout of the transposed matrix: block ``(i, j)`` becomes ``(j, i)``, rows and columns swap."""
+        m, n = self.shape
+        return BlockLayout(
+            (n, m), self.col_sizes, self.row_sizes, self.active.T, self.ranks.T, self.col_perm, self.row_perm
+        )
+
     @property
     def permuted(self):
         return self.row_perm is not None or self.col_perm is not None

@@ -5,7 +5,11 @@
   run again), keeps and reports any other line that is not a record, and
   never yields a run twice.
 - :func:`run_sweep`: runs the tasks not yet in the log through
-  :class:`joblib.Parallel`, appending each result as it arrives, with a
+  :class:`joblib.Parallel`, appending each result as it arrives. A logged
+  record counts as done only when it was made for that very task (its
+  ``task`` equals the task, as JSON) and passes the sweep's own ``check``;
+  any other (a line copied from another sweep, a record of other inputs, a
+  damaged one) is reported and its task run again. Progress shows as a
   ``tqdm`` progress bar (a widget in notebooks) advanced in this process as
   results come back, a line per finished run written through it, and
   per-epoch bars (:func:`epoch_progress`) for runs executed in this
@@ -45,7 +49,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["RunLog", "run_sweep", "epoch_progress", "jsonable", "RunFailed"]
+__all__ = ["RunLog", "run_sweep", "epoch_progress", "jsonable", "canonical", "RunFailed"]
 
 
 class RunFailed(FloatingPointError):
@@ -116,7 +120,9 @@ class RunLog:
     What :meth:`load` does with each kind of line:
 
     - a record (a JSON object with an ``"id"``) ending with a newline: a
-      finished run; a repeated id keeps the first record;
+      finished run; a repeated id keeps the first record (:meth:`history`
+      gives them all, in order: :func:`run_sweep` uses the last one made for
+      its task);
     - a last line without a final newline that does not parse: torn (a run
       killed while its line was being written). It is the only thing ever
       removed from the file, with a ``RuntimeWarning``; that run is redone;
@@ -166,6 +172,10 @@ class RunLog:
 
     def load(self):
         """``{id: record}`` of the finished runs; repairs a torn last line (see the class)."""
+        return {i: recs[0] for i, recs in self.history().items()}
+
+    def history(self):
+        """``{id: [record, ...]}``: every record of each id, in the order of the file (see :meth:`load`)."""
         if not os.path.exists(self.path):
             return {}
         try:
@@ -193,7 +203,7 @@ class RunLog:
             last = lineno == len(lines)
             rec = _record(line)
             if rec is not None:
-                records.setdefault(rec["id"], rec)
+                records.setdefault(rec["id"], []).append(rec)
             elif last and line.strip():
                 warnings.warn(
                     f"{self.path}: line {lineno} is incomplete (a run interrupted while being "
@@ -238,9 +248,40 @@ def _record(line):
     """The run record on ``line``, or None if it holds none."""
     try:
         rec = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    return rec if isinstance(rec, dict) and "id" in rec else None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("id"), (str, int)) else None
+
+
+def canonical(obj):
+    """``obj`` as it comes back from a JSON log: :func:`jsonable`, then through ``json`` (tuples become lists).
+
+    Raises TypeError for what JSON cannot hold (a set, an arbitrary object).
+    """
+    return json.loads(json.dumps(jsonable(obj), sort_keys=True, allow_nan=False))
+
+
+def _done(history, task, check, path):
+    """The last logged record made for ``task`` that passes ``check``, or None (with a warning if any was stale)."""
+    want = canonical(task)
+    reasons = []
+    for rec in reversed(history.get(task["id"], ())):
+        if "task" not in rec:
+            problem = "it records no task"
+        elif rec["task"] != want:
+            problem = "it was made for another task: other inputs, settings or paths"
+        else:
+            problem = check(rec, task) if check else None
+        if problem is None:
+            return rec
+        reasons.append(problem)
+    if reasons:
+        warnings.warn(
+            f"{path}: the record of {task['id']!r} is not used ({reasons[0]}); that run is done again",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return None
 
 
 @contextlib.contextmanager
@@ -305,8 +346,8 @@ def _call(fn, task, progress_live, progress):
     return rec
 
 
-def run_sweep(tasks, fn, log, *, n_jobs=1, progress=True, name="sweep", label=None):
-    """Run every task whose id is not in ``log``; return ``{id: record}`` for all tasks.
+def run_sweep(tasks, fn, log, *, n_jobs=1, progress=True, name="sweep", label=None, check=None):
+    """Run every task not done in ``log``; return ``{id: record}`` for all tasks.
 
     Parameters
     ----------
@@ -334,11 +375,21 @@ def run_sweep(tasks, fn, log, *, n_jobs=1, progress=True, name="sweep", label=No
         The bar's description and the prefix of its lines.
     label : callable, optional
         ``label(task) -> str`` for progress lines.
+    check : callable, optional
+        ``check(record, task) -> None or str``: why a logged record of the
+        task cannot be used (e.g. a missing key, a file it points to that
+        changed). A task counts as done when the log holds a record whose
+        ``task`` is the task (compared as JSON: :func:`canonical`) and that
+        passes ``check``; otherwise it is run again, with a
+        ``RuntimeWarning`` naming the log and the task (the stale lines stay
+        in the log; a later valid record supersedes them).
     """
     ids = [t["id"] for t in tasks]
     if len(set(ids)) != len(ids):
         raise ValueError("task ids must be unique")
-    done = log.load()
+    history = log.history()
+    found = {t["id"]: _done(history, t, check, log.path) for t in tasks}
+    done = {i: rec for i, rec in found.items() if rec is not None}
     todo = [t for t in tasks if t["id"] not in done]
     label = label or (lambda t: t["id"])
     results = {i: done[i] for i in ids if i in done}

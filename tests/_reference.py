@@ -93,3 +93,60 @@ def all_rank_tuples(rcuts, ccuts, active):
     sides = [min(rcuts[i].stop - rcuts[i].start, ccuts[j].stop - ccuts[j].start) for i, j in blocks]
     for combo in itertools.product(*(range(s + 1) for s in sides)):
         yield dict(zip(blocks, combo))
+
+
+def hostile_grams(n):
+    """Matrices that are not a usable Gram of side ``n``, by what is wrong with them."""
+    import scipy.sparse
+
+    G = np.eye(n)
+    neg = np.eye(n)
+    neg[0, 0] = -0.5
+    nonsym = np.eye(n)
+    nonsym[0, 1] = 0.3
+    return {
+        "wrong shape": np.eye(n + 1),
+        "not square": np.ones((n, n + 1)),
+        "3-D": np.ones((2, n, n)),
+        "NaN": np.where(np.eye(n) > 0, np.nan, 0.0),
+        "inf": np.where(G > 0, np.inf, 0.0),
+        "negative eigenvalue": neg,
+        "complex": G.astype(complex),
+        "sparse": scipy.sparse.csr_matrix(G),
+        "masked": np.ma.masked_array(G, mask=np.zeros_like(G, bool)),
+        "integer": np.eye(n, dtype=int),
+        "bool": np.eye(n, dtype=bool),
+        "non-symmetric": nonsym,
+        "zero": np.zeros((n, n)),
+        "strings": np.full((n, n), "1"),
+    }
+
+
+# ---------------------------------------------------------------------------- fits in a data metric
+def sample_gram(rng, n, n_samples=None, spread=1.0):
+    """Samples X (rows) with correlated, unevenly scaled features and ``G = X^T X / N``."""
+    N = 3 * n + 5 if n_samples is None else n_samples
+    mix = np.eye(n) + 0.4 * rng.standard_normal((n, n))
+    X = rng.standard_normal((N, n)) @ mix * np.exp(spread * rng.uniform(-1, 1, n))
+    return X, X.T @ X / N
+
+
+def f_ref(W, M, G, H=None):
+    """``tr(H (W - M) G (W - M)^T)`` directly."""
+    D = np.asarray(W, np.float64) - M
+    HD = D if H is None else H @ D
+    return float(np.sum(HD * (D @ G)))
+
+
+def truncate(A, r):
+    """The rank-r truncation of A and all its singular values."""
+    U, s, Vt = np.linalg.svd(A, full_matrices=False)
+    return (U[:, :r] * s[:r]) @ Vt[:r], s
+
+
+def whitened(W, G, r, H=None):
+    """SVD-LLM's ``[W L]_r L^{-1}`` (and ``K^{-T} [K^T W L]_r L^{-1}`` with H), L = chol(G)."""
+    L = np.linalg.cholesky(G)
+    K = np.eye(W.shape[0]) if H is None else np.linalg.cholesky(H)
+    Y, s = truncate(K.T @ W @ L, r)
+    return np.linalg.solve(K.T, Y) @ np.linalg.inv(L), s

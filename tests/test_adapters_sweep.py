@@ -152,6 +152,28 @@ def test_sweep_resumes_without_losing_or_duplicating(tmp_path):
     assert {k: v["value"] for k, v in res.items()} == {k: v["value"] for k, v in ref.items()}
 
 
+def test_sweep_uses_only_records_of_the_same_task(tmp_path):
+    """A logged record counts only for the task it was made for and only if the sweep's check accepts it;
+    anything else is run again (with a warning) and the new record supersedes the stale one."""
+    log = RunLog(tmp_path / "runs.jsonl")
+    tasks = [{"id": f"t{i}", "seed": i} for i in range(3)]
+    first = run_sweep(tasks, _task_fn, log, n_jobs=1, progress=False)
+    other = [{"id": "t0", "seed": 7}, tasks[1], tasks[2]]  # same id, another task (other inputs)
+    with pytest.warns(RuntimeWarning, match="'t0' is not used .*another task"):
+        res = run_sweep(other, _task_fn, log, n_jobs=1, progress=False)
+    assert res["t0"]["task"] == other[0] and res["t1"] == first["t1"]
+    again = run_sweep(other, _task_fn, log, n_jobs=1, progress=False)  # the new record is found: nothing rerun
+    assert again["t0"] == res["t0"] and len(open(log.path).read().splitlines()) == 4
+    assert [r["task"]["seed"] for r in log.history()["t0"]] == [0, 7] and log.load()["t0"]["task"]["seed"] == 0
+    with open(log.path, "a") as f:
+        f.write(json.dumps({"id": "t1"}) + "\n")  # a line holding only an id
+    seen = []
+    with pytest.warns(RuntimeWarning, match="'t2' is not used \\(no thanks\\)"):
+        run_sweep(other, _task_fn, log, n_jobs=1, progress=False,
+                  check=lambda rec, task: seen.append(task["id"]) or ("no thanks" if task["id"] == "t2" else None))  # fmt: skip
+    assert set(seen) == {"t0", "t1", "t2"}
+
+
 def test_diverged_run_is_recorded_as_failed(tmp_path, capsys):
     log = RunLog(tmp_path / "runs.jsonl")
     tasks = [{"id": "ok", "seed": 0}, {"id": "nan", "seed": 1, "diverge": True}]

@@ -18,7 +18,9 @@ from blocklowrank.checkpoints import (
     CheckpointError,
     LayerPair,
     PairingReport,
+    changed_tensors,
     iter_deltas,
+    layer_kinds,
     module_of,
     open_checkpoint,
     pair_layers,
@@ -397,3 +399,86 @@ def test_pairing_report_is_a_plain_record():
 def test_the_package_never_imports_torch():
     code = "import sys, blocklowrank.checkpoints; sys.exit('torch' in sys.modules or 'safetensors' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# ---------------------------------------------------------------------------- what a layer is
+GPT2_NAMES = ["h.0.attn.c_attn", "h.0.attn.c_proj", "h.0.mlp.c_fc", "h.0.mlp.c_proj", "wte", "score"]
+
+
+def test_layer_kinds_from_the_models_config():
+    gpt2 = [("config.json", {"model_type": "gpt2"})]
+    kinds = layer_kinds(GPT2_NAMES, gpt2)
+    assert kinds == {**dict.fromkeys(GPT2_NAMES[:4], "conv1d"), "wte": "embedding", "score": "linear"}
+    by_architecture = layer_kinds(GPT2_NAMES[:1], [("c", {"architectures": ["GPT2LMHeadModel"]})])
+    assert by_architecture == {"h.0.attn.c_attn": "conv1d"}
+    # the same names are nn.Linear in GPT-Neo and StarCoder: only the model's description can tell
+    for model_type in ("gpt_neo", "gpt_bigcode", "llama"):
+        assert set(layer_kinds(GPT2_NAMES[:4], [("c", {"model_type": model_type})]).values()) == {"linear"}
+    clvp = layer_kinds(["decoder.h.0.mlp.c_fc", "decoder.h.0.attn.c_proj", "q_proj"], [("c", {"model_type": "clvp"})])
+    assert clvp == {"decoder.h.0.mlp.c_fc": "conv1d", "decoder.h.0.attn.c_proj": "conv1d", "q_proj": "linear"}
+
+
+def test_layer_kinds_refuse_what_nothing_decides():
+    with pytest.raises(ValueError, match=r"'h.0.attn.c_proj'.*config.json.*orientation='in_out'"):
+        layer_kinds(["h.0.attn.c_proj"])  # square: the shape cannot decide either
+    assert layer_kinds(["h.0.attn.c_proj"], orientation="in_out") == {"h.0.attn.c_proj": "conv1d"}
+    assert layer_kinds(["h.0.attn.c_proj"], fallback="out_in") == {"h.0.attn.c_proj": "linear"}
+    assert layer_kinds(["q_proj"]) == {"q_proj": "linear"}  # not a Conv1D name: nn.Linear
+    with pytest.raises(ValueError, match="contradicts the model's config.json"):
+        layer_kinds(["h.0.attn.c_attn"], [("c", {"model_type": "gpt2"})], orientation="out_in")
+    with pytest.raises(ValueError, match="different models"):
+        layer_kinds(["q_proj"], [("a", {"model_type": "gpt2"}), ("b", {"model_type": "llama"})])
+    with pytest.raises(ValueError, match="'my_embedding' is an embedding .* or a linear layer"):
+        layer_kinds(["my_embedding"])
+    with pytest.raises(ValueError, match="orientation must be one of"):
+        layer_kinds(["q_proj"], orientation="conv1d")
+
+
+def test_conv1d_pairs_stream_out_in(tmp_path):
+    """A Conv1D layer (stored (in, out)) is paired with its (out, in) shape and streamed as the transpose."""
+    rng = np.random.default_rng(0)
+    w = {"h.0.attn.c_attn.weight": rng.standard_normal((4, 12)), "h.0.attn.c_proj.weight": rng.standard_normal((4, 4))}
+    tuned = {k: v + rng.standard_normal(v.shape) for k, v in w.items()}
+    for name, tensors in (("base", w), ("ft", tuned)):
+        (tmp_path / name).mkdir()
+        save_file(tmp_path / name / "model.safetensors", tensors)
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    base, ft = open_checkpoint(tmp_path / "base"), open_checkpoint(tmp_path / "ft")
+    report = pair_layers(base, ft)
+    assert [(p.module, p.shape, p.kind, p.stored_shape) for p in report.pairs] == [
+        ("h.0.attn.c_attn", (12, 4), "conv1d", (4, 12)),
+        ("h.0.attn.c_proj", (4, 4), "conv1d", (4, 4)),
+    ]
+    digests = {}
+    for pair, delta in iter_deltas(base, ft, report, dtype=np.float64, digests=digests):
+        np.testing.assert_allclose(delta, (tuned[pair.name] - w[pair.name]).T, rtol=1e-6, atol=1e-6)
+        assert set(digests) == {"base", "finetuned"} and all(len(d) == 64 for d in digests.values())
+    (tmp_path / "base" / "config.json").unlink()
+    (tmp_path / "ft" / "config.json").unlink()
+    with pytest.raises(ValueError, match="cannot tell how the weight of 'h.0.attn.c_attn' is stored"):
+        pair_layers(open_checkpoint(tmp_path / "base"), open_checkpoint(tmp_path / "ft"))
+    assert pair_layers(open_checkpoint(tmp_path / "base"), None, orientation="in_out").pairs[0].shape == (12, 4)
+
+
+@pytest.mark.parametrize("dtype", ["I32", "U8", "BOOL", "C64", "F8_E4M3"])
+def test_a_layer_that_is_not_float_is_refused_when_paired(tmp_path, dtype):
+    from blocklowrank.checkpoints._dtypes import DTYPES
+
+    size = 4 * DTYPES[dtype].bits // 8
+    text = json.dumps({"q_proj.weight": {"dtype": dtype, "shape": [2, 2], "data_offsets": [0, size]}}).encode()
+    (tmp_path / "m.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + b"\0" * size)
+    with pytest.raises(
+        CheckpointError, match=rf"m.safetensors, tensor 'q_proj.weight': dtype {dtype} .*not a floating"
+    ):
+        pair_layers(open_checkpoint(tmp_path / "m.safetensors"), None)
+
+
+def test_changed_tensors_compares_stored_values(tmp_path):
+    nan = np.array([1.0, np.nan, -0.0], np.float32)
+    base = {"a": nan, "b": np.arange(4, dtype=np.float32), "c": np.ones(3, np.float32), "d": np.zeros(2, np.int64)}
+    tuned = {"a": nan.copy(), "b": np.arange(4, dtype=np.float32), "c": np.ones(3, np.float32) * 2, "d": base["d"]}
+    b = open_checkpoint(save_file(tmp_path / "b.safetensors", base))
+    f = open_checkpoint(save_file(tmp_path / "f.safetensors", tuned, dtypes={"b": "F64"}))  # same values, other dtype
+    assert changed_tensors(b, f, ["a", "b", "c", "d"]) == ["c"]  # NaN unchanged where its bits are
+    f = open_checkpoint(save_file(tmp_path / "g.safetensors", {**tuned, "b": np.array([0, 1, 2, np.nan], "f8")}))
+    assert changed_tensors(b, f, ["b"], chunk_bytes=8) == ["b"]

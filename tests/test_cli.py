@@ -10,7 +10,11 @@ from blocklowrank.cli import main
 
 
 def run(args, capsys):
-    code = main(args)
+    """Exit code, stdout and stderr of the command line (argparse's own refusals included)."""
+    try:
+        code = main(args)
+    except SystemExit as exc:
+        code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -106,7 +110,7 @@ def test_approximate_tol_and_global(tmp_path, capsys):
         (["approximate", "nope.npy", "--rank", "1"], "no such file"),
         (["approximate", "{bad}", "--rank", "99"], "exceeds"),
         (["approximate", "{bad}", "--rank", "1", "--n-blocks", "50"], "n_blocks"),
-        (["approximate", "{bad}", "--max-error", "1.5"], "max_error"),
+        (["approximate", "{bad}", "--max-error", "1.5"], "--max-error must be a number in (0, 1)"),
         (["approximate", "{bad}", "--budget", "3"], "budget"),
         (["budget", "28x", "224"], "SHAPE"),
     ],

@@ -231,6 +231,53 @@ def test_to_dense_every_kind(rng):
         as_factors(np.ones((3, 3)))
 
 
+def _random_factors(lay, rng, stack=()):
+    """Gaussian factors for every active block of ``lay`` (and a stack shape)."""
+    return {
+        (i, j): (
+            rng.standard_normal(stack + (lay.block_shape(i, j)[0], int(lay.ranks[i, j]))),
+            rng.standard_normal(stack + (int(lay.ranks[i, j]), lay.block_shape(i, j)[1])),
+        )
+        for i, j in zip(*np.nonzero(lay.active))
+    }
+
+
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.NonInteractiveExampleWarning")
+def test_transpose_is_the_transposed_matrix():
+    """Claim: for any layout (uneven cuts, any pattern, row/column permutations), any factors, a global term or
+    not, and shared bases, ``f.transpose()`` holds the transpose of ``f``'s matrix with the same parameter count;
+    transposing twice gives the same matrix. The reference is NumPy's ``.T`` of the dense matrix."""
+    pytest.importorskip("hypothesis")
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from blocklowrank.testing.strategies import layouts
+
+    @settings(max_examples=40, derandomize=True, database=None, deadline=None)
+    @given(lay=layouts(max_side=9, cuts="random"), seed=st.integers(0, 2**16), extra=st.integers(0, 2))
+    def check(lay, seed, extra):
+        rng = np.random.default_rng(seed)
+        m, n = lay.shape
+        if seed % 2:
+            lay = lay.with_permutation(rng.permutation(m), rng.permutation(n))
+        r_g = min(extra, m, n)
+        gf = (rng.standard_normal((m, r_g)), rng.standard_normal((r_g, n))) if r_g else None
+        f = StructuredFactors(lay, _random_factors(lay, rng), global_factors=gf)
+        t = f.transpose()
+        np.testing.assert_allclose(t.to_dense(), f.to_dense().T, atol=1e-12)
+        assert t.shape == (n, m) and t.n_params == f.n_params
+        np.testing.assert_allclose(t.transpose().to_dense(), f.to_dense(), atol=1e-12)
+
+    check()
+    rng = np.random.default_rng(0)
+    for fit in (SharedBasisLowRank(n_blocks=2, rank=2).fit(rng.standard_normal((12, 10))),):
+        f = as_factors(fit)
+        np.testing.assert_allclose(f.transpose().to_dense(), f.to_dense().T, atol=1e-12)
+        assert f.transpose().n_params == f.n_params
+    stack = StructuredFactors(lay := BlockLayout.block((6, 4), 2, rank=1), _random_factors(lay, rng, (3,)))
+    np.testing.assert_allclose(stack.transpose().to_dense(), np.swapaxes(stack.to_dense(), -1, -2), atol=1e-12)
+
+
 def test_refit_global(rng):
     X = rng.standard_normal((16, 16))
     a = approximate(X, method="block", n_blocks=2, rank=2)

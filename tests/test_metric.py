@@ -17,15 +17,8 @@ import _reference as ref  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from blocklowrank import BlockLayout, approximate  # noqa: E402
-from blocklowrank._metric import (  # noqa: E402
-    GramFactor,
-    fit_blocks,
-    fit_global,
-    fit_majorize,
-    metric_energy,
-    output_error,
-)
+from blocklowrank import BlockLayout, approximate, block_spectra  # noqa: E402
+from blocklowrank._metric import GramFactor, fit_blocks, fit_global, fit_majorize, metric_energy, output_error  # noqa: E402
 
 # the references here are undamped: the fits are called with gram_damping=0 unless a test says otherwise
 fit_global = functools.partial(fit_global, gram_damping=0.0)
@@ -38,12 +31,6 @@ TRACE_TOL = 1e-12  # a relative error trace may rise by rounding only
 
 
 # ---------------------------------------------------------------------------- independent references
-def sample_gram(rng, n, n_samples=None, spread=1.0):
-    """Samples X (rows) with correlated, unevenly scaled features and ``G = X^T X / N``."""
-    N = 3 * n + 5 if n_samples is None else n_samples
-    mix = np.eye(n) + 0.4 * rng.standard_normal((n, n))
-    X = rng.standard_normal((N, n)) @ mix * np.exp(spread * rng.uniform(-1, 1, n))
-    return X, X.T @ X / N
 
 
 def well_conditioned(rng, n, eps=0.3):
@@ -51,25 +38,6 @@ def well_conditioned(rng, n, eps=0.3):
     A = rng.standard_normal((n, n))
     S = A @ A.T
     return np.eye(n) + eps * S / np.linalg.eigvalsh(S)[-1]
-
-
-def f_ref(W, M, G, H=None):
-    D = np.asarray(W, np.float64) - M
-    HD = D if H is None else H @ D
-    return float(np.sum(HD * (D @ G)))
-
-
-def truncate(A, r):
-    U, s, Vt = np.linalg.svd(A, full_matrices=False)
-    return (U[:, :r] * s[:r]) @ Vt[:r], s
-
-
-def whitened(W, G, r, H=None):
-    """SVD-LLM's ``[W L]_r L^{-1}`` (and ``K^{-T} [K^T W L]_r L^{-1}`` with H), L = chol(G)."""
-    L = np.linalg.cholesky(G)
-    K = np.eye(W.shape[0]) if H is None else np.linalg.cholesky(H)
-    Y, s = truncate(K.T @ W @ L, r)
-    return np.linalg.solve(K.T, Y) @ np.linalg.inv(L), s
 
 
 def dense(factors, rcuts, ccuts, shape):
@@ -87,7 +55,7 @@ def one_per_row_closed_form(W, G, rcuts, ccuts, pairs, r):
         Gcc = G[ccuts[c], ccuts[c]]
         T = np.linalg.solve(Gcc, (W[rcuts[i]] @ G)[:, ccuts[c]].T).T
         L = np.linalg.cholesky(Gcc)
-        M[rcuts[i], ccuts[c]] = truncate(T @ L, r)[0] @ np.linalg.inv(L)
+        M[rcuts[i], ccuts[c]] = ref.truncate(T @ L, r)[0] @ np.linalg.inv(L)
     return M
 
 
@@ -115,8 +83,8 @@ def problems(draw, max_side=10, two_sided=False):
     m, n = draw(st.integers(2, max_side)), draw(st.integers(2, max_side))
     rng = np.random.default_rng(seed)
     W = rng.standard_normal((m, n)) * draw(st.sampled_from([1.0, 1e-3, 1e3]))
-    _, G = sample_gram(rng, n)
-    H = sample_gram(rng, m)[1] if two_sided else None
+    _, G = ref.sample_gram(rng, n)
+    H = ref.sample_gram(rng, m)[1] if two_sided else None
     return rng, W, G, H
 
 
@@ -132,14 +100,14 @@ def test_global_one_sided_is_whitened_svd(prob, data):
     of W L, its spectrum is that of W L, and output_error = sqrt(tail / total)."""
     _, W, G, _ = prob
     r = data.draw(st.integers(1, min(W.shape)))
-    M_ref, s = whitened(W, G, r)
+    M_ref, s = ref.whitened(W, G, r)
     res = fit_global(W, r, G)
     B, A = res.factors[(0, 0)]
     tail, tot = float(np.sum(s[r:] ** 2)), float(np.sum(s**2))
     np.testing.assert_allclose(res.singular_values[(0, 0)], s, rtol=1e-9, atol=1e-12 * s[0])
     np.testing.assert_allclose(res.objective, tail, rtol=1e-9, atol=1e-12 * tot)
     np.testing.assert_allclose(res.total, tot, rtol=1e-12)
-    np.testing.assert_allclose(f_ref(W, B @ A, G), tail, rtol=1e-8, atol=1e-11 * tot)
+    np.testing.assert_allclose(ref.f_ref(W, B @ A, G), tail, rtol=1e-8, atol=1e-11 * tot)
     np.testing.assert_allclose(res.output_error, np.sqrt(tail / tot), rtol=1e-8, atol=1e-10)
     if gapped(s, r):
         np.testing.assert_allclose(B @ A, M_ref, atol=1e-8 * np.linalg.norm(W))
@@ -152,12 +120,12 @@ def test_global_two_sided_is_whitened_svd(prob, data):
     is the tail energy of the singular values of K^T W L."""
     _, W, G, H = prob
     r = data.draw(st.integers(1, min(W.shape)))
-    M_ref, s = whitened(W, G, r, H)
+    M_ref, s = ref.whitened(W, G, r, H)
     res = fit_global(W, r, G, H)
     B, A = res.factors[(0, 0)]
     tot = float(np.sum(s**2))
     np.testing.assert_allclose(res.objective, np.sum(s[r:] ** 2), rtol=1e-8, atol=1e-12 * tot)
-    np.testing.assert_allclose(f_ref(W, B @ A, G, H), np.sum(s[r:] ** 2), rtol=1e-7, atol=1e-11 * tot)
+    np.testing.assert_allclose(ref.f_ref(W, B @ A, G, H), np.sum(s[r:] ** 2), rtol=1e-7, atol=1e-11 * tot)
     if gapped(s, r):
         np.testing.assert_allclose(B @ A, M_ref, atol=1e-7 * np.linalg.norm(W))
 
@@ -170,15 +138,15 @@ def test_global_fit_is_locally_optimal(prob, with_h, data):
     H = H if with_h else None
     r = data.draw(st.integers(1, min(W.shape)))
     B, A = fit_global(W, r, G, H).factors[(0, 0)]
-    best = f_ref(W, B @ A, G, H)
+    best = ref.f_ref(W, B @ A, G, H)
     for eps in (1e-4, 1e-2, 1.0):
         for _ in range(10):
             Bp = B + eps * np.linalg.norm(B) * rng.standard_normal(B.shape)
             Ap = A + eps * np.linalg.norm(A) * rng.standard_normal(A.shape)
-            assert f_ref(W, Bp @ Ap, G, H) >= best * (1 - 1e-10) - 1e-12 * f_ref(W, 0, G, H)
+            assert ref.f_ref(W, Bp @ Ap, G, H) >= best * (1 - 1e-10) - 1e-12 * ref.f_ref(W, 0, G, H)
     for _ in range(20):
         Mr = rng.standard_normal((W.shape[0], r)) @ rng.standard_normal((r, W.shape[1]))
-        assert f_ref(W, Mr, G, H) >= best * (1 - 1e-10)
+        assert ref.f_ref(W, Mr, G, H) >= best * (1 - 1e-10)
 
 
 # ---------------------------------------------------------------------------- identity, scaling, samples
@@ -272,7 +240,7 @@ def test_damping_is_the_data_objective_plus_a_frobenius_term():
     output_error the undamped one, computed directly."""
     rng = np.random.default_rng(0)
     W = rng.standard_normal((8, 12))
-    X, G = sample_gram(rng, 12, n_samples=6)
+    X, G = ref.sample_gram(rng, 12, n_samples=6)
     Gd = G + 0.1 * np.trace(G) / 12 * np.eye(12)
     for lay in (
         BlockLayout.global_((8, 12), rank=3),
@@ -284,8 +252,8 @@ def test_damping_is_the_data_objective_plus_a_frobenius_term():
         cuts = layout_cuts(8, 12, *lay.n_blocks)
         Ma, Mb = dense(a.factors, *cuts, W.shape), dense(b.factors, *cuts, W.shape)
         np.testing.assert_allclose(Ma, Mb, atol=1e-9 * np.linalg.norm(W))
-        np.testing.assert_allclose(a.objective, f_ref(W, Ma, Gd), rtol=1e-9)
-        np.testing.assert_allclose(a.output_error, np.sqrt(f_ref(W, Ma, G) / f_ref(W, 0, G)), rtol=1e-9)
+        np.testing.assert_allclose(a.objective, ref.f_ref(W, Ma, Gd), rtol=1e-9)
+        np.testing.assert_allclose(a.output_error, np.sqrt(ref.f_ref(W, Ma, G) / ref.f_ref(W, 0, G)), rtol=1e-9)
 
 
 # ---------------------------------------------------------------------------- diagonal and one-per-row: exact
@@ -308,7 +276,7 @@ def test_one_block_per_row_is_the_exact_closed_form(case, kind):
     rng = np.random.default_rng(seed)
     m, n = sum(rsizes), sum(csizes)
     W = rng.standard_normal((m, n))
-    G = sample_gram(rng, n, n_samples=3 * n + 5 if kind == "samples" else n + 2)[1]
+    G = ref.sample_gram(rng, n, n_samples=3 * n + 5 if kind == "samples" else n + 2)[1]
     k = len(rsizes)
     active = np.zeros((k, k), bool)
     active[np.arange(k), perm] = True
@@ -319,7 +287,7 @@ def test_one_block_per_row_is_the_exact_closed_form(case, kind):
     M_ref = one_per_row_closed_form(W, G, rc, cc, list(zip(range(k), perm)), r)
     M = dense(res.factors, rc, cc, (m, n))
     assert res.exact and res.n_iter == 1 and res.stop_reason == "exact"
-    np.testing.assert_allclose(res.objective, f_ref(W, M_ref, G), rtol=1e-8, atol=1e-12 * f_ref(W, 0, G))
+    np.testing.assert_allclose(res.objective, ref.f_ref(W, M_ref, G), rtol=1e-8, atol=1e-12 * ref.f_ref(W, 0, G))
     np.testing.assert_allclose(M, M_ref, atol=1e-6 * np.linalg.norm(W))
 
 
@@ -344,8 +312,8 @@ def test_bcd_never_increases_and_ends_no_worse_than_plain(case):
     fit (computed by the engine), and objective / output_error match a direct computation."""
     rng, m, n, kr, kc, active, r, with_h = case
     W = rng.standard_normal((m, n))
-    G = sample_gram(rng, n)[1]
-    H = sample_gram(rng, m)[1] if with_h else None
+    G = ref.sample_gram(rng, n)[1]
+    H = ref.sample_gram(rng, m)[1] if with_h else None
     rc, cc = layout_cuts(m, n, kr, kc)
     lay = BlockLayout(
         (m, n), [s.stop - s.start for s in rc], [s.stop - s.start for s in cc], active, np.where(active, r, 0)
@@ -354,10 +322,10 @@ def test_bcd_never_increases_and_ends_no_worse_than_plain(case):
     assert np.all(np.diff(res.error_trace) <= TRACE_TOL)
     M = dense(res.factors, *layout_cuts(m, n, kr, kc), (m, n))
     plain = approximate(W, lay, svd_solver="full").reconstruction
-    tot = f_ref(W, 0, G, H)
-    assert f_ref(W, M, G, H) <= f_ref(W, plain, G, H) + 1e-10 * tot
-    np.testing.assert_allclose(res.objective, f_ref(W, M, G, H), rtol=1e-8, atol=1e-12 * tot)
-    np.testing.assert_allclose(res.output_error, np.sqrt(f_ref(W, M, G, H) / tot), rtol=1e-8, atol=1e-12)
+    tot = ref.f_ref(W, 0, G, H)
+    assert ref.f_ref(W, M, G, H) <= ref.f_ref(W, plain, G, H) + 1e-10 * tot
+    np.testing.assert_allclose(res.objective, ref.f_ref(W, M, G, H), rtol=1e-8, atol=1e-12 * tot)
+    np.testing.assert_allclose(res.output_error, np.sqrt(ref.f_ref(W, M, G, H) / tot), rtol=1e-8, atol=1e-12)
     assert res.n_iter <= 30 and res.stop_reason in ("tol", "max_iter", "exact")
 
 
@@ -370,12 +338,12 @@ def test_bcd_is_exact_in_one_sweep_for_block_diagonal_grams(case, two_sided):
     rc, cc = layout_cuts(m, n, kr, kc)
     G = np.zeros((n, n))
     for s in cc:
-        G[s, s] = sample_gram(rng, s.stop - s.start)[1]
+        G[s, s] = ref.sample_gram(rng, s.stop - s.start)[1]
     H = None
     if two_sided:
         H = np.zeros((m, m))
         for s in rc:
-            H[s, s] = sample_gram(rng, s.stop - s.start)[1]
+            H[s, s] = ref.sample_gram(rng, s.stop - s.start)[1]
     lay = BlockLayout(
         (m, n), [s.stop - s.start for s in rc], [s.stop - s.start for s in cc], active, np.where(active, r, 0)
     )
@@ -385,10 +353,10 @@ def test_bcd_is_exact_in_one_sweep_for_block_diagonal_grams(case, two_sided):
     M = dense(res.factors, rc, cc, (m, n))
     for i, c in zip(*np.nonzero(active)):
         Hi = None if H is None else H[rc[i], rc[i]]
-        M_ref[rc[i], cc[c]], s = whitened(W[rc[i], cc[c]], G[cc[c], cc[c]], r, Hi)
+        M_ref[rc[i], cc[c]], s = ref.whitened(W[rc[i], cc[c]], G[cc[c], cc[c]], r, Hi)
         if gapped(s, r):
             np.testing.assert_allclose(M[rc[i], cc[c]], M_ref[rc[i], cc[c]], atol=1e-7 * np.linalg.norm(W))
-    np.testing.assert_allclose(res.objective, f_ref(W, M_ref, G, H), rtol=1e-8, atol=1e-12 * f_ref(W, 0, G, H))
+    np.testing.assert_allclose(res.objective, ref.f_ref(W, M_ref, G, H), rtol=1e-8, atol=1e-12 * ref.f_ref(W, 0, G, H))
 
 
 @given(grid_cases())
@@ -408,8 +376,8 @@ def test_bcd_reaches_the_brute_force_optimum_with_full_rank_blocks(case):
     for i, c in zip(*np.nonzero(active)):
         mask[rc[i], cc[c]] = True
     M_ref = restricted_least_squares(W, G, np.eye(m) if H is None else H, mask)
-    tot = f_ref(W, 0, G, H)
-    np.testing.assert_allclose(res.objective, f_ref(W, M_ref, G, H), rtol=1e-6, atol=1e-10 * tot)
+    tot = ref.f_ref(W, 0, G, H)
+    np.testing.assert_allclose(res.objective, ref.f_ref(W, M_ref, G, H), rtol=1e-6, atol=1e-10 * tot)
     np.testing.assert_allclose(dense(res.factors, rc, cc, (m, n)), M_ref, atol=1e-4 * np.linalg.norm(W))
 
 
@@ -418,7 +386,7 @@ def test_bcd_with_a_permuted_layout_is_the_fit_of_the_permuted_problem():
     independent closed form on W[row_perm][:, col_perm] with G[col_perm][:, col_perm]."""
     rng = np.random.default_rng(3)
     W = rng.standard_normal((9, 8))
-    G = sample_gram(rng, 8)[1]
+    G = ref.sample_gram(rng, 8)[1]
     rp, cp = rng.permutation(9), rng.permutation(8)
     lay = BlockLayout.diagonal((9, 8), 2, rank=2).with_permutation(rp, cp)
     res = fit_blocks(W, lay, G)
@@ -441,7 +409,7 @@ def grid_plain_fit(rc, cc, active, r):
     def fit(Z, state):
         M = np.zeros(Z.shape)
         for i, c in zip(*np.nonzero(active)):
-            M[rc[i], cc[c]] = truncate(Z[rc[i], cc[c]], r)[0]
+            M[rc[i], cc[c]] = ref.truncate(Z[rc[i], cc[c]], r)[0]
         return M, None
 
     return fit
@@ -458,11 +426,11 @@ def test_majorize_never_increases_and_reaches_the_global_optimum(prob, with_h, d
     res = fit_majorize(W, G, H, plain_fit=global_plain_fit(r), max_iter=3000, tol=1e-13)
     assert np.all(np.diff(res.error_trace) <= TRACE_TOL)
     B, A = res.approx
-    M_ref, s = whitened(W, G, r, H)
-    tot = f_ref(W, 0, G, H)
-    np.testing.assert_allclose(f_ref(W, B @ A, G, H), f_ref(W, M_ref, G, H), rtol=1e-6, atol=1e-10 * tot)
-    np.testing.assert_allclose(res.objective, f_ref(W, B @ A, G, H), rtol=1e-8, atol=1e-12 * tot)
-    assert res.objective <= f_ref(W, truncate(W, r)[0], G, H) * (1 + 1e-12) + 1e-12 * tot  # no worse than plain
+    M_ref, s = ref.whitened(W, G, r, H)
+    tot = ref.f_ref(W, 0, G, H)
+    np.testing.assert_allclose(ref.f_ref(W, B @ A, G, H), ref.f_ref(W, M_ref, G, H), rtol=1e-6, atol=1e-10 * tot)
+    np.testing.assert_allclose(res.objective, ref.f_ref(W, B @ A, G, H), rtol=1e-8, atol=1e-12 * tot)
+    assert res.objective <= ref.f_ref(W, ref.truncate(W, r)[0], G, H) * (1 + 1e-12) + 1e-12 * tot  # no worse than plain
 
 
 def test_majorize_with_a_grid_fitter_reaches_the_block_optimum():
@@ -480,8 +448,8 @@ def test_majorize_with_a_grid_fitter_reaches_the_block_optimum():
     assert np.all(np.diff(res.error_trace) <= TRACE_TOL)
     M_ref = np.zeros((m, n))
     for i, c in itertools.product(range(2), range(2)):
-        M_ref[rc[i], cc[c]] = whitened(W[rc[i], cc[c]], G[cc[c], cc[c]], 2)[0]
-    np.testing.assert_allclose(f_ref(W, res.approx, G), f_ref(W, M_ref, G), rtol=1e-7)
+        M_ref[rc[i], cc[c]] = ref.whitened(W[rc[i], cc[c]], G[cc[c], cc[c]], 2)[0]
+    np.testing.assert_allclose(ref.f_ref(W, res.approx, G), ref.f_ref(W, M_ref, G), rtol=1e-7)
 
 
 def test_majorize_refuses_a_fitter_worse_than_the_iterate():
@@ -494,11 +462,11 @@ def test_majorize_refuses_a_fitter_worse_than_the_iterate():
 
     def bad(Z, state):
         calls.append(1)
-        return (truncate(W, 2)[0] if len(calls) == 1 else np.zeros_like(Z)), None
+        return (ref.truncate(W, 2)[0] if len(calls) == 1 else np.zeros_like(Z)), None
 
     res = fit_majorize(W, G, plain_fit=bad, max_iter=10)
     assert res.stop_reason == "callback" and res.n_iter == 1 and len(res.error_trace) == 1  # the start only
-    np.testing.assert_allclose(res.approx, truncate(W, 2)[0])
+    np.testing.assert_allclose(res.approx, ref.truncate(W, 2)[0])
 
 
 # ---------------------------------------------------------------------------- randomized and "auto"
@@ -557,8 +525,8 @@ def test_randomized_equals_exact_and_never_forms_w_l(with_h, monkeypatch):
     rng = np.random.default_rng(1)
     m, n = 420, 400  # large enough for "auto" to try the sketch (its cost model, _svd._auto_plan)
     W = decaying(rng, m, n)
-    _, G = sample_gram(rng, n, spread=0.5)
-    H = sample_gram(rng, m, spread=0.5)[1] if with_h else None
+    _, G = ref.sample_gram(rng, n, spread=0.5)
+    H = ref.sample_gram(rng, m, spread=0.5)[1] if with_h else None
     exact = fit_global(W, 4, G, H)
     for solver in ("randomized", "auto"):  # the formed route: the engine's solvers on K^T W L
         res = fit_global(W, 4, G, H, svd_solver=solver, random_state=0)
@@ -569,7 +537,7 @@ def test_randomized_equals_exact_and_never_forms_w_l(with_h, monkeypatch):
         np.testing.assert_allclose(res.objective, exact.objective, rtol=1e-6)
     for solver in ("randomized", "auto"):
         p = prepare(W, G, H, 0.0)
-        tot = f_ref(p.W, 0, np.ldexp(G, -p.G.log2_scale), None if H is None else np.ldexp(H, -p.H.log2_scale))
+        tot = ref.f_ref(p.W, 0, np.ldexp(G, -p.G.log2_scale), None if H is None else np.ldexp(H, -p.H.log2_scale))
         monkeypatch.setattr(glob, "totals", lambda *a, **k: (tot, tot))
         log = []
         p.W, p.G, p.H = p.W.view(Spy), GramSpy(p.G, log), GramSpy(p.H, log)
@@ -590,7 +558,7 @@ def test_randomized_equals_exact_and_never_forms_w_l(with_h, monkeypatch):
     Spy.log = []
     e = obj._data_energy(p.W, p.G, p.H)[0]
     assert max(min(s) for s in Spy.log) <= 16
-    np.testing.assert_allclose(np.ldexp(e, p.log2_energy), f_ref(W, 0, G, H), rtol=1e-10)
+    np.testing.assert_allclose(np.ldexp(e, p.log2_energy), ref.f_ref(W, 0, G, H), rtol=1e-10)
 
 
 def test_auto_falls_back_to_exact_on_a_flat_spectrum():
@@ -601,43 +569,17 @@ def test_auto_falls_back_to_exact_on_a_flat_spectrum():
     G = well_conditioned(rng, 300)
     res = fit_global(W, 3, G, svd_solver="auto", random_state=0)
     assert res.svd_solver == "full" and res.exact
-    np.testing.assert_allclose(res.objective, np.sum(whitened(W, G, 3)[1][3:] ** 2), rtol=1e-9)
+    np.testing.assert_allclose(res.objective, np.sum(ref.whitened(W, G, 3)[1][3:] ** 2), rtol=1e-9)
 
 
 # ---------------------------------------------------------------------------- hostile statistics
-def _hostile(n):
-    import scipy.sparse
-
-    G = np.eye(n)
-    neg = np.eye(n)
-    neg[0, 0] = -0.5
-    nonsym = np.eye(n)
-    nonsym[0, 1] = 0.3
-    return {
-        "wrong shape": np.eye(n + 1),
-        "not square": np.ones((n, n + 1)),
-        "3-D": np.ones((2, n, n)),
-        "NaN": np.where(np.eye(n) > 0, np.nan, 0.0),
-        "inf": np.where(G > 0, np.inf, 0.0),
-        "negative eigenvalue": neg,
-        "complex": G.astype(complex),
-        "sparse": scipy.sparse.csr_matrix(G),
-        "masked": np.ma.masked_array(G, mask=np.zeros_like(G, bool)),
-        "integer": np.eye(n, dtype=int),
-        "bool": np.eye(n, dtype=bool),
-        "non-symmetric": nonsym,
-        "zero": np.zeros((n, n)),
-        "strings": np.full((n, n), "1"),
-    }
-
-
-@pytest.mark.parametrize("case", list(_hostile(4)))
+@pytest.mark.parametrize("case", list(ref.hostile_grams(4)))
 @pytest.mark.parametrize("side", ["input_gram", "output_gram"])
 def test_hostile_grams_are_refused_in_one_line_naming_the_argument(case, side):
     """Claim: a Gram that is not a real, dense, finite, symmetric PSD matrix of the right side
     raises one clear error naming input_gram / output_gram, for every fit and for output_error."""
     W = np.random.default_rng(0).standard_normal((4, 4))
-    bad = _hostile(4)[case]
+    bad = ref.hostile_grams(4)[case]
     calls = [
         lambda g, h: fit_global(W, 1, g, h),
         lambda g, h: fit_blocks(W, BlockLayout.block((4, 4), 2, rank=1), g, h),
@@ -706,7 +648,7 @@ def test_singular_grams_give_finite_bounded_factors(damping):
             assert np.all(np.diff(res.error_trace) <= TRACE_TOL), name
             plain = approximate(W, lay, svd_solver="full").reconstruction
             Gd = G + damping * np.trace(G) / n * np.eye(n)
-            assert f_ref(W, M, Gd) <= f_ref(W, plain, Gd) * (1 + 1e-9) + 1e-12, name
+            assert ref.f_ref(W, M, Gd) <= ref.f_ref(W, plain, Gd) * (1 + 1e-9) + 1e-12, name
             for c in range(lay.n_blocks[1]):  # null directions of each G_cc
                 w, Q = np.linalg.eigh(G[cc[c], cc[c]])
                 null = Q[:, w < 1e-9 * max(w[-1], 1e-300)]
@@ -726,7 +668,7 @@ def test_singular_output_gram_leaves_unweighted_outputs_alone():
     Z = rng.standard_normal((20, 8))
     Z[:, :3] = 0
     H = Z.T @ Z / 20
-    G = sample_gram(rng, 10)[1]
+    G = ref.sample_gram(rng, 10)[1]
     B, A = fit_global(W, 3, G, H).factors[(0, 0)]
     assert np.all(np.isfinite(B)) and np.all(np.isfinite(A))
     np.testing.assert_allclose((B @ A)[:3], 0, atol=1e-10 * np.linalg.norm(W))
@@ -741,25 +683,25 @@ def test_metric_spectra_allocate_exactly_where_blocks_decouple():
     rng = np.random.default_rng(11)
     m, n, k = 9, 9, 3
     W = rng.standard_normal((m, n)) * np.exp(rng.uniform(-2, 2, n))
-    G = sample_gram(rng, n)[1]
-    sp = metric_block_spectra(W, BlockLayout.diagonal((m, n), k), G)
+    G = ref.sample_gram(rng, n)[1]
+    sp = block_spectra(W, BlockLayout.diagonal((m, n), k), input_gram=G, gram_damping=0.0)
     assert sp.exact
     rc, cc = layout_cuts(m, n, k, k)
-    tot = f_ref(W, 0, G)
+    tot = ref.f_ref(W, 0, G)
 
     def f_of(ranks):
         M = np.zeros((m, n))
         for i, r in enumerate(ranks):
             if r:
                 M += one_per_row_closed_form(W, G, rc, cc, [(i, i)], r)
-        return f_ref(W, M, G)
+        return ref.f_ref(W, M, G)
 
     combos = list(itertools.product(range(4), repeat=3))
     fs = {rk: f_of(rk) for rk in combos}
     for rk in combos[::5]:
         np.testing.assert_allclose(sp.error(np.diag(rk)), np.sqrt(fs[rk] / tot), rtol=1e-7)
     for budget in (6, 12, 20, 30):
-        ranks, exact = sp.allocate(budget=budget)
+        ranks, exact = sp.allocate(budget)
         assert exact
         chosen = tuple(int(v) for v in np.diag(ranks))
         feasible = [rk for rk in combos if 6 * sum(rk) <= budget]
@@ -781,12 +723,12 @@ def test_metric_spectra_say_when_allocation_is_not_exact():
     say exact=False (so exact_allocation is False); with block-diagonal G they are exact."""
     rng = np.random.default_rng(12)
     W = rng.standard_normal((8, 8))
-    G = sample_gram(rng, 8)[1]
-    sp = metric_block_spectra(W, BlockLayout.block((8, 8), 2), G)
-    assert not sp.exact and not sp.allocate(budget=32)[1]
+    G = ref.sample_gram(rng, 8)[1]
+    sp = block_spectra(W, BlockLayout.block((8, 8), 2), input_gram=G, gram_damping=0.0)
+    assert not sp.exact and not sp.allocate(32)[1]
     Gb = np.zeros((8, 8))
     Gb[:4, :4], Gb[4:, 4:] = G[:4, :4], G[4:, 4:]
-    assert metric_block_spectra(W, BlockLayout.block((8, 8), 2), Gb).exact
+    assert block_spectra(W, BlockLayout.block((8, 8), 2), input_gram=Gb, gram_damping=0.0).exact
 
 
 # ---------------------------------------------------------------------------- dtypes
@@ -794,7 +736,7 @@ def test_float32_in_float32_out():
     """Claim: float32 W gives float32 factors close to the float64 fit (global and blocks)."""
     rng = np.random.default_rng(4)
     W = rng.standard_normal((20, 16))
-    G = sample_gram(rng, 16)[1]
+    G = ref.sample_gram(rng, 16)[1]
     for fit in (lambda X: fit_global(X, 3, G), lambda X: fit_blocks(X, BlockLayout.block((20, 16), 2, rank=2), G)):
         a, b = fit(W), fit(W.astype(np.float32))
         for key in a.factors:

@@ -179,7 +179,7 @@ def test_the_public_functions_are_checked():
     names = set(_decorated())
     for want in (
         "blocklowrank.structures.approximate",
-        "blocklowrank._engine.fit_layout",
+        "blocklowrank._engine._fit.fit_layout",
         "blocklowrank.structures._hybrid.fit_hybrid",
         "blocklowrank.structures._shared_basis.fit_shared_basis",
         "blocklowrank._svd.batched_svd",

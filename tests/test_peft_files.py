@@ -154,7 +154,7 @@ def test_refuses_non_empty_directory_and_overwrites_atomically(tmp_path, monkeyp
         save_peft_adapter(tmp_path / "a", fit)
     before = (tmp_path / "a" / ADAPTER_WEIGHTS).read_bytes()
 
-    import blocklowrank.peft as mod
+    import blocklowrank.peft._write as mod  # where the writer calls save_file
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -299,3 +299,95 @@ def test_zero_rank_layer_is_written_as_zeros(tmp_path):
     sf = StructuredFactors(lay, {(0, 0): (np.zeros((8, 0)), np.zeros((0, 6)))})
     rep, config = _roundtrip(tmp_path, {Q: sf})
     assert config["r"] == 1 and rep["layers"][Q]["n_params_effective"] == 0
+
+
+# ---------------------------------------------------------------------------- config fields and patterns
+REFUSED_FIELDS = {
+    "use_dora": True,
+    "lora_bias": True,
+    "bias": "all",
+    "alora_invocation_tokens": [5, 6],
+    "use_qalora": True,
+    "layer_replication": [[0, 2]],
+    "target_parameters": ["experts.down_proj"],
+    "use_bdlora": {"nblocks": 2},
+    "arrow_config": {"top_k": 2},
+    "kasa_config": {"beta": 1.0},
+    "monteclora_config": {"num_samples": 2},
+}
+
+
+@pytest.mark.parametrize("field", sorted(REFUSED_FIELDS))
+def test_fields_that_change_the_update_are_refused_by_name(lora_dir, field):
+    """Each of PEFT's LoraConfig fields that make the update something other than s·B·A is refused, named."""
+    _edit_config(lora_dir, **{field: REFUSED_FIELDS[field]})
+    with pytest.raises(ValueError, match=f"{ADAPTER_CONFIG}: '{field}' is .*not supported"):
+        load_peft_adapter(lora_dir)
+
+
+@pytest.mark.parametrize("field", ["use_dora", "bias", "alora_invocation_tokens", "layer_replication"])
+def test_their_defaults_are_read(lora_dir, field):
+    want = load_peft_adapter(lora_dir)[0][Q].to_dense()
+    default = {"use_dora": False, "bias": "none", "alora_invocation_tokens": None, "layer_replication": None}
+    _edit_config(lora_dir, **{field: default[field]}, lora_dropout=0.1, layers_to_transform=[0])
+    np.testing.assert_array_equal(load_peft_adapter(lora_dir)[0][Q].to_dense(), want)
+
+
+@pytest.mark.parametrize("init", ["loftq", "pissa_niter_16", "foo", 1])
+def test_unknown_or_rewriting_inits_are_refused(lora_dir, init):
+    _edit_config(lora_dir, init_lora_weights=init)
+    with pytest.raises(ValueError, match=f"'init_lora_weights' is {init!r}"):
+        load_peft_adapter(lora_dir)
+
+
+def _regex(draw, st, depth):
+    """A random regular expression over module-path characters (Python syntax)."""
+    atoms = ["a", "b", "1", "_", r"\.", ".", "[ab]", "[^a.]", r"\d", r"\w", "[a-b1]"]
+    kind = draw(st.integers(0, 7 if depth < 3 else 0))
+    if kind == 0:
+        return draw(st.sampled_from(atoms))
+    if kind in (1, 2):
+        return _regex(draw, st, depth + 1) + _regex(draw, st, depth + 1)
+    if kind == 3:
+        return f"({_regex(draw, st, depth + 1)}|{_regex(draw, st, depth + 1)})"
+    if kind == 4:
+        quantifier = draw(st.sampled_from(["?", "*", "+", "{0,2}", "{2}", "*?", "{1,}"]))
+        return f"({_regex(draw, st, depth + 1)}){quantifier}"
+    if kind == 5:
+        return draw(st.sampled_from(["^", "$", r"\b", r"\B"])) + _regex(draw, st, depth + 1)
+    if kind == 6:
+        return draw(st.sampled_from(["(?=a)", "(?!b)", r"(?<=a\.)", "(?<!1)"])) + _regex(draw, st, depth + 1)
+    return _regex(draw, st, depth + 1) + draw(st.sampled_from(["$", r"\Z", ""]))
+
+
+def test_patterns_match_as_re_and_peft_do():
+    """Claim: a pattern read from an adapter config selects exactly the module paths it selects for PEFT: the
+    non-backtracking matcher agrees with ``re.fullmatch`` (``target_modules``) and with PEFT's
+    ``re.match(rf"(.*\\.)?({key})$", module)`` (``rank_pattern``/``alpha_pattern`` keys), both Python's ``re``
+    (the reference), on random patterns (groups, alternations, repeats, anchors, lookarounds) and paths."""
+    pytest.importorskip("hypothesis")
+    import re
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from blocklowrank.peft._patterns import Pattern
+
+    @settings(max_examples=400, derandomize=True, database=None, deadline=None)
+    @given(data=st.data(), texts=st.lists(st.text("ab1_.", max_size=7), min_size=1, max_size=6))
+    def check(data, texts):
+        pattern = _regex(data.draw, st, 0)
+        compiled = Pattern(pattern)
+        for text in texts:
+            assert compiled.fullmatch(text) == (re.fullmatch(pattern, text) is not None), (pattern, text)
+            peft = re.match(rf"(.*\.)?({pattern})$", text) is not None
+            assert compiled.suffix_match(text) == peft, (pattern, text)
+
+    check()
+
+
+@pytest.mark.parametrize("pattern", [r"(a)\1", "(?i)q_proj", "a++", "(?>a)", "(?(1)a|b)", "a{100000}"])
+def test_patterns_an_automaton_cannot_run_are_refused(lora_dir, pattern):
+    _edit_config(lora_dir, rank_pattern={pattern: 2})
+    with pytest.raises(ValueError, match="'rank_pattern' key .* is not a regular expression this reader can match"):
+        load_peft_adapter(lora_dir)

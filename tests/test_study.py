@@ -82,7 +82,8 @@ def _row(records, layer, structure, config):
 @pytest.fixture(scope="module")
 def studied(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    return run_study(*model, out=out, budget_rank=4, n_blocks=[2, 4], progress=False), out
+    every = ["global", "diagonal", "block", "hybrid", "shared_basis"]  # the iterative ones only when named
+    return run_study(*model, out=out, budget_rank=4, n_blocks=[2, 4], progress=False, structures=every), out
 
 
 def test_records_match_independent_svds(model, studied):
@@ -343,14 +344,18 @@ def test_cli_end_to_end(model, tmp_path, capsys):
     [
         (["{tmp}/missing.safetensors"], "no checkpoint at"),
         (["{base}", "{tuned}", "--target-modules", "nothing"], "no layer selected"),
-        (["{base}", "--budget-fraction", "2"], "budget_fraction must be"),
-        (["{base}", "--total-budget", "10"], "total_budget=10 is below"),
-        (["{base}", "--n-blocks", "0"], "n_blocks must hold"),
+        (["{base}", "--budget-fraction", "2"], "--budget-fraction must be a number in (0, 1)"),
+        (["{base}", "--total-budget", "10"], "--total-budget 10 is below"),
+        (["{base}", "--n-blocks", "0"], "--n-blocks must be >= 1"),
     ],
 )
 def test_cli_hostile_inputs(model, tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path, base=model[0], tuned=model[1]) for a in argv]
-    assert main(["study", *argv, "--out", str(tmp_path / "o"), "-q"]) == 2
+    try:
+        code = main(["study", *argv, "--out", str(tmp_path / "o"), "-q"])
+    except SystemExit as exc:  # refused by the parser, before any file is read
+        code = exc.code
+    assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("blocklowrank: error:") and message in err[0]
 

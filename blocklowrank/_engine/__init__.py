@@ -14,4 +14,3 @@ from ._results import Approximation, FitReport
 from ._spectra import BlockSpectra, allocate_total_budget, block_spectra
 
 __all__ = ["fit_layout", "Approximation", "FitReport", "BlockSpectra", "block_spectra", "allocate_total_budget"]
-

@@ -7,7 +7,7 @@ from sklearn.utils import check_random_state
 
 from .._metric import BCD_TOL
 from .._params import SVD_OPTIONS, validate_params
-from .._validation import validate_matrix
+from .._validation import OptionError, validate_matrix
 from ..layout import BlockLayout
 from ._metric import fit_layout_metric
 from ._plain import _fit_layout
@@ -42,10 +42,11 @@ def _rank_mode(layout, rank, budget, max_error, cap_rank):
     over = np.argwhere(rr > layout.max_ranks)
     if over.size and not cap_rank:
         i, j = (int(v) for v in over[0])
-        raise ValueError(
+        raise OptionError(
             f"rank {int(rr[i, j])} exceeds the smaller side of block ({i}, {j}), which is "
             f"{layout.row_sizes[i]}x{layout.col_sizes[j]} (max rank {int(layout.max_ranks[i, j])}); lower "
-            "the rank, use fewer blocks, or pass cap_rank=True to cap each block's rank at its smaller side"
+            "«rank», use fewer blocks («n_blocks»), or pass «cap_rank=True» to cap each block's rank at its "
+            "smaller side"
         )
     lay = layout.with_ranks(r, cap_rank=cap_rank)
     if lay.n_params == 0:

@@ -93,6 +93,8 @@ def _fit_one(W, lay, G, H, mode, value, svd, rng, n_jobs, iters):
         if mode == "budget":
             ranks, exact = allocate_budget(sp, lay, value)
             fit = _fit_from(p, lay, sp, ranks, svd, rng, n_jobs, iters)
+            if not sp.exact:  # heuristic spectra: never worse than the uniform ranks the budget allows
+                ranks, fit = _no_worse_than_uniform(p, lay, value, ranks, fit, svd, rng, n_jobs, iters)
         else:
             ranks, exact, fit = _target_error(p, lay, sp, value, svd, rng, n_jobs, iters)
     return _One(fit, np.asarray(ranks), exact, *_frobenius(p, lay, fit.factors))
@@ -127,7 +129,7 @@ def metric_spectra(p, lay, n_jobs=None, keep=False):
 
 def _fit_from(p, lay, sp, ranks, svd, rng, n_jobs, iters):
     """The fit at ``ranks``: a truncation of the spectra's SVDs where exact, else a fit."""
-    if getattr(sp, "fit_at", None) is not None:
+    if sp.fit_at is not None:
         return sp.fit_at(ranks)
     return fit_ranks(p, lay.with_ranks(ranks), svd, rng, n_jobs, iters)
 
@@ -153,6 +155,16 @@ def allocate_budget(sp, lay, budget):
     keys, gains, costs, maxr = _items(sp, lay)
     alloc, exact = _budget_allocation(gains, costs, maxr, budget)
     return _ranks(keys, alloc[0], lay), bool(exact and sp.exact)
+
+
+def _no_worse_than_uniform(p, lay, budget, ranks, fit, svd, rng, n_jobs, iters):
+    """``(ranks, fit)``: the allocated fit, or the uniform one within ``budget`` where that is better."""
+    r = min(budget // int(lay.block_costs[lay.active].sum()), int(lay.max_ranks[lay.active].min()))
+    uniform = np.where(lay.active, r, 0)
+    if r < 1 or np.array_equal(uniform, ranks):
+        return ranks, fit
+    other = fit_ranks(p, lay.with_ranks(uniform), svd, rng, n_jobs, iters)
+    return (uniform, other) if other.objective < fit.objective else (ranks, fit)
 
 
 def _target_error(p, lay, sp, target, svd, rng, n_jobs, iters):

@@ -34,8 +34,13 @@ class FitReport:
     gram_damping : float or None
         The damping ``delta`` used (None without a Gram).
     svd_solver : dict
-        Solver used for each block shape (iterative fits: of their steps):
-        "full" or "randomized", with "auto" resolved to the one it kept.
+        Always a dict, in every fit: the shape ``(rows, columns)`` of the
+        matrices a fit decomposed (its blocks; for the hybrid, also the whole
+        matrix of its global steps; for shared bases, the block-rows and
+        block-columns of its SVD start) -> the solver that ran on them,
+        "full" or "randomized" ("auto" resolved to the one it kept;
+        "full+randomized" when the steps of an iterative fit used both).
+        Empty when no SVD ran (shared bases from a random start).
     exact_allocation : bool or None
         For a budget or a target error: whether the rank allocation is provably
         optimal (see :func:`~blocklowrank.allocate_ranks`); None otherwise.

@@ -87,7 +87,9 @@ class BlockSpectra:
         return (self._energy * ~self.layout.active).sum(axis=(-2, -1)) if self._fixed is None else self._fixed
 
     def _total(self):
-        return (self._energy * self.layout.active).sum(axis=(-2, -1)) + self._fixed_loss()
+        if self._fixed is None:  # plain: every block's energy
+            return self._energy.sum(axis=(-2, -1))
+        return (self._energy * self.layout.active).sum(axis=(-2, -1)) + self._fixed
 
     @property
     def total_energy(self):

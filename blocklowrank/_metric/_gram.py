@@ -17,7 +17,7 @@ import numpy as np
 import scipy.linalg
 from scipy.linalg import blas, lapack
 
-from .._params import check
+from .._params import Float, check
 from .._validation import refuse_meaningless, validate_matrix
 
 __all__ = ["GramFactor", "IdentityGram", "as_gram", "GRAM_DAMPING"]
@@ -72,6 +72,14 @@ class GramFactor:
         damping; a singular one is handled in its range, see Notes).
     name : str, default="input_gram"
         The argument's name in error messages (``"output_gram"`` for ``H``).
+    psd_tol : float, optional
+        Negative eigenvalues down to ``-psd_tol * trace(G)`` are rounding
+        (default ``32 eps`` of the dtype ``gram`` is given in). Statistics
+        stored in a lower precision than they are given in (float32 files read
+        as float64) carry that precision's rounding: pass it (e.g. the tolerance
+        :mod:`blocklowrank.calibration` checked them with). Given, it is also
+        the relative cutoff ``rcond`` below which an eigenvalue counts as zero
+        where ``G`` must be inverted.
 
     Attributes
     ----------
@@ -129,7 +137,7 @@ class GramFactor:
 
     is_identity = False
 
-    def __init__(self, gram, size=None, *, damping=None, name="input_gram"):
+    def __init__(self, gram, size=None, *, damping=None, name="input_gram", psd_tol=None):
         self.name = name
         G, in_dtype = _check_gram(gram, size, name)
         self.damping = GRAM_DAMPING if damping is None else check(damping, "gram_damping", caller="GramFactor")
@@ -145,7 +153,12 @@ class GramFactor:
         np.ldexp(G, -self.log2_scale, out=G)  # exact (G is our own copy)
         self._trace = float(np.trace(G))
         self._shape_info(G)
-        allow = _PSD_ROUNDING * float(np.finfo(in_dtype).eps) * self._trace
+        if psd_tol is None:
+            psd_tol = _PSD_ROUNDING * float(np.finfo(in_dtype).eps)
+        else:  # the statistics' own rounding: also what counts as zero when G must be inverted
+            psd_tol = check(psd_tol, "psd_tol", [Float(0, 1, closed="left")], caller="GramFactor")
+            self.rcond = max(self.rcond, psd_tol)
+        allow = psd_tol * self._trace
         self.shift = self.damping * self._trace / self.size
         A = None
         if self.shift > 0:  # the PSD check needs its own factorisation: the damping hides mild negatives
@@ -153,7 +166,7 @@ class GramFactor:
             _, info = lapack.dpotrf(A, lower=1, overwrite_a=1)
             if info != 0:
                 self._refuse_indefinite(G, allow)
-            A[...] = G  # reuse the check's memory for G_delta (Fortran order)
+            A.T[...] = G  # reuse the check's memory for G_delta (G symmetric: a straight copy into A^T)
             A[np.diag_indices_from(A)] += self.shift
         if A is None:  # the factorisation is the PSD check
             self._factor = _factorize(G, self.rcond, consume=False)
@@ -475,8 +488,9 @@ def _factorize(A, rcond, *, consume, keep=None, shift=0.0):
 
 
 def _shifted(G, allow):
-    """A Fortran copy of ``G + allow * I`` (consumed by the PSD check)."""
-    A = np.array(G, order="F")
+    """A Fortran copy of ``G + allow * I`` (consumed by the PSD check; ``G`` symmetric, so ``G^T``'s
+    memory, a straight copy)."""
+    A = np.array(G.T, order="F")
     A[np.diag_indices_from(A)] += allow
     return A
 
@@ -503,30 +517,25 @@ def _check_gram(gram, size, name):
     if arr.shape[0] != arr.shape[1] or (size is not None and arr.shape[0] != size):
         raise ValueError(f"{name} must be a square matrix of shape {want} (one row per feature), got {arr.shape}")
     G = np.array(arr, dtype=np.float64)
-    _check_symmetric(G, arr.dtype, name)
-    _symmetrize(G)
+    _symmetrize_checked(G, arr.dtype, name)
     return G, arr.dtype
 
 
-def _symmetrize(G, chunk=1024):
-    """``G <- (G + G^T) / 2`` in place, by row chunks (no n x n temporary): exactly symmetric."""
-    n = G.shape[0]
-    for a in range(0, n, chunk):
-        b = min(a + chunk, n)
-        D = G[a:b, a:b]
-        D[...] = 0.5 * (D + D.T)
-        S = 0.5 * (G[a:b, b:] + G[b:, a:b].T)
-        G[a:b, b:], G[b:, a:b] = S, S.T
-
-
-def _check_symmetric(G, dtype, name, chunk=1024):
-    """``max |G - G^T| <= sqrt(eps) max |G|`` checked by row chunks (no n x n temporary)."""
+def _symmetrize_checked(G, dtype, name, tile=128):
+    """``G <- (G + G^T) / 2`` in place after checking ``max |G - G^T| <= sqrt(eps) max |G|`` (eps of
+    ``dtype``), by pairs of square tiles (cache-friendly; no n x n temporary): exactly symmetric."""
     tol = np.sqrt(np.finfo(dtype).eps) * float(np.max(np.abs(G)))
     n = G.shape[0]
-    for a in range(0, n, chunk):
-        d = float(np.max(np.abs(G[a : a + chunk] - G[:, a : a + chunk].T)))
-        if d > tol:
-            raise ValueError(
-                f"{name} is not symmetric (max |G - G^T| = {d:.3g}, above rounding {tol:.3g}); "
-                "a second moment X^T X / n is symmetric"
-            )
+    worst = 0.0
+    for a in range(0, n, tile):
+        for c in range(a, n, tile):
+            A, B = G[a : a + tile, c : c + tile], G[c : c + tile, a : a + tile]
+            worst = max(worst, float(np.max(np.abs(A - B.T))))
+            S = 0.5 * (A + B.T)
+            A[...] = S
+            B[...] = S.T
+    if worst > tol:
+        raise ValueError(
+            f"{name} is not symmetric (max |G - G^T| = {worst:.3g}, above rounding {tol:.3g}); "
+            "a second moment X^T X / n is symmetric"
+        )

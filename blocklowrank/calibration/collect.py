@@ -60,7 +60,7 @@ from pathlib import Path
 from .._extras import MissingExtraError, require
 from .._params import Int, StrOptions, validate_params
 from .._version import __version__
-from ..checkpoints import ALL_LINEAR, module_of, select_names
+from ..checkpoints import ALL_LINEAR, module_of, resolve_model, select_names
 from ..sweep import _bar
 from ._batches import as_inputs, masked_copy, padded, read_texts, read_tokens, token_mask, trim
 from ._hooks import Collector, drain
@@ -379,7 +379,9 @@ def calibrate_folder(
     ----------
     model_dir : str or path-like
         A folder with ``config.json``, safetensors weights and (for
-        ``texts``) a tokenizer, read offline. The model is built as the class
+        ``texts``) a tokenizer, read offline; or a Hugging Face cache folder
+        or a model id found in the cache (see
+        :func:`~blocklowrank.checkpoints.resolve_model`). The model is built as the class
         ``config.json`` names in ``architectures`` (so its module paths are the
         checkpoint's tensor names), else ``AutoModel``; a weight missing from
         the checkpoint is refused (it would be random).
@@ -411,7 +413,7 @@ def calibrate_folder(
     stats : CalibrationStats
         What was written to ``out``.
     """
-    folder, out = Path(model_dir), Path(out)
+    folder, out = Path(resolve_model(model_dir, role="model")), Path(out)
     if (texts is None) == (tokens is None):
         raise ValueError("pass one of texts (a text file, one per line) and tokens (a .npy file of token ids)")
     if out.exists() and not overwrite:

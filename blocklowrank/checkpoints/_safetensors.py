@@ -54,6 +54,7 @@ Examples
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import mmap
@@ -64,7 +65,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._io import atomic_write
+from .._io import atomic_write, open_regular, parse_json
 from ._dtypes import DTYPES, bf16_to_float32, code_of, float_to_bf16
 
 __all__ = [
@@ -74,6 +75,7 @@ __all__ = [
     "open_checkpoint",
     "save_file",
     "load_file",
+    "safetensors_size",
     "MAX_HEADER_BYTES",
 ]
 
@@ -136,29 +138,8 @@ def _looks_pickled(first_bytes):
 
 
 def _load_json(raw, path, what):
-    """Parse strict JSON (UTF-8, no duplicate keys, no NaN/Infinity) or raise CheckpointError."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _error(path, f"the {what} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-
-    def no_duplicates(pairs):
-        obj = {}
-        for key, value in pairs:
-            if key in obj:
-                raise _error(path, f"the {what} has the key {key!r} twice")
-            obj[key] = value
-        return obj
-
-    def no_constants(name):
-        raise _error(path, f"the {what} contains {name}, which is not JSON")
-
-    try:
-        return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constants)
-    except json.JSONDecodeError as exc:
-        raise _error(path, f"the {what} is not valid JSON ({exc.msg} at character {exc.pos})") from None
-    except RecursionError:
-        raise _error(path, f"the {what} is nested too deeply to be a safetensors {what}") from None
+    """Parse strict JSON (UTF-8, no duplicate keys, no NaN/Infinity, no overlong integer) or raise CheckpointError."""
+    return parse_json(raw, lambda message: _error(path, f"the {what} {message}"))
 
 
 def _is_count(value):
@@ -208,6 +189,7 @@ class _Header(NamedTuple):
     tensors: dict  # name -> TensorInfo, in data order
     metadata: dict | None
     identity: tuple  # _identity of the file when the header was read
+    digest: str  # SHA-256 of the header's bytes (length prefix included)
 
 
 def _identity(stat):
@@ -219,7 +201,7 @@ def _read_header(path):
     """Read and validate the header of one safetensors file (never its data)."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO or a device is refused here, before any read blocks
             stat = os.fstat(f.fileno())
             size, first = stat.st_size, f.read(8)
             if size < 8:
@@ -259,7 +241,7 @@ def _read_header(path):
         name: TensorInfo(name, dtype, shape, path, (data_start + begin, data_start + end))
         for begin, end, name, dtype, shape in entries
     }
-    return _Header(path, tensors, metadata, _identity(stat))
+    return _Header(path, tensors, metadata, _identity(stat), hashlib.sha256(first + raw).hexdigest())
 
 
 def _check_shard_path(index_path, shard):
@@ -276,9 +258,10 @@ def _read_index(index_path):
     """Read a sharded checkpoint's index and the headers of its shards."""
     index_path = Path(index_path)
     try:
-        if index_path.stat().st_size > MAX_HEADER_BYTES:
+        with open_regular(index_path) as f:
+            raw = f.read(MAX_HEADER_BYTES + 1)
+        if len(raw) > MAX_HEADER_BYTES:
             raise _error(index_path, f"the index is larger than {MAX_HEADER_BYTES} bytes")
-        raw = index_path.read_bytes()
     except OSError as exc:
         raise _error(index_path, f"cannot be read ({exc.strerror or exc})") from exc
     index = _load_json(raw, index_path, "index")
@@ -359,7 +342,10 @@ class Checkpoint:
 
     Notes
     -----
-    :meth:`names` lists tensors in storage order: shard by shard (file names
+    It reads like ``safetensors.safe_open``: :meth:`keys`, :meth:`get_tensor`,
+    ``name in ckpt``, ``len(ckpt)``, iteration over the names, and ``with
+    open_checkpoint(path) as ckpt:`` (closes it). :meth:`keys` (and its alias
+    :meth:`names`) lists tensors in storage order: shard by shard (file names
     sorted), by data offset within a file. Arrays returned by :meth:`get` are
     read-only views of the file when no conversion is needed (they stay valid
     after :meth:`close`), and new arrays otherwise.
@@ -370,14 +356,23 @@ class Checkpoint:
         headers = _read_index(self.path) if is_index else [_read_header(self.path)]
         self._infos = {name: info for header in headers for name, info in header.tensors.items()}
         self._identities = {header.path: header.identity for header in headers}
+        self._digests = {header.path: header.digest for header in headers}
         self.files = tuple(self._identities)
         self.metadata = dict(headers[0].metadata or {}) if headers else {}
         self._maps = {}
         self._closed = False
 
-    def names(self):
-        """Tensor names in storage order."""
+    def keys(self):
+        """Tensor names in storage order (as ``safetensors.safe_open(...).keys()``)."""
         return list(self._infos)
+
+    def names(self):
+        """Tensor names in storage order: the same as :meth:`keys`, kept as an alias."""
+        return self.keys()
+
+    def get_tensor(self, name):
+        """One tensor as a NumPy array (as ``safe_open(..., framework="np").get_tensor``): :meth:`get`."""
+        return self.get(name)
 
     def info(self, name):
         """Return the :class:`TensorInfo` of ``name`` (from the header; no data is read)."""
@@ -404,7 +399,7 @@ class Checkpoint:
         if self._closed:
             raise ValueError(f"the checkpoint {self.path} is closed")
         try:
-            with open(file, "rb", buffering=0) as f:
+            with open_regular(file, buffering=0) as f:
                 if _identity(os.fstat(f.fileno())) != self._identities[file]:
                     raise _error(file, "the file was changed or replaced since it was opened")
                 yield f
@@ -418,40 +413,78 @@ class Checkpoint:
                 self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._maps[file]
 
-    def _read_into(self, name, out, *, subtract=False, chunk_bytes=1 << 24):
-        """Decode tensor ``name`` into ``out`` (or subtract it from ``out``), chunk by chunk.
+    def fingerprint(self):
+        """What tells the checkpoint's files apart from replaced or rewritten ones, as when it was opened.
 
-        The data is read with ``readinto`` into one buffer of ``chunk_bytes``:
+        Returns
+        -------
+        list of dict
+            Per data file (each shard): ``path``, ``size``, ``mtime_ns``,
+            ``device``, ``inode`` and ``header_sha256`` (the SHA-256 of its
+            length prefix and header, which list every tensor's name, dtype,
+            shape and place).
+        """
+        return [
+            {
+                "path": str(path),
+                "size": ident[2],
+                "mtime_ns": ident[3],
+                "device": ident[0],
+                "inode": ident[1],
+                "header_sha256": self._digests[path],
+            }
+            for path, ident in self._identities.items()
+        ]
+
+    def _chunks(self, name, *, chunk_bytes=1 << 24, hasher=None):
+        """Yield ``(start, chunk)``: tensor ``name`` as stored (BF16 as uint16), chunk by chunk.
+
+        The data is read with ``readinto`` into one reused buffer of
+        ``chunk_bytes`` (so a chunk is valid until the next one is read):
         no page of the file joins the resident set (the touched pages of a
         memory map stay resident while it is open), and no full-size
-        temporary is made, so reading a layer costs ``out`` and one chunk.
+        temporary is made. ``start`` is the flat index of the chunk's first
+        element; ``hasher`` (a :mod:`hashlib` object), if given, is fed every
+        byte read.
         """
         info = self.info(name)
         spec = DTYPES[info.dtype]
         if spec.numpy is None:
             raise _error(info.file, f"dtype {info.dtype} has no NumPy equivalent to read it into", name)
-        if out.shape != info.shape or not out.flags.c_contiguous or not out.flags.writeable:
-            raise ValueError(f"out must be a writable C-contiguous array of shape {info.shape}")
-        flat = out.reshape(-1)
+        size = math.prod(info.shape)
         step = max(1, chunk_bytes // spec.numpy.itemsize)
-        buffer = np.empty(min(step, flat.size), dtype=spec.numpy)
+        buffer = np.empty(min(step, size), dtype=spec.numpy)
         with self._open(info.file) as f:
             f.seek(info.offsets[0])
-            for start in range(0, flat.size, step):
-                chunk = buffer[: min(step, flat.size - start)]
+            for start in range(0, size, step):
+                chunk = buffer[: min(step, size - start)]
                 view, got = memoryview(chunk).cast("B"), 0
                 while got < view.nbytes:
                     n = f.readinto(view[got:])
                     if not n:
                         raise _error(info.file, "the file ends inside the tensor's data", name)
                     got += n
-                if info.dtype == "BF16":
-                    chunk = bf16_to_float32(chunk)
-                target = flat[start : start + chunk.size]
-                if subtract:
-                    np.subtract(target, chunk, out=target)
-                else:
-                    target[...] = chunk
+                if hasher is not None:
+                    hasher.update(view)
+                yield start, chunk
+
+    def _read_into(self, name, out, *, subtract=False, chunk_bytes=1 << 24, hasher=None):
+        """Decode tensor ``name`` into ``out`` (or subtract it from ``out``), chunk by chunk (:meth:`_chunks`).
+
+        Reading a layer costs ``out`` and one chunk.
+        """
+        info = self.info(name)
+        if out.shape != info.shape or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(f"out must be a writable C-contiguous array of shape {info.shape}")
+        flat = out.reshape(-1)
+        for start, chunk in self._chunks(name, chunk_bytes=chunk_bytes, hasher=hasher):
+            if info.dtype == "BF16":
+                chunk = bf16_to_float32(chunk)
+            target = flat[start : start + chunk.size]
+            if subtract:
+                np.subtract(target, chunk, out=target)
+            else:
+                target[...] = chunk
         return out
 
     def get(self, name, *, dtype=None):
@@ -546,6 +579,45 @@ def _encoded(array, code):
     return np.ascontiguousarray(array, dtype=DTYPES[code].numpy)
 
 
+def _header_bytes(plan, metadata):
+    """The padded header of ``plan`` (``(name, code, shape)`` in storage order) and the buffer's size."""
+    header = {} if metadata is None else {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name, code, shape in plan:
+        size = math.prod(shape) * DTYPES[code].bits // 8
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    try:
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"a tensor name or metadata string is not valid Unicode: {exc}") from None
+    return raw + b" " * (-len(raw) % 8), offset
+
+
+def safetensors_size(specs, *, metadata=None):
+    """The size in bytes of the file :func:`save_file` would write, from names, codes and shapes alone.
+
+    Parameters
+    ----------
+    specs : mapping of str to (str, tuple of int)
+        Tensor name -> (safetensors code such as ``"BF16"``, shape).
+    metadata : mapping of str to str, optional
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> path = os.path.join(tempfile.mkdtemp(), "a.safetensors")
+    >>> tensors = {"w": np.zeros((3, 5), np.float32), "b": np.zeros(5)}
+    >>> safetensors_size({"w": ("BF16", (3, 5)), "b": ("F64", (5,))}) == os.path.getsize(
+    ...     save_file(path, tensors, dtypes={"w": "BF16"}))
+    True
+    """
+    plan = sorted(((n, c, tuple(s)) for n, (c, s) in specs.items()), key=lambda t: (-DTYPES[t[1]].rank, t[0]))
+    raw, buffer = _header_bytes(plan, metadata)
+    return 8 + len(raw) + buffer
+
+
 def save_file(path, tensors, *, metadata=None, dtypes=None):
     """Write tensors to a safetensors file, atomically.
 
@@ -597,18 +669,7 @@ def save_file(path, tensors, *, metadata=None, dtypes=None):
         array = np.asarray(array)
         plan.append((name, _stored_code(name, array, dtypes), array))
     plan.sort(key=lambda item: (-DTYPES[item[1]].rank, item[0]))  # as the reference writer
-    header = {} if metadata is None else {"__metadata__": metadata}
-    offset = 0
-    for name, code, array in plan:
-        size = array.size * DTYPES[code].bits // 8
-        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    try:
-        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"a tensor name or metadata string is not valid Unicode: {exc}") from None
-    raw += b" " * (-len(raw) % 8)
-
+    raw, _ = _header_bytes([(name, code, array.shape) for name, code, array in plan], metadata)
     with atomic_write(path) as f:  # the header, then one tensor at a time, encoded only when written
         f.write(len(raw).to_bytes(8, "little") + raw)
         for _, code, array in plan:

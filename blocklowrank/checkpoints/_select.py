@@ -25,6 +25,16 @@ layers.
 group of a :class:`PairingReport` (nothing is dropped silently), and
 :func:`iter_deltas` streams ``ΔW = W_finetuned - W_base`` one layer at a time.
 
+What a layer is (``nn.Linear``, transformers' ``Conv1D``, ``nn.Embedding``),
+and so how its weight is stored, is decided once when it is paired, from the
+model's own description (its ``config.json``; see
+:func:`pair_layers`), and carried by its :class:`LayerPair`: every ΔW is
+yielded as ``(out_features, in_features)`` whatever the storage, so what
+fits, counts and writes it never sees the difference. A selected layer must be
+a floating-point matrix (F16, BF16, F32, F64) holding finite values, and ΔW
+must be finite in the precision asked for: anything else is refused naming
+the file and the tensor.
+
 Examples
 --------
 >>> import tempfile, pathlib
@@ -52,6 +62,7 @@ layers.0.q_proj.weight float64 [1. 1. 1. 1.]
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -59,9 +70,20 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._dtypes import DTYPES, bf16_to_float32
+from ._orientation import KINDS, layer_kinds, model_config
 from ._safetensors import _error
 
-__all__ = ["ALL_LINEAR", "select_names", "module_of", "LayerPair", "PairingReport", "pair_layers", "iter_deltas"]
+__all__ = [
+    "ALL_LINEAR",
+    "select_names",
+    "module_of",
+    "LayerPair",
+    "PairingReport",
+    "pair_layers",
+    "iter_deltas",
+    "changed_tensors",
+]
 
 #: The ``target_modules`` shorthand for every linear layer.
 ALL_LINEAR = "all-linear"
@@ -70,6 +92,8 @@ _NOT_LINEAR = frozenset({"wte", "wpe", "shared", "relative_attention_bias", "lm_
 _TOP_LEVEL_HEADS = frozenset({"output"})
 _ADAPTER_PARTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
 _WEIGHT = ".weight"
+_FLOATS = ("F16", "BF16", "F32", "F64")
+_CHECK_ELEMENTS = 1 << 20  # finiteness is checked this many elements at a time (no full-size mask)
 
 
 def module_of(name):
@@ -164,11 +188,36 @@ def select_names(names, target_modules=ALL_LINEAR, *, shapes=None):
 
 
 class LayerPair(NamedTuple):
-    """One layer to compare: tensor name, module path and (common) shape."""
+    """One layer to compare.
+
+    Attributes
+    ----------
+    name : str
+        The weight's tensor name, ``<module>.weight``.
+    module : str
+        Its module path.
+    shape : tuple of int
+        The layer's ``(out_features, in_features)``: the shape of the ΔW
+        :func:`iter_deltas` yields, whatever the storage.
+    kind : {"linear", "conv1d", "embedding"}, default="linear"
+        ``nn.Linear`` stores ``(out, in)``; transformers' ``Conv1D`` and
+        ``nn.Embedding`` store the transpose (``stored_shape``).
+    """
 
     name: str
     module: str
     shape: tuple
+    kind: str = "linear"
+
+    @property
+    def transposed(self):
+        """Whether the checkpoint stores the weight as ``(in_features, out_features)``."""
+        return self.kind != "linear"
+
+    @property
+    def stored_shape(self):
+        """The weight's shape in the checkpoint."""
+        return tuple(reversed(self.shape)) if self.transposed else tuple(self.shape)
 
 
 def _listing(title, items, max_names):
@@ -235,7 +284,23 @@ def _shapes(checkpoint):
     return {name: checkpoint.info(name).shape for name in checkpoint.names()}
 
 
-def pair_layers(base, finetuned, target_modules=ALL_LINEAR):
+def _check_float(checkpoints, name):
+    """Refuse a selected weight that is not a floating-point matrix, naming the file, tensor and dtype."""
+    for ckpt in checkpoints:
+        info = ckpt.info(name)
+        if info.dtype not in _FLOATS:
+            spec = DTYPES[info.dtype]
+            what = f"{info.dtype} ({spec.numpy.name})" if spec.numpy is not None else f"{info.dtype} (no NumPy type)"
+            raise _error(
+                info.file,
+                f"dtype {what} is not a floating-point weight ({', '.join(_FLOATS)}): a quantized, integer, bool "
+                "or complex layer is not a matrix to approximate; dequantize the checkpoint or leave the layer "
+                "out with target_modules",
+                name,
+            )
+
+
+def pair_layers(base, finetuned, target_modules=ALL_LINEAR, *, orientation=None, fallback=None):
     """Pair the layers of a base checkpoint with those of its fine-tuned version.
 
     Parameters
@@ -245,12 +310,32 @@ def pair_layers(base, finetuned, target_modules=ALL_LINEAR):
         None pairs ``base`` with itself (to compress the weights themselves).
     target_modules : "all-linear", str or list of str, default="all-linear"
         Which layers to pair: see :func:`select_names`.
+    orientation : {"out_in", "in_out"}, optional
+        How the weights of the layers that are not embeddings are stored:
+        ``"out_in"`` as ``nn.Linear``, ``"in_out"`` as transformers'
+        ``Conv1D`` (GPT-2). By default this is decided from the model's
+        ``config.json`` beside the checkpoint (``model_type``); without one,
+        a layer named like GPT-2's ``Conv1D`` layers (``c_attn``,
+        ``c_proj``, ``c_fc``, ``q_attn``) is refused. Given with a
+        ``config.json``, it must agree with it.
+    fallback : {"out_in", "in_out"}, optional
+        Used where neither ``orientation`` nor a ``config.json`` decides
+        (e.g. a PEFT adapter's ``fan_in_fan_out``).
 
     Returns
     -------
     report : PairingReport
-        The pairs, and every tensor that was not paired with the reason.
-        Only headers are read.
+        The pairs (each with its kind and its ``(out, in)`` shape), and every
+        tensor that was not paired with the reason. Only headers (and
+        ``config.json``) are read.
+
+    Raises
+    ------
+    CheckpointError
+        A selected weight that is not of a floating-point dtype (F16, BF16,
+        F32, F64): integer codes of a quantized model, bool, complex.
+    ValueError
+        A layer whose storage cannot be told (see ``orientation``).
     """
     base_shapes = _shapes(base)
     tuned_shapes = base_shapes if finetuned is None else _shapes(finetuned)
@@ -266,35 +351,84 @@ def pair_layers(base, finetuned, target_modules=ALL_LINEAR):
         elif name not in selected:
             groups["excluded"].append(name)
         else:
-            groups["pairs"].append(LayerPair(name, module_of(name), shape))
+            _check_float([c for c in (base, finetuned) if c is not None], name)
+            groups["pairs"].append(name)
+    configs = [(str(c.path.parent / "config.json"), model_config(c)) for c in (base, finetuned) if c is not None]
+    kinds = layer_kinds([module_of(n) for n in groups["pairs"]], configs, orientation, fallback)
+    groups["pairs"] = [_pair(name, base_shapes[name], kinds[module_of(name)]) for name in groups["pairs"]]
     only_in_finetuned = [name for name in tuned_shapes if name not in base_shapes]
     return PairingReport(only_in_finetuned=only_in_finetuned, target_modules=target_modules, **groups)
 
 
-def _layer(base, finetuned, pair, dtype):
-    """ΔW (or W when ``finetuned`` is None) of one pair, computed in ``dtype`` or float64."""
+def _pair(name, stored_shape, kind):
+    """The LayerPair of a weight stored with ``stored_shape`` by a layer of ``kind``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    shape = tuple(stored_shape) if kind == "linear" else tuple(reversed(stored_shape))
+    return LayerPair(name, module_of(name), shape, kind)
+
+
+def _nonfinite(ckpt, name):
+    """Whether tensor ``name`` holds a NaN or an infinity (read chunk by chunk)."""
+    info = ckpt.info(name)
+    for _, chunk in ckpt._chunks(name, chunk_bytes=_CHECK_ELEMENTS * 4):
+        values = bf16_to_float32(chunk) if info.dtype == "BF16" else chunk
+        if not np.isfinite(values).all():
+            return True
+    return False
+
+
+def _check_finite(base, finetuned, pair, delta):
+    """Refuse a ΔW (or W) that is not finite, naming the file and tensor to blame."""
+    flat = np.ravel(delta, order="K")  # a view: the layer in memory order
+    if all(np.isfinite(flat[s : s + _CHECK_ELEMENTS]).all() for s in range(0, flat.size, _CHECK_ELEMENTS)):
+        return
+    for ckpt in (finetuned, base):
+        if ckpt is not None and _nonfinite(ckpt, pair.name):
+            raise _error(ckpt.info(pair.name).file, "holds NaN or infinite values; a layer must be finite", pair.name)
+    raise _error(
+        (finetuned or base).info(pair.name).file,
+        f"ΔW = fine-tuned - base overflows {delta.dtype} although both weights are finite; "
+        "it needs float64 (iter_deltas(..., dtype=numpy.float64)), and an adapter in float32 cannot hold it",
+        pair.name,
+    )
+
+
+def _layer(base, finetuned, pair, dtype, digests=None):
+    """ΔW (or W when ``finetuned`` is None) of one pair as ``(out, in)``, computed in ``dtype`` or float64.
+
+    ``digests``, if given, gets ``{"base": sha256, "finetuned": sha256}`` of the stored bytes read.
+    """
     infos = [ckpt.info(pair.name) for ckpt in (base, finetuned) if ckpt is not None]
     for info in infos:
-        if info.shape != tuple(pair.shape):
-            raise _error(info.file, f"shape {info.shape} differs from the pair's {tuple(pair.shape)}", pair.name)
+        if info.shape != pair.stored_shape:
+            raise _error(info.file, f"shape {info.shape} differs from the pair's {pair.stored_shape}", pair.name)
     if any(info.dtype == "F64" for info in infos):
         dtype = np.dtype(np.float64)
+    sides = [("base", base)] if finetuned is None else [("finetuned", finetuned), ("base", base)]
+    hashers = {role: hashlib.sha256() if digests is not None else None for role, _ in sides}
     # Read chunk by chunk into the one full-size result: no second copy of the
     # layer, and no page of either file stays resident (see Checkpoint._read_into).
-    delta = (base if finetuned is None else finetuned)._read_into(pair.name, np.empty(pair.shape, dtype))
-    if finetuned is not None:
-        base._read_into(pair.name, delta, subtract=True)
+    delta = np.empty(pair.stored_shape, dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # checked below, naming the layer
+        for t, (role, ckpt) in enumerate(sides):
+            ckpt._read_into(pair.name, delta, subtract=t > 0, hasher=hashers[role])
+    if digests is not None:
+        digests.clear()
+        digests.update({role: h.hexdigest() for role, h in hashers.items()})
+    delta = delta.T if pair.transposed else delta  # (out, in) for every layer: a view, no copy
+    _check_finite(base, finetuned, pair, delta)
     return delta
 
 
-def _stream(base, finetuned, pairs, dtype):
+def _stream(base, finetuned, pairs, dtype, digests):
     for pair in pairs:
-        layer = _layer(base, finetuned, pair, dtype)
+        layer = _layer(base, finetuned, pair, dtype, digests)
         yield pair, layer
         del layer  # drop our reference before the next layer is read
 
 
-def iter_deltas(base, finetuned, pairs, *, dtype=np.float32):
+def iter_deltas(base, finetuned, pairs, *, dtype=np.float32, digests=None):
     """Stream ``ΔW = W_finetuned - W_base`` one layer at a time.
 
     Parameters
@@ -307,23 +441,73 @@ def iter_deltas(base, finetuned, pairs, *, dtype=np.float32):
     dtype : {float32, float64}, default=float32
         Precision of the result; float64 is used for a layer whenever either
         checkpoint stores it as F64.
+    digests : dict, optional
+        If given, cleared and filled before each layer is yielded with the
+        SHA-256 of the bytes read for it: ``{"base": ..., "finetuned": ...}``
+        (``{"base": ...}`` without ``finetuned``), computed as they stream.
 
     Yields
     ------
     pair : LayerPair
-    delta : ndarray of shape ``pair.shape``
-        A new writable array; only this layer is held in memory (the files are
-        read chunk by chunk, never memory-mapped into the resident set). The
-        loop variable still holds the previous layer while the next one is
-        read: ``del delta`` at the end of the loop body keeps one layer, not two.
+    delta : ndarray of shape ``pair.shape`` (out_features, in_features)
+        A new writable array (for a layer stored transposed, such as GPT-2's
+        ``Conv1D``, a transposed view of it); only this layer is held in
+        memory (the files are read chunk by chunk, never memory-mapped into
+        the resident set). The loop variable still holds the previous layer
+        while the next one is read: ``del delta`` at the end of the loop body
+        keeps one layer, not two.
 
     Raises
     ------
     CheckpointError
-        If a layer's shape differs from its pair's (checked as each is read).
+        If a layer's shape differs from its pair's, a weight holds NaN or
+        infinity, or ΔW overflows ``dtype`` (checked as each is read; the
+        message names the file and the tensor).
     """
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
     pairs = pairs.pairs if isinstance(pairs, PairingReport) else list(pairs)
-    return _stream(base, finetuned, pairs, dtype)
+    return _stream(base, finetuned, pairs, dtype, digests)
+
+
+def _same_values(a, b):
+    """Equal values, NaN equal to NaN (for tensors stored with different dtypes)."""
+    same = a == b
+    if a.dtype.kind in "fc" and b.dtype.kind in "fc":
+        same |= np.isnan(a) & np.isnan(b)
+    return bool(same.all())
+
+
+def _decoded(ckpt, name, elements):
+    """The values of tensor ``name``, ``elements`` at a time (BF16 decoded to float32)."""
+    info = ckpt.info(name)
+    for _, chunk in ckpt._chunks(name, chunk_bytes=elements * DTYPES[info.dtype].numpy.itemsize):
+        yield bf16_to_float32(chunk) if info.dtype == "BF16" else chunk
+
+
+def changed_tensors(base, finetuned, names, *, chunk_bytes=1 << 20):
+    """The tensors among ``names`` whose values differ between two checkpoints, read chunk by chunk.
+
+    Same dtype: the stored bytes are compared, so identical bits are
+    unchanged (NaN included). Different dtypes: the decoded values are
+    compared, NaN equal to NaN. Memory: two chunks of about ``chunk_bytes``,
+    whatever the tensors' sizes. A tensor of a dtype NumPy cannot read (FP8)
+    raises CheckpointError naming it.
+    """
+    changed = []
+    for name in names:
+        a, b = base.info(name), finetuned.info(name)
+        if a.shape != b.shape:
+            changed.append(name)
+            continue
+        if a.dtype == b.dtype:
+            pairs = zip(base._chunks(name, chunk_bytes=chunk_bytes), finetuned._chunks(name, chunk_bytes=chunk_bytes))
+            same = all(np.array_equal(x.view(np.uint8), y.view(np.uint8)) for (_, x), (_, y) in pairs)
+        else:
+            elements = max(1, chunk_bytes // 8)
+            pairs = zip(_decoded(base, name, elements), _decoded(finetuned, name, elements))
+            same = all(_same_values(x, y) for x, y in pairs)
+        if not same:
+            changed.append(name)
+    return changed

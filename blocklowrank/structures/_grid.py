@@ -201,9 +201,9 @@ _BCD_DOC = """
     max_iter : int, default=100
         In a data metric whose blocks do not decouple: passes of the
         block-coordinate descent, the start included.
-    tol : float, default=1e-3
+    tol : float, default=5e-3
         Stop the block-coordinate descent when a sweep improves the relative
-        output error by a fraction ``<= tol``.
+        (damped) output error by a fraction ``<= tol``.
 """
 
 _GRID_DOC = """
@@ -236,10 +236,14 @@ _ATTRS_DOC = """
         equal to ``error_`` when no Gram was given.
     objective_ : float
         Only with a Gram: the damped objective the fit minimised.
-    error_trace_, n_iter_, stop_reason_
+    n_iter_ : int
+        Grid estimators (those with ``max_iter``): passes of the
+        block-coordinate descent in a data metric (the start counted); 1 for
+        a fit in one step.
+    error_trace_, stop_reason_
         Only for a block-coordinate descent in a data metric (blocks that do not
         decouple): the damped relative output error after each accepted
-        sweep, the passes (the start counted) and why it stopped.
+        sweep and why it stopped.
     ranks_ : ndarray of int, shape (K_rows, K_cols)
         Per-block ranks (0 where a block is inactive).
     singular_values_ : dict

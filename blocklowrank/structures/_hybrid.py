@@ -210,7 +210,7 @@ def fit_hybrid(
         blocks=dict(f.items()),
         global_factors=f.global_factors,
         structure="hybrid",
-        solver=svd_solver,
+        solver=alt.solvers,
     )
     if input_gram is None and output_gram is None:
         return plain
@@ -253,6 +253,7 @@ class _Alternation:
     def __init__(self, Xd, layout, r_g, svd, rng, n_jobs):
         N, m, n = Xd.shape
         self.Xd, self.layout, self.r_g, self.svd, self.rng, self.n_jobs = Xd, layout, r_g, svd, rng, n_jobs
+        self.solvers = {}  # block shape -> the solver its steps ran (report.svd_solver)
         self.glob_layout = BlockLayout.global_((m, n), r_g) if r_g else None
         self.sq_x = np.einsum("nab,nab->n", Xd, Xd)
         self.G = np.zeros((N, m, n))  # the global term, dense
@@ -285,6 +286,8 @@ class _Alternation:
                 a = _fit_layout(self.Xd[ids] - self.G[ids], self.layout, "layout", None, *self._opts())
                 dense, facs = a.reconstruction, a.factors
                 err = self.rel_err(ids, self.G[ids], dense)
+            for shape, used in a.report.svd_solver.items():  # "auto" may pick differently from step to step
+                self.solvers[shape] = used if self.solvers.get(shape, used) == used else "full+randomized"
             return err, lambda sel: self._accept(which, ids, dense, facs, sel)
 
         return run

@@ -57,8 +57,8 @@ def in_scalar_metric(plain, X, G, H, delta):
     return Approximation(plain.factors, rep)
 
 
-def _stack(outs, batch):
-    """The per-matrix results as the arrays :func:`~._iterative.iterative_result` takes."""
+def _result(layout, outs, X, delta, structure, **factors):
+    """The per-matrix results as one :class:`~blocklowrank.Approximation` (through ``iterative_result``)."""
     N = len(outs)
     width = max(len(o.trace) for o in outs)
     errors = np.full((N, width), np.nan)
@@ -69,8 +69,12 @@ def _stack(outs, batch):
         "output_error": np.array([o.output_error for o in outs]),
         "objective": np.array([o.objective for o in outs]),
         "total_objective": np.array([o.total for o in outs]),
+        "gram_damping": delta,
     }
-    return np.array([o.error for o in outs]), trace, metric
+    err = np.array([o.error for o in outs])
+    return iterative_result(
+        layout, err, trace, X.shape[:-2], X.dtype, None, structure=structure, metric=metric, **factors
+    )
 
 
 def _frobenius(p, M):
@@ -96,28 +100,20 @@ def hybrid_in_metric(X, layout, r_g, plain, svd, rng, n_jobs, iters, first_step,
         return in_scalar_metric(plain, X, G, H, delta)
     m, n = X.shape[-2:]
     flat = X.reshape((-1, m, n))
-    outs = []
+    outs, hybrids = [], []
     for b, W in enumerate(flat):
         start = _plain_parts(plain, b, X.ndim > 2)
-        outs.append(_Hybrid(prepare(W, G, H), layout, r_g, svd, rng, n_jobs).run(start, first_step, *iters))
-    err, trace, numbers = _stack(outs, X.shape[:-2])
+        hybrids.append(_Hybrid(prepare(W, G, H), layout, r_g, svd, rng, n_jobs))
+        outs.append(hybrids[-1].run(start, first_step, *iters))
     blocks = {
         k: tuple(np.stack([o.parts["blocks"][k][t] for o in outs]) for t in (0, 1)) for k in outs[0].parts["blocks"]
     }
     gf = tuple(np.stack([o.parts["global"][t] for o in outs]) for t in (0, 1))
-    return iterative_result(
-        layout,
-        err,
-        trace,
-        X.shape[:-2],
-        X.dtype,
-        None,
-        blocks=blocks,
-        global_factors=gf,
-        structure="hybrid",
-        solver=svd[0],
-        metric={**numbers, "gram_damping": delta},
-    )
+    solver = dict(plain.report.svd_solver)  # the plain start's, then the global steps' in the metric
+    used = set().union(*(o.used for o in hybrids)) | ({solver[(m, n)]} if (m, n) in solver else set())
+    if used:
+        solver[(m, n)] = "+".join(sorted(used))
+    return _result(layout, outs, X, delta, "hybrid", blocks=blocks, global_factors=gf, solver=solver)
 
 
 def _plain_parts(plain, b, stacked):
@@ -138,6 +134,7 @@ class _Hybrid:
         self.tots = totals(p.W, p.G, p.H, self.g.f0)
         m, n = p.W.shape
         self.zero_global = (np.zeros((m, r_g)), np.zeros((r_g, n)))
+        self.used = set()  # the solvers the global steps ran (report.svd_solver)
 
     def objective(self, st):
         return self.g.objective(st.P, st.facs, extra=st.glob[0] @ st.glob[1])
@@ -147,7 +144,8 @@ class _Hybrid:
         R = self.g.W - self.g.dense(st.facs)
         pR = dataclasses.replace(self.p, W=R.astype(self.p.dtype, copy=False))
         k = min(self.r_g, self.p.H.rank, self.p.G.rank)
-        U, s, _, _ = global_svd(pR, k, self.svd, self.rng, self.n_jobs)
+        U, s, used, _ = global_svd(pR, k, self.svd, self.rng, self.n_jobs)
+        self.used.add(used)
         B, A = (np.asarray(a, np.float64) for a in _factors(pR.W, self.p.G, self.p.H, U[:, :k], s[:k]))
         B, A = np.pad(B, ((0, 0), (0, self.r_g - k))), np.pad(A, ((0, self.r_g - k), (0, 0)))
         new = _HState(st.P.copy(), dict(st.facs), (B, A))
@@ -240,23 +238,12 @@ def shared_basis_in_metric(X, layout, plain, fit_plain, iters, metric):
                 prepare(W, G, H), layout, ([pick(u) for u in U], [pick(v) for v in V], pick(S)), fit_plain, iters
             )
         )
-    err, trace, numbers = _stack(outs, X.shape[:-2])
     shared = (
         [np.stack([o.parts[0][i] for o in outs]) for i in range(len(U))],
         [np.stack([o.parts[1][j] for o in outs]) for j in range(len(V))],
         np.stack([o.parts[2] for o in outs]),
     )
-    return iterative_result(
-        layout,
-        err,
-        trace,
-        X.shape[:-2],
-        X.dtype,
-        None,
-        shared=shared,
-        structure="shared_basis",
-        metric={**numbers, "gram_damping": delta},
-    )
+    return _result(layout, outs, X, delta, "shared_basis", shared=shared)
 
 
 def _big(shared, layout):

@@ -79,4 +79,4 @@ def iterative_result(
         )
     else:
         rep = dict(error=float(err[0]), n_iter=int(n_done[0]), stop_reason=str(stop[0]), error_trace=errors[0, :width])
-    return Approximation(factors, FitReport(svd_solver={"steps": solver} if solver else {}, **rep, **(metric or {})))
+    return Approximation(factors, FitReport(svd_solver=dict(solver or {}), **rep, **(metric or {})))

@@ -54,6 +54,16 @@ class LinearBudget:
                 out.append(record(name, K, r, r * unit, budget))
         return out
 
+    def over(self, name, shape, budget, ks, ranks):
+        """Records that spend the budget at rank ``rmax + 1``: a rank equal to an active block's
+        smallest side, valid but over-parameterised (the records :meth:`records` leaves out)."""
+        out = []
+        for K, unit, rmax in self.parts(shape, ks):
+            r = budget // unit if ranks is None else max([r for r in ranks if r * unit <= budget], default=0)
+            if r == rmax + 1:
+                out.append({**record(name, K, r, r * unit, budget), "over": True})
+        return out
+
     def cheapest(self, shape, ks, ranks):
         """``(count, K, rank)`` of the cheapest valid configuration, or None."""
         best = None

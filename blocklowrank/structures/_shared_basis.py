@@ -220,9 +220,14 @@ def fit_shared_basis(
         [V[:, j, : layout.col_sizes[j]] for j in range(kc)],
         S,
     )
+    solver = {}
+    if init == "svd":  # the initial bases: exact SVDs of every block-row and block-column
+        m, n = Xd.shape[-2:]
+        solver = {**{(int(h), n): "full" for h in layout.row_sizes}, **{(m, int(w)): "full" for w in layout.col_sizes}}
     plain = iterative_result(
-        layout, final, Trace.from_arrays(*trace), batch, dtype, scale, shared=shared, structure="shared_basis"
-    )
+        layout, final, Trace.from_arrays(*trace), batch, dtype, scale, shared=shared, structure="shared_basis",
+        solver=solver,
+    )  # fmt: skip
     if input_gram is None and output_gram is None:
         return plain
 

@@ -67,8 +67,14 @@ code change, e.g. Dask (workers must see the checkpoint and output paths)::
 ``backend="ray"``.) A ``tqdm`` bar counts the layers. With ``out``, each
 finished layer is one JSON line of ``out/study.jsonl``
 (:class:`~blocklowrank.sweep.RunLog`) and its spectra one file in
-``out/spectra/``: a killed study started again with the same settings redoes
-only the layers not logged (a torn last line included).
+``out/spectra/``: a killed study started again with the same settings and
+inputs redoes only the layers not logged (a torn last line included).
+``out/study.json`` records the settings and a fingerprint of every input
+file (size, modification time, identity, header hash; an adapter's files
+and the models' ``config.json`` hashed whole): a study of other inputs or
+settings, or a log without its ``study.json``, is refused; a logged layer
+whose record is damaged, made for another study, or whose spectra file no
+longer has the SHA-256 it was written with is computed again.
 
 References
 ----------

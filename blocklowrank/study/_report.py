@@ -55,7 +55,7 @@ def _settings_section(records):
         "# Checkpoint study",
         "",
         f"- base: `{st['base']}`",
-        f"- fine-tuned: `{st['finetuned']}`",
+        f"- fine-tuned: `{st['finetuned']}`" if st["finetuned"] else "- fine-tuned: none (one checkpoint)",
         f"- studied: {what}",
         f"- layers: {len(records.layers)} selected by target_modules={st['target_modules']!r}",
         f"- budget: {st['budget'][0]} = {st['budget'][1]}; grid sizes K in {st['n_blocks']}",
@@ -157,26 +157,49 @@ def _skipped_section(layers):
         for lay in layers
         if lay["missing"] and not lay["skipped"]
     ]
-    return ["", "## Skipped layers and structures", ""] + (skipped + missing or ["None."])
+    return ["", "## Skipped layers and structures", ""] + (skipped + missing or ["No layer or structure was skipped."])
+
+
+def _color_range(E):
+    """The colour scale of the heat map: the data's own range (a flat one widened a little)."""
+    finite = E[np.isfinite(E)]
+    if not finite.size:
+        return 0.0, 1.0
+    lo, hi = float(finite.min()), float(finite.max())
+    pad = max(1e-3, 0.05 * (hi - lo)) if hi - lo < 1e-3 else 0.0
+    return lo - pad, hi + pad
 
 
 def plot_error_heatmap(records, path):
-    """Best relative error of each structure (columns) on each layer (rows)."""
+    """Best relative error of each structure (columns) on each layer (rows).
+
+    The colour scale spans the errors found (not a fixed 0-1), so that
+    differences between structures show; grey cells: no configuration at
+    the budget.
+    """
     plt = pyplot_agg()
+    fig = _heatmap_figure(records, plt)
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _heatmap_figure(records, plt):
     layers = [lay["layer"] for lay in records.layers]
     names = records.settings["structures"]
     best = _best_errors(records)
     E = np.array([[best.get((lay, name), np.nan) for name in names] for lay in layers])
-    fig, ax = plt.subplots(figsize=(2.2 + 1.1 * len(names), 1.5 + 0.22 * len(layers)), constrained_layout=True)
+    width = max(2.2 + 1.1 * len(names), 3.0 + 0.07 * max(map(len, layers), default=0))
+    fig, ax = plt.subplots(figsize=(width, 1.8 + 0.22 * len(layers)), constrained_layout=True)
     cmap = plt.get_cmap("viridis").with_extremes(bad="0.85")  # grey: no configuration at this budget
-    im = ax.imshow(np.ma.masked_invalid(E), aspect="auto", cmap=cmap, vmin=0, vmax=1)
+    lo, hi = _color_range(E)
+    im = ax.imshow(np.ma.masked_invalid(E), aspect="auto", cmap=cmap, vmin=lo, vmax=hi)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_yticks(range(len(layers)), layers, fontsize=max(4, 9 - len(layers) // 40))
-    fig.colorbar(im, ax=ax, label="relative Frobenius error (best configuration)")
-    ax.set_title("error per layer and structure (grey: not matched)")
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
-    return path
+    fig.colorbar(im, ax=ax, label="relative error (best configuration)")
+    title = "best error per layer" + ("\n(grey: not matched)" if np.isnan(E).any() else "")
+    ax.set_title(title, fontsize=10)
+    return fig
 
 
 def plot_error_vs_budget(records, path):

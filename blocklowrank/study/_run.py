@@ -5,22 +5,28 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import re
+import sys
 import tempfile
+from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from .._extras import require
-from .._io import atomic_write_text
+from .._io import atomic_write_text, open_regular, read_json, sha256_file
+from .._validation import OptionError
 from ..budget import RecordList, check_methods, match_budget
-from ..checkpoints import ALL_LINEAR, LayerPair, iter_deltas, open_checkpoint, pair_layers
+from ..checkpoints import ALL_LINEAR, LayerPair, iter_deltas, open_checkpoint, pair_layers, resolve_model
+from ..checkpoints._names import no_layer_selected
 from ..compare import compare_at_budget
-from ..peft import adapter_deltas, adapter_pairs
-from ..structures import get_structure, structure_names
-from ..sweep import RunLog, jsonable, run_sweep
+from ..peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_deltas, adapter_pairs
+from ..structures import get_structure
+from ..sweep import RunLog, canonical, jsonable, run_sweep
 from ._model_wide import _model_wide
+from ._plan import apply_roles, cost_summary, default_structures, estimate_cost
 from ._report import write_study
 from ._spectra import _curve, _load_spectra, _partitions, _save_npz, _spectra_arrays, effective_rank
 
@@ -65,15 +71,24 @@ def _config(rec):
     return " ".join(words)
 
 
+def _read_layer(pair, base, finetuned, settings):
+    """ΔW of one layer as (out, in), and the SHA-256 of the stored bytes it was computed from."""
+    if settings["adapter"]:  # a PEFT adapter directory in place of a fine-tuned checkpoint
+        ((_, delta),) = list(
+            adapter_deltas(base, finetuned, names=[pair.name], stored=False, orientation=settings["orientation"])
+        )
+        return delta, {}  # the adapter's files are hashed whole in the settings
+    digests = {}
+    with open_checkpoint(base) as b, open_checkpoint(finetuned) if finetuned else nullcontext() as f:
+        ((_, delta),) = list(iter_deltas(b, f, [pair], digests=digests))  # arrays stay valid after close
+    return delta, dict(digests)
+
+
 def _study_layer(task, *, base, finetuned, settings, progress=False, live=False):
     """Study one layer in a worker: read it from the files, fit, return its JSON record."""
-    name, module, stored_shape = task["pair"]
-    pair = LayerPair(name, module, tuple(stored_shape))
-    if settings.get("adapter"):  # a PEFT adapter directory in place of a fine-tuned checkpoint
-        ((_, delta),) = list(adapter_deltas(base, finetuned, names=[pair.name]))
-    else:
-        with open_checkpoint(base) as b, open_checkpoint(finetuned) if finetuned else nullcontext() as f:
-            ((_, delta),) = list(iter_deltas(b, f, [pair]))  # arrays stay valid after close
+    name, module, shape, kind = task["pair"]
+    pair = LayerPair(name, module, tuple(shape), kind)
+    delta, digests = _read_layer(pair, base, finetuned, settings)
     names, ks = settings["structures"], settings["n_blocks"]
     shape = delta.shape
     arrays = _spectra_arrays(delta, names, ks)
@@ -90,6 +105,8 @@ def _study_layer(task, *, base, finetuned, settings, progress=False, live=False)
         "rows": [],
         "skipped": None,
         "missing": [],
+        "inputs_sha256": digests,
+        "spectra_sha256": sha256_file(task["spectra"]),
     }
     layer_ks = [K for K in ks if K <= min(shape)] or [1]
     try:  # only a budget that no configuration of this layer spends skips it; other errors stop the study
@@ -152,30 +169,113 @@ def _mark_best(rows):
 
 def _check_budgets(budget_rank, budget_fraction, total_budget):
     if budget_fraction is not None and total_budget is not None:
-        raise ValueError("give at most one of budget_fraction and total_budget")
+        raise OptionError("give at most one of «budget_fraction» and «total_budget»")
     if budget_fraction is not None:
         if isinstance(budget_fraction, bool) or not (0 < float(budget_fraction) < 1):
-            raise ValueError(f"budget_fraction must be a number in (0, 1), got {budget_fraction!r}")
+            raise OptionError(f"«budget_fraction» must be a number in (0, 1), got {budget_fraction!r}")
         return "fraction", float(budget_fraction)
     value, what = (total_budget, "total_budget") if total_budget is not None else (budget_rank, "budget_rank")
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{what} must be an int >= 1, got {value!r}")
+        raise OptionError(f"«{what}» must be an int >= 1, got {value!r}")
     return what, int(value)
+
+
+#: What a record of ``_study_layer`` holds (key -> JSON types), checked before a logged one is used.
+_RECORD = {
+    "layer": (str,),
+    "module_type": (str,),
+    "shape": (list,),
+    "effective_rank": (int, float),
+    "budget": (int,),
+    "curve": (dict,),
+    "rows": (list,),
+    "skipped": (str, type(None)),
+    "missing": (list,),
+    "summary": (str,),
+    "spectra_sha256": (str,),
+}
+
+
+def _check_record(rec, task):
+    """Why a logged layer record cannot be used (None if it can): its keys, and its spectra file's SHA-256."""
+    if rec.get("status") != "ok":
+        return f"its status is {rec.get('status')!r}"
+    for key, types in _RECORD.items():
+        if not isinstance(rec.get(key), types) or isinstance(rec.get(key), bool):
+            return f"its {key!r} is missing or not a {types[0].__name__}"
+    if not all(isinstance(row, dict) for row in rec["rows"]):
+        return "its rows are not records"
+    try:
+        with open_regular(task["spectra"]) as f:
+            digest = sha256_file(f)
+    except OSError as exc:
+        return f"its spectra file {task['spectra']} cannot be read ({exc.strerror or exc})"
+    if digest != rec["spectra_sha256"]:
+        return f"its spectra file {task['spectra']} changed since it was written"
+    return None
+
+
+def _read_settings(path):
+    try:
+        old = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"{path} cannot be read ({exc}); it records what the study in {path.parent} was run on: "
+            "remove that folder or use another --out"
+        ) from None
+    if not isinstance(old, dict):
+        raise ValueError(f"{path} does not hold the settings of a study; remove that folder or use another --out")
+    return old
 
 
 def _settings_file(out, settings):
     """Record the settings in ``out/study.json``; refuse a folder whose finished layers used others."""
     path = Path(out) / "study.json"
     log = Path(out) / "study.jsonl"
-    if path.exists() and log.exists() and log.stat().st_size:  # a study with finished layers
-        old = json.loads(path.read_text())
-        if old != settings:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    logged = log.exists() and log.stat().st_size > 0
+    if path.exists() and logged:  # a study with finished layers
+        old = _read_settings(path)
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff == ["inputs"]:
+            changed = [f["path"] for f in settings["inputs"] if f not in old.get("inputs", [])]
+            raise ValueError(
+                f"{out} holds a study of other inputs: {', '.join(changed) or 'the files'} changed since it ran "
+                "(size, modification time, header or content); use another --out or remove that folder"
+            )
+        if diff:
             raise ValueError(
                 f"{out} holds a study with other settings ({', '.join(diff)}); use another --out or remove that folder"
             )
+    elif logged:
+        raise ValueError(
+            f"{log} holds finished layers but {path} (what they were computed from) is missing; "
+            "use another --out or remove that folder"
+        )
     else:  # a new study, or one stopped before its first layer
         atomic_write_text(path, json.dumps(settings, indent=1, sort_keys=True))
+
+
+def _file_identity(path):
+    """Path, size, modification time, identity and SHA-256 of a (small) regular file."""
+    with open_regular(path) as f:
+        st = os.fstat(f.fileno())
+        digest = sha256_file(f)
+    out = {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {**out, "device": st.st_dev, "inode": st.st_ino, "sha256": digest}
+
+
+def _inputs(b, f, adapter_dir):
+    """Fingerprints of every file the study reads: each data file's identity and header hash (checkpoints; see
+    :meth:`~blocklowrank.checkpoints.Checkpoint.fingerprint`), the adapter's two files hashed whole, and the
+    ``config.json`` files that decide the layers' kinds."""
+    found = b.fingerprint() + (f.fingerprint() if f is not None else [])
+    if adapter_dir is not None:
+        found += [_file_identity(Path(adapter_dir) / n) for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)]
+    for ckpt in (b, f):
+        config = None if ckpt is None else ckpt.path.parent / "config.json"
+        if config is not None and config.is_file():
+            found.append(_file_identity(config))
+    return found
 
 
 def run_study(
@@ -193,13 +293,16 @@ def run_study(
     progress=True,
     svd_solver="auto",
     fit_options=None,
+    orientation=None,
 ):
     """Approximate every layer of a checkpoint by every registered structure at matched budgets.
 
     Parameters
     ----------
     base : str or path-like
-        A safetensors file, a sharded checkpoint's folder or index file.
+        A safetensors file, a sharded checkpoint's folder or index file, a
+        Hugging Face cache folder or a model id
+        (:func:`~blocklowrank.checkpoints.resolve_model`).
     finetuned : str or path-like, optional
         The fine-tuned checkpoint: layers are ``ΔW = W_finetuned - W_base``.
         Or a PEFT adapter directory (LoRA or GraLoRA, holding
@@ -212,9 +315,21 @@ def run_study(
         ``study.jsonl`` (with ``study.json``, the settings, and ``spectra/``).
         Without it nothing is written and nothing can be resumed. The
         figures need matplotlib (the ``plots`` extra): without it, a study
-        with ``out`` is refused before it starts, in one line.
+        with ``out`` is refused before it starts, in one line. A study run
+        again with the same ``out`` resumes only if it reads the same
+        inputs with the same settings: ``study.json`` records both (every
+        file's size, modification time, identity and header hash; an
+        adapter's files and the models' ``config.json`` hashed whole), and a
+        logged layer is used only if its record is whole, was made for this
+        study and its spectra file still has the SHA-256 it was written with
+        (else that layer is computed again, with a warning). Each layer's
+        record holds the SHA-256 of the stored bytes it was computed from
+        (``inputs_sha256``).
     structures : sequence of str, optional
-        Registered structures to study; default every registered one.
+        Registered structures to study; default the layout structures
+        (global, diagonal, block: seconds per layer). The iterative ones
+        (hybrid, shared_basis: minutes per large layer) run only when named;
+        with ``progress`` their cost is measured and printed before they start.
     budget_rank : int, default=16
         Per-layer budget as a LoRA-equivalent rank: ``budget_rank (m + n)``.
     budget_fraction : float in (0, 1), optional
@@ -225,8 +340,9 @@ def run_study(
         budget is its share at one common LoRA-equivalent rank
         ``t = total_budget / sum (m + n)``, ``floor(t (m + n))``, and the
         model-wide allocation spends the whole total.
-    target_modules : "all-linear", str or list of str, default="all-linear"
-        Which layers (see :func:`~blocklowrank.checkpoints.select_names`).
+    target_modules : "all-linear", str or collection of str, default="all-linear"
+        Which layers (see :func:`~blocklowrank.checkpoints.select_names`); a
+        set or a tuple of names is recorded as a sorted list.
     n_blocks : sequence of int, optional
         Grid sizes K; default :data:`DEFAULT_N_BLOCKS` (those at most a
         layer's smaller side are used on that layer).
@@ -244,7 +360,13 @@ def run_study(
         with a global term, every split of it) is one fit of up to
         ``max_iter`` alternations, each with SVDs of the whole layer, where a
         layout structure needs one spectrum per grid size. On large models
-        lower ``max_iter`` or leave them out of ``structures``.
+        lower ``max_iter`` or leave them out of ``structures``. Values must be
+        what JSON can record (NumPy scalars are converted).
+    orientation : {"out_in", "in_out"}, optional
+        How the checkpoints store their layers' weights where their
+        ``config.json`` does not say (see
+        :func:`~blocklowrank.checkpoints.pair_layers`; for an adapter, its
+        ``fan_in_fan_out`` decides then). ΔW is studied as ``(out, in)``.
 
     Returns
     -------
@@ -264,11 +386,14 @@ def run_study(
     Raises
     ------
     ValueError
-        Invalid settings, no layer selected, or ``out`` holding a study with
-        other settings. A layer whose budget no configuration fits is not an
-        error: it is skipped and listed (``layers[i]["skipped"]``).
+        Invalid settings (named), no layer selected, or ``out`` holding a
+        study with other settings or of other inputs, a log without its
+        ``study.json`` or a ``study.json`` that cannot be read. A layer whose
+        budget no configuration fits is not an error: it is skipped and
+        listed (``layers[i]["skipped"]``).
     FileNotFoundError, CheckpointError
-        Missing or unreadable checkpoint files.
+        Missing or unreadable checkpoint files; a layer that is not
+        floating-point or holds NaN/inf (naming the file and tensor).
 
     See Also
     --------
@@ -302,34 +427,15 @@ def run_study(
     mode, value = _check_budgets(budget_rank, budget_fraction, total_budget)
     if out is not None:
         require("matplotlib")  # the figures of ``out``: refuse before the work, not after it
-    names = structure_names() if structures is None else check_methods(structures)
+    names = default_structures() if structures is None else check_methods(structures)
     ks = sorted(set(DEFAULT_N_BLOCKS if n_blocks is None else (int(k) for k in np.atleast_1d(n_blocks))))
     if not ks or min(ks) < 1:
-        raise ValueError(f"n_blocks must hold ints >= 1, got {n_blocks!r}")
-    adapter = finetuned is not None and (Path(finetuned) / "adapter_config.json").is_file()
-    with (
-        open_checkpoint(base) as b,
-        open_checkpoint(finetuned) if finetuned is not None and not adapter else nullcontext() as f,
-    ):
-        pairing = pair_layers(b, f, target_modules)
-        paths = str(b.path), (str(f.path) if f is not None else None)
-    if adapter:  # the adapter's layers, in the base's names
-        held = {p.name for p in adapter_pairs(base, finetuned)}
-        pairing.pairs[:] = [p for p in pairing.pairs if p.name in held]
-        paths = paths[0], str(Path(finetuned).resolve())
-    if not pairing.pairs:
-        raise ValueError(
-            f"no layer selected by target_modules={target_modules!r}: "
-            + "; ".join(line.strip() for line in pairing.summary().splitlines())
-        )
-    sides = sum(p.shape[0] + p.shape[1] for p in pairing.pairs)
-    if mode == "total_budget" and value < sides:
-        raise ValueError(f"total_budget={value} is below LoRA-equivalent rank 1 on every layer ({sides} parameters)")
-    if mode == "total_budget":  # a common (fractional) LoRA-equivalent rank value / sides, rounded down per layer
-        budgets = [value * (p.shape[0] + p.shape[1]) // sides for p in pairing.pairs]
-    else:
-        budgets = [_budget(p.shape, value, value if mode == "fraction" else None) for p in pairing.pairs]
-    total = value if mode == "total_budget" else sum(budgets)
+        raise OptionError(f"«n_blocks» must hold ints >= 1, got {n_blocks!r}")
+    target_modules = _as_list(target_modules)
+    base = resolve_model(base, role="base")
+    finetuned = None if finetuned is None else resolve_model(finetuned, role="fine-tuned")
+    pairing, paths, adapter, inputs = _layers_to_study(base, finetuned, target_modules, orientation)
+    budgets, total = _budgets(pairing.pairs, mode, value)
     settings = {
         "base": paths[0],
         "finetuned": paths[1],
@@ -338,19 +444,28 @@ def run_study(
         "budget": [mode, value],
         "target_modules": target_modules,
         "svd_solver": svd_solver,
-        "fit_options": fit_options or {},
+        "fit_options": _recorded("fit_options", fit_options or {}),
         "adapter": adapter,
+        "orientation": orientation,
+        "inputs": inputs,
     }
+    settings = _recorded("settings", settings)
+    study = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     tmp = tempfile.TemporaryDirectory() if out is None else None
     folder = Path(tmp.name if tmp else out)
     try:
         (folder / "spectra").mkdir(parents=True, exist_ok=True)
         _settings_file(folder, settings)
         tasks = [
-            {"id": p.name, "pair": list(p), "budget": bud, "spectra": str(folder / "spectra" / f"{_safe(p.name)}.npz")}
+            {"id": p.name, "pair": list(p), "budget": bud, "spectra": str(folder / "spectra" / f"{_safe(p.name)}.npz"),
+             "study": study}
             for p, bud in zip(pairing.pairs, budgets)
-        ]
+        ]  # fmt: skip
         fn = functools.partial(_study_layer, base=paths[0], finetuned=paths[1], settings=settings)
+        if progress and any(not get_structure(n).spectral for n in names):  # minutes per large layer: say so first
+            sample = lambda pair: _read_layer(pair, paths[0], paths[1], settings)[0]  # noqa: E731
+            for line in cost_summary(estimate_cost(pairing.pairs, budgets, names, ks, fit_options, sample=sample)):
+                print(line, file=sys.stderr, flush=True)
         done = run_sweep(
             tasks,
             fn,
@@ -359,8 +474,9 @@ def run_study(
             progress=progress,
             name="study",
             label=lambda t: t["pair"][1],
+            check=_check_record,
         )
-        layers = [done[t["id"]] for t in tasks]
+        layers = apply_roles([done[t["id"]] for t in tasks])
         files = [t["spectra"] for t in tasks]
         model_wide, model_layers, notes = _model_wide(layers, files, names, ks, total, budgets)
     finally:
@@ -372,6 +488,59 @@ def run_study(
     if out is not None:
         write_study(records, out)
     return records
+
+
+def _as_list(target_modules):
+    """A collection of module names as a sorted list (a set or a tuple names the same layers), else as given."""
+    if isinstance(target_modules, (str, Mapping)) or not isinstance(target_modules, Iterable):
+        return target_modules  # a regular expression, "all-linear", or refused by pair_layers
+    items = list(target_modules)
+    return sorted(set(items)) if all(isinstance(t, str) and t for t in items) else items
+
+
+def _recorded(name, value):
+    """``value`` as ``study.json`` records it (:func:`~blocklowrank.sweep.canonical`), or ValueError naming it."""
+    try:
+        return canonical(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must hold what JSON can record (numbers, strings, lists, dicts): {exc}") from None
+
+
+def _layers_to_study(base, finetuned, target_modules, orientation):
+    """``(pairing, paths, adapter, inputs)``: the layers, the files by path, whether ``finetuned`` is a PEFT
+    adapter directory, and the fingerprints of everything read."""
+    adapter = finetuned is not None and (Path(finetuned) / ADAPTER_CONFIG).is_file()
+    fallback = None
+    if adapter:  # the adapter's own fan_in_fan_out, where the base's config.json does not decide
+        flag = _read_settings(Path(finetuned) / ADAPTER_CONFIG).get("fan_in_fan_out")
+        fallback = "in_out" if flag is True else "out_in"
+    with (
+        open_checkpoint(base) as b,
+        open_checkpoint(finetuned) if finetuned is not None and not adapter else nullcontext() as f,
+    ):
+        pairing = pair_layers(b, f, target_modules, orientation=orientation, fallback=fallback)
+        paths = str(b.path), (str(f.path) if f is not None else None)
+        inputs = _inputs(b, f, finetuned if adapter else None)
+    if adapter:  # the adapter's layers, in the base's names
+        held = {p.name: p for p in adapter_pairs(base, finetuned, orientation=orientation)}
+        pairing.pairs[:] = [held[p.name] for p in pairing.pairs if p.name in held]
+        paths = paths[0], str(Path(finetuned).resolve())
+    if not pairing.pairs:
+        modules = [n.rsplit(".", 1)[0] for n in pairing.excluded if n.endswith(".weight")]
+        raise no_layer_selected(modules, target_modules).with_context("no layer selected: ")
+    return pairing, paths, adapter, inputs
+
+
+def _budgets(pairs, mode, value):
+    """Each layer's budget and the total the model-wide allocation spends."""
+    sides = sum(p.shape[0] + p.shape[1] for p in pairs)
+    if mode == "total_budget" and value < sides:
+        raise OptionError(f"«total_budget={value}» is below LoRA-equivalent rank 1 on every layer ({sides} parameters)")
+    if mode == "total_budget":  # a common (fractional) LoRA-equivalent rank value / sides, rounded down per layer
+        budgets = [value * (p.shape[0] + p.shape[1]) // sides for p in pairs]
+    else:
+        budgets = [_budget(p.shape, value, value if mode == "fraction" else None) for p in pairs]
+    return budgets, (value if mode == "total_budget" else sum(budgets))
 
 
 def _safe(name):

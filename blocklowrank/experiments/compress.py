@@ -84,27 +84,10 @@ RULES = ("uniform", "budget")
 #: How ΔW1 is fitted: the Frobenius error, or the error of the pre-activations on the training images.
 METRICS = ("plain", "input")
 _ORDER = {"exact": 0, "global": 1, "diagonal": 2, "block": 3, "hybrid": 4, "shared_basis": 5}
-_FIELDS = [
-    "method",
-    "label",
-    "config",
-    "n_blocks",
-    "rank",
-    "global_rank",
-    "rule",
-    "metric",
-    "n_params",
-    "n_params_used",
-    "n_trainable",
-    "n_seeds",
-    "error_mean",
-    "output_error_mean",
-    "val_output_error_mean",
-    "val_acc_mean",
-    "test_acc_mean",
-    "test_acc_std",
-    "selected",
-]
+_FIELDS = (
+    "method label config n_blocks rank global_rank rule metric n_params n_params_used n_trainable n_seeds "
+    "error_mean output_error_mean val_output_error_mean val_acc_mean test_acc_mean test_acc_std selected"
+).split()
 
 
 @dataclass

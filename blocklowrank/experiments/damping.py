@@ -143,11 +143,11 @@ def choose(rows):
     return best, min(regret, key=regret.get)
 
 
-def _mlp_layers(out, seeds, progress):
+def _mlp_layers(out, seeds, progress, ft_lr=None):
     """``(layers, cal, val)`` of the MLP: one ΔW1 and one pixel Gram pair per seed."""
     from .compress import mnist_models, pixel_gram
 
-    models = mnist_models(out, seeds=seeds, progress=progress)
+    models = mnist_models(out, seeds=seeds, ft_lr=ft_lr, progress=progress)
     layers, cal, val = [], {}, {}
     for s in models["seeds"]:
         pre, ft = models["pretrained"][s], models["tuned"][s]
@@ -203,7 +203,7 @@ def _summary(rows, best, overall, seconds):
     return "\n".join(lines) + "\n"
 
 
-def run_damping(out, *, seeds=3, cases=("mlp", "minilm"), dampings=DAMPINGS, progress=True):
+def run_damping(out, *, seeds=3, cases=("mlp", "minilm"), dampings=DAMPINGS, ft_lr=None, progress=True):
     """Measure the held-out output error per damping on the MLP and MiniLM (see the module notes).
 
     Parameters
@@ -213,6 +213,9 @@ def run_damping(out, *, seeds=3, cases=("mlp", "minilm"), dampings=DAMPINGS, pro
         ``pretrained/``, ``compress/``, ``realweights/minilm``,
         ``minilm_metric/calibration``); gets ``damping.csv`` and
         ``damping_summary.txt``.
+    ft_lr : float, optional
+        The MLP's full fine-tuning learning rate (default: Figure 2's
+        selection from ``sweep.csv``, as ``compress``).
 
     Returns
     -------
@@ -224,7 +227,7 @@ def run_damping(out, *, seeds=3, cases=("mlp", "minilm"), dampings=DAMPINGS, pro
     for case in cases:
         if progress:
             print(f"[damping] {case} ...", file=sys.stderr, flush=True)
-        layers, cal, val = _mlp_layers(out, seeds, progress) if case == "mlp" else _minilm_layers(out)
+        layers, cal, val = _mlp_layers(out, seeds, progress, ft_lr) if case == "mlp" else _minilm_layers(out)
         rows += heldout_rows(case, layers, cal, val, CASES[case], RANKS[case], dampings)
     best, overall = choose(rows)
     text = _summary(rows, best, overall, time.perf_counter() - t0)
@@ -244,9 +247,10 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="the results folder of blocklowrank reproduce")
     parser.add_argument("--cases", nargs="+", choices=tuple(CASES), default=list(CASES))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--ft-lr", type=float, help="the MLP's full fine-tuning lr (default: Figure 2's choice)")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
-    res = run_damping(args.out, seeds=args.seeds, cases=args.cases, progress=not args.quiet)
+    res = run_damping(args.out, seeds=args.seeds, cases=args.cases, ft_lr=args.ft_lr, progress=not args.quiet)
     print(res["summary"])
     return 0
 

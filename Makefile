@@ -33,6 +33,9 @@ reproduce: $(VENV)/.installed
 	# Real weights: the paper's MLP pretrained / fully fine-tuned, MiniLM's fine-tune (made
 	# above), then the checkpoint study on MiniLM W, MiniLM dW and the MLP's dW
 	$(PY) -m blocklowrank.experiments.realweights study --out $(OUT)/realweights
+	# gram_damping measured: held-out output error vs damping (MNIST validation images,
+	# MiniLM's held-out 20 % of the training sentences), from the caches made above
+	$(PY) -m blocklowrank.experiments.damping --out $(OUT)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_engine.py

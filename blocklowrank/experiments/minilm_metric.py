@@ -95,7 +95,7 @@ METRICS = {"plain": (False, False), "input": (True, False), "output": (False, Tr
 #: Structure key -> (method, n_blocks).
 STRUCTURES = {"global": ("global", 1), "diagonal": ("diagonal", 4), "block2": ("block", 2), "block4": ("block", 4)}
 #: LoRA-equivalent ranks: ``r (m + n)`` parameters per m x n layer.
-RANKS = (4, 8, 16, 32)
+RANKS = (8, 16, 32)
 #: Share of the training sentences in the ``cal`` part (the rest is ``val``).
 CAL_FRACTION = 0.8
 LABELS = {"global": "LoRA", "diagonal": "MELoRA N=4", "block2": "Localized K=2", "block4": "Localized K=4"}
@@ -122,20 +122,20 @@ class Spec:
 
 
 def default_specs(ranks=RANKS, structures=tuple(STRUCTURES), metrics=tuple(METRICS)):
-    """The grid (every structure, rank and metric) plus the diagnostic runs at ranks 8 and 16.
+    """The grid (every structure, rank and metric) plus the diagnostic runs at rank 16.
 
-    Diagnostics: ``sequential`` calibration for the input metric and both
-    metrics, and ``test`` calibration for the input metric, on global and
-    ``block2``.
+    Diagnostics (global and ``block2``, when in the grid): ``test``
+    calibration and ``sequential`` calibration for the input metric, and
+    ``sequential`` calibration for both metrics on global.
     """
-    grid = [Spec(s, r, m) for s in structures for r in ranks for m in metrics]
+    grid = [Spec(s, r, m) for r in ranks for s in structures for m in metrics]
     extra = []
-    for s in [s for s in ("global", "block2") if s in structures]:
-        for r in [r for r in (8, 16) if r in ranks]:
-            extra += [Spec(s, r, m, "sequential") for m in ("input", "both") if m in metrics]
-            extra += [Spec(s, r, "input", "test")] if "input" in metrics else []
+    if 16 in ranks:
+        for s in [s for s in ("global", "block2") if s in structures]:
+            extra += [Spec(s, 16, "input", tag) for tag in ("test", "sequential") if "input" in metrics]
+        if "global" in structures and "both" in metrics:
+            extra.append(Spec("global", 16, "both", "sequential"))
     return grid + extra
-
 
 def block_rank(structure, rank):
     """The per-block rank that spends ``rank (m + n)`` parameters on an m x n layer."""

@@ -137,6 +137,7 @@ def default_specs(ranks=RANKS, structures=tuple(STRUCTURES), metrics=tuple(METRI
             extra.append(Spec("global", 16, "both", "sequential"))
     return grid + extra
 
+
 def block_rank(structure, rank):
     """The per-block rank that spends ``rank (m + n)`` parameters on an m x n layer."""
     method, k = STRUCTURES[structure]

@@ -173,3 +173,32 @@ def test_merged_calibration_parts_equal_one_collection(tiny, tmp_path):
         for layer in whole.output_layers:
             want = whole.output_gram(layer)
             np.testing.assert_allclose(merged.output_gram(layer), want, rtol=1e-5, atol=1e-7 * np.abs(want).max())
+
+
+def test_versus_lora_pairs_each_block_fit_with_lora_plain_at_its_rank():
+    """Claim: each block structure's fit (plain and both metrics) is compared with LoRA's plain fit of the same
+    rank on the same sentences: the difference of accuracies and the exact McNemar p-value of the discordant
+    pairs (recomputed here with SciPy's binomial test)."""
+    from scipy.stats import binomtest
+
+    from blocklowrank.experiments._minilm_report import versus_lora
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 200)
+
+    def rec(structure, rank, metric, calibration="train"):
+        pred = np.where(rng.random(200) < 0.6, y, (y + 1) % 4)
+        return {"kind": "adapter", "structure": structure, "rank": rank, "metric": metric,
+                "calibration": calibration, "pred": pred.tolist(), "accuracy": float(np.mean(pred == y))}  # fmt: skip
+
+    specs = [("global", 8, "plain"), ("global", 8, "both"), ("block2", 8, "both"), ("block2", 8, "input")]
+    specs += [("diagonal", 16, "plain"), ("global", 16, "plain"), ("block2", 8, "input", "sequential")]
+    runs = {mm.Spec(*s).name: rec(*s) for s in specs}
+    got = {v["id"]: v for v in versus_lora(runs, y)}
+    assert set(got) == {"block2-r8-both", "diagonal-r16-plain"}
+    for rid, v in got.items():
+        lora = np.asarray(runs[f"global-r{runs[rid]['rank']}-plain"]["pred"]) == y
+        mine = np.asarray(runs[rid]["pred"]) == y
+        assert v["diff"] == pytest.approx(mine.mean() - lora.mean())
+        b, c = int(np.sum(lora & ~mine)), int(np.sum(mine & ~lora))
+        assert v["p_mcnemar"] == pytest.approx(binomtest(b, b + c, 0.5).pvalue)

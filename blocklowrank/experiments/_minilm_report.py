@@ -21,7 +21,7 @@ from .._io import atomic_write_csv, atomic_write_text, save_figure
 from ..structures import approximate
 from ._scores import compare_paired, wilson_interval
 
-__all__ = ["write_report", "layer_type", "outlier_shares", "outlier_fits", "LAYER_TYPES"]
+__all__ = ["write_report", "versus_lora", "layer_type", "outlier_shares", "outlier_fits", "LAYER_TYPES"]
 
 #: The six linears of a BERT encoder layer (``attention.output.dense`` before ``output.dense``: suffix matching).
 LAYER_TYPES = tuple(
@@ -210,6 +210,20 @@ def _spearman(a, b):
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def versus_lora(runs, y, metrics=("plain", "both")):
+    """Each block structure in each of ``metrics`` against LoRA's plain fit at the same rank (paired tests)."""
+    y = np.asarray(y)
+    out = []
+    for rid, rec in runs.items():
+        if rec.get("kind") != "adapter" or rec["calibration"] != "train" or rec["structure"] == "global":
+            continue
+        lora = runs.get(f"global-r{rec['rank']}-plain")
+        if rec["metric"] in metrics and lora is not None:
+            cmp = compare_paired(np.asarray(lora["pred"]) == y, np.asarray(rec["pred"]) == y)
+            out.append({"id": rid, "lora": lora["accuracy"], "accuracy": rec["accuracy"], **cmp})
+    return sorted(out, key=lambda v: (int(v["id"].split("-r")[1].split("-")[0]), v["id"]))
+
+
 def diagnostics(runs, stats, grams, deltas, y):
     """The 'why' numbers (see :mod:`~blocklowrank.experiments.minilm_metric`)."""
     adapters = [r for r in runs.values() if r.get("kind") == "adapter" and r.get("layers")]
@@ -219,6 +233,7 @@ def diagnostics(runs, stats, grams, deltas, y):
         "sequential": _paired_summary(runs, y, "sequential"),
         "test_calibration": _paired_summary(runs, y, "test"),
         "generalisation": _generalisation(runs),
+        "versus_lora": versus_lora(runs, y),
     }
     if len(adapters) > 2:
         err = [_mean_out(r) for r in adapters]
@@ -292,6 +307,15 @@ def _why_lines(diag):
                 f"[{100 * v['diff_low']:+.1f},{100 * v['diff_high']:+.1f}], p={v['p_mcnemar']:.2f}); "
                 f"held-out output error {v['out_test_train']:.3f} -> {v[f'out_test_{tag}']:.3f}"
             )
+    if diag.get("versus_lora"):
+        lines.append(
+            "  block structures against LoRA's plain fit at the same rank (points, paired bootstrap, McNemar):"
+        )
+    for v in diag.get("versus_lora", []):
+        lines.append(
+            f"    {v['id']:<28}{100 * v['accuracy']:5.1f} vs {100 * v['lora']:5.1f}  ({100 * v['diff']:+.1f} "
+            f"[{100 * v['diff_low']:+.1f},{100 * v['diff_high']:+.1f}], p={v['p_mcnemar']:.3f})"
+        )
     if "spearman_out_test_vs_kl" in diag:
         lines.append(
             f"  across adapters, Spearman rank correlation of the mean held-out output error with KL "

@@ -2,8 +2,8 @@
 
 Subcommands
 -----------
-reproduce   the paper's experiments (Table I / Figure 1, the 10k-digit study, Figure 2) and the
-            structures beyond the paper at matched budgets
+reproduce   the paper's experiments (Table I / Figure 1, the 10k-digit study, Figure 2), the
+            structures beyond the paper at matched budgets, compress-or-train, and the MiniLM verdicts
 approximate fit one structure to a matrix or image file
 budget      configurations of each structure at a parameter budget
 study       every layer of a checkpoint (or of its fine-tuning update) by the layout structures
@@ -219,6 +219,12 @@ def _reproduce_one(name, out, args):
         )
         plot_figure2(res, out / "figure2.png")
         return [out / "sweep.csv", out / "figure2_summary.txt", out / "figure2.png"]
+    if name == "minilm":
+        from ..experiments.minilm_metric import run_minilm_metric
+
+        folder = out / "minilm_metric"
+        run_minilm_metric(folder, out / "realweights" / "minilm", progress=progress)
+        return [folder / f for f in ("minilm_metric.csv", "minilm_metric_summary.txt", "minilm_metric.png")]
     from ..experiments.compress import plot_compress, run_compress
 
     res = run_compress(out, seeds=args.seeds, subset=args.subset, progress=progress, n_jobs=args.n_jobs)

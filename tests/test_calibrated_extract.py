@@ -16,6 +16,7 @@ NumPy; the global fit in a metric is SVD-LLM's whitened SVD
 import copy
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -185,7 +186,7 @@ def test_peft_merges_the_calibrated_adapter_to_base_plus_the_metric_fit(bert, tm
     from the file); for global that fit is SVD-LLM's whitened SVD of the damped G."""
     kw = {"rank": 2} if method == "global" else {"rank": 1, "n_blocks": 2}
     report = extract_adapter(
-        bert["base_dir"], bert["ft_dir"], tmp_path / "a", method=method, calibration=bert["stats"], **kw
+        bert["base_dir"], bert["ft_dir"], tmp_path / "a", method=method, calibration=bert["stats"], metric="input", **kw
     )
     assert report.peft_type == ("LORA" if method == "global" else "GRALORA")
     merged = _peft_deltas(bert, tmp_path / "a")
@@ -214,7 +215,7 @@ def test_reported_output_error_is_the_error_of_the_outputs_and_no_worse_than_pla
     setup = request.getfixturevalue(model)
     stats = setup["stats"] if model == "bert" else setup["stats_g"]
     cal = extract_adapter(setup["base_dir"], setup["ft_dir"], tmp_path / "c", rank=2, calibration=stats,
-                          gram_damping=0.0)  # fmt: skip
+                          gram_damping=0.0, metric="input")  # fmt: skip
     plain = extract_adapter(setup["base_dir"], setup["ft_dir"], tmp_path / "p", rank=2)
     M_cal, M_plain = _peft_deltas(setup, tmp_path / "c"), _peft_deltas(setup, tmp_path / "p")
     X = _inputs(setup, setup["modules"])
@@ -240,7 +241,7 @@ def test_gpt2_conv1d_gram_is_on_the_input_side(gpt2, tmp_path):
     the square attn.c_proj is the whitened fit of ΔW (out, in) with G on its columns, which differs from the
     fit with G on the stored weight's columns (the output side) by far more than the tolerance."""
     extract_adapter(gpt2["base_dir"], gpt2["ft_dir"], tmp_path / "a", rank=2, calibration=gpt2["stats_g"],
-                    target_modules=["attn.c_proj"], gram_damping=0.0)  # fmt: skip
+                    target_modules=["attn.c_proj"], gram_damping=0.0, metric="input")  # fmt: skip
     merged = _peft_deltas(gpt2, tmp_path / "a")
     for module in conv1d_modules(gpt2["base"], ("attn.c_proj",)):
         dW, G = _delta(gpt2, module), _gram(gpt2["stats_g"], module)
@@ -258,7 +259,8 @@ def test_output_grams_weight_the_fit_where_the_file_has_them(gpt2, tmp_path):
     undamped Grams (E = ΔW - M), computed here with NumPy from the file's matrices."""
     from safetensors.numpy import load_file
 
-    report = extract_adapter(gpt2["base_dir"], gpt2["ft_dir"], tmp_path / "a", rank=2, calibration=gpt2["stats"])
+    report = extract_adapter(gpt2["base_dir"], gpt2["ft_dir"], tmp_path / "a", rank=2, calibration=gpt2["stats"],
+                             metric="both")  # fmt: skip
     assert report.calibration["output_grams"] == len(gpt2["modules"])
     merged, tensors = _peft_deltas(gpt2, tmp_path / "a"), load_file(str(gpt2["stats"]))
     for module in gpt2["modules"]:
@@ -268,6 +270,65 @@ def test_output_grams_weight_the_fit_where_the_file_has_them(gpt2, tmp_path):
         E = dW - merged[module]
         direct = math.sqrt(np.sum((H @ E) * (E @ G)) / np.sum((H @ dW) * (dW @ G)))
         assert report.layers[module]["output_error"] == pytest.approx(direct, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------- metric: which Grams a fit uses
+def test_metric_auto_fits_lora_plain_and_blocks_in_both_grams(gpt2, tmp_path):
+    """Claim (metric="auto", the default): a global adapter of a given rank is ΔW's plain truncated SVD, a
+    K x K adapter is the fit in G and H (the file has both); every layer's output_error is measured in the
+    file's whole metric, sqrt(tr(H E G Eᵀ) / tr(H ΔW G ΔWᵀ)) with the undamped Grams, whichever way it
+    was fitted, and its record says which."""
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(gpt2["stats"]))
+    for method, kw, fitted in (("global", {"rank": 2}, "plain"), ("block", {"rank": 1, "n_blocks": 2}, "both")):
+        out = tmp_path / method
+        report = extract_adapter(gpt2["base_dir"], gpt2["ft_dir"], out, method=method, calibration=gpt2["stats"], **kw)
+        assert report.settings["metric"] == "auto"
+        merged = _peft_deltas(gpt2, out)
+        for module in gpt2["modules"]:
+            dW, G, H = _delta(gpt2, module), _gram(gpt2["stats"], module), tensors[f"H.{module}"]
+            if method == "global":
+                U, s, Vt = np.linalg.svd(dW)
+                want = (U[:, :2] * s[:2]) @ Vt[:2]
+            else:
+                want = approximate(dW, method="block", n_blocks=2, rank=1, input_gram=G, output_gram=H).reconstruction
+            np.testing.assert_allclose(merged[module], want, rtol=0, atol=2e-5 * np.abs(dW).max(), err_msg=module)
+            E = dW - merged[module]
+            direct = math.sqrt(np.sum((H @ E) * (E @ G)) / np.sum((H @ dW) * (dW @ G)))
+            assert report.layers[module]["output_error"] == pytest.approx(direct, rel=1e-4), module
+            assert report.layers[module]["metric"] == fitted
+        assert f"{len(gpt2['modules'])} {'plain' if fitted == 'plain' else 'in both'}" in report.summary()
+
+
+def test_metric_choices_are_refused_where_they_cannot_apply(bert, gpt2, tmp_path):
+    """Claims: a metric needs calibration; "output"/"both" need an H for every layer (bert's file has none):
+    one line naming the file, before anything is written; an unknown metric is refused by Python and by
+    the command line (exit 2); "input" on a file with H fits in G alone."""
+    cases = [
+        (dict(metric="input"), "metric='input' fits in the data metric of calibration: pass calibration too"),
+        (dict(metric="both", calibration=bert["stats"]), f"{bert['stats']}: metric='both' needs an output Gram H"),
+        (dict(metric="output", calibration=bert["stats"]), "needs an output Gram H for every layer"),
+        (dict(metric="whitened", calibration=bert["stats"]), "metric must be one of auto, plain, input"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)) as info:
+            extract_adapter(bert["base_dir"], bert["ft_dir"], tmp_path / "a", rank=2, **kw)
+        assert "\n" not in str(info.value)
+        assert not (tmp_path / "a").exists()
+    rc, _, err = cli(["extract", bert["base_dir"], bert["ft_dir"], "--out", tmp_path / "a", "--rank", "2",
+                      "--calibration", bert["stats"], "--metric", "both"])  # fmt: skip
+    assert rc == 2 and "--metric both" in err and err.count("\n") == 1, err
+    rc, _, err = cli(["extract", bert["base_dir"], bert["ft_dir"], "--out", tmp_path / "a", "--metric", "x"])
+    assert rc == 2 and "--metric" in err and not (tmp_path / "a").exists()
+    report = extract_adapter(gpt2["base_dir"], gpt2["ft_dir"], tmp_path / "g", rank=2, calibration=gpt2["stats"],
+                             metric="input")  # fmt: skip
+    merged = _peft_deltas(gpt2, tmp_path / "g")
+    for module in gpt2["modules"]:
+        dW, G = _delta(gpt2, module), _gram(gpt2["stats"], module)
+        want = whitened(dW, _damped(G, 0.01), 2)[0]  # the default damping: this file's G is singular
+        np.testing.assert_allclose(merged[module], want, rtol=0, atol=2e-5 * np.abs(dW).max())
+        assert report.layers[module]["metric"] == "input"
 
 
 # ---------------------------------------------------------------------------- (e) one budget over the model

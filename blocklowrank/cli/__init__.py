@@ -304,6 +304,7 @@ def cmd_extract(args):
         orientation=args.orientation,
         calibration=args.calibration,
         gram_damping=args.gram_damping,
+        metric=args.metric,
         **_size_kwargs(args, ("rank", "budget_rank", "total_budget", "max_error")),
     )
     if args.max_iter is not None:

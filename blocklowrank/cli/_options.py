@@ -271,6 +271,17 @@ OPTIONS = {
             help="damping of the metric, G + D*mean(diag G)*I, with --calibration (default 0.01, provisional)",
         ),
     ),
+    "metric": (
+        ("--metric",),
+        dict(
+            choices=("auto", "plain", "input", "output", "both"),
+            default="auto",
+            help="with --calibration, what each layer's fit minimises: plain (||ΔW - M||), input (G), output (H) "
+            "or both; auto: a global (LoRA) adapter plain (the input metric cost it accuracy on MiniLM), block "
+            "structures and the --max-error/--total-budget targets in G and H where the file has it; "
+            "output_error is always reported in the file's whole metric",
+        ),
+    ),
     "output_grams": (
         ("--output-grams",),
         dict(action="store_true", help="also H: the second moment of the LM loss's gradient at each output"),
@@ -434,6 +445,7 @@ COMMANDS = {
             "orientation",
             "calibration",
             "gram_damping",
+            "metric",
             "overwrite",
             "json",
             "quiet",

@@ -32,6 +32,7 @@ adapter loses. Nothing here imports torch.
 """
 
 from ._plan import STORE_DTYPES, ExtractPlan, plan_extraction
-from ._run import REPORT_FILE, ExtractReport, extract_adapter
+from ._report import REPORT_FILE, ExtractReport
+from ._run import extract_adapter
 
 __all__ = ["extract_adapter", "ExtractReport", "plan_extraction", "ExtractPlan", "STORE_DTYPES", "REPORT_FILE"]

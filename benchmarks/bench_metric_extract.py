@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -212,8 +213,8 @@ def run_side(args):
         res = side_metric(args.workdir, args.check)
     else:
         res = side_torch(args.workdir, "float" + args.side[-2:], args.threads)
-    if args.profile_out:
-        res["profile"] = args.profile_out
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    res["cpu"] = use.ru_utime + use.ru_stime  # CPU seconds of every thread (busy-waiting BLAS threads too)
     print("RESULT " + json.dumps(res))
 
 
@@ -256,8 +257,8 @@ def objectives(folder, keys):
 def report(lines, runs, errs, threads):
     out = ["```"] + lines + ["```", ""]
     out += [
-        "| side | wall s | peak RSS MiB | check s | read ΔW s | read G s | factor G s | fit s | solver |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| side | wall s | CPU s | peak RSS MiB | check s | read ΔW s | read G s | factor G s | fit s | solver |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for key, (res, wall, rss) in runs.items():
         ph = res["phases"]
@@ -265,7 +266,8 @@ def report(lines, runs, errs, threads):
         cells = [
             f"{ph.get(p, 0):.1f}" if p in ph else "-" for p in ("check", "read", "gram_read", "gram_factor", "fit")
         ]
-        out.append(f"| {key} | {wall:.1f} | {rss:.0f} | " + " | ".join(cells) + f" | {', '.join(solvers)} |")
+        cpu = f"{res['cpu']:.1f}" if "cpu" in res else "-"
+        out.append(f"| {key} | {wall:.1f} | {cpu} | {rss:.0f} | " + " | ".join(cells) + f" | {', '.join(solvers)} |")
     if errs:
         sides = list(next(iter(errs.values())))
         out += ["", "Damped relative output error `sqrt(f(M) / f(0))` of each side's written factors (float64):", ""]

@@ -112,6 +112,8 @@ class GramFactor:
     same multiply-adds as with ``G``), and so do the rows and diagonal blocks
     of ``G_delta`` that block fits need. At ``n = 11008`` that is 0.97 GB
     (1.45 GB with the float32 copy) instead of twice that with ``G`` kept.
+    Building it holds one ``n x n`` float64 array besides ``gram`` (every
+    factorisation runs in place).
 
     Validation costs one Cholesky factorisation of ``G + 32 eps tr(G) I`` (the
     PSD check, which the damping would otherwise hide) when ``delta > 0``, plus

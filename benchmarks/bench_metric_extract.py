@@ -39,6 +39,8 @@ Usage (torch 2.13 CPU in the interpreter)::
 
     PYTHONPATH=. python benchmarks/bench_metric_extract.py --out result.md
     PYTHONPATH=. python benchmarks/bench_metric_extract.py --sides plain metric --profile   # where the time goes
+    PYTHONPATH=. python benchmarks/bench_metric_extract.py --keep DIR --per-layer self_attn.q_proj mlp.down_proj
+        # one thread, CPU seconds per layer (DIR: the files of an earlier run with --keep DIR)
 
 Nothing is asserted; the targets section prints PASS/MISS with the figures.
 """
@@ -218,6 +220,55 @@ def run_side(args):
     print("RESULT " + json.dumps(res))
 
 
+# ---------------------------------------------------------------------------- per layer, CPU seconds
+def per_layer(folder, modules):
+    """One thread, CPU seconds per layer (robust to other work on the machine): each site's Gram
+    factored (GramFactor; torch's Cholesky), the plain and metric fits, the metric fit through
+    products only (``sketch="operator"``) and its exact total alone, and the torch whitened SVD."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from blocklowrank import GramFactor, approximate
+    from blocklowrank._metric import fit_global, metric_energy
+    from blocklowrank.calibration import load_statistics
+
+    torch.set_num_threads(1)
+
+    def cpu(f):
+        t = time.process_time()
+        out = f()
+        return time.process_time() - t, out
+
+    kw = dict(method="global", rank=RANK, svd_solver="auto", random_state=0)
+    with threadpool_limits(1), load_statistics(os.path.join(folder, "stats.safetensors")) as stats:
+        for pair, dW in stream(folder):
+            if pair.module.split(".", 3)[3] not in modules:
+                continue
+            G = np.array(stats.input_gram(pair.module))
+            row = {}
+            row["GramFactor"], gram = cpu(lambda: GramFactor(G, G.shape[0], damping=DAMPING))
+            row["plain"], _ = cpu(lambda: approximate(dW, **kw))
+            row["metric"], _ = cpu(lambda: approximate(dW, input_gram=gram, **kw))
+            row["operator"], _ = cpu(
+                lambda: fit_global(dW, RANK, gram, svd_solver="auto", random_state=0, sketch="operator")
+            )
+            row["total"], _ = cpu(lambda: metric_energy(dW, gram))
+            Gd = torch.from_numpy(G)
+            Gd.diagonal().add_(DAMPING * float(Gd.diagonal().mean()))
+            row["torch cholesky"], L64 = cpu(lambda: torch.linalg.cholesky(Gd))
+            for dt in (torch.float32, torch.float64):
+                L, W = L64.to(dt), torch.from_numpy(dW).to(dt)
+
+                def whitened():
+                    U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
+                    return U[:, :RANK] * S[:RANK], torch.linalg.solve_triangular(L.T, Vh[:RANK].T, upper=True).T
+
+                row[f"torch {str(dt)[-7:]}"], _ = cpu(whitened)
+            print(
+                f"| {pair.module.split('.', 3)[3]} | " + " | ".join(f"{v:.2f}" for v in row.values()) + " |", flush=True
+            )
+
+
 # ---------------------------------------------------------------------------- the same objective
 def objectives(folder, keys):
     """``{layer: {side: sqrt(f_delta(M) / f_delta(0))}}`` from the written factors, float64, independently
@@ -314,7 +365,16 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="run the metric side under cProfile and print the top")
     ap.add_argument("--profile-out", help=argparse.SUPPRESS)
     ap.add_argument("--out", help="also write the markdown report here")
+    ap.add_argument(
+        "--per-layer", nargs="+", metavar="MODULE", help="only CPU seconds per layer, one thread (needs --keep)"
+    )
     args = ap.parse_args(argv)
+    if args.per_layer:
+        print(
+            "| layer | GramFactor | plain | metric | operator | total | torch cholesky | torch float32 | torch float64 |"
+        )
+        print("|---|" + "---:|" * 8)
+        return per_layer(args.keep, args.per_layer)
     if args.side:
         if args.profile_out:
             import cProfile

@@ -266,13 +266,17 @@ def _objective_lowrank(W, Bb, Ab, G, H, totals):
     """The undamped ``f(M)`` for ``M = Bb Ab`` (m x R, R x n) from ``totals = (f(0), f_delta(0))``.
 
     ``f(M) = f(0) - 2 <H W G, M> + <H M G, M>`` with ``<H W G, M> = <H Bb, W (G Ab^T)>`` and
-    ``<H M G, M> = <Bb^T H Bb, Ab G Ab^T>``: ``(m^2 + n^2 + m n) R`` multiply-adds, ``W`` read once.
+    ``<H M G, M> = <Bb^T H Bb, Ab G Ab^T>``: ``(m^2 + n^2 + m n) R`` multiply-adds, ``W`` read once (in float64 by row chunks).
     Where the result is below ``_DIRECT f_delta(0)`` (cancellation) it is recomputed from the dense
     residual. (The damped ``f_delta(M) >= f(M)`` is not needed: the fits know it from their spectra.)
     """
     HB = H.rmul(Bb.T, damped=False).T
     GA = G.rmul(Ab, damped=False)
-    cross = float(np.einsum("ij,ij->", HB, np.asarray(W, np.float64) @ GA.T))
+    step = max(1, _CHUNK_ELEMS // max(W.shape[1], 1))  # W in float64 by row chunks, never whole
+    cross = sum(
+        float(np.einsum("ij,ij->", HB[r : r + step], np.asarray(W[r : r + step], np.float64) @ GA.T))
+        for r in range(0, W.shape[0], step)
+    )
     quad = float(np.einsum("ij,ij->", Bb.T @ HB, Ab @ GA.T))
     f = totals[0] - 2 * cross + quad
     if f < _DIRECT * max(totals[1], 1e-300):

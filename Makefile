@@ -26,10 +26,16 @@ test: $(VENV)/.installed
 
 reproduce: $(VENV)/.installed
 	$(PY) -m blocklowrank.datasets
+	# all: table1, study, structures, figure2, compress (after figure2: its models, plain and
+	# in the input metric), minilm (fine-tunes MiniLM into $(OUT)/realweights/minilm first
+	# with torch, 400 steps; then adapters extracted plain / in G / in H / both, through PEFT)
 	$(PY) -m blocklowrank reproduce all --out $(OUT)
-	# Real weights: the paper's MLP pretrained / fully fine-tuned, MiniLM fine-tuned
-	# (torch, 400 steps), then the checkpoint study on MiniLM W, MiniLM dW and the MLP's dW
+	# Real weights: the paper's MLP pretrained / fully fine-tuned, MiniLM's fine-tune (made
+	# above), then the checkpoint study on MiniLM W, MiniLM dW and the MLP's dW
 	$(PY) -m blocklowrank.experiments.realweights study --out $(OUT)/realweights
+	# gram_damping measured: held-out output error vs damping (MNIST validation images,
+	# MiniLM's held-out 20 % of the training sentences), from the caches made above
+	$(PY) -m blocklowrank.experiments.damping --out $(OUT)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_engine.py

@@ -21,6 +21,7 @@ EXTRAS = {
     "hypothesis": ("test", "the strategies of blocklowrank.testing.strategies"),
     "torch": ("calibrate", "running a PyTorch model to collect calibration statistics"),
     "transformers": ("calibrate", "loading a Hugging Face model to collect calibration statistics"),
+    "peft": ("peft", "loading adapters through PEFT (the MiniLM experiment)"),
 }
 
 

@@ -250,16 +250,9 @@ def _randomized_svd(A, k, n_power, omega, probe=None):
 
 @validate_params("k", "full_spectrum", *SVD_OPTIONS)
 def batched_svd(
-    A,
-    k=None,
-    *,
-    svd_solver="full",
-    n_oversamples=10,
-    iterated_power="auto",
-    random_state=None,
-    n_jobs=None,
+    A, k=None, *, svd_solver="full", n_oversamples=10, iterated_power="auto", random_state=None, n_jobs=None,
     full_spectrum=False,
-):
+):  # fmt: skip
     """Truncated SVD of every matrix of a stack ``A`` of shape ``(..., m, n)``.
 
     Parameters

@@ -45,25 +45,10 @@ COMPARE_COLUMNS = (
     ranks="ranks",
 )
 def compare_at_budget(
-    X,
-    budget,
-    *,
-    methods=None,
-    n_blocks=None,
-    ranks=None,
-    exact=False,
-    include_optimal=True,
-    svd_solver="auto",
-    n_oversamples=10,
-    iterated_power="auto",
-    random_state=None,
-    n_jobs=None,
-    fit_options=None,
-    spectra=None,
-    input_gram=None,
-    output_gram=None,
-    gram_damping=None,
-):
+    X, budget, *, methods=None, n_blocks=None, ranks=None, exact=False, include_optimal=True,
+    svd_solver="auto", n_oversamples=10, iterated_power="auto", random_state=None, n_jobs=None,
+    fit_options=None, spectra=None, input_gram=None, output_gram=None, gram_damping=None,
+):  # fmt: skip
     """Fit every configuration at a parameter budget and rank them by error.
 
     The configurations are those of :func:`~blocklowrank.budget.match_budget`.
@@ -142,13 +127,7 @@ def compare_at_budget(
     metric = _metric_options(X, input_gram, output_gram, gram_damping, spectra)
     methods = check_methods(methods)
     matched = match_budget(X.shape[-2:], budget, methods=methods, n_blocks=n_blocks, ranks=ranks, exact=exact)
-    svd = dict(
-        svd_solver=svd_solver,
-        n_oversamples=n_oversamples,
-        iterated_power=iterated_power,
-        random_state=random_state,
-        n_jobs=n_jobs,
-    )
+    svd = dict(zip(SVD_OPTIONS, (svd_solver, n_oversamples, iterated_power, random_state, n_jobs), strict=True))
     cmp = _Comparison(X, matched, matched[0]["budget"] if matched else budget, svd, fit_options or {}, spectra, metric)
     rows, partitions = [], {}
     for rec in matched:

@@ -167,18 +167,9 @@ class BlockLayout:
     @classmethod
     @validate_params("shape", "n_blocks", "pattern", "cap_rank", rank="layout_rank")
     def from_blocks(
-        cls,
-        shape,
-        n_blocks=1,
-        *,
-        rank=0,
-        pattern="full",
-        row_sizes=None,
-        col_sizes=None,
-        cap_rank=False,
-        row_perm=None,
-        col_perm=None,
-    ):
+        cls, shape, n_blocks=1, *, rank=0, pattern="full", row_sizes=None, col_sizes=None, cap_rank=False,
+        row_perm=None, col_perm=None,
+    ):  # fmt: skip
         """Build a layout from block counts (``np.array_split`` cuts) or explicit sizes.
 
         Parameters

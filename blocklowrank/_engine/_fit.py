@@ -58,25 +58,10 @@ def _rank_mode(layout, rank, budget, max_error, cap_rank):
     "rank", "budget", "max_error", "cap_rank", "gram_damping", "max_iter", "tol", *SVD_OPTIONS, layout=[BlockLayout]
 )
 def fit_layout(
-    X,
-    layout,
-    *,
-    rank=None,
-    budget=None,
-    max_error=None,
-    svd_solver="auto",
-    n_oversamples=10,
-    iterated_power="auto",
-    random_state=None,
-    cap_rank=False,
-    n_jobs=None,
-    input_gram=None,
-    output_gram=None,
-    gram_damping=None,
-    max_iter=100,
-    tol=BCD_TOL,
-    structure=None,
-):
+    X, layout, *, rank=None, budget=None, max_error=None,
+    svd_solver="auto", n_oversamples=10, iterated_power="auto", random_state=None, cap_rank=False, n_jobs=None,
+    input_gram=None, output_gram=None, gram_damping=None, max_iter=100, tol=BCD_TOL, structure=None,
+):  # fmt: skip
     """Fit every active block of ``layout`` by its truncated SVD (the engine's public entry).
 
     Parameters and result as :func:`blocklowrank.approximate`, with the layout

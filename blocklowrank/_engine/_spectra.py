@@ -296,12 +296,20 @@ def allocate_total_budget(spectra, budget):
     spectra = list(spectra)
     if not spectra or not all(isinstance(sp, BlockSpectra) and not sp._energy.shape[:-2] for sp in spectra):
         raise ValueError("spectra must be a non-empty sequence of BlockSpectra of single matrices (one per layer)")
+    weights = [1.0 / total if total > 0 else 0.0 for total in (float(sp._total()) for sp in spectra)]
+    ranks, exact, _ = pooled_allocation(spectra, budget, weights)
+    return ranks, bool(exact and all(sp.exact for sp in spectra))
+
+
+def pooled_allocation(spectra, budget, weights):
+    """One allocation over every block of every layer, layer ``l``'s gains (its squared singular
+    values in the spectra's internal units) times ``weights[l]``: ``(ranks, exact, (gains, costs,
+    max_ranks, alloc))``, the pooled items last (for a caller's bound on the optimum)."""
     gains, costs, maxr, owner = [], [], [], []
-    for t, sp in enumerate(spectra):
-        total = float(sp._total())
+    for t, (sp, w) in enumerate(zip(spectra, weights)):
         keys, _, g, c, mr = sp._gains()
         for k, gk, ck, mk in zip(keys, g, c, mr):
-            gains.append(gk / total if total > 0 else np.zeros_like(gk))
+            gains.append(gk * w)
             costs.append(ck)
             maxr.append(mk)
             owner.append((t, k))
@@ -309,4 +317,4 @@ def allocate_total_budget(spectra, budget):
     ranks = [np.zeros(sp.layout.n_blocks, dtype=np.int64) for sp in spectra]
     for a, (t, k) in zip(alloc[0], owner):
         ranks[t][k] = a
-    return ranks, bool(exact and all(sp.exact for sp in spectra))
+    return ranks, bool(exact), (gains, costs, maxr, alloc[0])

@@ -76,21 +76,9 @@ BCD_TOL = 5e-3
 
 @validate_params("gram_damping", "max_iter", "tol", *SVD_OPTIONS)
 def fit_blocks(
-    W,
-    layout,
-    input_gram,
-    output_gram=None,
-    *,
-    gram_damping=None,
-    max_iter=100,
-    tol=BCD_TOL,
-    svd_solver="full",
-    n_oversamples=10,
-    iterated_power="auto",
-    random_state=None,
-    n_jobs=None,
-    init=None,
-):
+    W, layout, input_gram, output_gram=None, *, gram_damping=None, max_iter=100, tol=BCD_TOL,
+    svd_solver="full", n_oversamples=10, iterated_power="auto", random_state=None, n_jobs=None, init=None,
+):  # fmt: skip
     """Fit the active blocks of ``layout`` (with its ranks) in the metric ``||H^{1/2} (W - M) G^{1/2}||_F``.
 
     Exact in one step where the blocks decouple (``H`` absent and at most one

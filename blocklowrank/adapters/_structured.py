@@ -279,46 +279,35 @@ class StructuredAdapter:
                 B *= g.mask_B
 
     # ------------------------------------------------------------------ factors
-    def factors(self):
-        """``{(i, j): (B_ij, A_ij)}`` in the natural orientation (copies)."""
-        out = {}
+    def _block_views(self):
+        """``((i, j), A_ij^T, B_ij^T)`` for every active block: writable views into the parameters,
+        of shapes ``(n_j, r_ij)`` and ``(r_ij, m_i)``."""
         ranks = self.layout.ranks
         for k, g in enumerate(self._regions):
-            A, B = self.params[f"A{k}"], self.params[f"B{k}"]
-            R = g.R
+            A, B, R = self.params[f"A{k}"], self.params[f"B{k}"], g.R
             for t, (i, j) in enumerate(zip(g.ii, g.jj)):
                 bi, bj = g.bi0 + int(i), g.bj0 + int(j)
                 r = int(ranks[bi, bj])
                 if g.kind == "full":
-                    Aij = A[j, :, i * R : i * R + r].T
-                    Bij = B[i, j * R : j * R + r, :].T
+                    yield (bi, bj), A[j, :, i * R : i * R + r], B[i, j * R : j * R + r, :]
                 else:
-                    Aij = A[t, :, :r].T
-                    Bij = B[t, :r, :].T
-                out[(bi, bj)] = (Bij.copy(), Aij.copy())
-        return out
+                    yield (bi, bj), A[t, :, :r], B[t, :r, :]
+
+    def factors(self):
+        """``{(i, j): (B_ij, A_ij)}`` in the natural orientation (copies)."""
+        return {key: (Bt.T.copy(), At.T.copy()) for key, At, Bt in self._block_views()}
 
     def set_factors(self, factors):
         """Inverse of :meth:`factors`: ``{(i, j): (B_ij, A_ij)}`` for every active block."""
-        ranks = self.layout.ranks
-        for k, g in enumerate(self._regions):
-            A, B = self.params[f"A{k}"], self.params[f"B{k}"]
-            R = g.R
-            for t, (i, j) in enumerate(zip(g.ii, g.jj)):
-                bi, bj = g.bi0 + int(i), g.bj0 + int(j)
-                r = int(ranks[bi, bj])
-                Bij, Aij = factors[(bi, bj)]
-                if np.shape(Bij) != (g.h, r) or np.shape(Aij) != (r, g.w):
-                    raise ValueError(
-                        f"block ({bi}, {bj}) needs B {(g.h, r)} and A {(r, g.w)}, "
-                        f"got {np.shape(Bij)} and {np.shape(Aij)}"
-                    )
-                if g.kind == "full":
-                    A[j, :, i * R : i * R + r] = np.asarray(Aij).T
-                    B[i, j * R : j * R + r, :] = np.asarray(Bij).T
-                else:
-                    A[t, :, :r] = np.asarray(Aij).T
-                    B[t, :r, :] = np.asarray(Bij).T
+        for (bi, bj), At, Bt in self._block_views():
+            Bij, Aij = factors[(bi, bj)]
+            (w, r), h = At.shape, Bt.shape[1]
+            if np.shape(Bij) != (h, r) or np.shape(Aij) != (r, w):
+                raise ValueError(
+                    f"block ({bi}, {bj}) needs B {(h, r)} and A {(r, w)}, got {np.shape(Bij)} and {np.shape(Aij)}"
+                )
+            At[...] = np.asarray(Aij).T
+            Bt[...] = np.asarray(Bij).T
 
     def delta_weight(self):
         """The dense update ``dW`` (m x n); built only on request."""

@@ -336,27 +336,10 @@ def _check_diverged(which, loss, epoch, epochs, optimizer, lr):
 
 @validate_params(**_TRAIN_PARAMS)
 def train(
-    mlp,
-    X,
-    y,
-    *,
-    adapter=None,
-    mode="adapter",
-    train_head=True,
-    optimizer="adam",
-    lr=1e-3,
-    epochs=100,
-    batch_size=64,
-    X_val=None,
-    y_val=None,
-    random_state=None,
-    restore_best=True,
-    callback=None,
-    dtype=np.float32,
-    blas_threads=1,
-    optimizer_kw=None,
-    patience=None,
-):
+    mlp, X, y, *, adapter=None, mode="adapter", train_head=True,
+    optimizer="adam", lr=1e-3, epochs=100, batch_size=64, X_val=None, y_val=None, random_state=None,
+    restore_best=True, callback=None, dtype=np.float32, blas_threads=1, optimizer_kw=None, patience=None,
+):  # fmt: skip
     """Train an adapter on the first layer, the whole MLP, or its head.
 
     Parameters

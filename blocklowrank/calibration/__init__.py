@@ -48,8 +48,8 @@ Tensors
     ``G.`` entry). Every layer has one; every site is read by some layer.
     ``input_counts``: JSON object, site -> number of samples (tokens) behind
     ``G``, an integer >= 1. ``output_counts``: JSON object, layer -> number of
-    samples behind ``H`` (``{}`` without ``H``). Every entry has a count and
-    every count an entry.
+    samples behind ``H`` (``{}`` without ``H``), equal to its site's count
+    (the same tokens). Every entry has a count and every count an entry.
     ``model``: the model's id or path; ``model_dtype``: the dtype it ran in
     (e.g. ``"float32"``, ``"bfloat16"``); ``loss``: what ``H`` is the
     gradient of (``"causal-lm"``, ``"masked-lm"``, ``"labels"``,

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 
+from .._metric import GramFactor
 from .._params import StrOptions, validate_params
 from ..checkpoints import Checkpoint, CheckpointError, save_file
 from ..checkpoints._safetensors import _load_json
@@ -121,7 +122,8 @@ class CalibrationStats:
     ------
     CalibrationError
         If the parts do not fit together (an entry without a count or a
-        count without an entry, a count that is not an integer >= 1, a layer
+        count without an entry, a count that is not an integer >= 1, an
+        ``H`` whose count is not its site's ``G`` count, a layer
         mapped to a missing site, a site no layer reads, ``H`` of an unknown
         layer, an entry that is not a non-empty square matrix), naming the entry.
 
@@ -214,6 +216,12 @@ class CalibrationStats:
         for layer in self._outputs:
             if layer not in self.layer_sites:
                 raise self._error(f"entry {'H.' + layer!r}", "its layer is not in layer_sites")
+            count, site = self.output_counts[layer], self.layer_sites[layer]
+            if count != self.input_counts[site]:  # H is over the tokens G is over
+                raise self._error(
+                    f"__metadata__['output_counts'][{layer!r}]",
+                    f"{count} samples, but G.{site}, over the same tokens, has {self.input_counts[site]}",
+                )
         for name in _STRINGS:
             if not isinstance(getattr(self, name), str):
                 raise self._error(f"__metadata__[{name!r}]", f"must be a string, got {getattr(self, name)!r}")
@@ -257,6 +265,27 @@ class CalibrationStats:
         """``H`` of ``layer`` (float64, n_out × n_out), or None where it was not collected."""
         self.site_of(layer)
         return np.asarray(self._outputs[layer], dtype=np.float64) if layer in self._outputs else None
+
+    def input_factor(self, layer, damping=None):
+        """The :class:`~blocklowrank.GramFactor` of the site ``layer`` reads, for a fit in its metric.
+
+        ``damping``: ``gram_damping`` (default :data:`~blocklowrank.GRAM_DAMPING`).
+        The factor allows the rounding of the file's precision (the tolerance
+        of :func:`check_statistics`). Build one per input site and pass it to
+        every layer reading that site (the factorisation is paid once).
+        """
+        site = self.site_of(layer)
+        return self._factor(self._inputs, site, "G.", damping)
+
+    def output_factor(self, layer, damping=None):
+        """The :class:`~blocklowrank.GramFactor` of ``layer``'s ``H`` (as :meth:`input_factor`), or None."""
+        self.site_of(layer)
+        return self._factor(self._outputs, layer, "H.", damping) if layer in self._outputs else None
+
+    def _factor(self, entries, key, prefix, damping):
+        name = f"{_where(self.source)}: entry {prefix + key!r}"
+        tol = _rounding(_precision(entries, key))
+        return GramFactor(np.asarray(entries[key], dtype=np.float64), damping=damping, name=name, psd_tol=tol)
 
     @property
     def output_layers(self):
@@ -435,7 +464,7 @@ def _check_numbers(stats, entries, key, prefix):
     if diag.min() < 0 or (trace == 0 and np.any(M)):
         raise stats._error(entry, "not positive semi-definite (a negative diagonal, or off-diagonals on a zero one)")
     if trace == 0:
-        return
+        raise stats._error(entry, "all zero: no calibration signal, a fit in its metric would be undefined")
     shifted = M + np.eye(len(M)) * (rtol * trace)  # Cholesky succeeds iff λ_min(M) > -rtol·trace (to rounding)
     try:
         scipy.linalg.cholesky(shifted, lower=True, overwrite_a=True, check_finite=False)
@@ -477,8 +506,8 @@ def check_statistics(stats, layers, *, require_output=False):
     CalibrationError
         One line naming the file and the entry: a layer without an input site
         (or without ``H`` when required), a ``G`` of the wrong size for the
-        layer's inputs or an ``H`` for its outputs, a matrix with NaN/inf, not
-        symmetric, or with an eigenvalue below ``-rtol · trace`` (``rtol`` =
+        layer's inputs or an ``H`` for its outputs, a matrix with NaN/inf, all
+        zero (no signal to weight a fit by), not symmetric, or with an eigenvalue below ``-rtol · trace`` (``rtol`` =
         1e-8, plus 4.8e-7 for float32 files: rounding, never data).
     """
     if not isinstance(stats, CalibrationStats):

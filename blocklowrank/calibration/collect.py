@@ -195,17 +195,9 @@ def _require_grad(layers):
     seed=[Int(0, 2**32 - 1)],
 )
 def collect_statistics(
-    model,
-    batches,
-    *,
-    target_modules=ALL_LINEAR,
-    output_grams=False,
-    loss_fn=None,
-    max_tokens=None,
-    progress=True,
-    mask_token_id=None,
-    seed=0,
-):
+    model, batches, *, target_modules=ALL_LINEAR, output_grams=False, loss_fn=None, max_tokens=None,
+    progress=True, mask_token_id=None, seed=0,
+):  # fmt: skip
     """Run a PyTorch model on batches and collect its calibration statistics.
 
     Parameters
@@ -359,20 +351,9 @@ def _load_folder(folder, transformers):
     dtype=[StrOptions({"float64", "float32"})],
 )
 def calibrate_folder(
-    model_dir,
-    out,
-    *,
-    texts=None,
-    tokens=None,
-    target_modules=ALL_LINEAR,
-    max_tokens=None,
-    max_length=None,
-    batch_size=8,
-    output_grams=False,
-    overwrite=False,
-    progress=True,
-    dtype="float64",
-):
+    model_dir, out, *, texts=None, tokens=None, target_modules=ALL_LINEAR,
+    max_tokens=None, max_length=None, batch_size=8, output_grams=False, overwrite=False, progress=True, dtype="float64",
+):  # fmt: skip
     """Collect the statistics of a local model folder on a text or token file and write them (``calibrate``).
 
     Parameters

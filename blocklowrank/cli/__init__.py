@@ -2,8 +2,8 @@
 
 Subcommands
 -----------
-reproduce   the paper's experiments (Table I / Figure 1, the 10k-digit study, Figure 2) and the
-            structures beyond the paper at matched budgets
+reproduce   the paper's experiments (Table I / Figure 1, the 10k-digit study, Figure 2), the
+            structures beyond the paper at matched budgets, compress-or-train, and the MiniLM verdicts
 approximate fit one structure to a matrix or image file
 budget      configurations of each structure at a parameter budget
 study       every layer of a checkpoint (or of its fine-tuning update) by the layout structures
@@ -219,6 +219,12 @@ def _reproduce_one(name, out, args):
         )
         plot_figure2(res, out / "figure2.png")
         return [out / "sweep.csv", out / "figure2_summary.txt", out / "figure2.png"]
+    if name == "minilm":
+        from ..experiments.minilm_metric import run_minilm_metric
+
+        folder = out / "minilm_metric"
+        run_minilm_metric(folder, out / "realweights" / "minilm", progress=progress)
+        return [folder / f for f in ("minilm_metric.csv", "minilm_metric_summary.txt", "minilm_metric.png")]
     from ..experiments.compress import plot_compress, run_compress
 
     res = run_compress(out, seeds=args.seeds, subset=args.subset, progress=progress, n_jobs=args.n_jobs)
@@ -255,6 +261,8 @@ def cmd_study(args):
         svd_solver=args.svd_solver,
         fit_options=None if args.max_iter is None else {"max_iter": args.max_iter},
         orientation=args.orientation,
+        calibration=args.calibration,
+        gram_damping=args.gram_damping,
         **budget,
     )
     skipped = sum(1 for lay in res.layers if lay["skipped"])
@@ -273,8 +281,9 @@ def cmd_study(args):
                 if r["allocation"] == "uniform"
                 and (r["structure"], r["n_blocks"]) == (row["structure"], row["n_blocks"])
             )
+            what = "output error (rms)" if row["measure"] == "output" else "error"
             print(
-                f"  {row['structure']:<10} K={row['n_blocks']:<3} model-wide error {row['error']:.4f} "
+                f"  {row['structure']:<10} K={row['n_blocks']:<3} model-wide {what} {row['error']:.4f} "
                 f"vs uniform {unif['error']:.4f}"
             )
     print(f"wrote {args.out}/: layers.csv, model_wide.csv, summary.md, error_heatmap.png, error_vs_budget.png")
@@ -293,6 +302,8 @@ def cmd_extract(args):
         dtype=args.dtype,
         modules_to_save=args.modules_to_save,
         orientation=args.orientation,
+        calibration=args.calibration,
+        gram_damping=args.gram_damping,
         **_size_kwargs(args, ("rank", "budget_rank", "total_budget", "max_error")),
     )
     if args.max_iter is not None:

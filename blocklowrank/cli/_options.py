@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-EXPERIMENTS = ("table1", "study", "structures", "figure2", "compress")  # quick ones first; compress after figure2
+#: Quick ones first; compress after figure2 (it reuses its models); minilm last (torch, the MiniLM fine-tune).
+EXPERIMENTS = ("table1", "study", "structures", "figure2", "compress", "minilm")
 
 
 class CLIError(Exception):
@@ -64,6 +65,17 @@ def _fraction(name):
         return v
 
     return parse
+
+
+def _damping(text):
+    """argparse type: a number >= 0 (--gram-damping)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--gram-damping must be a number >= 0, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"--gram-damping must be a finite number >= 0, got {text}")
+    return v
 
 
 def _jobs(text):
@@ -241,6 +253,24 @@ OPTIONS = {
         dict(type=_count(1, "--max-length"), metavar="N", help="tokens per sequence (default: the model's, <= 512)"),
     ),
     "batch_size": (("--batch-size",), dict(type=_count(1, "--batch-size"), default=8, help="sequences per batch")),
+    "calibration": (
+        ("--calibration",),
+        dict(
+            metavar="STATS",
+            help="calibration statistics of the base model (blocklowrank calibrate): fit every layer in its data "
+            "metric, the error of its outputs on the calibration inputs (G of its input site; H where the file "
+            "has it), and report output_error beside error; a file that does not fit the layers is refused "
+            "before anything is written (default: the plain fit of ΔW)",
+        ),
+    ),
+    "gram_damping": (
+        ("--gram-damping",),
+        dict(
+            type=_damping,
+            metavar="D",
+            help="damping of the metric, G + D*mean(diag G)*I, with --calibration (default 0.01, provisional)",
+        ),
+    ),
     "output_grams": (
         ("--output-grams",),
         dict(action="store_true", help="also H: the second moment of the LM loss's gradient at each output"),
@@ -253,13 +283,16 @@ COMMANDS = {
         "reproduce the paper's experiments",
         "Reproduce Table I and Figure 1 (table1), the 10,000-digit study (study), Figure 2's adapter sweep "
         "(figure2), every structure at matched budgets (structures), the full fine-tune compressed at "
-        "Figure 2's budgets (compress; after figure2), or all of them.",
+        "Figure 2's budgets, plain and in the input metric (compress; after figure2), adapters extracted from a "
+        "MiniLM fine-tune and scored through PEFT (minilm; torch, peft; fine-tunes MiniLM first into "
+        "OUT/realweights/minilm when missing), or all of them.",
         [
             (
                 "what",
                 dict(
                     choices=("all",) + EXPERIMENTS,
-                    help="which part; 'all' runs everything, Figure 2's sweep included (about 25 min on 2 cores)",
+                    help="which part; 'all' runs everything: Figure 2's sweep about 25 min on 2 cores, compress 20 and "
+                    "minilm about 70 on 2 shared cores",
                 ),
             )
         ],
@@ -340,6 +373,15 @@ COMMANDS = {
             "svd_solver",
             "max_iter",
             "orientation",
+            (
+                "calibration",
+                dict(
+                    help="calibration statistics (blocklowrank calibrate): every configuration fitted in each "
+                    "layer's data metric, layers.csv with output_error beside error, the best configuration and "
+                    "the model-wide allocation by relative output error; part of the study's fingerprint"
+                ),
+            ),
+            "gram_damping",
             ("overwrite", dict(help="write into a non-empty --out that holds no study")),
             "quiet",
         ],
@@ -359,7 +401,28 @@ COMMANDS = {
             ("out", dict(help="adapter directory to write (required unless --dry-run)")),
             ("method", dict(choices=_peft_structures, default="global")),
             ("n_blocks", dict(help="grid size: K x K blocks (GraLoRA: K >= 2 dividing every layer)")),
-            ("size", ["rank", "budget_rank", "total_budget", "max_error"], True),
+            (
+                "size",
+                [
+                    "rank",
+                    "budget_rank",
+                    (
+                        "total_budget",
+                        dict(
+                            help="one total over all layers, spread model-wide (with --calibration: minimising "
+                            "the sum of the layers' relative squared output errors)"
+                        ),
+                    ),
+                    (
+                        "max_error",
+                        dict(
+                            help="relative error target per layer: the fewest parameters reaching it (with "
+                            "--calibration: the relative output error)"
+                        ),
+                    ),
+                ],
+                True,
+            ),
             "target_modules",
             "modules_to_save",
             "peft_type",
@@ -369,6 +432,8 @@ COMMANDS = {
             "max_iter",
             "dry_run",
             "orientation",
+            "calibration",
+            "gram_damping",
             "overwrite",
             "json",
             "quiet",

@@ -591,18 +591,9 @@ def _write_csv(path, table):
 
 # ---------------------------------------------------------------------------- entry point
 def run_figure2(
-    out_dir,
-    *,
-    seeds=3,
-    epochs=DEFAULT_EPOCHS,
-    n_jobs=1,
-    progress=True,
-    subset=None,
-    lrs=LRS,
-    grid=None,
-    batch_size=BATCH_SIZE,
-    data=None,
-):
+    out_dir, *, seeds=3, epochs=DEFAULT_EPOCHS, lrs=LRS, grid=None, batch_size=BATCH_SIZE, subset=None, data=None,
+    n_jobs=1, progress=True,
+):  # fmt: skip
     """Run (or resume) the Figure 2 sweep; write ``sweep.csv`` and a summary.
 
     Parameters

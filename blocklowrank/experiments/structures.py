@@ -473,18 +473,9 @@ def _cluster_rows(X, budget, ks, n_ordering):
 
 # ---------------------------------------------------------------------------- the experiment
 def compute_structures(
-    images,
-    labels,
-    *,
-    n_digits=N_DIGITS,
-    n_cluster_digits=N_CLUSTER_DIGITS,
-    n_rows=N_ROWS,
-    synthetic_sizes=SYNTHETIC_SIZES,
-    n_jobs=-1,
-    hybrid_max_iter=None,
-    progress=True,
-    seed=SEED,
-):
+    images, labels, *, n_digits=N_DIGITS, n_cluster_digits=N_CLUSTER_DIGITS, n_rows=N_ROWS,
+    synthetic_sizes=SYNTHETIC_SIZES, hybrid_max_iter=None, seed=SEED, n_jobs=-1, progress=True,
+):  # fmt: skip
     """Rows (one per dataset and structure) with errors, configurations and fit times.
 
     Parameters

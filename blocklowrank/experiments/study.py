@@ -76,17 +76,9 @@ BLOCK_COUNTS = (1, 2, 3, 4, 5, 6, 7, 14)
 
 
 def compute_study(
-    images,
-    labels,
-    *,
-    budget=BUDGET,
-    block_counts=BLOCK_COUNTS,
-    n_jobs=-1,
-    progress=True,
-    blast_blocks=BLAST_BLOCKS,
-    blast_n=BLAST_N,
-    blast_curve_n=BLAST_CURVE_N,
-):
+    images, labels, *, budget=BUDGET, block_counts=BLOCK_COUNTS, blast_blocks=BLAST_BLOCKS, blast_n=BLAST_N,
+    blast_curve_n=BLAST_CURVE_N, n_jobs=-1, progress=True,
+):  # fmt: skip
     """Errors of every structure on an image stack.
 
     Parameters

@@ -20,6 +20,10 @@ layer of an adapter directory under the base checkpoint's weight names, so
 that anything that takes ``(name, ΔW)`` pairs (the model study) can take an
 adapter in place of a fine-tuned checkpoint.
 
+With ``calibration`` (statistics of ``blocklowrank calibrate``) every layer is
+fitted in its data metric, the error of its outputs on the calibration inputs,
+and the report gives each layer's ``output_error`` (see :func:`extract_adapter`).
+
 Only what a PEFT adapter holds is extracted: the 2-D weights chosen by
 ``target_modules`` (``"all-linear"`` leaves out embeddings and output heads),
 and whole modules named by ``modules_to_save``. Everything else that changed

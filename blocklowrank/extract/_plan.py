@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
 
 from .._validation import OptionError
+from ..calibration._sites import check_damping, open_calibration
 from ..checkpoints import ALL_LINEAR, pair_layers, safetensors_size
 from ..checkpoints._names import close_matches, no_layer_selected, resolve_model
 from ..peft import ADAPTER_WEIGHTS, PEFT_TYPES
@@ -247,6 +249,25 @@ def _opened(base, finetuned):
                 ckpt.close()
 
 
+def _calibration_paths(calibration):
+    return [calibration] if isinstance(calibration, (str, os.PathLike)) else []
+
+
+@contextlib.contextmanager
+def _calibrated(calibration, pairs):
+    """The statistics checked against the layers of ``pairs`` (None without ``calibration``), closed on exit."""
+    if calibration is None:
+        yield None
+        return
+    layers = {p.module: tuple(p.shape) for p in pairs}  # (out, in): Conv1D's ΔW is turned before fitting
+    stats, opened = open_calibration(calibration, layers, kinds={p.module: p.kind for p in pairs})
+    try:
+        yield stats
+    finally:
+        if opened:
+            stats.close()
+
+
 # ---------------------------------------------------------------------------- the dry run
 @dataclass
 class ExtractPlan:
@@ -384,12 +405,14 @@ def _adapter_specs(layers, kind, K, store, hybrid_r):
 
 def plan_extraction(base, finetuned, *, method="global", n_blocks=1, rank=None, budget_rank=None,
                     total_budget=None, max_error=None, target_modules=ALL_LINEAR, peft_type="auto",
-                    cap_rank=False, dtype=None, modules_to_save=None, orientation=None, **options):  # fmt: skip
+                    cap_rank=False, dtype=None, modules_to_save=None, orientation=None, calibration=None,
+                    gram_damping=None, **options):  # fmt: skip
     """What :func:`~blocklowrank.extract.extract_adapter` would write, from the headers alone (a dry run).
 
     Parameters are those of ``extract_adapter`` (without ``out``). Every
     check it makes before fitting is made (selection, the adapter type,
-    ranks against block sides, ``modules_to_save``); no tensor data is read.
+    ranks against block sides, ``modules_to_save``, the calibration
+    statistics against the layers); no tensor data of the checkpoints is read.
 
     Returns
     -------
@@ -400,9 +423,12 @@ def plan_extraction(base, finetuned, *, method="global", n_blocks=1, rank=None, 
     """
     base = resolve_model(base, role="base")
     finetuned = resolve_model(finetuned, role="fine-tuned")
+    check_damping(calibration, gram_damping, "plan_extraction")
     with _opened(base, finetuned) as (b, f):
         prep = _prepare(b, f, method, n_blocks, rank, budget_rank, total_budget, max_error, target_modules,
                         peft_type, cap_rank, dtype, modules_to_save, orientation)  # fmt: skip
+        with _calibrated(calibration, prep.pairing.pairs):
+            pass  # checked: statistics that do not fit are refused here as in a real run
         saved_specs = {
             f"{PREFIX}{t}": (f.info(t).dtype, f.info(t).shape)  # carried whole in their own dtype
             for tensors in prep.saved.values()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -9,10 +10,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._engine import block_spectra
-from .._io import atomic_write_text, check_output_dir
+from .._engine import allocate_total_budget, block_spectra
+from .._io import atomic_write_text, check_output_dir, sha256_file
+from .._metric import GRAM_DAMPING
 from .._validation import OptionError, spell_options
 from .._version import __version__
+from ..calibration._sites import SiteMetrics, check_damping
 from ..checkpoints import ALL_LINEAR, Checkpoint, changed_tensors, iter_deltas
 from ..checkpoints._dtypes import bf16_to_float32, float_to_bf16
 from ..checkpoints._names import resolve_model
@@ -23,7 +26,7 @@ from ..peft import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, save_peft_ada
 from ..structures import approximate
 from ..study import allocate_model_wide
 from ..sweep import _bar
-from ._plan import _opened, _prepare, lost_changes
+from ._plan import _calibrated, _calibration_paths, _opened, _prepare, lost_changes
 
 __all__ = ["extract_adapter", "ExtractReport", "REPORT_FILE"]
 
@@ -46,7 +49,10 @@ class ExtractReport:
     layers : dict of str to dict
         Per module path: ``shape``, ``n_params`` (the structure's own),
         ``n_params_written`` (with PEFT's zero padding), ``error`` (relative
-        Frobenius error of the fit against ΔW), ``ranks`` (per block),
+        Frobenius error of the fit against ΔW), ``output_error`` (with
+        ``calibration``: the relative error of the layer's outputs on the
+        calibration inputs, ``||(ΔW - M) Xᵀ|| / ||ΔW Xᵀ||``, in the undamped
+        metric, ``H``-weighted where the file has ``H``; None without), ``ranks`` (per block),
         ``rank`` (the adapter's rank for the layer) and, for a 16-bit
         ``dtype``, ``error_stored`` (the error of the factors as stored).
     pairing : PairingReport
@@ -74,6 +80,14 @@ class ExtractReport:
         The options of the extraction (method, grid, size option, ...).
     seconds : float
         Wall time of the extraction.
+    calibration : dict or None
+        With ``calibration``: ``file`` (None for statistics in memory),
+        ``sha256`` of the file, ``gram_damping``, ``sites_factored`` (input
+        sites factored, once each), ``output_grams`` (layers fitted with an ``H``).
+    allocation : dict or None
+        With ``total_budget``: ``rule`` (what the allocation minimised) and
+        ``exact`` (whether it is provably optimal; in a data metric also
+        whether every layer's fit at its ranks attains what the spectra say).
     """
 
     directory: str
@@ -92,6 +106,8 @@ class ExtractReport:
     files: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     seconds: float = 0.0
+    calibration: dict = None
+    allocation: dict = None
 
     def summary(self, max_names=5, *, style="python"):
         """A short multi-line account: the adapter, its layers and files, what it loses.
@@ -127,6 +143,8 @@ class ExtractReport:
             "only_in_finetuned": list(p.only_in_finetuned),
             "shape_mismatch": [[n, list(a), list(b)] for n, a, b in p.shape_mismatch],
             "seconds": self.seconds,
+            "calibration": self.calibration,
+            "allocation": self.allocation,
         }
 
 
@@ -154,17 +172,36 @@ def _adapter_size_line(rep):
 def _layer_lines(rep, max_names):
     """The layers: all of them (up to 40) when their ranks differ, else the worst few."""
     varied = len({str(v["ranks"]) for v in rep.layers.values()}) > 1
-    items = list(rep.layers.items()) if varied else sorted(rep.layers.items(), key=lambda kv: -kv[1]["error"])
+    key = "error" if rep.calibration is None else "output_error"
+    items = list(rep.layers.items()) if varied else sorted(rep.layers.items(), key=lambda kv: -kv[1][key])
     shown = items[: 40 if varied else max_names]
     lines = [
         f"    {name} {v['shape'][0]}x{v['shape'][1]}: rank {v['rank']}, error {v['error']:.4f}"
         + (f" ({v['error_stored']:.4f} as stored)" if "error_stored" in v else "")
+        + ("" if v.get("output_error") is None else f", output error {v['output_error']:.4f}")
         + f", {v['n_params']:,} params"
         for name, v in shown
     ]
     if len(items) > len(shown):
         more = "" if varied else ", lower errors"
         lines.append(f"    ... ({len(items) - len(shown)} more layers{more}; all in {REPORT_FILE})")
+    return lines
+
+
+def _metric_lines(rep):
+    """The calibration and the model-wide allocation, when used."""
+    lines = []
+    cal = rep.calibration
+    if cal is not None:
+        out = [v["output_error"] for v in rep.layers.values()]
+        lines.append(
+            f"  fitted in the data metric of {cal['file'] or 'the statistics given'} (G per input site, "
+            f"{cal['sites_factored']} factored; H on {cal['output_grams']} layers; gram_damping "
+            f"{cal['gram_damping']:g}): relative output error mean {np.mean(out):.4f}, max {np.max(out):.4f}"
+        )
+    if rep.allocation is not None:
+        proof = "provably optimal" if rep.allocation["exact"] else "not proven optimal (greedy or coupled blocks)"
+        lines.append(f"  «total_budget» allocated to minimise {rep.allocation['rule']}: {proof}")
     return lines
 
 
@@ -176,6 +213,7 @@ def _summary_lines(rep, max_names):
         f"  {len(rep.layers)} layers, {rep.n_params:,} parameters ({rep.n_params_written:,} in the file, dense ΔW "
         f"{rep.dense_params:,}); relative error of ΔW: mean {np.mean(errors):.4f}, max {np.max(errors):.4f}; "
         f"{rep.seconds:.1f} s",
+        *_metric_lines(rep),
         "  files: "
         + ", ".join(f"{name} {_size(n)}" for name, n in rep.files.items())
         + f" (the dense ΔW of these layers in {rep.dtype}: {_size(dense)})",
@@ -211,25 +249,33 @@ def _summary_lines(rep, max_names):
 
 
 # ---------------------------------------------------------------------------- fitting
-def _model_wide_ranks(base, tuned, pairing, structure, n_blocks, total_budget, progress=False):
-    """``{weight name: per-block ranks}`` spreading ``total_budget`` over every block of every layer
-    (a first pass over the layers, their spectra only; see
-    :func:`~blocklowrank.study.allocate_model_wide`)."""
+def _model_wide_ranks(base, tuned, pairing, structure, n_blocks, total_budget, progress=False, metrics=None):
+    """``({weight name: per-block ranks}, allocation)`` spreading ``total_budget`` over every block of every
+    layer (a first pass over the layers, their spectra only). Plain: the least discarded energy
+    (:func:`~blocklowrank.study.allocate_model_wide`). With ``metrics`` (a :class:`SiteMetrics`): the
+    least sum of the layers' relative squared output errors, on their spectra in their metrics
+    (:func:`~blocklowrank.allocate_total_budget`)."""
     names, spectra = [], []
     with _bar(progress, total=len(pairing.pairs), desc="spectra", unit="layer") as bar:
         for pair, delta in iter_deltas(base, tuned, pairing):
             names.append(pair.name)
-            spectra.append(block_spectra(delta, structure.layout(delta.shape, n_blocks)))
-            del delta  # before the next layer is read: one layer in memory, not two
+            metric = {} if metrics is None else metrics(pair.module)
+            spectra.append(block_spectra(delta, structure.layout(delta.shape, n_blocks), **metric))
+            del delta, metric  # before the next layer is read: one layer in memory, not two
             bar.update()
-    ranks, _, _ = allocate_model_wide(spectra, int(total_budget))
+    if metrics is None:
+        ranks, exact, _ = allocate_model_wide(spectra, int(total_budget))
+        rule = "the total squared Frobenius error sum_l ||ΔW_l - M_l||²"
+    else:
+        ranks, exact = allocate_total_budget(spectra, int(total_budget))
+        rule = "the sum of the layers' relative squared output errors sum_l f_l(M_l) / f_l(0) (damped metric)"
     if not any(r.any() for r in ranks):
         cheapest = min(int(sp.layout.block_costs[sp.layout.active].min()) for sp in spectra)
         raise OptionError(
             f"«total_budget={total_budget}» is below the cheapest rank of any selected layer "
             f"({cheapest} parameters: one rank of its smallest block); raise it"
         )
-    return dict(zip(names, ranks))
+    return dict(zip(names, ranks)), {"rule": rule, "exact": bool(exact)}
 
 
 def _inputs(*sources):
@@ -250,15 +296,16 @@ def _rounded(sf, store):
     return StructuredFactors(sf.layout, {k: (r(B), r(A)) for k, (B, A) in sf.items()}, global_factors=gf)
 
 
-def _fit_one(delta, prep, size, svd_solver, cap_rank, options):
-    """One layer's fit and its record."""
+def _fit_one(delta, prep, size, svd_solver, cap_rank, options, metric):
+    """One layer's fit (in its data metric when ``metric`` holds its Grams) and its record."""
     if cap_rank:  # the layout structures' option (the iterative fits have none)
         options = {**options, "cap_rank": True}
     res = approximate(
-        delta, method=prep.structure.name, n_blocks=prep.n_blocks, svd_solver=svd_solver, **size, **options
+        delta, method=prep.structure.name, n_blocks=prep.n_blocks, svd_solver=svd_solver, **size, **options, **metric
     )
     sf = as_factors(res)
     rec = {"shape": tuple(delta.shape), "n_params": int(res.n_params), "error": float(res.error)}
+    rec["output_error"] = float(res.output_error) if metric else None
     rec["ranks"] = res.ranks.tolist()
     if prep.store in ("bfloat16", "float16"):
         norm = np.linalg.norm(delta)
@@ -267,13 +314,15 @@ def _fit_one(delta, prep, size, svd_solver, cap_rank, options):
     return sf, rec
 
 
-def _fit_layers(b, f, prep, alloc, svd_solver, cap_rank, options, progress):
+def _fit_layers(b, f, prep, alloc, svd_solver, cap_rank, options, progress, metrics=None):
     fits, layers, unchanged = {}, {}, []
     with _bar(progress, total=len(prep.pairing.pairs), desc="extract", unit="layer") as bar:
         for pair, delta in iter_deltas(b, f, prep.pairing):
             bar.update()
             if not np.any(delta) or (alloc is not None and not alloc[pair.name].any()):
                 unchanged.append(pair.module)  # ΔW = 0, or no rank from the model-wide budget
+                if metrics is not None:
+                    metrics.skip(pair.module)
                 del delta
                 continue
             if alloc is not None:
@@ -282,9 +331,21 @@ def _fit_layers(b, f, prep, alloc, svd_solver, cap_rank, options, progress):
                 size = {"budget": int(prep.size) * sum(pair.shape)}
             else:
                 size = {prep.mode: prep.size}
-            fits[pair.module], layers[pair.module] = _fit_one(delta, prep, size, svd_solver, cap_rank, options)
-            del delta  # before the next layer is read: one layer in memory, not two
+            metric = {} if metrics is None else metrics(pair.module)
+            fits[pair.module], layers[pair.module] = _fit_one(delta, prep, size, svd_solver, cap_rank, options, metric)
+            del delta, metric  # before the next layer is read: one layer in memory, not two
     return fits, layers, unchanged
+
+
+def _calibration_record(stats, metrics, damping, layers):
+    source = None if stats.source is None else str(stats.source)
+    return {
+        "file": source,
+        "sha256": None if source is None else sha256_file(source),
+        "gram_damping": GRAM_DAMPING if damping is None else damping,
+        "sites_factored": metrics.factored,
+        "output_grams": len(set(layers) & set(stats.output_layers)),
+    }
 
 
 def _write_report(report):
@@ -297,27 +358,11 @@ def _write_report(report):
 
 
 def extract_adapter(
-    base,
-    finetuned,
-    out,
-    *,
-    method="global",
-    n_blocks=1,
-    rank=None,
-    budget_rank=None,
-    total_budget=None,
-    max_error=None,
-    target_modules=ALL_LINEAR,
-    peft_type="auto",
-    svd_solver="auto",
-    cap_rank=False,
-    dtype=None,
-    modules_to_save=None,
-    overwrite=False,
-    progress=False,
-    orientation=None,
+    base, finetuned, out, *, method="global", n_blocks=1, peft_type="auto", dtype=None, modules_to_save=None,
+    rank=None, budget_rank=None, total_budget=None, max_error=None, cap_rank=False, target_modules=ALL_LINEAR,
+    orientation=None, calibration=None, gram_damping=None, svd_solver="auto", overwrite=False, progress=False,
     **options,
-):
+):  # fmt: skip
     """Extract a PEFT adapter from a fine-tuned checkpoint: fit each ΔW with one structure.
 
     Parameters
@@ -353,8 +398,9 @@ def extract_adapter(
     max_error : float in (0, 1), optional
         Per layer, the fewest parameters whose relative error of ΔW is at
         most ``max_error`` (the threshold mode of kohya's and LyCORIS's
-        extract scripts; layout structures). Exactly one of ``rank``,
-        ``budget_rank``, ``total_budget`` and ``max_error``.
+        extract scripts; layout structures); **with** ``calibration``, whose
+        relative *output* error (``output_error``) is at most ``max_error``.
+        Exactly one of ``rank``, ``budget_rank``, ``total_budget`` and ``max_error``.
     target_modules : "all-linear", str or list of str, default="all-linear"
         Which layers, in PEFT's terms (see
         :func:`~blocklowrank.checkpoints.select_names`).
@@ -391,6 +437,23 @@ def extract_adapter(
         fitted as ``(out, in)`` like every other and written with
         ``fan_in_fan_out: true``; an embedding chosen by ``target_modules``
         is written in PEFT's embedding layout (LoRA) or refused (GraLoRA).
+    calibration : str, path or CalibrationStats, optional
+        Calibration statistics of the base model (``blocklowrank calibrate``,
+        :mod:`blocklowrank.calibration`): every layer is then fitted in its
+        data metric, minimising ``tr(H (ΔW - M) G (ΔW - M)ᵀ)`` with ``G`` the
+        second moment of its inputs (one factorisation per input site, shared
+        by q/k/v or gate/up) and ``H`` where the file has it for that layer
+        (see :func:`~blocklowrank.structures.approximate`), instead of
+        ``||ΔW - M||_F``; the report gives each layer's ``output_error``.
+        ``G`` acts on ΔW's columns, the layer's input features (a Conv1D's
+        ΔW is turned to (out, in) first). ``total_budget`` then minimises
+        the sum of the layers' relative squared output errors. Statistics
+        that do not fit the selected layers are refused in one line naming
+        the file and the entry, before anything is written. Default: the
+        plain fit.
+    gram_damping : float >= 0, optional
+        The metric's damping ``delta``: ``G + delta mean(diag G) I`` (and so
+        for ``H``); default :data:`~blocklowrank.GRAM_DAMPING`. Only with ``calibration``.
     **options
         Further keywords of the structure's fit (e.g. ``global_rank``,
         ``max_iter`` for hybrid).
@@ -409,7 +472,9 @@ def extract_adapter(
         Bad options, no layer selected, no changed layer, or a layer that the
         adapter cannot hold (GraLoRA: a shape not divisible by K; a rank above
         a block's side); the message names the layer and the option to change
-        (:class:`~blocklowrank.OptionError`). Nothing is written then.
+        (:class:`~blocklowrank.OptionError`); calibration statistics that do
+        not fit (:class:`~blocklowrank.calibration.CalibrationError`, naming
+        the file and the entry). Nothing is written then.
     FileNotFoundError, CheckpointError
         A missing or unreadable checkpoint (pickle files are refused).
     FileExistsError
@@ -438,21 +503,30 @@ def extract_adapter(
     """
     t0 = time.perf_counter()
     base, finetuned = resolve_model(base, role="base"), resolve_model(finetuned, role="fine-tuned")
-    check_output_dir(out, inputs=_inputs(base, finetuned), overwrite=overwrite, replaceable=ADAPTER_FILES)
-    with _opened(base, finetuned) as (b, f):
+    damping = check_damping(calibration, gram_damping, "extract_adapter")
+    protect = _inputs(base, finetuned) + _calibration_paths(calibration)
+    check_output_dir(out, inputs=protect, overwrite=overwrite, replaceable=ADAPTER_FILES)
+    with _opened(base, finetuned) as (b, f), contextlib.ExitStack() as stack:
         prep = _prepare(b, f, method, n_blocks, rank, budget_rank, total_budget, max_error, target_modules,
                         peft_type, cap_rank, dtype, modules_to_save, orientation)  # fmt: skip
-        alloc = None
+        stats = stack.enter_context(_calibrated(calibration, prep.pairing.pairs))
+        modules = [p.module for p in prep.pairing.pairs]
+        metrics = (lambda: None) if stats is None else (lambda: SiteMetrics(stats, damping, modules))  # noqa: E731
+        alloc = allocation = None
         if prep.mode == "total_budget":
-            alloc = _model_wide_ranks(b, f, prep.pairing, prep.structure, prep.n_blocks, prep.size, progress)
-        fits, layers, unchanged = _fit_layers(b, f, prep, alloc, svd_solver, cap_rank, options, progress)
+            alloc, allocation = _model_wide_ranks(
+                b, f, prep.pairing, prep.structure, prep.n_blocks, prep.size, progress, metrics()
+            )
+        site_metrics = metrics()
+        fits, layers, unchanged = _fit_layers(b, f, prep, alloc, svd_solver, cap_rank, options, progress, site_metrics)
         if not fits:
             raise ValueError(
                 f"no selected layer changed: the {len(unchanged)} layers chosen by "
                 f"target_modules={target_modules!r} are equal in both checkpoints"
             )
         changed = changed_tensors(b, f, list(prep.pairing.excluded) + list(prep.pairing.not_2d))
-        inputs = _inputs(base, finetuned, b, f)
+        inputs = _inputs(base, finetuned, b, f) + _calibration_paths(calibration)
+        cal = None if stats is None else _calibration_record(stats, site_metrics, damping, layers)
         carried = {m: {t: (np.asarray(f.get(t)), f.info(t).dtype) for t in ts} for m, ts in prep.saved.items()}
     written = save_peft_adapter(
         out,
@@ -487,5 +561,7 @@ def extract_adapter(
         dtype=prep.store,
         settings={**settings, **{k: v for k, v in options.items() if isinstance(v, (int, float, str))}},
         seconds=time.perf_counter() - t0,
+        calibration=cal,
+        allocation=allocation,
     )
     return _write_report(report)

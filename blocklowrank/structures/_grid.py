@@ -14,7 +14,7 @@ import numpy as np
 
 from .._engine import fit_layout
 from .._metric import BCD_TOL
-from .._params import check
+from .._params import SVD_OPTIONS, check
 from .._validation import validate_matrix
 from ..estimators import StructuredEstimator, _set_params
 from ..layout import BlockLayout, _normalize_n_blocks, split_sizes
@@ -63,19 +63,9 @@ def _rank_matrix(layout, name, rank):
 
 
 def layout_structure(
-    name,
-    label,
-    summary,
-    pattern,
-    *,
-    estimator=None,
-    unit=None,
-    rmax=None,
-    fixed_blocks=None,
-    paper=False,
-    peft=None,
-    min_default_blocks=1,
-):
+    name, label, summary, pattern, *,
+    estimator=None, unit=None, rmax=None, fixed_blocks=None, paper=False, peft=None, min_default_blocks=1,
+):  # fmt: skip
     """Declare a layout structure from its active pattern.
 
     Parameters
@@ -139,22 +129,11 @@ def layout_structure(
         )
         globals()[estimator.__name__] = estimator
     return Structure(
-        name=name,
-        label=label,
-        summary=summary,
-        layout=layout,
-        count=count,
-        budget_rule=LinearBudget(unit or default_unit, rmax or default_rmax),
-        fit=fit,
-        estimator=estimator,
-        spectral=True,
-        paper=paper,
-        fixed_blocks=fixed_blocks,
-        min_default_blocks=min_default_blocks,
-        peft=peft,
-        options=("max_iter", "tol"),
-        metric=True,
-    )
+        name=name, label=label, summary=summary, layout=layout, count=count,
+        budget_rule=LinearBudget(unit or default_unit, rmax or default_rmax), fit=fit, estimator=estimator,
+        spectral=True, paper=paper, fixed_blocks=fixed_blocks, min_default_blocks=min_default_blocks, peft=peft,
+        options=("max_iter", "tol"), metric=True,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- estimators
@@ -281,20 +260,9 @@ class _LayoutEstimator(StructuredEstimator):
         cp = resolve_permutation(cps, X, layout.n_blocks[1], 1, other=rps, diagonal=diag)
         if rp is not None or cp is not None:
             layout = layout.with_permutation(rp, cp)
-        return fit_layout(
-            X,
-            layout,
-            svd_solver=self.svd_solver,
-            n_oversamples=self.n_oversamples,
-            iterated_power=self.iterated_power,
-            random_state=self.random_state,
-            cap_rank=self.cap_rank,
-            n_jobs=self.n_jobs,
-            structure=self._structure,
-            **{k: getattr(self, k) for k in ("max_iter", "tol") if hasattr(self, k)},
-            **metric,
-            **self._rank_arguments(),
-        )
+        options = {k: getattr(self, k) for k in ("cap_rank", *SVD_OPTIONS)}
+        options.update({k: getattr(self, k) for k in ("max_iter", "tol") if hasattr(self, k)})  # grid estimators
+        return fit_layout(X, layout, structure=self._structure, **options, **metric, **self._rank_arguments())
 
 
 class GlobalLowRank(_LayoutEstimator):
@@ -334,19 +302,10 @@ class GlobalLowRank(_LayoutEstimator):
     _structure = "global"
 
     def __init__(
-        self,
-        *,
-        rank=None,
-        budget=None,
-        max_error=None,
-        svd_solver="auto",
-        n_oversamples=10,
-        iterated_power="auto",
-        random_state=None,
-        cap_rank=False,
-        n_jobs=None,
+        self, *, rank=None, budget=None, max_error=None,
+        svd_solver="auto", n_oversamples=10, iterated_power="auto", random_state=None, cap_rank=False, n_jobs=None,
         gram_damping=None,
-    ):
+    ):  # fmt: skip
         _set_params(self, locals())
 
     def _store(self, res, dtype, metric=False):
@@ -375,24 +334,10 @@ class GridLowRank(_LayoutEstimator):
     )
 
     def __init__(
-        self,
-        *,
-        n_blocks=1,
-        rank=None,
-        budget=None,
-        max_error=None,
-        svd_solver="auto",
-        n_oversamples=10,
-        iterated_power="auto",
-        random_state=None,
-        cap_rank=False,
-        n_jobs=None,
-        row_perm=None,
-        col_perm=None,
-        gram_damping=None,
-        max_iter=100,
-        tol=BCD_TOL,
-    ):
+        self, *, n_blocks=1, rank=None, budget=None, max_error=None,
+        svd_solver="auto", n_oversamples=10, iterated_power="auto", random_state=None, cap_rank=False, n_jobs=None,
+        row_perm=None, col_perm=None, gram_damping=None, max_iter=100, tol=BCD_TOL,
+    ):  # fmt: skip
         _set_params(self, locals())
 
     def _grid(self):
@@ -457,46 +402,39 @@ def _min_side(shape, K):
     return min(shape[0] // K, shape[1] // K)  # np.array_split: the smallest pieces
 
 
+def _every(kr, kc):
+    return np.ones((kr, kc), dtype=bool)
+
+
+def _diagonal(kr, kc):
+    return np.eye(kr, kc, dtype=bool) if kr == kc else _square(kr, kc)
+
+
+def _two_sides(shape, K):  # one rank-1 factorisation spans the rows and the columns once (LoRA, MELoRA)
+    return shape[0] + shape[1]
+
+
 register(
     layout_structure(
-        "global",
-        "LoRA",
-        "X ~ B A, one rank-r factorisation of the whole matrix",
-        lambda kr, kc: np.ones((kr, kc), dtype=bool),
-        estimator=GlobalLowRank,
-        fixed_blocks=1,
-        paper=True,
-        unit=lambda shape, K: shape[0] + shape[1],
-        rmax=lambda shape, K: min(shape) - 1,
-        peft="LORA",
+        "global", "LoRA", "X ~ B A, one rank-r factorisation of the whole matrix", _every,
+        estimator=GlobalLowRank, fixed_blocks=1, paper=True, peft="LORA",
+        unit=_two_sides, rmax=lambda shape, K: min(shape) - 1,
     )
-)
+)  # fmt: skip
 register(
     layout_structure(
-        "diagonal",
-        "MELoRA",
-        "N diagonal blocks B_i A_i of rank r, off-diagonal blocks zero",
-        lambda kr, kc: np.eye(kr, kc, dtype=bool) if kr == kc else _square(kr, kc),
-        estimator=DiagonalBlockLowRank,
-        paper=True,
-        peft="LORA",
-        unit=lambda shape, K: shape[0] + shape[1],
-        rmax=lambda shape, K: _min_side(shape, K) - 1,
+        "diagonal", "MELoRA", "N diagonal blocks B_i A_i of rank r, off-diagonal blocks zero", _diagonal,
+        estimator=DiagonalBlockLowRank, paper=True, peft="LORA",
+        unit=_two_sides, rmax=lambda shape, K: _min_side(shape, K) - 1,
     )
-)
+)  # fmt: skip
 register(
     layout_structure(
-        "block",
-        "Localized LoRA",
-        "every block of a K x K grid B_ij A_ij of rank r",
-        lambda kr, kc: np.ones((kr, kc), dtype=bool),
-        estimator=BlockLowRank,
-        paper=True,
-        peft="GRALORA",
-        unit=lambda shape, K: K * (shape[0] + shape[1]),
-        rmax=lambda shape, K: _min_side(shape, K) - 1,
+        "block", "Localized LoRA", "every block of a K x K grid B_ij A_ij of rank r", _every,
+        estimator=BlockLowRank, paper=True, peft="GRALORA",
+        unit=lambda shape, K: K * (shape[0] + shape[1]), rmax=lambda shape, K: _min_side(shape, K) - 1,
     )
-)
+)  # fmt: skip
 
 
 def _square(kr, kc):

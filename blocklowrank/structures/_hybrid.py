@@ -20,7 +20,7 @@ from ..estimators import StructuredEstimator, _set_params
 from ..factors import StructuredFactors
 from ..layout import BlockLayout, _normalize_n_blocks
 from ._in_metric import hybrid_in_metric
-from ._iterative import iterative_result, prepare
+from ._iterative import damping_doc, iterative_result, prepare
 from ._registry import Structure, register
 from ._rules import allowed_ranks, record
 
@@ -95,22 +95,10 @@ class HybridBudget:
 # ---------------------------------------------------------------------------- core
 @validate_params("global_rank", "max_iter", "tol", "first_step", "gram_damping", *SVD_OPTIONS, layout=[BlockLayout])
 def fit_hybrid(
-    X,
-    layout,
-    global_rank,
-    *,
-    max_iter=100,
-    tol=1e-6,
-    first_step="global",
-    svd_solver="auto",
-    n_oversamples=10,
-    iterated_power="auto",
-    random_state=None,
-    n_jobs=None,
-    input_gram=None,
-    output_gram=None,
-    gram_damping=None,
-):
+    X, layout, global_rank, *, max_iter=100, tol=1e-6, first_step="global",
+    svd_solver="auto", n_oversamples=10, iterated_power="auto", random_state=None, n_jobs=None,
+    input_gram=None, output_gram=None, gram_damping=None,
+):  # fmt: skip
     """Fit blocks plus a global low-rank term by alternating exact steps.
 
     Minimises ``||X - B_g A_g - P||_F`` over a rank-``r_g`` global term and
@@ -200,18 +188,8 @@ def fit_hybrid(
     trace = _alternate(alt, max_iter, tol, first_step)
     f, err = alt.refit()
     trace.record(np.arange(len(err)), err)
-    plain = iterative_result(
-        layout,
-        err,
-        trace,
-        batch,
-        dtype,
-        scale,
-        blocks=dict(f.items()),
-        global_factors=f.global_factors,
-        structure="hybrid",
-        solver=alt.solvers,
-    )
+    parts = {"blocks": dict(f.items()), "global_factors": f.global_factors}
+    plain = iterative_result(layout, err, trace, batch, dtype, scale, **parts, structure="hybrid", solver=alt.solvers)
     if input_gram is None and output_gram is None:
         return plain
     metric = (input_gram, output_gram, gram_damping)
@@ -326,7 +304,8 @@ class _Alternation:
 
 # ---------------------------------------------------------------------------- estimator
 class HybridLowRank(StructuredEstimator):
-    """Block low-rank plus a global low-rank term (GraLoRA ``hybrid_r`` structure).
+    __doc__ = (
+        """Block low-rank plus a global low-rank term (GraLoRA ``hybrid_r`` structure).
 
     ``X ~ B_g A_g + P``: a rank-``global_rank`` term over the whole matrix
     plus a rank-``rank`` factorisation on every active block of a
@@ -357,11 +336,9 @@ class HybridLowRank(StructuredEstimator):
         Which part is fitted first, on X itself.
     svd_solver, n_oversamples, iterated_power, random_state, n_jobs
         For every truncated SVD (see :func:`blocklowrank.approximate`); the
-        monotone-error guarantee needs the exact solver.
-    gram_damping : float, default=None
-        Damping of a fit in a data metric (``fit(X, input_gram=G)``; see
-        :func:`fit_hybrid`); None: :data:`blocklowrank.GRAM_DAMPING`.
-
+        monotone-error guarantee needs the exact solver."""
+        + damping_doc("fit_hybrid")
+        + """
     Attributes
     ----------
     factors_ : StructuredFactors
@@ -401,24 +378,13 @@ class HybridLowRank(StructuredEstimator):
     >>> est.n_params_, est.fit_transform(X).shape
     (224, (28, 4))
     """
+    )
 
     def __init__(
-        self,
-        *,
-        n_blocks=1,
-        rank=1,
-        global_rank=1,
-        pattern="full",
-        max_iter=100,
-        tol=1e-6,
-        first_step="global",
-        svd_solver="auto",
-        n_oversamples=10,
-        iterated_power="auto",
-        random_state=None,
-        n_jobs=None,
+        self, *, n_blocks=1, rank=1, global_rank=1, pattern="full", max_iter=100, tol=1e-6, first_step="global",
+        svd_solver="auto", n_oversamples=10, iterated_power="auto", random_state=None, n_jobs=None,
         gram_damping=None,
-    ):
+    ):  # fmt: skip
         _set_params(self, locals())
 
     def _grid(self):
@@ -428,18 +394,11 @@ class HybridLowRank(StructuredEstimator):
         return kr, kc
 
     def _fit_structure(self, X, **metric):
-        return _fit(
-            X,
-            n_blocks=self.n_blocks,
-            rank=self.rank,
-            global_rank=self.global_rank,
-            pattern=self.pattern,
-            **{k: getattr(self, k) for k in _OPTIONS},
-            **metric,
-        )
+        params = {k: getattr(self, k) for k in ("n_blocks", "rank", "global_rank", "pattern", *_OPTIONS)}
+        return _fit(X, **params, **metric)
 
 
-_OPTIONS = ("max_iter", "tol", "first_step", "svd_solver", "n_oversamples", "iterated_power", "random_state", "n_jobs")
+_OPTIONS = ("max_iter", "tol", "first_step", *SVD_OPTIONS)
 
 
 @validate_params("n_blocks", "rank", "pattern")
@@ -452,17 +411,9 @@ def _fit(X, *, n_blocks=1, rank, global_rank, pattern="full", **options):
 
 register(
     Structure(
-        name="hybrid",
-        label="Hybrid GraLoRA",
-        summary="K x K blocks B_ij A_ij plus a global term B_g A_g",
-        layout=lambda shape, n_blocks=1: _block_layout(shape, n_blocks),
-        count=hybrid_params,
-        budget_rule=HybridBudget(),
-        fit=_fit,
-        estimator=HybridLowRank,
-        extra=("global_rank",),
-        peft="GRALORA",
-        options=_OPTIONS,
-        metric=True,
+        name="hybrid", label="Hybrid GraLoRA", summary="K x K blocks B_ij A_ij plus a global term B_g A_g",
+        layout=lambda shape, n_blocks=1: _block_layout(shape, n_blocks), count=hybrid_params,
+        budget_rule=HybridBudget(), fit=_fit, estimator=HybridLowRank,
+        extra=("global_rank",), peft="GRALORA", options=_OPTIONS, metric=True,
     )
-)
+)  # fmt: skip

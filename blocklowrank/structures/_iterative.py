@@ -12,7 +12,16 @@ from .._engine import Approximation, FitReport
 from .._validation import pow2_scale, validate_matrix
 from ..factors import StructuredFactors
 
-__all__ = ["prepare", "iterative_result"]
+__all__ = ["prepare", "iterative_result", "damping_doc"]
+
+
+def damping_doc(fit):
+    """The ``gram_damping`` entry of an iterative estimator's parameters, pointing at its fit function ``fit``."""
+    return f"""
+    gram_damping : float, default=None
+        Damping of a fit in a data metric (``fit(X, input_gram=G)``; see
+        :func:`{fit}`); None: :data:`blocklowrank.GRAM_DAMPING`.
+"""
 
 
 def prepare(X):
@@ -26,20 +35,9 @@ def prepare(X):
 
 
 def iterative_result(
-    layout,
-    err,
-    trace,
-    batch,
-    dtype,
-    scale,
-    *,
-    blocks=None,
-    global_factors=None,
-    shared=None,
-    structure=None,
-    solver=None,
-    metric=None,
-):
+    layout, err, trace, batch, dtype, scale, *,
+    blocks=None, global_factors=None, shared=None, structure=None, solver=None, metric=None,
+):  # fmt: skip
     """One :class:`~blocklowrank.Approximation` from the arrays of a stacked fit and its ``Trace``.
 
     Every array has a leading axis of length N (the flattened stack); they are

@@ -20,7 +20,7 @@ from ..estimators import StructuredEstimator, _set_params
 from ..layout import BlockLayout, _normalize_n_blocks
 from ._als import _normalise, als
 from ._in_metric import shared_basis_in_metric
-from ._iterative import iterative_result, prepare
+from ._iterative import damping_doc, iterative_result, prepare
 from ._registry import Structure, register
 from ._rules import LinearBudget
 
@@ -72,21 +72,9 @@ def _check_rank(lay, rank):
     init=[StrOptions(set(INITS)), tuple, list],
 )
 def fit_shared_basis(
-    X,
-    n_blocks,
-    rank,
-    *,
-    max_iter=100,
-    tol=1e-6,
-    init="svd",
-    random_state=None,
-    row_sizes=None,
-    col_sizes=None,
-    n_jobs=None,
-    input_gram=None,
-    output_gram=None,
-    gram_damping=None,
-):
+    X, n_blocks, rank, *, max_iter=100, tol=1e-6, init="svd", random_state=None,
+    row_sizes=None, col_sizes=None, n_jobs=None, input_gram=None, output_gram=None, gram_damping=None,
+):  # fmt: skip
     """Fit ``X_ij ~ U_i diag(s_ij) V_j^T`` by exact alternating least squares.
 
     ``X`` may be one matrix or a stack ``(..., m, n)``; a stack is fitted in
@@ -270,7 +258,8 @@ def _initial_bases(init, layout, N, batch, random_state):
 
 
 class SharedBasisLowRank(StructuredEstimator):
-    """Block low rank with bases shared along block-rows and block-columns (BLAST).
+    __doc__ = (
+        """Block low rank with bases shared along block-rows and block-columns (BLAST).
 
     Block ``(i, j)`` of a ``K_rows x K_cols`` grid is ``U_i diag(s_ij)
     V_j^T``: ``U_i`` (``m_i x r``) is shared by block-row ``i``, ``V_j``
@@ -298,11 +287,9 @@ class SharedBasisLowRank(StructuredEstimator):
     random_state : int, RandomState instance or None, default=None
         Seeds ``init="random"``.
     n_jobs : int, default=None
-        Worker threads over chunks of a stack (see :func:`fit_shared_basis`).
-    gram_damping : float, default=None
-        Damping of a fit in a data metric (``fit(X, input_gram=G)``; see
-        :func:`fit_shared_basis`); None: :data:`blocklowrank.GRAM_DAMPING`.
-
+        Worker threads over chunks of a stack (see :func:`fit_shared_basis`)."""
+        + damping_doc("fit_shared_basis")
+        + """
     Attributes
     ----------
     factors_ : StructuredFactors
@@ -341,38 +328,24 @@ class SharedBasisLowRank(StructuredEstimator):
     >>> est.n_params_, est.fit_transform(X).shape
     (180, (28, 3))
     """
+    )
 
     _param_rules = {"rank": "shared_rank"}
 
     def __init__(
-        self,
-        *,
-        n_blocks=1,
-        rank=1,
-        max_iter=100,
-        tol=1e-6,
-        init="svd",
-        random_state=None,
-        n_jobs=None,
+        self, *, n_blocks=1, rank=1, max_iter=100, tol=1e-6, init="svd", random_state=None, n_jobs=None,
         gram_damping=None,
-    ):
+    ):  # fmt: skip
         _set_params(self, locals())
 
     def _grid(self):
         return _normalize_n_blocks(self.n_blocks)
 
     def _fit_structure(self, X, **metric):
-        return fit_shared_basis(
-            X,
-            self.n_blocks,
-            self.rank,
-            max_iter=self.max_iter,
-            tol=self.tol,
-            init=self.init,
-            random_state=self.random_state,
-            n_jobs=self.n_jobs,
-            **metric,
-        )
+        return fit_shared_basis(X, self.n_blocks, self.rank, **{k: getattr(self, k) for k in _OPTIONS}, **metric)
+
+
+_OPTIONS = ("max_iter", "tol", "init", "random_state", "n_jobs")
 
 
 def _fit(X, *, n_blocks=1, rank, **options):
@@ -381,18 +354,12 @@ def _fit(X, *, n_blocks=1, rank, **options):
 
 register(
     Structure(
-        name="shared_basis",
-        label="BLAST",
-        summary="blocks U_i diag(s_ij) V_j^T with bases shared along rows/columns",
-        layout=_grid,
-        count=shared_basis_params,
-        fit=_fit,
-        estimator=SharedBasisLowRank,
+        name="shared_basis", label="BLAST", summary="blocks U_i diag(s_ij) V_j^T with bases shared along rows/columns",
+        layout=_grid, count=shared_basis_params, fit=_fit, estimator=SharedBasisLowRank,
         budget_rule=LinearBudget(
             unit=lambda shape, K: shape[0] + shape[1] + K * K,
             rmax=lambda shape, K: min(shape[0] // K, shape[1] // K) - 1,
         ),
-        options=("max_iter", "tol", "init", "random_state", "n_jobs"),
-        metric=True,
+        options=_OPTIONS, metric=True,
     )
-)
+)  # fmt: skip

@@ -42,6 +42,19 @@ those the model-wide one chooses among, so the model-wide error is never
 larger when the allocation is exact; a greedy result worse than the uniform
 one is replaced by it (``fallback``).
 
+In a data metric
+----------------
+With ``calibration`` (statistics of ``blocklowrank calibrate``) every layer is
+fitted in its metric ``tr(H (ΔW - M) G (ΔW - M)ᵀ)`` and its spectra are those
+of its blocks' targets in that metric. The layers' metrics have their own
+units, so the model-wide allocation then minimises the sum of the layers'
+*relative* squared output errors ``sum_l f_l(M_l) / f_l(0)`` (each layer's
+spectrum divided by its own total: the same allocation over the
+concatenation), and its ``error`` is their root mean square
+(``measure = "output"``). It is exact where each layer's spectra give its
+fits' errors (global and diagonal grids; a full grid's blocks are coupled by
+the metric) and the allocation is exact.
+
 Effective rank
 --------------
 Per layer, the entropy effective rank of Roy & Vetterli (2007):

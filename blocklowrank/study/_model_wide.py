@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._allocation import allocate_ranks
+from .._engine._spectra import pooled_allocation
 from ..budget import RecordList
+from ._calibrated import relative_spectra
 from ._spectra import _load_spectra, _partitions
 
 #: Columns of the model-wide records.
@@ -21,25 +22,28 @@ MODEL_WIDE_COLUMNS = (
     "error_lower_bound",
     "fallback",
     "n_layers",
+    "measure",
 )
 
 
 def allocate_model_wide(spectra, total_budget):
-    """Per-block ranks of every layer under one total budget (gain-per-parameter water-filling).
+    """Per-block ranks of every layer under one total budget (gain-per-parameter water-filling) that
+    minimise the total discarded energy, in the layers' own units (where
+    :func:`~blocklowrank.allocate_total_budget` minimises the sum of relative errors).
 
     Parameters
     ----------
     spectra : list of BlockSpectra
         One per layer (single matrices), each of the same structure and grid size.
     total_budget : int
-        Parameters to spend over all the layers.
+        The parameters all the layers share.
 
     Returns
     -------
     ranks : list of ndarray of int
-        Per-block ranks of each layer, ``(K_rows, K_cols)``.
+        One ``(K_rows, K_cols)`` array of block ranks a layer.
     exact : bool
-        Whether the allocation is provably optimal (equal block costs, or the
+        True for a provably optimal allocation (equal block costs, or the
         exact dynamic programme): see :func:`~blocklowrank.allocate_ranks`.
     gap : float
         How much more energy than this allocation the optimum can keep at
@@ -58,20 +62,10 @@ def allocate_model_wide(spectra, total_budget):
     >>> [int(r.sum()) for r in ranks], exact   # the larger layer gets more of the budget
     ([0, 4], True)
     """
-    gains, costs, maxr, owner = [], [], [], []
-    for t, sp in enumerate(spectra):
-        lay = sp.layout
-        for (i, j), v in sp.values.items():
-            gains.append(np.asarray(v, dtype=np.float64).reshape(1, -1) ** 2)
-            costs.append(int(lay.block_costs[i, j]))
-            maxr.append(int(lay.max_ranks[i, j]))
-            owner.append((t, i, j))
-    alloc, exact = allocate_ranks(gains, costs, maxr, budget=int(total_budget))
-    ranks = [np.zeros(sp.layout.n_blocks, dtype=np.int64) for sp in spectra]
-    for t, (layer, i, j) in enumerate(owner):
-        ranks[layer][i, j] = alloc[0, t]
-    kept = sum(float(g[0, :r].sum()) for g, r in zip(gains, alloc[0]))
-    return ranks, bool(exact), max(_fractional_bound(gains, costs, maxr, int(total_budget)) - kept, 0.0)
+    unscale = [float(sp._unscaled(np.ones(1), 2)[0]) for sp in spectra]  # energies in the layers' own units
+    ranks, exact, (gains, costs, maxr, alloc) = pooled_allocation(spectra, int(total_budget), unscale)
+    kept = sum(float(g[0, :r].sum()) for g, r in zip(gains, alloc))
+    return ranks, exact, max(_fractional_bound(gains, costs, maxr, int(total_budget)) - kept, 0.0)
 
 
 def _fractional_bound(gains, costs, maxr, budget):
@@ -89,20 +83,27 @@ def _fractional_bound(gains, costs, maxr, budget):
     return float(kept)
 
 
-def _model_wide(layers, files, names, ks, total, uniform_budgets):
-    """Model-wide vs uniform records for every layout partition present in every layer."""
+def _model_wide(layers, files, names, ks, total, uniform_budgets, relative=False):
+    """Model-wide vs uniform records for every layout partition present in every layer.
+
+    ``relative`` (a study in the layers' data metrics): every layer's energies divided by its own total,
+    so that the allocation minimises the sum of the layers' relative squared output errors and ``error``
+    is their root mean square; ``exact`` also needs every layer's spectra to give its fits' errors."""
     out, per_layer, notes = [], [], []
     for name, K in dict.fromkeys(p for lay in layers for p in _partitions(names, lay["shape"], ks)):
         spectra = [_load_spectra(file, name, K, lay["shape"]) for lay, file in zip(layers, files)]
         if any(sp is None for sp in spectra):
             notes.append(f"{name} K={K}: not every layer has {K} blocks per side; no model-wide row")
             continue
+        if relative:
+            spectra = [relative_spectra(sp) for sp in spectra]
         energy = sum(float(sp.total_energy) for sp in spectra)
         unif = [
             sp.allocate(b)[0] if b >= 1 else np.zeros(sp.layout.n_blocks, int)
             for sp, b in zip(spectra, uniform_budgets)
         ]
         ranks, exact, gap = allocate_model_wide(spectra, total)
+        exact = exact and all(sp.exact for sp in spectra)
         floor = _discarded(spectra, ranks) - gap  # no allocation within the total discards less
         fallback = not exact and _discarded(spectra, ranks) > _discarded(spectra, unif)
         ranks = unif if fallback else ranks
@@ -122,6 +123,7 @@ def _model_wide(layers, files, names, ks, total, uniform_budgets):
                     "error_lower_bound": _total_error(floor, energy) if wide else None,
                     "fallback": fallback if wide else None,
                     "n_layers": len(spectra),
+                    "measure": "output" if relative else "frobenius",
                 }
             )
             per_layer += [

@@ -25,9 +25,16 @@ def _write_csv(path, records):
     return atomic_write_csv(path, records, records.columns, extrasaction="ignore")
 
 
-def _best_errors(records):
-    """``{(layer, structure): error}`` of the best configuration of each structure on each layer."""
-    return {(r["layer"], r["structure"]): r["error"] for r in records if r["best"]}
+def _best_errors(records, key="error"):
+    """``{(layer, structure): error}`` (or ``key``) of the best configuration of each structure on each layer."""
+    return {(r["layer"], r["structure"]): r[key] for r in records if r["best"]}
+
+
+def _measured(records):
+    """``(key, label)`` of what the figures show: the output error in a data metric, else the error."""
+    if records.settings.get("calibration"):
+        return "output_error", "relative output error"
+    return "error", "relative error"
 
 
 def _module_types(layers):
@@ -60,18 +67,42 @@ def _settings_section(records):
         f"- layers: {len(records.layers)} selected by target_modules={st['target_modules']!r}",
         f"- budget: {st['budget'][0]} = {st['budget'][1]}; grid sizes K in {st['n_blocks']}",
         f"- structures: {', '.join(st['structures'])}",
+        f"- calibration: `{st['calibration']}` (gram_damping {st['gram_damping']:g}): every configuration fitted in "
+        "each layer's data metric; `output_error` is the relative error of the layer's outputs on the "
+        "calibration inputs, `error` the relative Frobenius error of ΔW"
+        if st.get("calibration")
+        else "- calibration: none (plain fits of ΔW; `output_error` blank)",
         "",
     ]
 
 
 def _error_section(records):
     """Mean best error by structure and module type, and the mean effective rank by module type."""
-    layers, names = records.layers, records.settings["structures"]
-    best = _best_errors(records)
-    out = [
-        "## Mean relative error by structure and module type",
+    calibrated = bool(records.settings.get("calibration"))
+    out = []
+    for key, what in (("error", "relative error"), ("output_error", "relative output error"))[: 1 + calibrated]:
+        out += _mean_table(records, key, what, calibrated)
+    types = _module_types(records.layers)
+    layers = records.layers
+    erank = [
+        f"{mt}: {np.mean([lay['effective_rank'] for lay in layers if lay['module_type'] == mt]):.1f}" for mt in types
+    ]
+    return out + [
         "",
-        "Best configuration of each structure on each layer (lowest error over its grid sizes, uniform "
+        "Mean effective rank (entropy effective rank, Roy & Vetterli) by module type: " + ", ".join(erank) + ".",
+        "",
+    ]
+
+
+def _mean_table(records, key, what, calibrated):
+    """Mean ``key`` of the best configuration of each structure, by module type."""
+    layers, names = records.layers, records.settings["structures"]
+    best = _best_errors(records, key)
+    least = "output error" if calibrated else "error"
+    out = [
+        f"## Mean {what} by structure and module type",
+        "",
+        f"Best configuration of each structure on each layer (lowest {least} over its grid sizes, uniform "
         "and optimal ranks), averaged over the layers of each module type; `-`: never matched.",
         "",
     ]
@@ -87,28 +118,30 @@ def _error_section(records):
             ]
             cells.append(f"{np.mean(errs):.4f}" if errs else "-")
         rows.append([name] + cells)
-    out += _table(["structure"] + types + ["all"], rows)
-    erank = [
-        f"{mt}: {np.mean([lay['effective_rank'] for lay in layers if lay['module_type'] == mt]):.1f}" for mt in types
-    ]
-    return out + [
-        "",
-        "Mean effective rank (entropy effective rank, Roy & Vetterli) by module type: " + ", ".join(erank) + ".",
-        "",
-    ]
+    return out + _table(["structure"] + types + ["all"], rows) + [""]
+
+
+_MEASURES = {
+    "frobenius": "`error` is the model-wide relative error sqrt(sum of discarded energy / sum of ||ΔW||²), which the "
+    "allocation minimises; `exact`: provably optimal (equal block costs, or the exact dynamic programme); "
+    "otherwise greedy, and the optimum lies between `lower bound` (from the fractional relaxation) and `error`.",
+    "output": "In the layers' data metrics (calibration): the allocation minimises the sum of the layers' relative "
+    "squared output errors f_l / f_l(0) (damped metric, from each layer's metric spectra), and `error` is their "
+    "root mean square; `exact`: provably optimal and every layer's spectra give its fits' errors exactly "
+    "(global and diagonal structures; a full grid's blocks are coupled by the metric, and its spectra are those "
+    "of the first sweep of its fit); the optimum lies between `lower bound` and `error` on these spectra.",
+}
 
 
 def _model_wide_section(records):
     """The model-wide allocation against the uniform one, and where the best one puts the parameters."""
+    measure = records.model_wide[0]["measure"] if len(records.model_wide) else "frobenius"
     out = [
         "## Model-wide allocation against uniform",
         "",
         "One total budget spread over every block of every layer by gain-per-parameter water-filling "
         "(`model-wide`), against every layer at the same per-layer budget (`uniform`, optimal ranks "
-        "inside each layer). `error` is the model-wide relative error sqrt(sum of discarded energy / "
-        "sum of ||ΔW||²), which the allocation minimises; `exact`: provably optimal (equal block costs, "
-        "or the exact dynamic programme); otherwise greedy, and the optimum lies between `lower bound` "
-        "(from the fractional relaxation) and `error`.",
+        "inside each layer). " + _MEASURES[measure],
         "",
     ]
     mw = [
@@ -187,7 +220,8 @@ def plot_error_heatmap(records, path):
 def _heatmap_figure(records, plt):
     layers = [lay["layer"] for lay in records.layers]
     names = records.settings["structures"]
-    best = _best_errors(records)
+    key, label = _measured(records)
+    best = _best_errors(records, key)
     E = np.array([[best.get((lay, name), np.nan) for name in names] for lay in layers])
     width = max(2.2 + 1.1 * len(names), 3.0 + 0.07 * max(map(len, layers), default=0))
     fig, ax = plt.subplots(figsize=(width, 1.8 + 0.22 * len(layers)), constrained_layout=True)
@@ -196,7 +230,7 @@ def _heatmap_figure(records, plt):
     im = ax.imshow(np.ma.masked_invalid(E), aspect="auto", cmap=cmap, vmin=lo, vmax=hi)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_yticks(range(len(layers)), layers, fontsize=max(4, 9 - len(layers) // 40))
-    fig.colorbar(im, ax=ax, label="relative error (best configuration)")
+    fig.colorbar(im, ax=ax, label=f"{label} (best configuration)")
     title = "best error per layer" + ("\n(grey: not matched)" if np.isnan(E).any() else "")
     ax.set_title(title, fontsize=10)
     return fig
@@ -212,7 +246,8 @@ def plot_error_vs_budget(records, path):
     plt = pyplot_agg()
     layers, names = records.layers, records.settings["structures"]
     types = _module_types(layers)
-    best = _best_errors(records)
+    key, label = _measured(records)
+    best = _best_errors(records, key)
     ncols = min(4, len(types))
     nrows = -(-len(types) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.4 * nrows), squeeze=False, constrained_layout=True)
@@ -248,7 +283,7 @@ def plot_error_vs_budget(records, path):
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     for row in axes:
-        row[0].set_ylabel("mean relative error")
+        row[0].set_ylabel(f"mean {label}")
     axes[0][0].legend(fontsize=7)
     save_figure(fig, path, dpi=110)
     plt.close(fig)

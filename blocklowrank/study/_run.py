@@ -25,6 +25,7 @@ from ..compare import compare_at_budget
 from ..peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_deltas, adapter_pairs
 from ..structures import get_structure
 from ..sweep import RunLog, canonical, jsonable, run_sweep
+from ._calibrated import check_calibration, layer_metric, release_metrics
 from ._model_wide import _model_wide
 from ._plan import apply_roles, cost_summary, default_structures, estimate_cost
 from ._report import write_study
@@ -48,6 +49,7 @@ STUDY_COLUMNS = (
     "budget_rank",
     "exact",
     "error",
+    "output_error",
     "energy",
     "best",
     "effective_rank",
@@ -91,8 +93,9 @@ def _study_layer(task, *, base, finetuned, settings, progress=False, live=False)
     delta, digests = _read_layer(pair, base, finetuned, settings)
     names, ks = settings["structures"], settings["n_blocks"]
     shape = delta.shape
-    arrays = _spectra_arrays(delta, names, ks)
-    whole = [k for k in arrays if k.endswith("|1|0|0")]  # a one-block partition holds the spectrum
+    metric = layer_metric(settings, task["study"], module)  # {} without calibration
+    arrays = _spectra_arrays(delta, names, ks, metric)
+    whole = [k for k in arrays if k.endswith("|1|0|0") and not metric]  # a one-block partition holds the spectrum
     erank = effective_rank(arrays[whole[0]] if whole else np.linalg.svd(delta, compute_uv=False))
     _save_npz(task["spectra"], arrays)
     rec = {
@@ -123,16 +126,24 @@ def _study_layer(task, *, base, finetuned, settings, progress=False, live=False)
         n_blocks=layer_ks,
         svd_solver=settings["svd_solver"],
         fit_options=settings["fit_options"],
-        spectra=[sp for sp in known if sp is not None],
+        spectra=None if metric else [sp for sp in known if sp is not None],
+        **metric,
     )  # computed once per layer
-    rec["rows"] = [_row(r, rec) for r in found]
+    rec["rows"] = [_row(r, rec, bool(metric)) for r in found]
     rec["missing"] = [name for name in names if name not in {r["structure"] for r in rec["rows"]}]
-    best = min(rec["rows"], key=lambda r: r["error"])
-    rec["summary"] = f"best {best['structure']} {best['config']}: error {best['error']:.4f}"
+    best = min(rec["rows"], key=_ranking)
+    rec["summary"] = f"best {best['structure']} {best['config']}: error {best['error']:.4f}" + (
+        f", output error {best['output_error']:.4f}" if metric else ""
+    )
     return jsonable(rec)
 
 
-def _row(r, layer):
+def _ranking(row):
+    """What the best row has least: the output error in a data metric (what its fits aim at), else the error."""
+    return row["error"] if row.get("output_error") is None else row["output_error"]
+
+
+def _row(r, layer, calibrated=False):
     m, n = layer["shape"]
     return {
         "layer": layer["layer"],
@@ -149,17 +160,18 @@ def _row(r, layer):
         "budget_rank": r["budget"] / (m + n),
         "exact": r["exact"],
         "error": r["error"],
+        "output_error": r["output_error"] if calibrated else None,
         "energy": 1.0 - r["error"] ** 2,
         "effective_rank": layer["effective_rank"],
     }
 
 
 def _mark_best(rows):
-    """``best``: the lowest-error row of each (layer, structure)."""
+    """``best``: the lowest-error row of each (layer, structure) (lowest output error in a data metric)."""
     best = {}
     for t, r in enumerate(rows):
         key = (r["layer"], r["structure"])
-        if key not in best or r["error"] < rows[best[key]]["error"]:
+        if key not in best or _ranking(r) < _ranking(rows[best[key]]):
             best[key] = t
     chosen = set(best.values())
     for t, r in enumerate(rows):
@@ -279,22 +291,10 @@ def _inputs(b, f, adapter_dir):
 
 
 def run_study(
-    base,
-    finetuned=None,
-    *,
-    out=None,
-    structures=None,
-    budget_rank=16,
-    budget_fraction=None,
-    total_budget=None,
-    target_modules=ALL_LINEAR,
-    n_blocks=None,
-    n_jobs=None,
-    progress=True,
-    svd_solver="auto",
-    fit_options=None,
-    orientation=None,
-):
+    base, finetuned=None, *, out=None, structures=None, n_blocks=None, fit_options=None,
+    budget_rank=16, budget_fraction=None, total_budget=None, target_modules=ALL_LINEAR, orientation=None,
+    calibration=None, gram_damping=None, svd_solver="auto", n_jobs=None, progress=True,
+):  # fmt: skip
     """Approximate every layer of a checkpoint by every registered structure at matched budgets.
 
     Parameters
@@ -367,15 +367,32 @@ def run_study(
         ``config.json`` does not say (see
         :func:`~blocklowrank.checkpoints.pair_layers`; for an adapter, its
         ``fan_in_fan_out`` decides then). ΔW is studied as ``(out, in)``.
+    calibration : str or path-like, optional
+        Calibration statistics of the base model (``blocklowrank calibrate``;
+        or :class:`~blocklowrank.calibration.CalibrationStats` read from a
+        file): every configuration is fitted in each layer's data metric
+        (``G`` of its input site, ``H`` where the file has it; see
+        :func:`~blocklowrank.compare.compare_at_budget`), rows carry
+        ``output_error`` beside ``error``, ``best`` is the lowest output
+        error, the curves are of the output error, and the model-wide
+        allocation minimises the sum of the layers' relative squared output
+        errors. Checked against the layers before anything is written;
+        ``study.json`` records the file (its SHA-256 among the inputs) and
+        ``gram_damping``, so a resume with other statistics is refused.
+    gram_damping : float >= 0, optional
+        The metric's damping (default :data:`~blocklowrank.GRAM_DAMPING`);
+        only with ``calibration``.
 
     Returns
     -------
     records : RecordList
         One row per layer and configuration (:data:`STUDY_COLUMNS`: ``layer``,
         ``module_type``, ``shape``, ``structure``, ``config``, ``allocation``,
-        ``n_params``, ``budget``, ``error`` (relative Frobenius), ``energy``
-        (captured, ``1 - error^2``), ``best`` (lowest error of its layer and
-        structure), ``effective_rank``, ...). Attributes: ``model_wide``
+        ``n_params``, ``budget``, ``error`` (relative Frobenius),
+        ``output_error`` (with ``calibration``: relative output error; None
+        without), ``energy`` (captured, ``1 - error^2``), ``best`` (lowest
+        error of its layer and structure; lowest output error with
+        ``calibration``), ``effective_rank`` (of ΔW), ...). Attributes: ``model_wide``
         (:data:`MODEL_WIDE_COLUMNS`, model-wide against uniform per layout
         structure and grid size), ``model_wide_layers`` (where the model-wide
         allocation puts the parameters), ``layers`` (per-layer records with
@@ -436,6 +453,9 @@ def run_study(
     finetuned = None if finetuned is None else resolve_model(finetuned, role="fine-tuned")
     pairing, paths, adapter, inputs = _layers_to_study(base, finetuned, target_modules, orientation)
     budgets, total = _budgets(pairing.pairs, mode, value)
+    calibrated, stats_file = check_calibration(calibration, gram_damping, pairing.pairs)  # before any file is made
+    if stats_file is not None:
+        inputs = inputs + [_file_identity(stats_file)]
     settings = {
         "base": paths[0],
         "finetuned": paths[1],
@@ -448,6 +468,7 @@ def run_study(
         "adapter": adapter,
         "orientation": orientation,
         "inputs": inputs,
+        **calibrated,  # only with calibration: a plain study's study.json is as before
     }
     settings = _recorded("settings", settings)
     study = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -478,8 +499,9 @@ def run_study(
         )
         layers = apply_roles([done[t["id"]] for t in tasks])
         files = [t["spectra"] for t in tasks]
-        model_wide, model_layers, notes = _model_wide(layers, files, names, ks, total, budgets)
+        model_wide, model_layers, notes = _model_wide(layers, files, names, ks, total, budgets, bool(calibrated))
     finally:
+        release_metrics()  # the statistics file this process opened for the layers it ran (workers keep theirs)
         if tmp:
             tmp.cleanup()
     records = RecordList(_mark_best([row for lay in layers for row in lay["rows"]]), columns=STUDY_COLUMNS)

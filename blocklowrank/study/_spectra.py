@@ -38,13 +38,17 @@ def _partitions(names, shape, ks):
     return out
 
 
-def _spectra_arrays(delta, names, ks):
-    """Singular values and block energies of every layout partition, as npz-ready arrays."""
+def _spectra_arrays(delta, names, ks, metric=None):
+    """Singular values and block energies of every layout partition, as npz-ready arrays; in a data metric
+    (``metric``: the Grams, as :func:`~blocklowrank.block_spectra` takes them) also the energy no rank
+    captures (``F``) and whether the spectra give the fits' errors exactly (``X``)."""
     arrays = {}
     for name, K in _partitions(names, delta.shape, ks):
-        sp = block_spectra(delta, get_structure(name).layout(delta.shape, K))
+        sp = block_spectra(delta, get_structure(name).layout(delta.shape, K), **(metric or {}))
         arrays[f"{name}|{K}|E"] = sp.block_energy
         arrays.update({f"{name}|{K}|{i}|{j}": v for (i, j), v in sp.values.items()})
+        if metric:
+            arrays[f"{name}|{K}|F"], arrays[f"{name}|{K}|X"] = np.asarray(sp.fixed_loss), np.asarray(sp.exact)
     return arrays
 
 
@@ -60,8 +64,11 @@ def _load_spectra(arrays, name, K, shape):
     values = {
         tuple(int(t) for t in key[len(prefix) :].split("|")): np.asarray(arrays[key])
         for key in arrays
-        if key.startswith(prefix) and not key.endswith("|E")
+        if key.startswith(prefix) and key[len(prefix) :] not in ("E", "F", "X")
     }
+    if prefix + "F" in arrays:  # in a data metric
+        fixed, exact = float(arrays[prefix + "F"]), bool(arrays[prefix + "X"])
+        return BlockSpectra(lay, values, np.asarray(arrays[prefix + "E"]), None, fixed, exact)
     return BlockSpectra(lay, values, np.asarray(arrays[prefix + "E"]))
 
 

@@ -251,6 +251,28 @@ def timed_subprocess(argv, env):
     return json.loads(line[7:]), wall, rss
 
 
+def emit(text, out):
+    """Print the report, and write it to ``out`` when given."""
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+
+
+def side_env(threads):
+    """The environment of a side's subprocess: ``threads`` BLAS/OpenMP threads, this checkout first on the path."""
+    return dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        OPENBLAS_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        PYTHONPATH=os.pathsep.join(
+            [os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)]
+            + [p for p in [os.environ.get("PYTHONPATH")] if p]
+        ),
+    )
+
+
 def header(args):
     import scipy.linalg  # noqa: F401  (its BLAS shows up in the header)
     from threadpoolctl import threadpool_info
@@ -282,16 +304,7 @@ def main(argv=None):
     if args.side:
         return run_side(args)
     lines = header(args)
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS=str(args.threads),
-        OPENBLAS_NUM_THREADS=str(args.threads),
-        MKL_NUM_THREADS=str(args.threads),
-        PYTHONPATH=os.pathsep.join(
-            [os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)]
-            + [p for p in [os.environ.get("PYTHONPATH")] if p]
-        ),
-    )
+    env = side_env(args.threads)
     with tempfile.TemporaryDirectory(dir=args.workdir) as folder:
         t0 = time.perf_counter()
         make_pair(folder, args.layers)
@@ -312,11 +325,7 @@ def main(argv=None):
             if key == "baseline":
                 energies = captured_energies(folder)
         lines.append(f"load average at the end {os.getloadavg()[0]:.2f}")
-    text = report(lines, runs, args.layers, RANK, MODEL_LAYERS, energies)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(report(lines, runs, args.layers, RANK, MODEL_LAYERS, energies), args.out)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,8 @@ class GramFactor:
     same multiply-adds as with ``G``), and so do the rows and diagonal blocks
     of ``G_delta`` that block fits need. At ``n = 11008`` that is 0.97 GB
     (1.45 GB with the float32 copy) instead of twice that with ``G`` kept.
+    Building it holds one ``n x n`` float64 array besides ``gram`` (every
+    factorisation runs in place).
 
     Validation costs one Cholesky factorisation of ``G + 32 eps tr(G) I`` (the
     PSD check, which the damping would otherwise hide) when ``delta > 0``, plus
@@ -160,18 +162,19 @@ class GramFactor:
             self.rcond = max(self.rcond, psd_tol)
         allow = psd_tol * self._trace
         self.shift = self.damping * self._trace / self.size
-        A = None
+        # Every factorisation runs in G's own memory (no n x n copy): LAPACK overwrites the lower
+        # triangle only, and G is rebuilt from the upper one and the diagonal where needed.
         if self.shift > 0:  # the PSD check needs its own factorisation: the damping hides mild negatives
-            A = _shifted(G, allow)
-            _, info = lapack.dpotrf(A, lower=1, overwrite_a=1)
+            Gf = G.T if G.flags.c_contiguous else G  # symmetric: the same matrix in Fortran order
+            G[np.diag_indices_from(G)] += allow
+            _, info = lapack.dpotrf(Gf, lower=1, clean=0, overwrite_a=1)
+            _refill_lower(Gf, self._diag)
             if info != 0:
                 self._refuse_indefinite(G, allow)
-            A.T[...] = G  # reuse the check's memory for G_delta (G symmetric: a straight copy into A^T)
-            A[np.diag_indices_from(A)] += self.shift
-        if A is None:  # the factorisation is the PSD check
-            self._factor = _factorize(G, self.rcond, consume=False)
-        else:  # consumed in place; a singular G_delta (tiny damping) falls back on G's eigenvectors
-            self._factor = _factorize(A, self.rcond, consume=True, keep=G, shift=self.shift)
+            G[np.diag_indices_from(G)] += self.shift
+        # without damping the factorisation is the PSD check; a singular G_delta (no or tiny damping)
+        # falls back on the eigenvectors of G (rebuilt)
+        self._factor = _factorize(G, self.rcond, consume=True, restore=self._diag, shift=self.shift)
         w = self._factor.eigvals
         if w is not None and w.size and w[0] < -allow:
             self._refuse_indefinite(G, allow, w[0])
@@ -467,32 +470,50 @@ class _Factor:
         self.L, self.Q, self.sqrt_w, self.eigvals = L, Q, sqrt_w, eigvals
 
 
-def _factorize(A, rcond, *, consume, keep=None, shift=0.0):
+def _factorize(A, rcond, *, consume, restore=None, shift=0.0):
     """Cholesky of a symmetric PSD ``A`` when every pivot is above ``rcond * max(diag)``,
     else the eigen-factor over eigenvalues above ``rcond * lambda_max``.
 
     ``consume``: factorise ``A`` in place (no copy); the eigen-factor then
-    comes from ``keep``, whose eigenvalues plus ``shift`` are ``A``'s (the
-    undamped Gram of a damped ``A``).
+    comes from ``A`` rebuilt (its strict upper triangle is left intact) with
+    the diagonal ``restore``, whose eigenvalues plus ``shift`` are ``A``'s
+    (the undamped Gram of a damped ``A``).
     """
     dmax = float(np.max(np.diagonal(A)))
     Af = A.T if A.flags.c_contiguous else A  # symmetric: the same matrix in Fortran order
-    L, info = lapack.dpotrf(Af, lower=1, clean=1, overwrite_a=int(consume))
+    L, info = lapack.dpotrf(Af, lower=1, clean=int(not consume), overwrite_a=int(consume))
     if info == 0 and float(np.min(np.diagonal(L) ** 2)) > rcond * dmax:
+        if consume:
+            _clean_upper(L)
         return _Factor(L, None, None, None)
     del L
-    w, Q = scipy.linalg.eigh(A if keep is None else keep, check_finite=False)
+    if consume:
+        _refill_lower(Af, restore)
+    w, Q = scipy.linalg.eigh(A, check_finite=False)
     w = w + shift
     keep = w > rcond * max(float(w[-1]), 0.0)
     return _Factor(None, np.asfortranarray(Q[:, keep]), np.sqrt(w[keep]), w)
 
 
-def _shifted(G, allow):
-    """A Fortran copy of ``G + allow * I`` (consumed by the PSD check; ``G`` symmetric, so ``G^T``'s
-    memory, a straight copy)."""
-    A = np.array(G.T, order="F")
-    A[np.diag_indices_from(A)] += allow
-    return A
+def _refill_lower(A, diag, tile=512):
+    """A symmetric ``A`` again after a factorisation overwrote its lower triangle: the strict lower
+    triangle from the strict upper one (left intact), the diagonal from ``diag``; by tiles, in place."""
+    n = A.shape[0]
+    for a in range(0, n, tile):
+        b = min(a + tile, n)
+        A[b:, a:b] = A[a:b, b:].T
+        block, low = A[a:b, a:b], np.tril_indices(b - a, -1)
+        block[low] = block.T[low]
+    A[np.diag_indices(n)] = diag
+
+
+def _clean_upper(L, tile=512):
+    """Zero the strict upper triangle of ``L`` in place (what LAPACK's ``clean`` does), by tiles."""
+    n = L.shape[0]
+    for a in range(0, n, tile):
+        b = min(a + tile, n)
+        L[a:b, b:] = 0
+        L[a:b, a:b][np.triu_indices(b - a, 1)] = 0
 
 
 def _rows(X):
@@ -524,7 +545,7 @@ def _check_gram(gram, size, name):
 def _symmetrize_checked(G, dtype, name, tile=128):
     """``G <- (G + G^T) / 2`` in place after checking ``max |G - G^T| <= sqrt(eps) max |G|`` (eps of
     ``dtype``), by pairs of square tiles (cache-friendly; no n x n temporary): exactly symmetric."""
-    tol = np.sqrt(np.finfo(dtype).eps) * float(np.max(np.abs(G)))
+    tol = np.sqrt(np.finfo(dtype).eps) * max(float(np.max(G)), -float(np.min(G)))  # no n x n |G| temporary
     n = G.shape[0]
     worst = 0.0
     for a in range(0, n, tile):

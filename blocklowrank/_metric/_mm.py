@@ -175,7 +175,7 @@ def _result(p, cur, f0, trace, n_iter, reason, c, backtracks):
     if p.G.shift or p.H.shift:
         if isinstance(cur.M, tuple):
             B, A = (np.asarray(a, np.float64) for a in cur.M)
-            f = _objective_lowrank(p.W, B, A, p.G, p.H, tots)[0]
+            f = _objective_lowrank(p.W, B, A, p.G, p.H, tots)
         else:
             f = _data_energy(np.asarray(p.W, np.float64) - cur.dense, p.G, p.H)[0]
     M = cur.M

@@ -717,3 +717,33 @@ def test_without_tqdm_the_run_goes_on(torch, tiny_gpt2, monkeypatch):
     monkeypatch.setattr(sweep, "_tqdm", lambda: None)  # what sweep._tqdm gives, after its warning, without tqdm
     stats = collect.collect_statistics(tiny_gpt2[0], tiny_gpt2[1], progress=True)
     assert stats.info["tokens"] == 43
+
+
+def test_checked_statistics_are_factored_without_a_second_psd_check(monkeypatch):
+    """Claim: a Gram that check_statistics has accepted is factored once (the damped factor), not twice
+    (the PSD check at the file's tolerance, then the factor), and to the same factor bit for bit; an
+    unchecked one pays both factorisations; an indefinite G is refused either way,
+    by check_statistics or by the factor's own check."""
+    from scipy.linalg import lapack
+
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((50, 6))
+    G = X.T @ X / 50
+    calls = []
+    real = lapack.dpotrf
+    monkeypatch.setattr(lapack, "dpotrf", lambda *a, **k: calls.append(1) or real(*a, **k))
+    unchecked = CalibrationStats({"s": G}, {"s": 50}, {"fc": "s"})
+    F0 = unchecked.input_factor("fc")
+    n_unchecked, calls[:] = len(calls), []
+    checked = CalibrationStats({"s": G}, {"s": 50}, {"fc": "s"})
+    check_statistics(checked, {"fc": (4, 6)})
+    calls[:] = []
+    F1 = checked.input_factor("fc")
+    assert (n_unchecked, len(calls)) == (2, 1)
+    np.testing.assert_array_equal(F1.rmul_factor(np.eye(6)), F0.rmul_factor(np.eye(6)))  # the same factor
+    np.testing.assert_array_equal(F1.rmul(np.eye(6)), F0.rmul(np.eye(6)))
+    bad = G - 2 * np.abs(np.linalg.eigvalsh(G)).max() * np.outer(np.ones(6), np.ones(6)) / 6
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        check_statistics(CalibrationStats({"s": bad}, {"s": 50}, {"fc": "s"}), {"fc": (4, 6)})
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        CalibrationStats({"s": bad}, {"s": 50}, {"fc": "s"}).input_factor("fc")

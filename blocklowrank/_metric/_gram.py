@@ -80,6 +80,11 @@ class GramFactor:
         :mod:`blocklowrank.calibration` checked them with). Given, it is also
         the relative cutoff ``rcond`` below which an eigenvalue counts as zero
         where ``G`` must be inverted.
+    psd_checked : bool, default=False
+        The caller has already checked ``G >= -psd_tol * trace(G)`` (as
+        :func:`blocklowrank.calibration.check_statistics` does): with damping,
+        the factorisation that checks it is skipped (one Cholesky of ``n x n``
+        less; without damping the factor itself is the check).
 
     Attributes
     ----------
@@ -139,7 +144,7 @@ class GramFactor:
 
     is_identity = False
 
-    def __init__(self, gram, size=None, *, damping=None, name="input_gram", psd_tol=None):
+    def __init__(self, gram, size=None, *, damping=None, name="input_gram", psd_tol=None, psd_checked=False):
         self.name = name
         G, in_dtype = _check_gram(gram, size, name)
         self.damping = GRAM_DAMPING if damping is None else check(damping, "gram_damping", caller="GramFactor")
@@ -164,14 +169,14 @@ class GramFactor:
         self.shift = self.damping * self._trace / self.size
         # Every factorisation runs in G's own memory (no n x n copy): LAPACK overwrites the lower
         # triangle only, and G is rebuilt from the upper one and the diagonal where needed.
-        if self.shift > 0:  # the PSD check needs its own factorisation: the damping hides mild negatives
+        if self.shift > 0 and not psd_checked:  # the PSD check needs its own factorisation: damping hides negatives
             Gf = G.T if G.flags.c_contiguous else G  # symmetric: the same matrix in Fortran order
             G[np.diag_indices_from(G)] += allow
             _, info = lapack.dpotrf(Gf, lower=1, clean=0, overwrite_a=1)
             _refill_lower(Gf, self._diag)
             if info != 0:
                 self._refuse_indefinite(G, allow)
-            G[np.diag_indices_from(G)] += self.shift
+        G[np.diag_indices_from(G)] += self.shift
         # without damping the factorisation is the PSD check; a singular G_delta (no or tiny damping)
         # falls back on the eigenvectors of G (rebuilt)
         self._factor = _factorize(G, self.rcond, consume=True, restore=self._diag, shift=self.shift)

@@ -285,7 +285,10 @@ class CalibrationStats:
     def _factor(self, entries, key, prefix, damping):
         name = f"{_where(self.source)}: entry {prefix + key!r}"
         tol = _rounding(_precision(entries, key))
-        return GramFactor(np.asarray(entries[key], dtype=np.float64), damping=damping, name=name, psd_tol=tol)
+        checked = prefix + key in self.__dict__.get("_psd_checked", ())  # by check_statistics, at this tolerance
+        return GramFactor(
+            np.asarray(entries[key], dtype=np.float64), damping=damping, name=name, psd_tol=tol, psd_checked=checked
+        )
 
     @property
     def output_layers(self):
@@ -473,6 +476,7 @@ def _check_numbers(stats, entries, key, prefix):
         raise stats._error(
             entry, f"not positive semi-definite: eigenvalue {smallest:.3g} below -{rtol:.1e} x trace ({trace:.3g})"
         ) from None
+    stats.__dict__.setdefault("_psd_checked", set()).add(prefix + key)  # its factor need not check it again
 
 
 def _shape_pair(layer, shape):

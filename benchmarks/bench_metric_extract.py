@@ -23,6 +23,9 @@ way (``iter_deltas``, one layer at a time) and writes its factors:
   (``extract(..., calibration=)``'s loop, through the public pieces);
   ``--check`` adds :func:`~blocklowrank.calibration.check_statistics` first,
   as an extraction from a file must;
+* ``extract_plain`` / ``extract_metric``: :func:`~blocklowrank.extract.extract_adapter` itself,
+  end to end, without and with ``calibration=`` the statistics file (``metric="input"``: every layer in
+  its ``G``), PEFT file and report written; timed only (the objectives above check the fits);
 * ``torch32`` / ``torch64``: the straightforward implementation of the same
   objective (SVD-LLM's whitening): ``L = torch.linalg.cholesky(G_delta)``
   once per site, ``torch.linalg.svd(W @ L)`` in full, truncation to rank 16,
@@ -172,6 +175,23 @@ def side_metric(folder, check):
     return _written(folder, "metric", factors, layers, t)
 
 
+def side_extract(folder, calibrated):
+    """``extract_adapter`` itself, end to end (pairing, reading, the statistics' check and factors, fits,
+    the PEFT file and its report): plain, or with ``calibration=`` the statistics file and
+    ``metric="input"`` (a global adapter's ``auto`` would fit it plain)."""
+    from blocklowrank.extract import extract_adapter
+
+    kw = {"calibration": os.path.join(folder, "stats.safetensors"), "metric": "input"} if calibrated else {}
+    t0 = time.perf_counter()
+    rep = extract_adapter(
+        os.path.join(folder, "base.safetensors"), os.path.join(folder, "tuned.safetensors"),
+        os.path.join(folder, "extract_metric" if calibrated else "extract_plain"), rank=RANK, svd_solver="auto",
+        overwrite=True, random_state=0, **kw,
+    )  # fmt: skip
+    layers = {name: dict(solver=[], output_error=v["output_error"]) for name, v in rep.layers.items()}
+    return dict(layers=layers, phases={"fit": time.perf_counter() - t0})
+
+
 def side_torch(folder, dtype, threads):
     import torch
 
@@ -213,6 +233,8 @@ def run_side(args):
         res = side_plain(args.workdir)
     elif args.side == "metric":
         res = side_metric(args.workdir, args.check)
+    elif args.side.startswith("extract"):
+        res = side_extract(args.workdir, args.side == "extract_metric")
     else:
         res = side_torch(args.workdir, "float" + args.side[-2:], args.threads)
     use = resource.getrusage(resource.RUSAGE_SELF)
@@ -338,6 +360,11 @@ def report(lines, runs, errs, threads):
             f"{(wall['metric'] - g['gram_read'] - g['gram_factor'] - g.get('check', 0)) / wall['plain']:.2f}x; "
             f"the fits alone {fit['metric'] / fit['plain']:.2f}x"
         )
+    if "extract_plain" in wall and "extract_metric" in wall:
+        r = wall["extract_metric"] / wall["extract_plain"]
+        out.append(
+            f"- extract_adapter with calibration / without, end to end: **{r:.2f}x** ({ok(r <= 2)}: target <= 2x)"
+        )
     for k in ("torch32", "torch64"):
         if k in wall and "metric" in wall:
             r = wall[k] / wall["metric"]
@@ -355,7 +382,7 @@ def report(lines, runs, errs, threads):
 # ---------------------------------------------------------------------------- driver
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--side", choices=("plain", "metric", "torch32", "torch64"))
+    ap.add_argument("--side", choices=("plain", "metric", "torch32", "torch64", "extract_plain", "extract_metric"))
     ap.add_argument("--sides", nargs="+", default=["plain", "metric", "torch32", "torch64"])
     ap.add_argument("--check", action="store_true", help="metric: check_statistics before the loop")
     ap.add_argument("--layers", type=int, default=1, help="decoder layers (7 linear layers each)")
@@ -409,7 +436,7 @@ def main(argv=None):
             import pstats
 
             pstats.Stats(os.path.join(folder, "metric.prof")).sort_stats("tottime").print_stats(25)
-        errs = objectives(folder, args.sides)
+        errs = objectives(folder, [k for k in args.sides if not k.startswith("extract")])
         lines.append(f"load average at the end {os.getloadavg()[0]:.2f}")
     emit(report(lines, runs, errs, args.threads), args.out)
 

@@ -723,7 +723,8 @@ def test_checked_statistics_are_factored_without_a_second_psd_check(monkeypatch)
     """Claim: a Gram that check_statistics has accepted is factored once (the damped factor), not twice
     (the PSD check at the file's tolerance, then the factor), and to the same factor bit for bit; an
     unchecked one pays both factorisations; an indefinite G is refused either way,
-    by check_statistics or by the factor's own check."""
+    by check_statistics or by the factor's own check; check_statistics(factor=False) (what extract uses: it
+    writes nothing before its fits end) leaves that check to the factor, one factorisation per site in all."""
     from scipy.linalg import lapack
 
     rng = np.random.default_rng(7)
@@ -740,10 +741,21 @@ def test_checked_statistics_are_factored_without_a_second_psd_check(monkeypatch)
     calls[:] = []
     F1 = checked.input_factor("fc")
     assert (n_unchecked, len(calls)) == (2, 1)
+    deferred = CalibrationStats({"s": G}, {"s": 50}, {"fc": "s"})
+    calls[:] = []
+    check_statistics(deferred, {"fc": (4, 6)}, factor=False)  # no factorisation: the factor will check
+    assert len(calls) == 0
+    deferred.input_factor("fc")
+    assert len(calls) == 2
     np.testing.assert_array_equal(F1.rmul_factor(np.eye(6)), F0.rmul_factor(np.eye(6)))  # the same factor
     np.testing.assert_array_equal(F1.rmul(np.eye(6)), F0.rmul(np.eye(6)))
-    bad = G - 2 * np.abs(np.linalg.eigvalsh(G)).max() * np.outer(np.ones(6), np.ones(6)) / 6
+    bad = G.copy()  # a positive diagonal, an indefinite 2 x 2 minor: only a factorisation finds it
+    bad[0, 1] = bad[1, 0] = 1.5 * np.sqrt(G[0, 0] * G[1, 1])
     with pytest.raises(ValueError, match="not positive semi-definite"):
         check_statistics(CalibrationStats({"s": bad}, {"s": 50}, {"fc": "s"}), {"fc": (4, 6)})
     with pytest.raises(ValueError, match="not positive semi-definite"):
         CalibrationStats({"s": bad}, {"s": 50}, {"fc": "s"}).input_factor("fc")
+    late = CalibrationStats({"s": bad}, {"s": 50}, {"fc": "s"})
+    check_statistics(late, {"fc": (4, 6)}, factor=False)
+    with pytest.raises(ValueError, match=r"entry 'G\.s' is not positive semi-definite"):
+        late.input_factor("fc")

@@ -28,13 +28,13 @@ def check_damping(calibration, gram_damping, caller):
     return check(gram_damping, "gram_damping", caller=caller)
 
 
-def open_calibration(calibration, layers, *, kinds=None):
+def open_calibration(calibration, layers, *, kinds=None, factor=True):
     """``(stats, opened)``: the statistics checked against ``layers`` ({module: (out, in)}).
 
     ``calibration``: a path to a statistics file or :class:`CalibrationStats`.
     ``opened`` is True when the file was opened here (the caller closes it).
     ``kinds`` ({module: kind}) refuses embeddings by name: their input (token
-    ids) has no second moment. Raises :class:`CalibrationError` (one line,
+    ids) has no second moment. ``factor``: as :func:`check_statistics`'s. Raises :class:`CalibrationError` (one line,
     naming the file and the entry) for statistics that do not fit.
     """
     for module, kind in (kinds or {}).items():
@@ -53,7 +53,7 @@ def open_calibration(calibration, layers, *, kinds=None):
             f"got {type(calibration).__name__}"
         )
     try:
-        check_statistics(stats, layers)
+        check_statistics(stats, layers, factor=factor)
     except BaseException:
         if opened:
             stats.close()

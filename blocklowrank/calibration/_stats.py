@@ -451,7 +451,7 @@ def _from_checkpoint(path, ckpt):
     return stats
 
 
-def _check_numbers(stats, entries, key, prefix):
+def _check_numbers(stats, entries, key, prefix, factor=True):
     """Refuse a matrix that is not finite, not symmetric or not PSD beyond rounding."""
     entry = f"entry {prefix + key!r}"
     M = np.asarray(entries[key], dtype=np.float64)
@@ -468,6 +468,8 @@ def _check_numbers(stats, entries, key, prefix):
         raise stats._error(entry, "not positive semi-definite (a negative diagonal, or off-diagonals on a zero one)")
     if trace == 0:
         raise stats._error(entry, "all zero: no calibration signal, a fit in its metric would be undefined")
+    if not factor:
+        return
     shifted = M + np.eye(len(M)) * (rtol * trace)  # Cholesky succeeds iff λ_min(M) > -rtol·trace (to rounding)
     try:
         scipy.linalg.cholesky(shifted, lower=True, overwrite_a=True, check_finite=False)
@@ -488,7 +490,7 @@ def _shape_pair(layer, shape):
 
 
 @validate_params(require_output=["boolean"])
-def check_statistics(stats, layers, *, require_output=False):
+def check_statistics(stats, layers, *, require_output=False, factor=True):
     """Refuse statistics that do not fit the model's layers, before anything is written.
 
     Parameters
@@ -499,6 +501,14 @@ def check_statistics(stats, layers, *, require_output=False):
         (GPT-2's ``Conv1D`` stores ``W`` as (in, out): pass (out, in)).
     require_output : bool, default=False
         Also require ``H`` for every layer.
+    factor : bool, default=True
+        Check positive semi-definiteness here (one Cholesky factorisation of
+        every matrix). False leaves that one check to the
+        :class:`~blocklowrank.GramFactor` a fit in the metric builds of each
+        matrix (:meth:`CalibrationStats.input_factor`), which refuses an
+        indefinite one at the same tolerance in one line naming the file and
+        the entry: for a caller that writes nothing before its fits end (an
+        extraction), it saves a factorisation per input site.
 
     Returns
     -------
@@ -540,6 +550,6 @@ def check_statistics(stats, layers, *, require_output=False):
                     f"shape {got}, but layer {layer!r} {verb} {size} features ({size}x{size})",
                 )
             if (prefix, key) not in checked:
-                _check_numbers(stats, entries, key, prefix)
+                _check_numbers(stats, entries, key, prefix, factor)
                 checked.add((prefix, key))
     return stats

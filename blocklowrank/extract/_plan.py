@@ -308,13 +308,14 @@ def _calibration_paths(calibration):
 
 
 @contextlib.contextmanager
-def _calibrated(calibration, pairs):
-    """The statistics checked against the layers of ``pairs`` (None without ``calibration``), closed on exit."""
+def _calibrated(calibration, pairs, factor=True):
+    """The statistics checked against the layers of ``pairs`` (None without ``calibration``), closed on exit;
+    ``factor=False``: their PSD check left to the fits' factors (:func:`~blocklowrank.calibration.check_statistics`)."""
     if calibration is None:
         yield None
         return
     layers = {p.module: tuple(p.shape) for p in pairs}  # (out, in): Conv1D's ΔW is turned before fitting
-    stats, opened = open_calibration(calibration, layers, kinds={p.module: p.kind for p in pairs})
+    stats, opened = open_calibration(calibration, layers, kinds={p.module: p.kind for p in pairs}, factor=factor)
     try:
         yield stats
     finally:

@@ -327,7 +327,8 @@ def extract_adapter(
     with _opened(base, finetuned) as (b, f), contextlib.ExitStack() as stack:
         prep = _prepare(b, f, method, n_blocks, rank, budget_rank, total_budget, max_error, target_modules,
                         peft_type, cap_rank, dtype, modules_to_save, orientation)  # fmt: skip
-        stats = stack.enter_context(_calibrated(calibration, prep.pairing.pairs))
+        # every G is factored before anything is written, and its factor checks it: no separate PSD check
+        stats = stack.enter_context(_calibrated(calibration, prep.pairing.pairs, factor=False))
         modules = [p.module for p in prep.pairing.pairs]
         check_output_grams(metric, stats, modules)
         metrics = (lambda: None) if stats is None else (lambda: SiteMetrics(stats, damping, modules))  # noqa: E731

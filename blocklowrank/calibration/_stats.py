@@ -65,7 +65,8 @@ class _Entries(Mapping):
     def __getitem__(self, key):
         if key not in self._keys:
             raise KeyError(key)
-        return self._ckpt.get(self._prefix + key, dtype=np.float64)
+        name = self._prefix + key  # read chunk by chunk into a fresh array: no file page stays mapped
+        return self._ckpt._read_into(name, np.empty(self._ckpt.info(name).shape, np.float64))
 
     def __iter__(self):
         return iter(self._keys)

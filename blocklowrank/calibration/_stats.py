@@ -155,6 +155,7 @@ class CalibrationStats:
         source=None,
     ):
         self.source = source
+        self._psd_checked = set()  # entries check_statistics found PSD at the file's tolerance
         self._inputs = input_grams if isinstance(input_grams, _Entries) else dict(input_grams)
         self._outputs = output_grams if isinstance(output_grams, _Entries) else dict(output_grams or {})
         self.input_counts = dict(input_counts)
@@ -286,7 +287,7 @@ class CalibrationStats:
     def _factor(self, entries, key, prefix, damping):
         name = f"{_where(self.source)}: entry {prefix + key!r}"
         tol = _rounding(_precision(entries, key))
-        checked = prefix + key in self.__dict__.get("_psd_checked", ())  # by check_statistics, at this tolerance
+        checked = prefix + key in self._psd_checked  # by check_statistics, at this tolerance
         return GramFactor(
             np.asarray(entries[key], dtype=np.float64), damping=damping, name=name, psd_tol=tol, psd_checked=checked
         )
@@ -479,7 +480,7 @@ def _check_numbers(stats, entries, key, prefix, factor=True):
         raise stats._error(
             entry, f"not positive semi-definite: eigenvalue {smallest:.3g} below -{rtol:.1e} x trace ({trace:.3g})"
         ) from None
-    stats.__dict__.setdefault("_psd_checked", set()).add(prefix + key)  # its factor need not check it again
+    stats._psd_checked.add(prefix + key)  # its factor need not check it again
 
 
 def _shape_pair(layer, shape):

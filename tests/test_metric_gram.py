@@ -51,3 +51,29 @@ def test_an_indefinite_gram_is_refused_with_and_without_damping(damping, order):
     G = np.asarray((G + G.T) / 2, order=order)
     with pytest.raises(ValueError, match=r"not positive semi-definite: its smallest eigenvalue is -0\.5\b"):
         GramFactor(G, 600, damping=damping)
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-2])
+@pytest.mark.parametrize("n", [7, 600])
+def test_copy_false_takes_over_the_gram_and_factors_it_the_same(n, damping):
+    """Claim: ``copy=False`` gives bit-for-bit the factor ``copy=True`` gives, overwriting a
+    writeable float64 ``G`` (C or F order) instead of copying it; a float32, a read-only or a
+    strided ``G`` is copied (the caller's array unchanged)."""
+    rng = np.random.default_rng(n + 1)
+    Y = rng.standard_normal((5, n))
+    for label, G in _grams(rng, n).items():
+        ref = GramFactor(G, n, damping=damping).rmul(Y)
+        taken = G.copy(order="K")
+        np.testing.assert_array_equal(GramFactor(taken, n, damping=damping, copy=False).rmul(Y), ref, err_msg=label)
+        assert not np.array_equal(taken, G), label  # its memory held the factorisation
+        readonly = G.copy(order="K")
+        readonly.setflags(write=False)
+        for other in (G.astype(np.float32), readonly, np.repeat(G, 2, axis=1)[:, ::2]):
+            before = other.copy()
+            GramFactor(other, n, damping=damping, copy=False)
+            np.testing.assert_array_equal(other, before, err_msg=label)
+
+
+def test_copy_must_be_a_boolean():
+    with pytest.raises(ValueError, match="'copy' parameter of GramFactor"):
+        GramFactor(np.eye(3), copy="no")

@@ -284,6 +284,37 @@ def test_study_estimates_the_iterative_structures_before_they_start(bert, tmp_pa
     assert started and at < started[0]  # said before the first layer starts
 
 
+def test_the_estimate_times_the_iterative_fits_in_the_studys_metric():
+    """Claim: in a calibrated study the cost estimate times every fit (the one alternation per layer
+    shape and the whole fit of the smallest layer) in that layer's metric, not plain."""
+    import dataclasses
+
+    from blocklowrank import GramFactor
+    from blocklowrank.checkpoints import LayerPair
+    from blocklowrank.structures import get_structure, registered
+    from blocklowrank.study._plan import estimate_cost
+
+    hybrid, seen = get_structure("hybrid"), []
+
+    def spy(X, **kw):
+        seen.append((X.shape, kw.get("input_gram")))
+        return hybrid.fit(X, **kw)
+
+    rng = np.random.default_rng(0)
+    pairs = [
+        LayerPair(f"l{i}.weight", f"l{i}", shape, "linear") for i, shape in enumerate([(24, 16), (32, 16), (24, 16)])
+    ]
+    grams = {16: GramFactor(np.cov(rng.standard_normal((16, 64))), 16)}
+    with registered(dataclasses.replace(hybrid, name="hybrid_spy", fit=spy)):
+        costs = estimate_cost(
+            pairs, [8 * sum(p.shape) for p in pairs], ["hybrid_spy"], [2], {"max_iter": 2},
+            sample=lambda pair: rng.standard_normal(pair.shape), metric=lambda pair: {"input_gram": grams[pair.shape[1]]},
+        )  # fmt: skip
+    assert costs[0]["layer"] == "l0" and 1 <= costs[0]["alternations"] <= 2
+    assert {shape for shape, _ in seen} == {(24, 16), (32, 16)} and len(seen) == 3  # two shapes timed, l0 fitted whole
+    assert all(g is grams[16] for _, g in seen)
+
+
 def test_heatmap_colours_span_the_data_and_the_title_fits():
     from blocklowrank.checkpoints import PairingReport
     from blocklowrank.study._report import _heatmap_figure

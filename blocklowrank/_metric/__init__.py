@@ -35,7 +35,7 @@ Units: Grams are stored divided by a power of two near their mean diagonal
 
 from ._blocks import BCD_TOL, MetricSpectra, fit_blocks, metric_block_spectra
 from ._global import MetricOperator, fit_global
-from ._gram import GRAM_DAMPING, GramFactor, IdentityGram, as_gram
+from ._gram import GRAM_DAMPING, GramFactor, IdentityGram, as_gram, max_asymmetry
 from ._mm import MajorizeFit, fit_majorize
 from ._objective import MetricFit, metric_energy, output_error
 
@@ -45,6 +45,7 @@ __all__ = [
     "GramFactor",
     "IdentityGram",
     "as_gram",
+    "max_asymmetry",
     "MetricFit",
     "MetricSpectra",
     "MajorizeFit",

@@ -23,9 +23,10 @@ from .._validation import refuse_meaningless, validate_matrix
 __all__ = ["GramFactor", "IdentityGram", "as_gram", "GRAM_DAMPING"]
 
 #: The damping ``delta`` of every fit in a data metric unless told otherwise: the fits use
-#: ``G + delta * mean(diag G) * I`` (and the same rule on ``H``). **Provisional**: GPTQ's
-#: 1 %, until the held-out measurement of issue 19 chooses it; change it here only (every
-#: default of ``gram_damping`` and of :class:`GramFactor` reads this constant).
+#: ``G + delta * mean(diag G) * I`` (and the same rule on ``H``). GPTQ's 1 %, confirmed on
+#: held-out data by :mod:`blocklowrank.experiments.damping` (the README's *Choosing
+#: gram_damping*: the least summed held-out output error of 0 ... 1); change it here only
+#: (every default of ``gram_damping`` and of :class:`GramFactor` reads this constant).
 GRAM_DAMPING = 1e-2
 
 #: Allowance for rounding in the symmetry check: ``max |G - G^T| <= sqrt(eps) max |G|``
@@ -62,7 +63,7 @@ class GramFactor:
     size : int, optional
         Expected side (the layer's ``n_in`` for ``input_gram``).
     damping : float, optional
-        ``delta >= 0`` (default :data:`blocklowrank.GRAM_DAMPING`, provisional):
+        ``delta >= 0`` (default :data:`blocklowrank.GRAM_DAMPING`, 0.01, measured):
         the fits use ``G_delta = G + delta * mean(diag(G)) * I``
         (GPTQ's rule). Their objective is then the data objective plus
         ``delta * mean(diag(G))`` times the Frobenius one, so directions the
@@ -85,6 +86,11 @@ class GramFactor:
         :func:`blocklowrank.calibration.check_statistics` does): with damping,
         the factorisation that checks it is skipped (one Cholesky of ``n x n``
         less; without damping the factor itself is the check).
+    copy : bool, default=True
+        False: a writeable C- or Fortran-ordered float64 ``gram`` is factored
+        in its own memory and overwritten (scikit-learn's ``copy``): building
+        the factor then holds no ``n x n`` array besides ``gram``. Any other
+        ``gram`` is copied as with True.
 
     Attributes
     ----------
@@ -118,7 +124,7 @@ class GramFactor:
     of ``G_delta`` that block fits need. At ``n = 11008`` that is 0.97 GB
     (1.45 GB with the float32 copy) instead of twice that with ``G`` kept.
     Building it holds one ``n x n`` float64 array besides ``gram`` (every
-    factorisation runs in place).
+    factorisation runs in place), none with ``copy=False``.
 
     Validation costs one Cholesky factorisation of ``G + 32 eps tr(G) I`` (the
     PSD check, which the damping would otherwise hide) when ``delta > 0``, plus
@@ -144,9 +150,10 @@ class GramFactor:
 
     is_identity = False
 
-    def __init__(self, gram, size=None, *, damping=None, name="input_gram", psd_tol=None, psd_checked=False):
+    def __init__(self, gram, size=None, *, damping=None, name="input_gram", psd_tol=None, psd_checked=False, copy=True):
         self.name = name
-        G, in_dtype = _check_gram(gram, size, name)
+        copy = check(copy, "copy", ["boolean"], caller="GramFactor")
+        G, in_dtype = _check_gram(gram, size, name, copy=copy)
         self.damping = GRAM_DAMPING if damping is None else check(damping, "gram_damping", caller="GramFactor")
         self.size = G.shape[0]
         self.rcond = _rcond(self.size, in_dtype)
@@ -157,7 +164,7 @@ class GramFactor:
                 "check that the statistics were accumulated"
             )
         self.log2_scale = int(np.round(np.log2(trace / self.size)))
-        np.ldexp(G, -self.log2_scale, out=G)  # exact (G is our own copy)
+        np.ldexp(G, -self.log2_scale, out=G)  # exact (G is our own copy, or given to us: copy=False)
         self._trace = float(np.trace(G))
         self._shape_info(G)
         if psd_tol is None:
@@ -529,8 +536,9 @@ def _rows(X):
     return np.ascontiguousarray(X)
 
 
-def _check_gram(gram, size, name):
-    """``gram`` as a symmetric float64 array (a copy) and the dtype it came in, or one clear error."""
+def _check_gram(gram, size, name, copy=True):
+    """``gram`` as a symmetric float64 array (a copy; ``gram`` itself when ``copy`` is False and it
+    is a writeable contiguous float64 array) and the dtype it came in, or one clear error."""
     refuse_meaningless(gram, name)
     dt = getattr(gram, "dtype", None)
     if isinstance(dt, np.dtype) and dt.kind in "biu":
@@ -542,24 +550,38 @@ def _check_gram(gram, size, name):
     want = "(size, size)" if size is None else f"({size}, {size})"
     if arr.shape[0] != arr.shape[1] or (size is not None and arr.shape[0] != size):
         raise ValueError(f"{name} must be a square matrix of shape {want} (one row per feature), got {arr.shape}")
-    G = np.array(arr, dtype=np.float64)
+    own = (
+        not copy
+        and arr.dtype == np.float64
+        and arr.flags.writeable
+        and (arr.flags.c_contiguous or arr.flags.f_contiguous)
+    )
+    G = arr if own else np.array(arr, dtype=np.float64)
     _symmetrize_checked(G, arr.dtype, name)
     return G, arr.dtype
 
 
-def _symmetrize_checked(G, dtype, name, tile=128):
-    """``G <- (G + G^T) / 2`` in place after checking ``max |G - G^T| <= sqrt(eps) max |G|`` (eps of
-    ``dtype``), by pairs of square tiles (cache-friendly; no n x n temporary): exactly symmetric."""
-    tol = np.sqrt(np.finfo(dtype).eps) * max(float(np.max(G)), -float(np.min(G)))  # no n x n |G| temporary
+def max_asymmetry(G, *, symmetrize=False, tile=128):
+    """``max |G - G^T|`` of a square ``G``, by pairs of square tiles (cache-friendly; no ``n x n``
+    temporary); ``symmetrize``: also ``G <- (G + G^T) / 2`` in place (exactly symmetric after)."""
     n = G.shape[0]
     worst = 0.0
     for a in range(0, n, tile):
         for c in range(a, n, tile):
             A, B = G[a : a + tile, c : c + tile], G[c : c + tile, a : a + tile]
             worst = max(worst, float(np.max(np.abs(A - B.T))))
-            S = 0.5 * (A + B.T)
-            A[...] = S
-            B[...] = S.T
+            if symmetrize:
+                S = 0.5 * (A + B.T)
+                A[...] = S
+                B[...] = S.T
+    return worst
+
+
+def _symmetrize_checked(G, dtype, name):
+    """``G <- (G + G^T) / 2`` in place after checking ``max |G - G^T| <= sqrt(eps) max |G|`` (eps of
+    ``dtype``): exactly symmetric."""
+    tol = np.sqrt(np.finfo(dtype).eps) * max(float(np.max(G)), -float(np.min(G)))  # no n x n |G| temporary
+    worst = max_asymmetry(G, symmetrize=True)
     if worst > tol:
         raise ValueError(
             f"{name} is not symmetric (max |G - G^T| = {worst:.3g}, above rounding {tol:.3g}); "

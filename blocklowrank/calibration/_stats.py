@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 
-from .._metric import GramFactor
+from .._metric import GramFactor, max_asymmetry
 from .._params import StrOptions, validate_params
 from ..checkpoints import Checkpoint, CheckpointError, save_file
 from ..checkpoints._safetensors import _load_json
@@ -288,9 +288,9 @@ class CalibrationStats:
         name = f"{_where(self.source)}: entry {prefix + key!r}"
         tol = _rounding(_precision(entries, key))
         checked = prefix + key in self._psd_checked  # by check_statistics, at this tolerance
-        return GramFactor(
-            np.asarray(entries[key], dtype=np.float64), damping=damping, name=name, psd_tol=tol, psd_checked=checked
-        )
+        fresh = isinstance(entries, _Entries)  # read from the file into a new array: the factor may take it over
+        G = np.asarray(entries[key], dtype=np.float64)
+        return GramFactor(G, damping=damping, name=name, psd_tol=tol, psd_checked=checked, copy=not fresh)
 
     @property
     def output_layers(self):
@@ -462,7 +462,7 @@ def _check_numbers(stats, entries, key, prefix, factor=True):
     rtol = _rounding(_precision(entries, key))
     diag = np.diagonal(M)
     scale = float(np.abs(diag).max())
-    asymmetry = float(np.abs(M - M.T).max())
+    asymmetry = max_asymmetry(M)  # by tiles: no n x n temporary beside M
     if asymmetry > rtol * scale or (scale == 0 and asymmetry > 0):
         raise stats._error(entry, f"not symmetric (|M - Mᵀ| up to {asymmetry:.3g}, largest diagonal {scale:.3g})")
     trace = float(diag.sum())
@@ -472,7 +472,8 @@ def _check_numbers(stats, entries, key, prefix, factor=True):
         raise stats._error(entry, "all zero: no calibration signal, a fit in its metric would be undefined")
     if not factor:
         return
-    shifted = M + np.eye(len(M)) * (rtol * trace)  # Cholesky succeeds iff λ_min(M) > -rtol·trace (to rounding)
+    shifted = M.copy()  # Cholesky succeeds iff λ_min(M) > -rtol·trace (to rounding)
+    shifted[np.diag_indices_from(shifted)] += rtol * trace
     try:
         scipy.linalg.cholesky(shifted, lower=True, overwrite_a=True, check_finite=False)
     except np.linalg.LinAlgError:

@@ -268,7 +268,7 @@ OPTIONS = {
         dict(
             type=_damping,
             metavar="D",
-            help="damping of the metric, G + D*mean(diag G)*I, with --calibration (default 0.01, provisional)",
+            help="damping of the metric, G + D*mean(diag G)*I, with --calibration (default 0.01, chosen on held-out data)",
         ),
     ),
     "metric": (

@@ -252,7 +252,10 @@ def extract_adapter(
         ``||ΔW - M||_F``; the report gives each layer's ``output_error``.
         ``G`` acts on ΔW's columns, the layer's input features (a Conv1D's
         ΔW is turned to (out, in) first). ``total_budget`` then minimises
-        the sum of the layers' relative squared output errors. Statistics
+        the sum of the layers' relative squared output errors; it reads the
+        layers twice (their spectra, then their fits) and factors each site's
+        ``G`` once per pass: keeping every site's factor between the passes
+        would hold them all in memory (0.9 GB per 11008-wide site). Statistics
         that do not fit the selected layers are refused in one line naming
         the file and the entry, before anything is written. Default: the
         plain fit.

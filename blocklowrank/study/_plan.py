@@ -34,13 +34,14 @@ def default_structures():
     return [name for name in structure_names() if get_structure(name).spectral]
 
 
-def _one_alternation(name, shape, rec, fit_options, rng):
-    """Seconds of one alternation (``max_iter=1``: the initial pass) of one configuration on a random matrix."""
+def _one_alternation(name, shape, rec, fit_options, rng, grams):
+    """Seconds of one alternation (``max_iter=1``: the initial pass) of one configuration on a random matrix
+    (in the layer's metric ``grams``, the fit's keywords: {} for a plain fit)."""
     s = get_structure(name)
     X = rng.standard_normal(shape).astype(np.float32)
     opts = {k: v for k, v in {**fit_options, "max_iter": 1}.items() if k in s.options}
     start = time.perf_counter()
-    s.fit(X, n_blocks=rec["n_blocks"], rank=rec["rank"], **{k: rec[k] for k in s.extra}, **opts)
+    s.fit(X, n_blocks=rec["n_blocks"], rank=rec["rank"], **{k: rec[k] for k in s.extra}, **opts, **grams)
     return time.perf_counter() - start
 
 
@@ -53,15 +54,15 @@ def _configs(name, pair, budget, ks):
         return []
 
 
-def _alternations(name, X, rec, fit_options):
-    """How many alternations a whole fit of one configuration takes on ``X`` (a real layer)."""
+def _alternations(name, X, rec, fit_options, grams):
+    """How many alternations a whole fit of one configuration takes on ``X`` (a real layer, in its metric)."""
     s = get_structure(name)
     opts = {k: v for k, v in fit_options.items() if k in s.options}
-    res = s.fit(X, n_blocks=rec["n_blocks"], rank=rec["rank"], **{k: rec[k] for k in s.extra}, **opts)
+    res = s.fit(X, n_blocks=rec["n_blocks"], rank=rec["rank"], **{k: rec[k] for k in s.extra}, **opts, **grams)
     return max(1, int(np.max(res.n_iter)))
 
 
-def estimate_cost(pairs, budgets, names, ks, fit_options=None, *, sample=None, seed=0):
+def estimate_cost(pairs, budgets, names, ks, fit_options=None, *, sample=None, metric=None, seed=0):
     """The cost of the iterative structures among ``names`` on these layers, measured before the study.
 
     Parameters
@@ -79,6 +80,11 @@ def estimate_cost(pairs, budgets, names, ks, fit_options=None, *, sample=None, s
         ``sample(pair) -> ΔW`` of a layer: the smallest layer is fitted once
         in full (its first configuration), to count the alternations a fit
         takes; without it only the upper bound is given.
+    metric : callable, optional
+        ``metric(pair) -> dict``: the layer's Grams as the fit's keywords
+        (``input_gram``, ``output_gram``, ``gram_damping``) in a calibrated
+        study, whose fits are timed in them (a fit in a metric costs more
+        per alternation than a plain one). Without it: plain fits.
 
     Returns
     -------
@@ -92,6 +98,7 @@ def estimate_cost(pairs, budgets, names, ks, fit_options=None, *, sample=None, s
         ``estimate`` (seconds at that many alternations per fit).
     """
     fit_options = dict(fit_options or {})
+    metric = metric or (lambda pair: {})
     max_iter = int(fit_options.get("max_iter", _MAX_ITER))
     rng = np.random.default_rng(seed)
     out = []
@@ -103,7 +110,7 @@ def estimate_cost(pairs, budgets, names, ks, fit_options=None, *, sample=None, s
             key = (tuple(pair.shape), int(budget))
             if key not in measured:
                 recs = _configs(name, pair, budget, ks)
-                seconds = _one_alternation(name, pair.shape, recs[0], fit_options, rng) if recs else 0.0
+                seconds = _one_alternation(name, pair.shape, recs[0], fit_options, rng, metric(pair)) if recs else 0.0
                 measured[key] = (len(recs), seconds * len(recs), recs[0] if recs else None)
             n, t, rec = measured[key]
             fits, per_alt = fits + n, per_alt + t
@@ -111,7 +118,7 @@ def estimate_cost(pairs, budgets, names, ks, fit_options=None, *, sample=None, s
         cost = {"structure": name, "fits": fits, "seconds_per_alternation": per_alt, "max_iter": max_iter}
         cost["upper_bound"] = per_alt * max_iter
         if sample is not None and first is not None:
-            n_iter = min(_alternations(name, sample(first[0]), first[1], fit_options), max_iter)
+            n_iter = min(_alternations(name, sample(first[0]), first[1], fit_options, metric(first[0])), max_iter)
             cost.update(alternations=n_iter, layer=first[0].module, estimate=per_alt * n_iter)
         out.append(cost)
     return out

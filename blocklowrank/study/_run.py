@@ -485,7 +485,9 @@ def run_study(
         fn = functools.partial(_study_layer, base=paths[0], finetuned=paths[1], settings=settings)
         if progress and any(not get_structure(n).spectral for n in names):  # minutes per large layer: say so first
             sample = lambda pair: _read_layer(pair, paths[0], paths[1], settings)[0]  # noqa: E731
-            for line in cost_summary(estimate_cost(pairing.pairs, budgets, names, ks, fit_options, sample=sample)):
+            metric = lambda pair: layer_metric(settings, study, pair.module)  # noqa: E731  (factors kept for the fits)
+            costs = estimate_cost(pairing.pairs, budgets, names, ks, fit_options, sample=sample, metric=metric)
+            for line in cost_summary(costs):
                 print(line, file=sys.stderr, flush=True)
         done = run_sweep(
             tasks,

@@ -1,12 +1,18 @@
 """Issue 18, a newcomer's first hour: every item driven through the real command line, as a user would.
 
-Each test runs ``python -m blocklowrank ...`` in a child process (the
-program a user types, with this checkout on ``PYTHONPATH``) on small
-checkpoints written here, and checks what it prints and writes against an
-independent computation; the PEFT items load what the command wrote with
-PEFT itself (``tests/test_newcomer_peft.py``).
+Each test runs the command line's ``main`` (what ``python -m blocklowrank``
+exits with: ``blocklowrank/__main__.py`` is ``sys.exit(main())``) on the
+arguments a user types, with its environment and working directory, its
+stdout and stderr captured, on small checkpoints written here, and checks what
+it prints and writes against an independent computation; the PEFT items load
+what the command wrote with PEFT itself (``tests/test_newcomer_peft.py``).
+``test_the_program_a_user_types_is_main`` runs the program itself in child
+processes (exit codes, streams), as do the terminal and ``--help`` tests; the
+rest run in this process (a child pays 2-3 s of imports per command).
 """
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -38,7 +44,7 @@ LAYERS = {  # a small BERT-like model: four kinds of dense, an embedding and a p
 }
 
 
-def cli(*args, env=None, cwd=None, check=None):
+def run_program(*args, env=None, cwd=None, check=None):
     """Run ``python -m blocklowrank ARGS`` in a child process: (exit code, stdout, stderr)."""
     full_env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     proc = subprocess.run(
@@ -52,6 +58,46 @@ def cli(*args, env=None, cwd=None, check=None):
     if check is not None:
         assert proc.returncode == check, proc.stderr
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def cli(*args, env=None, cwd=None, check=None):
+    """``blocklowrank ARGS`` as ``python -m blocklowrank`` runs it (``sys.exit(main(ARGS))``), in this
+    process with ``env`` added to the environment and ``cwd`` as the working directory, both restored
+    after: (exit code, stdout, stderr). An exception ``main`` lets out (a traceback for a user) fails
+    the test."""
+    from blocklowrank.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        for key, value in (env or {}).items():
+            mp.setenv(key, value)
+        if cwd is not None:
+            mp.chdir(cwd)
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's errors and --help, as the program would exit
+            code = exc.code
+    code = 0 if code is None else code
+    if check is not None:
+        assert code == check, err.getvalue()
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_the_program_a_user_types_is_main(bert, tmp_path):
+    """Claim: ``python -m blocklowrank`` (a child process) exits with the code and prints the streams that
+    ``cli`` (``main`` in this process) gives: a success, an argparse error, a refused input."""
+    cases = [
+        ("extract", bert["base"], bert["ft"], "--rank", "2", "--dry-run"),
+        ("extract", bert["base"], bert["ft"], "--rank", "two"),
+        ("extract", bert["base"], tmp_path / "missing.safetensors", "--rank", "2", "--dry-run"),
+    ]
+    codes = set()
+    for args in cases:
+        code, out, err = run_program(*args)
+        assert (code, out, err) == cli(*args), args
+        assert "Traceback" not in err
+        codes.add(code)
+    assert codes == {0, 2}
 
 
 def one_error_line(code, err):

@@ -87,3 +87,23 @@ def test_run_compress_small(tmp_path):
         tmp_path, seeds=2, subset=120, data=_synthetic_mnist(), epochs=3, progress=False, configs=CONFIGS
     )
     assert [r["test_acc"] for r in again.runs] == [r["test_acc"] for r in res.runs]  # cached fine-tunes
+
+
+def test_compress_reuses_figure2s_full_fine_tunes_which_are_what_it_would_train(tmp_path, capsys):
+    """Claim: Figure 2's sweep keeps each full fine-tune, and compress reuses it instead of training
+    again; the model compress trains on its own (a folder without the sweep) is the same bit for bit,
+    so the reuse changes no result."""
+    from blocklowrank.experiments.compress import mnist_models
+    from blocklowrank.experiments.figure2 import run_figure2
+
+    data = _synthetic_mnist(n_train=300, n_test=100)
+    run_figure2(tmp_path / "f2", seeds=1, epochs=2, lrs=(1e-3,), grid={"global": [{"n_blocks": 1, "rank": 2}]},
+                data=data, progress=False)  # fmt: skip
+    assert len(list((tmp_path / "f2" / "finetuned").glob("full_*_lr0.001_seed0.npz"))) == 1
+    capsys.readouterr()
+    reused = mnist_models(tmp_path / "f2", seeds=1, data=data, epochs=2, ft_lr=1e-3)["tuned"][0]
+    assert "full fine-tuning" not in capsys.readouterr().err
+    alone = mnist_models(tmp_path / "alone", seeds=1, data=data, epochs=2, ft_lr=1e-3)["tuned"][0]
+    assert "full fine-tuning, seed 0" in capsys.readouterr().err
+    for k, v in reused.to_dict().items():
+        np.testing.assert_array_equal(v, alone.to_dict()[k], err_msg=k)

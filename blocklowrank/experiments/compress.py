@@ -12,8 +12,9 @@ from :mod:`~blocklowrank.experiments.figure2`):
 1. Per seed, the pretrained MLP of Figure 2 (the same cache,
    ``out_dir/pretrained``) and its full fine-tune at one learning rate:
    the one Figure 2 selected for full fine-tuning when its ``sweep.csv`` is
-   in ``out_dir``, else ``DEFAULT_FT_LR``. The fine-tuned MLPs are cached in
-   ``out_dir/compress/``.
+   in ``out_dir``, else ``DEFAULT_FT_LR``. The fine-tuned MLPs are Figure 2's
+   own (its sweep keeps them in ``out_dir/finetuned/``; trained the same way
+   and kept there when missing).
 2. For every Figure 2 configuration (global r; diagonal N, r; block K, r;
    the same skip rule) fits of ``ΔW1``: the configuration's uniform
    ranks, and budget-optimal per-block ranks on the same grid at the same
@@ -148,12 +149,12 @@ def read_figure2_selected(path):
 
 
 def _fine_tuned(out_dir, seeds, d, settings, lr, pretrained, progress):
-    """The full fine-tune of each seed at ``lr`` (Figure 2's protocol), cached as .npz."""
-    cache = os.path.join(out_dir, "compress")
-    os.makedirs(cache, exist_ok=True)
+    """The full fine-tune of each seed at ``lr`` (Figure 2's protocol): Figure 2's sweep's own when it
+    kept it (:func:`~blocklowrank.experiments.figure2.full_ft_path`), else trained and kept there."""
     out = {}
     for s in seeds:
-        path = os.path.join(cache, f"full_ft_{settings['tag']}_lr{lr:g}_seed{s}.npz")
+        path = f2.full_ft_path(out_dir, settings["tag"], lr, s)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         if os.path.exists(path):
             out[s] = MLP.load(path)
             continue
@@ -457,9 +458,9 @@ def run_compress(
     Parameters
     ----------
     out_dir : str or path-like
-        Gets ``compress.csv``, ``compress_summary.txt`` and ``compress/``
-        (the cached full fine-tunes); Figure 2's ``pretrained/`` cache and
-        ``sweep.csv`` are used when present (run after ``figure2``).
+        Gets ``compress.csv`` and ``compress_summary.txt``; Figure 2's
+        ``pretrained/`` and ``finetuned/`` caches and ``sweep.csv`` are used
+        when present (run after ``figure2``), and made when missing.
     seeds : int or sequence of int, default=3
         Seeds of Figure 2's protocol (pretraining, split, shuffling).
     subset : int, optional

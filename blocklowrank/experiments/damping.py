@@ -210,7 +210,7 @@ def run_damping(out, *, seeds=3, cases=("mlp", "minilm"), dampings=DAMPINGS, ft_
     ----------
     out : path-like
         The results folder of ``blocklowrank reproduce`` (``sweep.csv``,
-        ``pretrained/``, ``compress/``, ``realweights/minilm``,
+        ``pretrained/``, ``finetuned/``, ``realweights/minilm``,
         ``minilm_metric/calibration``); gets ``damping.csv`` and
         ``damping_summary.txt``.
     ft_lr : float, optional

@@ -256,6 +256,12 @@ def pretrained_mlps(out_dir, seeds, d, tag, *, n_jobs=1, progress=False):
     return pretrained
 
 
+def full_ft_path(out_dir, tag, lr, seed):
+    """Where the full fine-tune of ``seed`` at ``lr`` is kept (``out_dir/finetuned``): Figure 2's sweep
+    writes it, :mod:`~blocklowrank.experiments.compress` reads it (or trains and writes it)."""
+    return os.path.join(out_dir, "finetuned", f"full_{tag}_lr{lr:g}_seed{seed}.npz")
+
+
 # ---------------------------------------------------------------------------- one run
 def _pretrain_task(seed, pre_X, pre_y):
     res = pretrain(
@@ -307,11 +313,16 @@ def train_run(task, *, data, pretrained, callback=None):
     return train(mlp, X[tr], y[tr], adapter=ad, mode="adapter", train_head=TRAIN_HEAD, **kw), ad.n_params
 
 
-def _adapt_task(task, *, data, pretrained, progress=False, live=False):
-    """One adaptation run (a module-level function so joblib can pickle it)."""
+def _adapt_task(task, *, data, pretrained, keep_full=None, progress=False, live=False):
+    """One adaptation run (a module-level function so joblib can pickle it). ``keep_full``: the path
+    ``(lr, seed) -> str`` a full fine-tune's model is saved to (for the compress experiment)."""
     cpu0 = time.process_time()
     with epoch_progress(task["label"], task["epochs"], enabled=live) as cb:
         res, n_params = train_run(task, data=data, pretrained=pretrained, callback=cb)
+    if task["method"] == "full" and keep_full is not None:
+        path = keep_full(task["lr"], task["seed"])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        res.mlp.save(path)
     te_loss, te_acc = res.evaluate(_float(data["te_X"]), data["te_y"])
     h = res.history
     b = res.best_epoch - 1
@@ -602,7 +613,8 @@ def run_figure2(
         Gets ``figure2_runs.jsonl`` (one line per finished run: the resume
         log), ``sweep.csv`` (one row per configuration and lr, mean and std
         over seeds; skipped configurations with their reason),
-        ``figure2_summary.txt`` and ``pretrained/``. Rerunning with the
+        ``figure2_summary.txt``, ``pretrained/`` and ``finetuned/`` (the full
+        fine-tunes, which ``reproduce compress`` reuses). Rerunning with the
         same settings continues where a killed sweep stopped.
     seeds : int or sequence of int, default=3
         Number of seeds (0, 1, ...) or the seeds themselves.
@@ -645,7 +657,12 @@ def run_figure2(
 
     # 2. the sweep
     tasks = _sweep_tasks(kept, lrs, seed_list, epochs, batch_size, settings["tag"])
-    fn = functools.partial(_adapt_task, data={k: d[k] for k in ("ad_X", "ad_y", "te_X", "te_y")}, pretrained=pre_dicts)
+    fn = functools.partial(
+        _adapt_task,
+        data={k: d[k] for k in ("ad_X", "ad_y", "te_X", "te_y")},
+        pretrained=pre_dicts,
+        keep_full=functools.partial(full_ft_path, out_dir, settings["tag"]),
+    )
     log = RunLog(os.path.join(out_dir, "figure2_runs.jsonl"))
     # longest runs first, so that the workers finish together: a run's time grows
     # with 1 / lr (epochs to converge) and with its parameters (work per step)

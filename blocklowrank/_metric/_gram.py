@@ -88,9 +88,9 @@ class GramFactor:
         less; without damping the factor itself is the check).
     copy : bool, default=True
         False: a writeable C- or Fortran-ordered float64 ``gram`` is factored
-        in its own memory and overwritten (scikit-learn's ``copy``): building
-        the factor then holds no ``n x n`` array besides ``gram``. Any other
-        ``gram`` is copied as with True.
+        in its own memory and overwritten, also when it is refused
+        (scikit-learn's ``copy``): building the factor then holds no ``n x n``
+        array besides ``gram``. Any other ``gram`` is copied as with True.
 
     Attributes
     ----------

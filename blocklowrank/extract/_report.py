@@ -35,8 +35,7 @@ class ExtractReport:
         calibration inputs, ``||(ΔW - M) Xᵀ|| / ||ΔW Xᵀ||``, in the undamped
         metric, ``H``-weighted where the file has ``H``; None without), ``ranks`` (per block),
         ``rank`` (the adapter's rank for the layer) and, for a 16-bit
-        ``dtype``, ``error_stored`` (the error of the factors as stored) and,
-        with ``calibration``, ``output_error_stored`` (their output error).
+        ``dtype``, ``error_stored`` (the error of the factors as stored).
     pairing : PairingReport
         Where every tensor of the two checkpoints went.
     unchanged : list of str
@@ -161,7 +160,6 @@ def _layer_lines(rep, max_names):
         f"    {name} {v['shape'][0]}x{v['shape'][1]}: rank {v['rank']}, error {v['error']:.4f}"
         + (f" ({v['error_stored']:.4f} as stored)" if "error_stored" in v else "")
         + ("" if v.get("output_error") is None else f", output error {v['output_error']:.4f}")
-        + (f" ({v['output_error_stored']:.4f} as stored)" if "output_error_stored" in v else "")
         + f", {v['n_params']:,} params"
         for name, v in shown
     ]

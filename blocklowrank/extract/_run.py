@@ -113,8 +113,6 @@ def _fit_one(delta, prep, size, svd_solver, cap_rank, options, grams, sides):
         norm = np.linalg.norm(delta)
         stored = _rounded(sf, prep.store).to_dense()
         rec["error_stored"] = float(np.linalg.norm(delta - stored) / norm) if norm else 0.0
-        if whole:  # the rounding's effect on the layer's outputs too
-            rec["output_error_stored"] = output_error(delta, stored, whole["input_gram"], whole.get("output_gram"))
     return sf, rec
 
 

@@ -603,3 +603,22 @@ def test_max_error_targets_the_output_error_when_calibrated(bert, tmp_path):
         dW, G = _delta(bert, module), _gram(bert["stats"], module)
         assert _metric_error(dW, merged[module], G) <= 0.3 * (1 + 1e-4), module
     assert max(v["error"] for v in report.layers.values()) > 0.3
+
+
+@pytest.mark.parametrize("method, kw", [("block", {"rank": 1, "n_blocks": 2}), ("hybrid", {"rank": 1, "n_blocks": 2,
+                                                                                            "global_rank": 1})])  # fmt: skip
+def test_a_plain_fit_s_output_error_is_measured_in_the_whole_metric_from_its_factors(gpt2, tmp_path, method, kw):
+    """Claim: with metric="plain", a K x K (block factors) or hybrid (dense) adapter's output_error is
+    sqrt(tr(H E G Eᵀ) / tr(H ΔW G ΔWᵀ)) of what PEFT merges, with the file's undamped G and H."""
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(gpt2["stats"]))
+    report = extract_adapter(gpt2["base_dir"], gpt2["ft_dir"], tmp_path / "a", method=method, calibration=gpt2["stats"],
+                             metric="plain", **kw)  # fmt: skip
+    merged = _peft_deltas(gpt2, tmp_path / "a")
+    for module in gpt2["modules"]:
+        dW, G, H = _delta(gpt2, module), _gram(gpt2["stats"], module), tensors[f"H.{module}"]
+        E = dW - merged[module]
+        direct = math.sqrt(np.sum((H @ E) * (E @ G)) / np.sum((H @ dW) * (dW @ G)))
+        assert report.layers[module]["output_error"] == pytest.approx(direct, rel=1e-4), module
+        assert report.layers[module]["metric"] == "plain"

@@ -104,8 +104,10 @@ def _fit_one(delta, prep, size, svd_solver, cap_rank, options, grams, sides):
         rec["output_error"] = None
     elif metric.keys() == whole.keys():
         rec["output_error"] = float(res.output_error)
-    else:  # fitted plain or on one side: measured in the file's metric all the same
-        rec["output_error"] = output_error(delta, sf.to_dense(), whole["input_gram"], whole.get("output_gram"))
+    else:  # fitted plain or on one side: measured in the file's metric all the same, from the factors
+        lay = sf.layout  # (no dense M and no float64 W - M: the low-rank terms plus the total)
+        approx = sf.to_dense() if sf.global_rank or lay.permuted else dict(sf.items())
+        rec["output_error"] = output_error(delta, approx, whole["input_gram"], whole.get("output_gram"), layout=lay)
     if whole:
         rec["metric"] = {(): "plain", ("input_gram",): "input", ("output_gram",): "output"}.get(tuple(metric), "both")
     rec["ranks"] = res.ranks.tolist()

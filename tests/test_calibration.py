@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 import pytest
+from _real import minilm_checkpoint_or_skip
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -387,14 +388,8 @@ SENTENCES = [
 def minilm(torch):
     """all-MiniLM-L6-v2 as a transformers BertModel (built as the fine-tuning experiment builds it), eval mode."""
     from blocklowrank.experiments import _finetune_minilm
-    from blocklowrank.experiments import realweights as rw
 
-    try:
-        path = rw.minilm_checkpoint()
-    except FileNotFoundError as exc:
-        if REQUIRED:
-            raise
-        pytest.skip(str(exc))
+    path = minilm_checkpoint_or_skip(REQUIRED)
     model, tokenizer, _ = _finetune_minilm._load(torch, path)
     batches = []
     for start in range(0, len(SENTENCES), 3):  # padded batches of 3, 3 and 1

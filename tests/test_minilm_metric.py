@@ -24,6 +24,7 @@ import shutil
 
 import numpy as np
 import pytest
+from _real import minilm_checkpoint_or_skip
 
 from blocklowrank.checkpoints import save_file
 from blocklowrank.experiments import minilm_metric as mm
@@ -76,12 +77,7 @@ def _modules():
 def tiny(tmp_path_factory):
     """(base model.safetensors, fine-tune folder) of a tiny random BERT with MiniLM's tokenizer."""
     torch, transformers = _modules()
-    try:
-        minilm = rw.minilm_checkpoint()
-    except FileNotFoundError as exc:
-        if REQUIRED:
-            raise
-        pytest.skip(str(exc))
+    minilm = minilm_checkpoint_or_skip(REQUIRED)
     root = tmp_path_factory.mktemp("tiny_bert")
     base_dir, tuned_dir = root / "base", root / "finetuned"
     base_dir.mkdir()

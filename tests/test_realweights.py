@@ -15,6 +15,7 @@ from collections import namedtuple
 
 import numpy as np
 import pytest
+from _real import minilm_checkpoint_or_skip
 
 from blocklowrank.checkpoints import iter_deltas, open_checkpoint, pair_layers, save_file
 from blocklowrank.compare import compare_at_budget
@@ -35,12 +36,7 @@ SHAPES = {"intermediate.dense": (1536, 384), "output.dense": (384, 1536)}
 
 @pytest.fixture(scope="module")
 def minilm_path():
-    try:
-        return rw.minilm_checkpoint()
-    except FileNotFoundError as exc:
-        if REQUIRED:
-            raise
-        pytest.skip(str(exc))
+    return minilm_checkpoint_or_skip(REQUIRED)
 
 
 @pytest.fixture(scope="module")

@@ -184,6 +184,9 @@ def test_round_trip(tmp_path):
     with load_statistics(path32) as loaded:
         check_statistics(loaded, LAYERS)
         np.testing.assert_array_equal(loaded.input_gram("l.o"), stats.input_gram("l.o").astype(np.float32))
+    for flag in ("require_output", "factor"):  # the switches are booleans, not truthy strings
+        with pytest.raises(ValueError, match=f"'{flag}' parameter of check_statistics"):
+            check_statistics(stats, LAYERS, **{flag: "no"})
 
 
 def test_the_file_is_what_the_format_says_read_by_the_reference_reader(tmp_path):

@@ -492,7 +492,7 @@ def _shape_pair(layer, shape):
     return out, inn
 
 
-@validate_params(require_output=["boolean"])
+@validate_params(require_output=["boolean"], factor=["boolean"])
 def check_statistics(stats, layers, *, require_output=False, factor=True):
     """Refuse statistics that do not fit the model's layers, before anything is written.
 
